@@ -1,0 +1,450 @@
+"""The ledger: append signed observations, read them back, prove them.
+
+Appends go through ``LedgerState.admit`` on a working copy of the state and
+are written in one LMDB transaction per group; only a committed group moves
+the in-memory state forward, so a failed or interrupted write loses nothing
+that was committed and leaves nothing half-written (specs/storage.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from . import envelope, merkle, postings, store
+from .credentials import Credential, CredentialRegistry
+from .envelope import Sealed
+from .errors import (
+    CorruptLedgerError,
+    LedgerLockedError,
+    NotALedgerError,
+    ProofError,
+    SchemaError,
+    UnusableInput,
+    VerificationError,
+)
+from .keys import SigningKey
+from .observations import lookup
+from .state import Admitted, LedgerState
+from .store import Store, from_u64, name_key, node_key, u64
+
+LOCK_FILE = "writer.lock"
+DEFAULT_GROUP = 64
+
+
+@dataclass
+class VerifyReport:
+    """What a structural check of a ledger found (raised errors carry failures)."""
+
+    size: int = 0
+    root: bytes = merkle.EMPTY_ROOT
+    counts: dict[str, int] = field(default_factory=dict)
+    tree_heads: int = 0
+    signers: set[bytes] = field(default_factory=set)
+
+
+class Ledger:
+    """An LMDB-backed, append-only, Merkle-logged ledger of signed observations.
+
+    Open with ``Ledger.create`` / ``Ledger.open(path, writable=True)`` to append
+    (one writer at a time, enforced by a lock file), or ``Ledger.open(path)``
+    to read while a writer appends.
+    """
+
+    def __init__(self, path: Path, store_: Store, state: LedgerState, lock_fd: int | None, group: int) -> None:
+        self.path = path
+        self._store = store_
+        self._state = state
+        self._lock_fd = lock_fd
+        self.group = group
+        self._working: LedgerState | None = None
+        self._pending: list[Admitted] = []
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, map_size: int = store.DEFAULT_MAP_SIZE, group: int = DEFAULT_GROUP
+    ) -> "Ledger":
+        path = Path(path)
+        if store.exists(path):
+            raise UnusableInput(f"{path}: a ledger already exists there")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UnusableInput(f"{path}: exists and is not an empty directory")
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = _take_writer_lock(path)
+        try:
+            st = Store(path, readonly=False, create=True, map_size=map_size)
+            st.write(lambda txn: txn.put(b"format", store.FORMAT, db=st.dbs["meta"]))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, st, LedgerState(), lock_fd, group)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        group: int = DEFAULT_GROUP,
+        map_size: int = store.DEFAULT_MAP_SIZE,
+    ) -> "Ledger":
+        path = Path(path)
+        if not path.is_dir():
+            raise NotALedgerError(f"{path}: no such ledger directory")
+        lock_fd = _take_writer_lock(path) if writable else None
+        try:
+            st = Store(path, readonly=not writable, create=False, map_size=map_size)
+            try:
+                state = _load_state(st)
+            except BaseException:
+                st.close()
+                raise
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return cls(path, st, state, lock_fd, group)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            self.commit()
+        self._store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self._discard()
+        self.close()
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Committed observations (pending ones are not counted until committed)."""
+        return self._state.size
+
+    @property
+    def root(self) -> bytes:
+        return self._state.tree.root()
+
+    @property
+    def head(self) -> bytes:
+        return self._state.head
+
+    @property
+    def origin(self) -> str:
+        return self._state.origin
+
+    @property
+    def registry(self) -> CredentialRegistry:
+        return self._state.registry
+
+    def credential(self, key_id: bytes) -> Credential:
+        return self._state.registry.get(key_id)
+
+    # -- appending ---------------------------------------------------------
+
+    def append(
+        self, type_name: str, body: dict[str, Any], key: SigningKey, *, time: int | None = None, commit: bool = False
+    ) -> Sealed:
+        """Seal, check and queue one observation; commit the group when full (or now if ``commit``).
+
+        The observation is checked exactly as a verifier would check it, so an
+        unauthorized signer or a malformed body is refused here, not later.
+        """
+        if self._lock_fd is None:
+            raise UnusableInput("ledger was opened read-only")
+        working = self._working or self._state.copy()
+        now = max(_time.time_ns() if time is None else time, working.last_time)
+        sealed = envelope.seal(type_name, working.size, working.head, now, body, key)
+        admitted = working.admit(sealed, signed_by=key.public_key)
+        self._working = working
+        self._pending.append(admitted)
+        if commit or len(self._pending) >= self.group:
+            self.commit()
+        return sealed
+
+    def commit(self) -> None:
+        """Write every pending observation in one durable transaction."""
+        if not self._pending:
+            return
+        pending, working = self._pending, self._working
+        assert working is not None
+        dbs = self._store.dbs
+
+        # Build every key first, sorted per database: LMDB inserts sorted
+        # runs far faster, and the transaction stays short.
+        rows: dict[str, list[tuple[bytes, bytes]]] = {
+            "obs": [], "nodes": [], "by_type": [], "by_authority": [], "by_source": []
+        }
+        for item in pending:
+            seq = item.sealed.seq
+            seq_key = u64(seq)
+            rows["obs"].append((seq_key, item.sealed.record))
+            rows["nodes"].extend((node_key(level, index), digest) for level, index, digest in item.nodes)
+            rows["by_type"].append((name_key(item.sealed.type, seq), b""))
+            rows["by_authority"].extend((name_key(path, seq), b"") for path in item.keys.authorities)
+            rows["by_source"].extend((name_key(source, seq), b"") for source in item.keys.sources)
+        for name in ("nodes", "by_type", "by_authority", "by_source"):
+            rows[name].sort()
+        run = postings.build_run([(item.sealed.seq, item.keys.examples) for item in pending])
+
+        def fill(txn: Any) -> None:
+            first = pending[0].sealed.seq
+            if txn.get(u64(first), db=dbs["obs"]) is not None:
+                raise CorruptLedgerError(f"observation {first} already stored: is another writer active?")
+            # Sequence keys only grow, so the records go in with MDB_APPEND.
+            txn.cursor(db=dbs["obs"]).putmulti(rows["obs"], append=True)
+            for name in ("nodes", "by_type", "by_authority", "by_source"):
+                if rows[name]:
+                    txn.cursor(db=dbs[name]).putmulti(rows[name])
+            if run is not None:
+                postings.write(txn, dbs["by_example"], run)
+            meta = dbs["meta"]
+            txn.put(b"size", u64(working.size), db=meta)
+            txn.put(b"head", working.head, db=meta)
+            txn.put(b"last_time", u64(working.last_time), db=meta)
+            txn.put(b"origin", working.origin.encode(), db=meta)
+
+        try:
+            self._store.write(fill)
+        except BaseException:
+            self._discard()
+            raise
+        self._state = working
+        self._pending = []
+        self._working = None
+
+    def _discard(self) -> None:
+        self._pending = []
+        self._working = None
+
+    def tree_head(self, key: SigningKey) -> Sealed:
+        """Append and commit a signed tree head for the log as it stands now."""
+        working = self._working or self._state
+        body = {"origin": working.origin, "size": working.size, "root": working.tree.root()}
+        return self.append("TreeHead", body, key, commit=True)
+
+    def put_artifact(self, data: bytes) -> bytes:
+        """Store bytes by their SHA-256 (durably, at once) and return the digest."""
+        digest = hashlib.sha256(data).digest()
+        db = self._store.dbs["artifacts"]
+        self._store.write(lambda txn: txn.put(digest, data, db=db, overwrite=False))
+        return digest
+
+    def add_cosignature(self, size: int, witness_key_id: bytes, signature: bytes) -> None:
+        db = self._store.dbs["cosigs"]
+        self._store.write(lambda txn: txn.put(u64(size) + witness_key_id, signature, db=db))
+
+    # -- reading -----------------------------------------------------------
+
+    def record(self, seq: int) -> bytes:
+        with self._store.read() as txn:
+            data = self._store.get(txn, "obs", u64(seq))
+        if data is None:
+            raise IndexError(f"no observation {seq}")
+        return data
+
+    def observation(self, seq: int) -> Sealed:
+        return envelope.unseal(self.record(seq))
+
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Stored records in sequence order, read in one snapshot."""
+        with self._store.read() as txn:
+            cursor = txn.cursor(db=self._store.dbs["obs"])
+            if not cursor.set_range(u64(start)):
+                return
+            for key, value in cursor.iternext():
+                seq = from_u64(key)
+                if stop is not None and seq >= stop:
+                    return
+                yield seq, value
+
+    def artifact(self, digest: bytes) -> bytes | None:
+        with self._store.read() as txn:
+            return self._store.get(txn, "artifacts", digest)
+
+    def artifacts(self) -> Iterator[tuple[bytes, bytes]]:
+        with self._store.read() as txn:
+            yield from txn.cursor(db=self._store.dbs["artifacts"]).iternext()
+
+    def cosignatures(self) -> Iterator[tuple[int, bytes, bytes]]:
+        with self._store.read() as txn:
+            for key, sig in txn.cursor(db=self._store.dbs["cosigs"]).iternext():
+                yield from_u64(key[:8]), key[8:], sig
+
+    def by_authority(self, prefix: str) -> list[int]:
+        """Every observation filed anywhere under ``prefix`` (exact node or below), in order."""
+        raw = prefix.rstrip("/").encode()
+        seqs: set[int] = set()
+        with self._store.read() as txn:
+            for p in (raw + b"\x00", raw + b"/"):
+                seqs.update(from_u64(k[-8:]) for k in self._store.prefix_keys(txn, "by_authority", p))
+        return sorted(seqs)
+
+    def by_source(self, subject: str) -> list[int]:
+        return self._scan("by_source", subject.encode() + b"\x00")
+
+    def by_type(self, type_name: str) -> list[int]:
+        return self._scan("by_type", type_name.encode() + b"\x00")
+
+    def by_example(self, index: int) -> list[int]:
+        """Every update whose batch held dataset index ``index``, in order."""
+        with self._store.read() as txn:
+            return postings.lookup(txn, self._store.dbs["by_example"], index)
+
+    def _scan(self, db: str, prefix: bytes) -> list[int]:
+        with self._store.read() as txn:
+            return [from_u64(k[-8:]) for k in self._store.prefix_keys(txn, db, prefix)]
+
+    def authority_counts(self) -> dict[str, int]:
+        """Observations per taxonomy node, counting each under its node and every ancestor."""
+        per_node: dict[str, set[int]] = {}
+        with self._store.read() as txn:
+            for key in self._store.prefix_keys(txn, "by_authority", b""):
+                path, seq = key[:-9].decode(), from_u64(key[-8:])
+                parts = path.split("/")
+                for i in range(1, len(parts) + 1):
+                    per_node.setdefault("/".join(parts[:i]), set()).add(seq)
+        return {node: len(seqs) for node, seqs in sorted(per_node.items())}
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self._store.read() as txn:
+            for key in self._store.prefix_keys(txn, "by_type", b""):
+                name = key[:-9].decode()
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    # -- proofs ------------------------------------------------------------
+
+    def _node_getter(self, txn: Any) -> Callable[[int, int], bytes]:
+        def get(level: int, index: int) -> bytes:
+            value = self._store.get(txn, "nodes", node_key(level, index))
+            if value is None:
+                raise CorruptLedgerError(f"Merkle node ({level}, {index}) is missing")
+            return value
+
+        return get
+
+    def root_at(self, size: int) -> bytes:
+        self._check_size(size)
+        with self._store.read() as txn:
+            return merkle.root_from_store(size, self._node_getter(txn))
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        size = self.size if size is None else size
+        self._check_size(size)
+        with self._store.read() as txn:
+            return merkle.inclusion_proof(seq, size, self._node_getter(txn))
+
+    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        size2 = self.size if size2 is None else size2
+        self._check_size(size2)
+        with self._store.read() as txn:
+            return merkle.consistency_proof(size1, size2, self._node_getter(txn))
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise ProofError(f"tree size {size} is beyond the committed log ({self.size})")
+
+    # -- checking ----------------------------------------------------------
+
+    def verify(
+        self, trusted_roots: Iterable[bytes] | None = None, progress: Callable[[int], None] | None = None
+    ) -> VerifyReport:
+        """Re-admit every stored record from scratch and compare with what is stored.
+
+        Checks signatures, the chain, schemas, signer authorization, credential
+        chains and revocations, every recorded tree head, and that the stored
+        Merkle nodes give the recomputed root. Raises a ``VerificationError``
+        naming the first failing sequence number.
+        """
+        roots = None if trusted_roots is None else frozenset(trusted_roots)
+        state = LedgerState(registry=CredentialRegistry(trusted_roots=roots))
+        report = VerifyReport()
+        expected = self.size
+        for seq, record in self.records(0, expected):
+            if seq != state.size:
+                raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
+            admitted = state.admit_record(record, seq)
+            report.counts[admitted.sealed.type] = report.counts.get(admitted.sealed.type, 0) + 1
+            report.tree_heads += admitted.sealed.type == "TreeHead"
+            report.signers.add(admitted.sealed.signer)
+            if progress is not None:
+                progress(seq)
+        if state.size != expected:
+            raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
+        root = state.tree.root()
+        if expected and self.root_at(expected) != root:
+            raise ProofError("stored Merkle nodes do not give the root of the stored records")
+        if state.head != self.head:
+            raise VerificationError("stored head does not match the last record", seq=expected - 1)
+        report.size, report.root = expected, root
+        return report
+
+
+def _take_writer_lock(path: Path) -> int:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise LedgerLockedError(f"{path}: ledger is open for writing by {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    return fd
+
+
+def _load_state(st: Store) -> LedgerState:
+    """Rebuild the admit state from storage: O(log n) nodes plus the credential records."""
+    with st.read() as txn:
+        meta = st.dbs["meta"]
+        if txn.get(b"format", db=meta) != store.FORMAT:
+            raise NotALedgerError(f"{st.path}: not a gradledger ledger (format marker missing)")
+        raw_size = txn.get(b"size", db=meta)
+        size = from_u64(raw_size) if raw_size else 0
+        if size == 0:
+            return LedgerState()
+        try:
+            head = txn.get(b"head", db=meta)
+            last_time = from_u64(txn.get(b"last_time", db=meta))
+            origin = txn.get(b"origin", db=meta).decode()
+
+            def get(level: int, index: int) -> bytes:
+                value = txn.get(node_key(level, index), db=st.dbs["nodes"])
+                if value is None:
+                    raise CorruptLedgerError(f"{st.path}: Merkle node ({level}, {index}) is missing")
+                return value
+
+            tree = merkle.CompactRange.from_store(size, get)
+            registry = CredentialRegistry()
+            cred_seqs = sorted(
+                from_u64(k[-8:])
+                for name in ("CredentialIssued", "CredentialRevoked")
+                for k in st.prefix_keys(txn, "by_type", name.encode() + b"\x00")
+            )
+            for seq in cred_seqs:
+                sealed = envelope.unseal(txn.get(u64(seq), db=st.dbs["obs"]))
+                if sealed.type == "CredentialIssued":
+                    registry.add(sealed.body["credential"], sealed.time)
+                else:
+                    registry.revoke(sealed.body["key_id"], sealed.time, sealed.signer)
+        except (TypeError, AttributeError, UnicodeDecodeError, SchemaError, VerificationError, UnusableInput) as exc:
+            if isinstance(exc, CorruptLedgerError):
+                raise
+            raise CorruptLedgerError(f"{st.path}: ledger metadata is damaged: {exc}") from None
+    return LedgerState(size=size, head=head, last_time=last_time, tree=tree, registry=registry, origin=origin)

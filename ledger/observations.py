@@ -1,0 +1,166 @@
+"""The observation type registry: per type, its body schema, who may sign it,
+and what it is indexed under.
+
+Later components (governed training, unlearning) fill bodies in; the ledger
+only relies on the fields named here. specs/observations.md is the CDDL twin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import schema as s
+from .errors import SchemaError
+
+scalar_map = s.text_map(lambda v, w: None if type(v) in (str, int, float, bool) or v is None else s._fail(w, "scalar", v))
+digest_map = s.text_map(s.digest)
+norms = s.array(s.number, max_items=64)
+
+
+def any_value(value: Any, where: str, depth: int = 0) -> None:
+    """Free-form settings (optimizer hyper-parameters...): the CBOR data model, depth-bounded."""
+    if depth > 8:
+        raise SchemaError(f"{where}: nested too deep")
+    if type(value) in (str, bytes, int, bool) or value is None:
+        return
+    if type(value) is float:
+        return s.number(value, where)
+    if type(value) is list:
+        for i, item in enumerate(value):
+            any_value(item, f"{where}[{i}]", depth + 1)
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            s.text(key, f"{where} key")
+            any_value(item, f"{where}.{key}", depth + 1)
+        return
+    s._fail(where, "CBOR value", value)
+
+
+@dataclass(frozen=True)
+class IndexKeys:
+    """What an observation is filed under, besides its type and its signer's path."""
+
+    authorities: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    examples: tuple[int, ...] = ()
+
+
+NO_KEYS = IndexKeys()
+
+
+@dataclass(frozen=True)
+class ObservationType:
+    name: str
+    schema: s.Schema
+    #: Roles whose credentials may sign this type (signer authorization).
+    signers: frozenset[str]
+    index: Callable[[dict[str, Any]], IndexKeys] = field(default=lambda body: NO_KEYS)
+
+
+def _governed_update_keys(body: dict[str, Any]) -> IndexKeys:
+    return IndexKeys(
+        authorities=tuple(body["authority_writes"]),
+        sources=tuple(body.get("sources", ())),
+        examples=tuple(body["batch"]),
+    )
+
+
+TYPES: dict[str, ObservationType] = {
+    t.name: t
+    for t in (
+        ObservationType(
+            "RunStarted",
+            s.record(
+                "RunStarted",
+                run_id=s.nonempty_text,
+                description=(s.text, False),
+                environment=scalar_map,
+                artifacts=digest_map,
+                settings=any_value,
+            ),
+            frozenset({"trainer"}),
+        ),
+        ObservationType(
+            "CredentialIssued",
+            # The credential carries its issuer's signature; the envelope
+            # signer is whoever records it (root, authority or trainer).
+            s.record("CredentialIssued", credential=s.bstr(max_size=4096)),
+            frozenset({"root", "authority", "trainer"}),
+        ),
+        ObservationType(
+            "CredentialRevoked",
+            s.record("CredentialRevoked", key_id=s.digest, reason=s.nonempty_text),
+            frozenset({"root", "authority"}),
+        ),
+        ObservationType(
+            "PolicyAdopted",
+            s.record("PolicyAdopted", policy=s.bstr(max_size=1 << 20), digest=s.digest),
+            frozenset({"root"}),
+        ),
+        ObservationType(
+            "DatasetCommitted",
+            s.record("DatasetCommitted", name=s.text, root=s.digest, count=s.uint),
+            frozenset({"trainer"}),
+        ),
+        ObservationType(
+            "GovernedUpdate",
+            s.record(
+                "GovernedUpdate",
+                step=s.uint,
+                batch=s.uint_array(1 << 16),
+                policy=s.digest,
+                lr=s.number,
+                loss=s.number,
+                band_grad_norms=norms,
+                band_update_norms=norms,
+                authority_writes=s.text_map(norms),
+                sources=(s.array(s.nonempty_text, max_items=1 << 16), False),
+                optimizer=(any_value, False),
+                seeds=(any_value, False),
+                routing=(any_value, False),
+            ),
+            frozenset({"trainer"}),
+            _governed_update_keys,
+        ),
+        ObservationType(
+            "Checkpoint",
+            s.record("Checkpoint", step=s.uint, digest=s.digest, tensors=digest_map, artifact=s.digest),
+            frozenset({"trainer"}),
+        ),
+        ObservationType(
+            "TreeHead",
+            s.record("TreeHead", origin=s.nonempty_text, size=s.uint, root=s.digest),
+            frozenset({"trainer"}),
+        ),
+        ObservationType(
+            "SourceRetired",
+            s.record("SourceRetired", source=s.nonempty_text, key_id=s.digest, reason=s.nonempty_text),
+            frozenset({"root", "authority"}),
+            lambda body: IndexKeys(sources=(body["source"],)),
+        ),
+        ObservationType(
+            "UnlearningCertificate",
+            s.record(
+                "UnlearningCertificate",
+                source=s.nonempty_text,
+                mode=s.one_of("exact", "approximate"),
+                rewind_checkpoint=s.digest,
+                original_head=s.digest,
+                new_head=s.digest,
+                removed=s.digest,
+                relabeled=s.digest,
+            ),
+            frozenset({"trainer"}),
+            lambda body: IndexKeys(sources=(body["source"],)),
+        ),
+    )
+}
+
+
+def lookup(type_name: str) -> ObservationType:
+    kind = TYPES.get(type_name)
+    if kind is None:
+        raise SchemaError(f"unknown observation type {type_name!r}")
+    return kind

@@ -1,0 +1,132 @@
+"""LMDB layout of a ledger: named databases, key encodings, map growth.
+
+Everything derived from an observation (its Merkle nodes, its index entries,
+the head) is written in the same write transaction as the observation, so a
+crash at any moment leaves either all of it or none of it (specs/storage.md).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import lmdb
+
+from .errors import CorruptLedgerError, NotALedgerError
+
+FORMAT = b"gradledger-ledger/1"
+DATA_FILE = "data.mdb"
+DEFAULT_MAP_SIZE = 1 << 30
+DATABASES = (
+    "meta",          # format, size, head, last_time, origin
+    "obs",           # seq -> record bytes
+    "nodes",         # level || index -> perfect subtree hash
+    "by_authority",  # path || 0x00 || seq -> ""
+    "by_source",     # subject || 0x00 || seq -> ""
+    "by_example",    # sorted runs of (dataset index, seq): see postings.py
+    "by_type",       # type || 0x00 || seq -> ""
+    "artifacts",     # sha256 -> bytes
+    "cosigs",        # tree size || witness key id -> signature
+)
+
+_U64 = struct.Struct(">Q")
+T = TypeVar("T")
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(data: bytes) -> int:
+    return _U64.unpack(data)[0]
+
+
+def node_key(level: int, index: int) -> bytes:
+    return bytes((level,)) + _U64.pack(index)
+
+
+def name_key(name: str, seq: int) -> bytes:
+    return name.encode() + b"\x00" + _U64.pack(seq)
+
+
+class Store:
+    """An open LMDB environment with gradledger's named databases."""
+
+    def __init__(self, path: Path, *, readonly: bool, create: bool, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = path
+        self.readonly = readonly
+        if not create and not (path / DATA_FILE).is_file():
+            if not path.exists():
+                raise NotALedgerError(f"{path}: no such ledger")
+            raise NotALedgerError(f"{path}: not a gradledger ledger (no {DATA_FILE})")
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=len(DATABASES) + 1,
+                readonly=readonly,
+                create=create,
+                subdir=True,
+                sync=True,
+                metasync=True,
+                readahead=False,
+                lock=True,
+            )
+            self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DATABASES}
+        except lmdb.Error as exc:
+            if create:
+                raise
+            raise CorruptLedgerError(f"{path}: cannot open ledger storage: {exc}") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        try:
+            txn = self.env.begin()
+        except lmdb.MapResizedError:
+            # Another process grew the map since we opened it: adopt its size.
+            self.env.set_mapsize(0)
+            txn = self.env.begin()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def write(self, fill: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fill`` in one write transaction, growing the map and retrying if it is full.
+
+        The transaction is durable when this returns (LMDB syncs at commit).
+        """
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                result = fill(txn)
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except BaseException:
+                txn.abort()
+                raise
+
+    def get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.dbs[db])
+
+    def prefix_keys(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> Iterator[bytes]:
+        cursor = txn.cursor(db=self.dbs[db])
+        if not cursor.set_range(prefix):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                return
+            yield key
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / DATA_FILE).is_file()
