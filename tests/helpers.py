@@ -1,0 +1,84 @@
+"""Shared builders for ledger tests: a small authority taxonomy and a ledger populated from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradledger.ledger import credentials as C
+from gradledger.ledger.keys import SigningKey
+from gradledger.ledger.ledger import Ledger
+
+
+@dataclass
+class World:
+    root: SigningKey
+    trainer: SigningKey
+    authority: SigningKey
+    source: SigningKey
+    root_cred: C.Credential
+    trainer_cred: C.Credential
+    authority_cred: C.Credential
+    source_cred: C.Credential
+
+
+def make_world(seed: int = 0) -> World:
+    def key(i: int, label: str) -> SigningKey:
+        return SigningKey.from_seed(bytes([seed % 256, i]) * 16, label)
+
+    root, trainer, authority, source = key(1, "root"), key(2, "trainer"), key(3, "radiology"), key(4, "dr-a")
+    return World(
+        root=root,
+        trainer=trainer,
+        authority=authority,
+        source=source,
+        root_cred=C.issue_root(root, subject="acme-root", path="acme"),
+        trainer_cred=C.issue(root, subject="trainer-1", path="acme/training", role="trainer", public_key=trainer.public_key),
+        authority_cred=C.issue(
+            root, subject="radiology", path="acme/radiology", role="authority", public_key=authority.public_key
+        ),
+        source_cred=C.issue(
+            authority, subject="dr-a", path="acme/radiology/attending", role="source", public_key=source.public_key
+        ),
+    )
+
+
+def update_body(step: int, batch: list[int] | None = None) -> dict:
+    return {
+        "step": step,
+        "batch": list(range(step % 7, step % 7 + 8)) if batch is None else batch,
+        "policy": b"p" * 32,
+        "lr": 0.01,
+        "loss": 1.0 / (step + 1),
+        "band_grad_norms": [1.0, 0.5, 0.25],
+        "band_update_norms": [0.1, 0.05, 0.0],
+        "authority_writes": {"acme/radiology/attending": [8.0, 8.0, 0.0]},
+        "sources": ["dr-a"],
+    }
+
+
+def genesis(ledger: Ledger, world: World) -> None:
+    """The opening records every ledger starts with: credentials, then RunStarted."""
+    ledger.append("CredentialIssued", {"credential": world.root_cred.signed}, world.root)
+    ledger.append("CredentialIssued", {"credential": world.trainer_cred.signed}, world.root)
+    ledger.append("CredentialIssued", {"credential": world.authority_cred.signed}, world.root)
+    ledger.append("CredentialIssued", {"credential": world.source_cred.signed}, world.authority)
+    ledger.append(
+        "RunStarted",
+        {"run_id": "run-1", "environment": {"torch": "test"}, "artifacts": {}, "settings": {}},
+        world.trainer,
+        commit=True,
+    )
+
+
+def build_ledger(path: Path, updates: int = 20, seed: int = 0, tree_head_every: int = 0) -> tuple[Ledger, World]:
+    """A closed-over-nothing, writable ledger with ``updates`` GovernedUpdates after the genesis records."""
+    world = make_world(seed)
+    ledger = Ledger.create(path)
+    genesis(ledger, world)
+    for step in range(updates):
+        ledger.append("GovernedUpdate", update_body(step), world.trainer)
+        if tree_head_every and (step + 1) % tree_head_every == 0:
+            ledger.tree_head(world.trainer)
+    ledger.commit()
+    return ledger, world
