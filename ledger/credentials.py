@@ -9,6 +9,7 @@ self-signed root credential whose key the verifier was told to trust
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable
 
 from . import encoding, schema
@@ -53,7 +54,7 @@ class Credential:
     not_after: int
     signed: bytes  # canonical CBOR [credential_bytes, signature], as recorded
 
-    @property
+    @cached_property
     def key_id(self) -> bytes:
         return key_id(self.public_key)
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import nacl.exceptions
@@ -69,11 +70,11 @@ class SigningKey:
             raise KeyFileError("an Ed25519 seed is 32 bytes")
         return cls(nacl.signing.SigningKey(seed), label)
 
-    @property
+    @cached_property
     def public_key(self) -> bytes:
         return bytes(self._key.verify_key)
 
-    @property
+    @cached_property
     def key_id(self) -> bytes:
         return key_id(self.public_key)
 

@@ -15,7 +15,7 @@ from .errors import SchemaError
 
 scalar_map = s.text_map(lambda v, w: None if type(v) in (str, int, float, bool) or v is None else s._fail(w, "scalar", v))
 digest_map = s.text_map(s.digest)
-norms = s.array(s.number, max_items=64)
+norms = s.number_array(64)
 
 
 def any_value(value: Any, where: str, depth: int = 0) -> None:
