@@ -22,9 +22,12 @@ from .errors import (
     VerificationError,
 )
 from .keys import SigningKey, read_public_keys, write_public_keys
-from .ledger import Ledger, VerifyReport
+from .checker import CheckReport, check_records
+from .ledger import Ledger
 
 __all__ = [
+    "CheckReport",
+    "check_records",
     "AuthorizationError",
     "ChainError",
     "CorruptLedgerError",
@@ -43,7 +46,6 @@ __all__ = [
     "SigningKey",
     "UnusableInput",
     "VerificationError",
-    "VerifyReport",
     "issue",
     "issue_root",
     "read_public_keys",

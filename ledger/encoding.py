@@ -43,6 +43,16 @@ def encode(value: Any, *, check: bool = False) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
+def bstr_header(length: int) -> bytes:
+    """The shortest (canonical) header of a byte string of ``length`` bytes (RFC 8949 §3.1, §4.2.1)."""
+    if length < 24:
+        return bytes((0x40 | length,))
+    for code, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if length < 1 << (8 * size):
+            return bytes((0x40 | code,)) + length.to_bytes(size, "big")
+    raise EncodingError("byte string too long")
+
+
 def _reject_tag(decoder: Any, tag: Any = None) -> Any:
     # Tags would let a hostile input smuggle in semantics (dates, bignums,
     # shared references) that the schema does not describe.

@@ -81,22 +81,43 @@ def seal(
     return Sealed(type_name, seq, prev, time, body, key.key_id, envelope_bytes, signature, record)
 
 
+_SIGNATURE_HEADER = b"\x58\x40"  # byte string of 64 bytes, shortest form
+
+
+def _split_record(record: bytes) -> tuple[bytes, bytes]:
+    """Parse ``[bstr envelope, bstr .size 64 signature]`` by its fixed canonical shape.
+
+    The record's outer layer has exactly one canonical form per envelope
+    length, so it is checked byte for byte instead of decoded and re-encoded.
+    """
+    if len(record) > MAX_RECORD_SIZE or len(record) < 4 + SIGNATURE_SIZE or record[0] != 0x82:
+        raise EncodingError("record is not [envelope bytes, 64-byte signature]")
+    initial = record[1]
+    extra = {0x58: 1, 0x59: 2, 0x5A: 4, 0x5B: 8}.get(initial, 0)
+    if extra:
+        length = int.from_bytes(record[2 : 2 + extra], "big")
+    elif 0x40 <= initial <= 0x57:
+        length = initial & 0x1F
+    else:
+        raise EncodingError("record does not start with the envelope byte string")
+    start = 2 + extra
+    end = start + length
+    if (
+        record[1:start] != encoding.bstr_header(length)
+        or len(record) != end + 2 + SIGNATURE_SIZE
+        or record[end : end + 2] != _SIGNATURE_HEADER
+    ):
+        raise EncodingError("record is not [envelope bytes, 64-byte signature] in canonical CBOR")
+    return record[start:end], record[end + 2 :]
+
+
 def unseal(record: bytes) -> Sealed:
     """Strictly decode a stored record. The signature is *not* checked here.
 
     Raises ``EncodingError`` or ``SchemaError``; the body is left for the type's
     schema, which the caller applies.
     """
-    outer = encoding.decode(record, max_size=MAX_RECORD_SIZE, check_model=False)
-    if (
-        type(outer) is not list
-        or len(outer) != 2
-        or type(outer[0]) is not bytes
-        or type(outer[1]) is not bytes
-        or len(outer[1]) != SIGNATURE_SIZE
-    ):
-        raise EncodingError("record is not [envelope bytes, 64-byte signature]")
-    envelope_bytes, signature = outer
+    envelope_bytes, signature = _split_record(record)
     # The body's data model is enforced by its type schema right after.
     envelope = encoding.decode(envelope_bytes, max_size=MAX_ENVELOPE_SIZE, check_model=False)
     ENVELOPE_SCHEMA.validate(envelope)

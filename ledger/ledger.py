@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import os
 import time as _time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,23 +28,12 @@ from .errors import (
     VerificationError,
 )
 from .keys import SigningKey
-from .observations import lookup
+from .checker import CheckReport, check_records
 from .state import Admitted, LedgerState
 from .store import Store, from_u64, name_key, node_key, u64
 
 LOCK_FILE = "writer.lock"
 DEFAULT_GROUP = 64
-
-
-@dataclass
-class VerifyReport:
-    """What a structural check of a ledger found (raised errors carry failures)."""
-
-    size: int = 0
-    root: bytes = merkle.EMPTY_ROOT
-    counts: dict[str, int] = field(default_factory=dict)
-    tree_heads: int = 0
-    signers: set[bytes] = field(default_factory=set)
 
 
 class Ledger:
@@ -364,7 +352,7 @@ class Ledger:
 
     def verify(
         self, trusted_roots: Iterable[bytes] | None = None, progress: Callable[[int], None] | None = None
-    ) -> VerifyReport:
+    ) -> CheckReport:
         """Re-admit every stored record from scratch and compare with what is stored.
 
         Checks signatures, the chain, schemas, signer authorization, credential
@@ -372,27 +360,14 @@ class Ledger:
         Merkle nodes give the recomputed root. Raises a ``VerificationError``
         naming the first failing sequence number.
         """
-        roots = None if trusted_roots is None else frozenset(trusted_roots)
-        state = LedgerState(registry=CredentialRegistry(trusted_roots=roots))
-        report = VerifyReport()
         expected = self.size
-        for seq, record in self.records(0, expected):
-            if seq != state.size:
-                raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
-            admitted = state.admit_record(record, seq)
-            report.counts[admitted.sealed.type] = report.counts.get(admitted.sealed.type, 0) + 1
-            report.tree_heads += admitted.sealed.type == "TreeHead"
-            report.signers.add(admitted.sealed.signer)
-            if progress is not None:
-                progress(seq)
+        state, report = check_records(self.records(0, expected), trusted_roots, progress)
         if state.size != expected:
             raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
-        root = state.tree.root()
-        if expected and self.root_at(expected) != root:
+        if expected and self.root_at(expected) != report.root:
             raise ProofError("stored Merkle nodes do not give the root of the stored records")
         if state.head != self.head:
             raise VerificationError("stored head does not match the last record", seq=expected - 1)
-        report.size, report.root = expected, root
         return report
 
 
