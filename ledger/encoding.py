@@ -40,7 +40,10 @@ def encode(value: Any, *, check: bool = False) -> bytes:
     """
     if check:
         _check_model(value, 0)
-    return cbor2.dumps(value, canonical=True)
+    try:
+        return cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise EncodingError(f"cannot encode: {exc}") from None
 
 
 def bstr_header(length: int) -> bytes:
@@ -107,6 +110,12 @@ def _check_model(value: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise EncodingError(f"nesting deeper than {MAX_DEPTH}")
     kind = type(value)
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EncodingError("text is not valid Unicode (lone surrogate)") from None
+        return
     if kind in _SCALARS:
         return
     if kind is int:
@@ -122,6 +131,7 @@ def _check_model(value: Any, depth: int) -> None:
         for key, item in value.items():
             if type(key) is not str:
                 raise EncodingError(f"map key of type {type(key).__name__} is not allowed")
+            _check_model(key, depth + 1)
             _check_model(item, depth + 1)
         return
     raise EncodingError(f"value of type {kind.__name__} is not in the data model")

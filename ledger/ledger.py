@@ -30,6 +30,7 @@ from .errors import (
 from .keys import SigningKey
 from .checker import CheckReport, check_records
 from .state import Admitted, LedgerState
+from .witness import verify_cosignature
 from .store import Store, from_u64, name_key, node_key, u64
 
 LOCK_FILE = "writer.lock"
@@ -232,9 +233,11 @@ class Ledger:
         self._store.write(lambda txn: txn.put(digest, data, db=db, overwrite=False))
         return digest
 
-    def add_cosignature(self, size: int, witness_key_id: bytes, signature: bytes) -> None:
+    def add_cosignature(self, head_seq: int, witness_key_id: bytes, signature: bytes) -> None:
+        """Store a witness's cosignature of the TreeHead at ``head_seq`` after checking it."""
+        verify_cosignature(self.observation(head_seq), witness_key_id, signature, self.registry)
         db = self._store.dbs["cosigs"]
-        self._store.write(lambda txn: txn.put(u64(size) + witness_key_id, signature, db=db))
+        self._store.write(lambda txn: txn.put(u64(head_seq) + witness_key_id, signature, db=db))
 
     # -- reading -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ DATABASES = (
     "by_example",    # sorted runs of (dataset index, seq): see postings.py
     "by_type",       # type || 0x00 || seq -> ""
     "artifacts",     # sha256 -> bytes
-    "cosigs",        # tree size || witness key id -> signature
+    "cosigs",        # TreeHead seq || witness key id -> cosignature
 )
 
 _U64 = struct.Struct(">Q")
