@@ -18,7 +18,7 @@ from .credentials import CredentialRegistry
 from .envelope import Sealed
 from .errors import ChainError, EncodingError, SchemaError, SignatureError, VerificationError
 from .keys import verify_signature
-from .state import LedgerState
+from .state import Admitted, LedgerState
 
 CHUNK = 256
 _pool: ThreadPoolExecutor | None = None
@@ -60,8 +60,12 @@ def check_records(
     trusted_roots: Iterable[bytes] | None = None,
     progress: Callable[[int], None] | None = None,
     parallel: bool = True,
+    on_admit: Callable[[Admitted], None] | None = None,
 ) -> tuple[LedgerState, CheckReport]:
     """Admit ``(seq, record)`` pairs in order; raise the first ``VerificationError``.
+
+    ``on_admit`` sees every admitted record (with the Merkle nodes it
+    completed), for checks against a store.
 
     While chunk k is admitted on this thread, a worker verifies the
     signatures of chunk k+1 (Ed25519 releases the GIL), so the two overlap.
@@ -76,12 +80,12 @@ def check_records(
         if len(chunk) == CHUNK:
             ready = _Chunk.start(state, chunk, parallel)
             if pending is not None:
-                pending.admit(state, report, progress)
+                pending.admit(state, report, progress, on_admit)
             pending, chunk = ready, []
     if pending is not None:
-        pending.admit(state, report, progress)
+        pending.admit(state, report, progress, on_admit)
     if chunk:
-        _Chunk.start(state, chunk, False).admit(state, report, progress)
+        _Chunk.start(state, chunk, False).admit(state, report, progress, on_admit)
     report.size, report.root, report.head = state.size, state.tree.root(), state.head
     return state, report
 
@@ -109,7 +113,13 @@ class _Chunk:
         work = [(pk, sealed[i].envelope_bytes, sealed[i].signature) for i, pk in jobs]  # type: ignore[union-attr]
         return cls(records, sealed, jobs, _executor().submit(_signatures_ok, work))
 
-    def admit(self, state: LedgerState, report: CheckReport, progress: Callable[[int], None] | None) -> None:
+    def admit(
+        self,
+        state: LedgerState,
+        report: CheckReport,
+        progress: Callable[[int], None] | None,
+        on_admit: Callable[[Admitted], None] | None,
+    ) -> None:
         vouched: list[bytes | None] = [None] * len(self.records)
         if self.verdicts is not None:
             for (i, pk), ok in zip(self.jobs, self.verdicts.result()):
@@ -121,7 +131,9 @@ class _Chunk:
             if item is None:
                 state.admit_record(record, seq)  # raises, naming seq
                 raise VerificationError("record does not decode", seq=seq)  # pragma: no cover
-            state.admit(item, signed_by=pk)
+            admitted = state.admit(item, signed_by=pk)
+            if on_admit is not None:
+                on_admit(admitted)
             report.counts[item.type] = report.counts.get(item.type, 0) + 1
             report.tree_heads += item.type == "TreeHead"
             report.signers.add(item.signer)

@@ -125,6 +125,7 @@ class SigningKey:
 
 def format_public_key(public_key: bytes, comment: str = "") -> str:
     line = PUBLIC_LINE_PREFIX + public_key.hex()
+    comment = " ".join(comment.split())  # one line per key, whatever the comment holds
     return f"{line}  {comment}".rstrip() if comment else line
 
 

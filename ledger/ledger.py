@@ -19,6 +19,7 @@ from . import envelope, merkle, postings, store
 from .credentials import Credential, CredentialRegistry
 from .envelope import Sealed
 from .errors import (
+    ChainError,
     CorruptLedgerError,
     LedgerLockedError,
     NotALedgerError,
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .keys import SigningKey
 from .checker import CheckReport, check_records
+from .observations import lookup
 from .state import Admitted, LedgerState
 from .witness import verify_cosignature
 from .store import Store, from_u64, name_key, node_key, u64
@@ -153,8 +155,7 @@ class Ledger:
         The observation is checked exactly as a verifier would check it, so an
         unauthorized signer or a malformed body is refused here, not later.
         """
-        if self._lock_fd is None:
-            raise UnusableInput("ledger was opened read-only")
+        self._require_writable()
         working = self._working or self._state.copy()
         now = max(_time.time_ns() if time is None else time, working.last_time)
         sealed = envelope.seal(type_name, working.size, working.head, now, body, key)
@@ -164,6 +165,10 @@ class Ledger:
         if commit or len(self._pending) >= self.group:
             self.commit()
         return sealed
+
+    def _require_writable(self) -> None:
+        if self._lock_fd is None:
+            raise UnusableInput(f"{self.path}: ledger was opened read-only")
 
     def commit(self) -> None:
         """Write every pending observation in one durable transaction."""
@@ -228,6 +233,7 @@ class Ledger:
 
     def put_artifact(self, data: bytes) -> bytes:
         """Store bytes by their SHA-256 (durably, at once) and return the digest."""
+        self._require_writable()
         digest = hashlib.sha256(data).digest()
         db = self._store.dbs["artifacts"]
         self._store.write(lambda txn: txn.put(digest, data, db=db, overwrite=False))
@@ -235,6 +241,7 @@ class Ledger:
 
     def add_cosignature(self, head_seq: int, witness_key_id: bytes, signature: bytes) -> None:
         """Store a witness's cosignature of the TreeHead at ``head_seq`` after checking it."""
+        self._require_writable()
         verify_cosignature(self.observation(head_seq), witness_key_id, signature, self.registry)
         db = self._store.dbs["cosigs"]
         self._store.write(lambda txn: txn.put(u64(head_seq) + witness_key_id, signature, db=db))
@@ -364,7 +371,21 @@ class Ledger:
         naming the first failing sequence number.
         """
         expected = self.size
-        state, report = check_records(self.records(0, expected), trusted_roots, progress)
+        with self._store.read() as txn:
+            nodes_db = self._store.dbs["nodes"]
+
+            def compare_nodes(admitted: Admitted) -> None:
+                # Every stored node, not only the peaks: proofs are served from them.
+                for level, index, digest in admitted.nodes:
+                    if txn.get(node_key(level, index), db=nodes_db) != digest:
+                        raise ProofError(
+                            f"stored Merkle node ({level}, {index}) does not match the records",
+                            seq=admitted.sealed.seq,
+                        )
+
+            state, report = check_records(self.records(0, expected), trusted_roots, progress, on_admit=compare_nodes)
+            if txn.get(u64(expected), db=self._store.dbs["obs"]) is not None:
+                raise ChainError(f"a record is stored beyond the committed log (at {expected})", seq=expected)
         if state.size != expected:
             raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
         if expected and self.root_at(expected) != report.root:
@@ -404,8 +425,8 @@ def _load_state(st: Store) -> LedgerState:
 
             def get(level: int, index: int) -> bytes:
                 value = txn.get(node_key(level, index), db=st.dbs["nodes"])
-                if value is None:
-                    raise CorruptLedgerError(f"{st.path}: Merkle node ({level}, {index}) is missing")
+                if value is None or len(value) != merkle.HASH_SIZE:
+                    raise CorruptLedgerError(f"{st.path}: Merkle node ({level}, {index}) is missing or damaged")
                 return value
 
             tree = merkle.CompactRange.from_store(size, get)
@@ -417,11 +438,16 @@ def _load_state(st: Store) -> LedgerState:
             )
             for seq in cred_seqs:
                 sealed = envelope.unseal(txn.get(u64(seq), db=st.dbs["obs"]))
+                if sealed.seq != seq or sealed.type not in ("CredentialIssued", "CredentialRevoked"):
+                    raise CorruptLedgerError(f"{st.path}: credential index points at a {sealed.type} record at {seq}")
+                lookup(sealed.type).schema.validate(sealed.body, sealed.type)
                 if sealed.type == "CredentialIssued":
                     registry.add(sealed.body["credential"], sealed.time)
                 else:
                     registry.revoke(sealed.body["key_id"], sealed.time, sealed.signer)
-        except (TypeError, AttributeError, UnicodeDecodeError, SchemaError, VerificationError, UnusableInput) as exc:
+        except (
+            TypeError, AttributeError, LookupError, ValueError, SchemaError, VerificationError, UnusableInput
+        ) as exc:
             if isinstance(exc, CorruptLedgerError):
                 raise
             raise CorruptLedgerError(f"{st.path}: ledger metadata is damaged: {exc}") from None

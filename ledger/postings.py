@@ -24,8 +24,12 @@ _KEY = struct.Struct(">BQQ")
 
 
 def build_run(batches: Sequence[tuple[int, Sequence[int]]]) -> tuple[bytes, bytes] | None:
-    """One level-0 run from ``(seq, example indices)`` pairs given in sequence order."""
-    batches = [(seq, ex) for seq, ex in batches if ex]
+    """One level-0 run from ``(seq, example indices)`` pairs given in sequence order.
+
+    An index repeated within one batch (sampling with replacement) is posted
+    once: the index answers "which updates used it", not how often.
+    """
+    batches = [(seq, sorted(set(ex))) for seq, ex in batches if ex]
     if not batches:
         return None
     examples = np.fromiter((e for _, ex in batches for e in ex), dtype="<u8")

@@ -25,7 +25,7 @@ from .errors import (
     VerificationError,
 )
 from .keys import verify_signature
-from .observations import IndexKeys, lookup
+from .observations import IndexKeys, ObservationType, lookup
 
 
 def origin_of(genesis_record: bytes) -> str:
@@ -108,11 +108,25 @@ class LedgerState:
         registry = self.registry
 
         # A root's own credential is the one record signed by a key the
-        # registry cannot know yet: admit it first, then check its signature.
+        # registry cannot know yet: admit it first, then check its signature,
+        # and take it back if anything below refuses the record.
+        preadded: bytes | None = None
         if sealed.type == "CredentialIssued" and sealed.signer not in registry.by_key_id:
             issued = credentials.parse(body["credential"])
             if issued.self_signed and issued.key_id == sealed.signer:
-                registry.add(body["credential"], sealed.time)
+                preadded = registry.add(body["credential"], sealed.time).key_id
+        try:
+            return self._admit_checked(sealed, seq, signed_by, kind, preadded)
+        except BaseException:
+            if preadded is not None:
+                del registry.by_key_id[preadded]
+            raise
+
+    def _admit_checked(
+        self, sealed: Sealed, seq: int, signed_by: bytes | None, kind: ObservationType, preadded: bytes | None
+    ) -> Admitted:
+        body = sealed.body
+        registry = self.registry
         signer = registry.check(sealed.signer, sealed.time, kind.signers, what=f"sign {sealed.type}")
         if signed_by is None:
             try:
@@ -125,9 +139,7 @@ class LedgerState:
         authorities = [signer.path]
         sources: list[str] = []
         if sealed.type == "CredentialIssued":
-            issued = registry.by_key_id.get(credentials.parse(body["credential"]).key_id)
-            if issued is None or issued.signed != body["credential"]:
-                issued = registry.add(body["credential"], sealed.time)
+            issued = registry.get(preadded) if preadded is not None else registry.add(body["credential"], sealed.time)
             authorities.append(issued.path)
             if issued.role == "source":
                 sources.append(issued.subject)

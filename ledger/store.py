@@ -75,6 +75,8 @@ class Store:
                 readahead=False,
                 lock=True,
             )
+            if not create:
+                _check_file_covers_map(path, self.env)
             self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DATABASES}
         except lmdb.Error as exc:
             if create:
@@ -126,6 +128,15 @@ class Store:
             if not key.startswith(prefix):
                 return
             yield key
+
+
+def _check_file_covers_map(path: Path, env: lmdb.Environment) -> None:
+    """Refuse a truncated data file before LMDB touches a page beyond its end (SIGBUS)."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = (path / DATA_FILE).stat().st_size
+    if actual < needed:
+        env.close()
+        raise CorruptLedgerError(f"{path}: ledger storage is truncated ({actual} of {needed} bytes)")
 
 
 def exists(path: str | os.PathLike[str]) -> bool:

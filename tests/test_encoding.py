@@ -18,7 +18,7 @@ import time
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gradledger.ledger import encoding as E
