@@ -33,7 +33,7 @@ MAY_ISSUE: dict[str, frozenset[str]] = {
 CREDENTIAL_SCHEMA = schema.record(
     "credential",
     v=schema.one_of(CREDENTIAL_VERSION),
-    subject=schema.nonempty_text,
+    subject=schema.name,
     path=schema.path,
     role=schema.one_of(*ROLES),
     public_key=schema.bstr(32),
@@ -198,9 +198,11 @@ class CredentialRegistry:
         """Record that ``kid`` is revoked from ``at`` on; only a root or its issuer may."""
         cred = self.get(kid)
         by = self.check(revoker, at, ("root", "authority"), what="revoke")
-        if by.role != "root" and cred.issuer != revoker:
+        # A root governs its own tree only; an authority, what it issued.
+        allowed = cred.issuer == revoker or (by.role == "root" and is_below(cred.path, by.path))
+        if not allowed:
             raise CredentialError(
-                f"{by.subject!r} did not issue {cred.subject!r} and is not a root, so may not revoke it"
+                f"{by.subject!r} neither issued {cred.subject!r} nor is the root above it, so may not revoke it"
             )
         if kid in self.revoked_at:
             raise CredentialError(f"credential {cred.subject!r} is already revoked")

@@ -9,7 +9,7 @@ in 64 bits, byte strings, text strings, arrays, maps with text keys,
 ``true``/``false``/``null`` and floats. No tags, no other simple values.
 
 Map keys are text strings. Records reach ``encode`` only after their schema
-(``records.py``) has checked field types, so ``encode`` itself does not walk the
+(``schema.py``, ``observations.py``) has checked field types, so ``encode`` itself does not walk the
 value; ``decode`` walks it unless the caller validates a schema right after.
 """
 

@@ -115,6 +115,7 @@ class SigningKey:
             raise KeyFileError(f"{path} is not a gradledger private key file") from None
         if (
             not isinstance(record, dict)
+            or set(record) != {"kind", "label", "seed"}
             or record.get("kind") != KEY_FILE_KIND
             or not isinstance(record.get("seed"), bytes)
             or not isinstance(record.get("label"), str)
@@ -145,8 +146,9 @@ def read_public_keys(path: str | os.PathLike[str]) -> list[bytes]:
         try:
             if not token.startswith(PUBLIC_LINE_PREFIX):
                 raise ValueError
-            key = bytes.fromhex(token[len(PUBLIC_LINE_PREFIX):])
-            if len(key) != PUBLIC_KEY_SIZE:
+            digits = token[len(PUBLIC_LINE_PREFIX):]
+            key = bytes.fromhex(digits)
+            if len(key) != PUBLIC_KEY_SIZE or digits != digits.lower():
                 raise ValueError
         except ValueError:
             raise KeyFileError(f"{path}:{number}: expected 'ed25519:<64 hex digits>'") from None

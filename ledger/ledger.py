@@ -392,6 +392,12 @@ class Ledger:
             raise ProofError("stored Merkle nodes do not give the root of the stored records")
         if state.head != self.head:
             raise VerificationError("stored head does not match the last record", seq=expected - 1)
+        # Cosignatures were checked when stored, but against the writer's view of
+        # the roots; re-check them against the roots this verification trusts.
+        for head_seq, witness_key_id, signature in self.cosignatures():
+            if head_seq >= expected:
+                raise ProofError("cosignature of a tree head beyond the committed log", seq=head_seq)
+            verify_cosignature(self.observation(head_seq), witness_key_id, signature, state.registry)
         return report
 
 

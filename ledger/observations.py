@@ -13,7 +13,14 @@ from typing import Any, Callable
 from . import schema as s
 from .errors import SchemaError
 
-scalar_map = s.text_map(lambda v, w: None if type(v) in (str, int, float, bool) or v is None else s._fail(w, "scalar", v))
+def scalar(value: Any, where: str) -> None:
+    if type(value) in (int, float):
+        s.number(value, where)
+    elif not (type(value) in (str, bool) or value is None):
+        s._fail(where, "scalar", value)
+
+
+scalar_map = s.text_map(scalar)
 digest_map = s.text_map(s.digest)
 norms = s.number_array(64)
 
@@ -22,9 +29,9 @@ def any_value(value: Any, where: str, depth: int = 0) -> None:
     """Free-form settings (optimizer hyper-parameters...): the CBOR data model, depth-bounded."""
     if depth > 8:
         raise SchemaError(f"{where}: nested too deep")
-    if type(value) in (str, bytes, int, bool) or value is None:
+    if type(value) in (str, bytes, bool) or value is None:
         return
-    if type(value) is float:
+    if type(value) in (int, float):
         return s.number(value, where)
     if type(value) is list:
         for i, item in enumerate(value):
@@ -115,8 +122,8 @@ TYPES: dict[str, ObservationType] = {
                 loss=s.number,
                 band_grad_norms=norms,
                 band_update_norms=norms,
-                authority_writes=s.text_map(norms),
-                sources=(s.array(s.nonempty_text, max_items=1 << 16), False),
+                authority_writes=s.text_map(norms, key=s.path),
+                sources=(s.array(s.name, max_items=1 << 16), False),
                 optimizer=(any_value, False),
                 seeds=(any_value, False),
                 routing=(any_value, False),
@@ -136,7 +143,7 @@ TYPES: dict[str, ObservationType] = {
         ),
         ObservationType(
             "SourceRetired",
-            s.record("SourceRetired", source=s.nonempty_text, key_id=s.digest, reason=s.nonempty_text),
+            s.record("SourceRetired", source=s.name, key_id=s.digest, reason=s.nonempty_text),
             frozenset({"root", "authority"}),
             lambda body: IndexKeys(sources=(body["source"],)),
         ),
@@ -144,7 +151,7 @@ TYPES: dict[str, ObservationType] = {
             "UnlearningCertificate",
             s.record(
                 "UnlearningCertificate",
-                source=s.nonempty_text,
+                source=s.name,
                 mode=s.one_of("exact", "approximate"),
                 rewind_checkpoint=s.digest,
                 original_head=s.digest,

@@ -19,6 +19,11 @@ Check = Callable[[Any, str], None]
 #: Authority taxonomy paths: lowercase segments joined by '/'. The segment
 #: alphabet excludes NUL and '/' so index keys can use them as separators.
 PATH_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}(/[a-z0-9][a-z0-9_.\-]{0,62}){0,15}$")
+#: Paths and names become LMDB index keys (name || 0x00 || seq, at most 511
+#: bytes), so both are bounded well below that.
+MAX_PATH = 255
+MAX_NAME = 255
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 MAX_TEXT = 4096
 MAX_ITEMS = 1 << 20
 U64_MAX = (1 << 64) - 1
@@ -34,8 +39,9 @@ def uint(value: Any, where: str) -> None:
 
 
 def integer(value: Any, where: str) -> None:
-    if type(value) is not int:
-        _fail(where, "integer", value)
+    # The CBOR data model stops at 64 bits; a larger int would encode as a tag.
+    if type(value) is not int or not -(1 << 64) <= value <= U64_MAX:
+        _fail(where, "64-bit integer", value)
 
 
 def boolean(value: Any, where: str) -> None:
@@ -46,6 +52,8 @@ def boolean(value: Any, where: str) -> None:
 def number(value: Any, where: str) -> None:
     """A finite float or integer: NaN would make recorded norms incomparable."""
     if type(value) is int:
+        if not -(1 << 64) <= value <= U64_MAX:
+            _fail(where, "64-bit integer", value)
         return
     if type(value) is not float or not math.isfinite(value):
         _fail(where, "finite number", value)
@@ -62,8 +70,16 @@ def nonempty_text(value: Any, where: str) -> None:
         raise SchemaError(f"{where}: must not be empty")
 
 
+def name(value: Any, where: str) -> None:
+    """A subject or source name: 1..255 UTF-8 bytes, no control characters."""
+    if type(value) is not str or not value or len(value.encode("utf-8", "replace")) > MAX_NAME:
+        _fail(where, f"name of 1..{MAX_NAME} bytes", value)
+    if _NAME_FORBIDDEN.search(value):
+        raise SchemaError(f"{where}: names may not contain control characters")
+
+
 def path(value: Any, where: str) -> None:
-    if type(value) is not str or not PATH_RE.match(value):
+    if type(value) is not str or len(value) > MAX_PATH or not PATH_RE.match(value):
         raise SchemaError(f"{where}: not an authority path like 'acme/radiology': {value!r}")
 
 
@@ -111,8 +127,8 @@ def uint_array(max_items: int = MAX_ITEMS) -> Check:
         if type(value) is not list or len(value) > max_items:
             _fail(where, f"array of at most {max_items} unsigned integers", value)
         for element in value:
-            if type(element) is not int or element < 0:
-                raise SchemaError(f"{where}: expected unsigned integers")
+            if type(element) is not int or not 0 <= element <= U64_MAX:
+                raise SchemaError(f"{where}: expected unsigned 64-bit integers")
 
     return check
 
@@ -135,15 +151,15 @@ def number_array(max_items: int = MAX_ITEMS) -> Check:
     return check
 
 
-def text_map(item: Check, max_items: int = 4096) -> Check:
-    """A map from text keys to ``item`` values (open key set, checked values)."""
+def text_map(item: Check, max_items: int = 4096, key: Check = text) -> Check:
+    """A map from text keys to ``item`` values (open key set, checked keys and values)."""
 
     def check(value: Any, where: str) -> None:
         if type(value) is not dict or len(value) > max_items:
             _fail(where, f"map of at most {max_items} entries", value)
-        for key, element in value.items():
-            text(key, f"{where} key")
-            item(element, f"{where}.{key}")
+        for k, element in value.items():
+            key(k, f"{where} key")
+            item(element, f"{where}.{k}")
 
     return check
 

@@ -157,6 +157,9 @@ class LedgerState:
                     f"{signer.subject!r} did not issue {source.subject!r} and is not a root, so may not retire it"
                 )
             authorities.append(source.path)
+        elif sealed.type == "PolicyAdopted":
+            if hashlib.sha256(body["policy"]).digest() != body["digest"]:
+                raise ChainError("PolicyAdopted digest is not the SHA-256 of the policy it carries")
         elif sealed.type == "TreeHead":
             if body["size"] != seq or body["root"] != self.tree.root() or body["origin"] != self.origin:
                 raise ProofError("tree head does not match the log it is recorded in")

@@ -13,6 +13,7 @@ run backwards: a time before the last one is silently raised to it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from gradledger.ledger import credentials as C
 from gradledger.ledger import encoding
 from gradledger.ledger.credentials import FOREVER, MAY_ISSUE, ROLES, CredentialRegistry
-from gradledger.ledger.errors import AuthorizationError, CredentialError, KeyFileError
+from gradledger.ledger.errors import AuthorizationError, CredentialError, KeyFileError, VerificationError
 from gradledger.ledger.keys import SigningKey, read_public_keys, write_public_keys
 from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.observations import TYPES
@@ -505,7 +506,7 @@ def bodies(world: World) -> dict[str, dict]:
         "CredentialIssued": issued(C.issue(world.root, subject="n", path="acme/n", role="source",
                                            public_key=key(1).public_key)),
         "CredentialRevoked": revoke_body(world.source_cred),
-        "PolicyAdopted": {"policy": b"policy", "digest": b"d" * 32},
+        "PolicyAdopted": {"policy": b"policy", "digest": hashlib.sha256(b"policy").digest()},
         "DatasetCommitted": {"name": "ds", "root": b"r" * 32, "count": 10},
         "GovernedUpdate": update_body(0),
         "Checkpoint": {"step": 0, "digest": b"c" * 32, "tensors": {}, "artifact": b"a" * 32},
@@ -755,3 +756,40 @@ def test_public_key_file_comment_with_a_line_break(tmp_path, comment):
     except (KeyFileError, ValueError):
         return  # refusing to write it is a fine answer
     assert read_public_keys(path) == [k]
+
+
+def test_policy_digest_must_match_the_policy(ledger, world):
+    size = ledger.size
+    with pytest.raises(VerificationError, match="SHA-256 of the policy"):
+        ledger.append("PolicyAdopted", {"policy": b"policy", "digest": b"d" * 32}, world.root)
+    assert ledger.size == size
+
+
+def test_a_root_may_revoke_only_in_its_own_tree():
+    from gradledger.ledger.credentials import CredentialRegistry, issue, issue_root
+    from gradledger.ledger.keys import SigningKey
+
+    acme, other = SigningKey.generate(), SigningKey.generate()
+    worker = SigningKey.generate()
+    registry = CredentialRegistry()
+    registry.add(issue_root(acme, subject="acme", path="acme").signed, 1)
+    registry.add(issue_root(other, subject="other", path="other").signed, 1)
+    cred = registry.add(issue(acme, subject="w", path="acme/w", role="source", public_key=worker.public_key).signed, 1)
+    with pytest.raises(CredentialError):
+        registry.revoke(cred.key_id, 2, other.key_id)
+    registry.revoke(cred.key_id, 2, acme.key_id)
+    assert registry.revoked_at[cred.key_id] == 2
+
+
+def test_names_and_index_keys_are_bounded(ledger, world):
+    from helpers import update_body
+
+    size = ledger.size
+    for bad in ({"authority_writes": {"acme/" + "a" * 300: [1.0, 1.0, 0.0]}},
+                {"authority_writes": {"Not A Path": [1.0, 1.0, 0.0]}},
+                {"sources": ["x" * 300]},
+                {"sources": ["bad\x00name"]},
+                {"lr": 2**70}):
+        with pytest.raises(VerificationError):
+            ledger.append("GovernedUpdate", {**update_body(0), **bad}, world.trainer)
+    assert ledger.size == size
