@@ -370,34 +370,51 @@ class Ledger:
         Merkle nodes give the recomputed root. Raises a ``VerificationError``
         naming the first failing sequence number.
         """
-        expected = self.size
+        # One read snapshot for everything, so a writer appending meanwhile
+        # (or a stale read-only handle) cannot make the parts disagree.
         with self._store.read() as txn:
-            nodes_db = self._store.dbs["nodes"]
+            dbs = self._store.dbs
+            raw_size = txn.get(b"size", db=dbs["meta"])
+            expected = from_u64(raw_size) if raw_size else 0
+            stored_head = txn.get(b"head", db=dbs["meta"]) or envelope.GENESIS_PREV
+
+            def records() -> Iterator[tuple[int, bytes]]:
+                cursor = txn.cursor(db=dbs["obs"])
+                if cursor.first():
+                    for key, value in cursor.iternext():
+                        seq = from_u64(key)
+                        if seq >= expected:
+                            return
+                        yield seq, value
 
             def compare_nodes(admitted: Admitted) -> None:
                 # Every stored node, not only the peaks: proofs are served from them.
                 for level, index, digest in admitted.nodes:
-                    if txn.get(node_key(level, index), db=nodes_db) != digest:
+                    if txn.get(node_key(level, index), db=dbs["nodes"]) != digest:
                         raise ProofError(
                             f"stored Merkle node ({level}, {index}) does not match the records",
                             seq=admitted.sealed.seq,
                         )
 
-            state, report = check_records(self.records(0, expected), trusted_roots, progress, on_admit=compare_nodes)
-            if txn.get(u64(expected), db=self._store.dbs["obs"]) is not None:
-                raise ChainError(f"a record is stored beyond the committed log (at {expected})", seq=expected)
-        if state.size != expected:
-            raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
-        if expected and self.root_at(expected) != report.root:
-            raise ProofError("stored Merkle nodes do not give the root of the stored records")
-        if state.head != self.head:
-            raise VerificationError("stored head does not match the last record", seq=expected - 1)
-        # Cosignatures were checked when stored, but against the writer's view of
-        # the roots; re-check them against the roots this verification trusts.
-        for head_seq, witness_key_id, signature in self.cosignatures():
-            if head_seq >= expected:
-                raise ProofError("cosignature of a tree head beyond the committed log", seq=head_seq)
-            verify_cosignature(self.observation(head_seq), witness_key_id, signature, state.registry)
+            state, report = check_records(records(), trusted_roots, progress, on_admit=compare_nodes)
+            if state.size != expected:
+                raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
+            beyond = txn.cursor(db=dbs["obs"])
+            if beyond.set_range(u64(expected)):
+                stray = from_u64(beyond.key())
+                raise ChainError(f"a record is stored beyond the committed log (at {stray})", seq=stray)
+            if expected and merkle.root_from_store(expected, self._node_getter(txn)) != report.root:
+                raise ProofError("stored Merkle nodes do not give the root of the stored records")
+            if state.head != stored_head:
+                raise VerificationError("stored head does not match the last record", seq=expected - 1)
+            # Cosignatures were checked when stored, but against the writer's view
+            # of the roots; re-check them against the roots this check trusts.
+            for key, signature in txn.cursor(db=dbs["cosigs"]).iternext():
+                head_seq, witness_key_id = from_u64(key[:8]), key[8:]
+                record = txn.get(key[:8], db=dbs["obs"])
+                if head_seq >= expected or record is None:
+                    raise ProofError("cosignature of a tree head beyond the committed log", seq=head_seq)
+                verify_cosignature(envelope.unseal(record), witness_key_id, signature, state.registry)
         return report
 
 

@@ -145,7 +145,7 @@ def number_array(max_items: int = MAX_ITEMS) -> Check:
             if kind is float:
                 if element - element != 0.0:
                     raise SchemaError(f"{where}: expected finite numbers")
-            elif kind is not int:
+            elif kind is not int or not -(1 << 64) <= element <= U64_MAX:
                 raise SchemaError(f"{where}: expected finite numbers")
 
     return check

@@ -152,9 +152,11 @@ class LedgerState:
             source = registry.get(body["key_id"])
             if source.role != "source" or source.subject != body["source"]:
                 raise CredentialError(f"{body['source']!r} does not name the source credential retired")
-            if signer.role != "root" and source.issuer != signer.key_id:
+            if source.issuer != signer.key_id and not (
+                signer.role == "root" and credentials.is_below(source.path, signer.path)
+            ):
                 raise AuthorizationError(
-                    f"{signer.subject!r} did not issue {source.subject!r} and is not a root, so may not retire it"
+                    f"{signer.subject!r} neither issued {source.subject!r} nor is the root above it, so may not retire it"
                 )
             authorities.append(source.path)
         elif sealed.type == "PolicyAdopted":
