@@ -89,6 +89,8 @@ class Ledger:
         path = Path(path)
         if not path.is_dir():
             raise NotALedgerError(f"{path}: no such ledger directory")
+        if not store.exists(path):
+            raise NotALedgerError(f"{path}: not a gradledger ledger (no {store.DATA_FILE})")
         lock_fd = _take_writer_lock(path) if writable else None
         try:
             st = Store(path, readonly=not writable, create=False, map_size=map_size)

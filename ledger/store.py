@@ -58,10 +58,10 @@ class Store:
     def __init__(self, path: Path, *, readonly: bool, create: bool, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = path
         self.readonly = readonly
-        if not create and not (path / DATA_FILE).is_file():
+        if not create and not exists(path):
             if not path.exists():
                 raise NotALedgerError(f"{path}: no such ledger")
-            raise NotALedgerError(f"{path}: not a gradledger ledger (no {DATA_FILE})")
+            raise NotALedgerError(f"{path}: not a gradledger ledger (no valid {DATA_FILE})")
         try:
             self.env = lmdb.open(
                 str(path),
@@ -140,4 +140,6 @@ def _check_file_covers_map(path: Path, env: lmdb.Environment) -> None:
 
 
 def exists(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / DATA_FILE).is_file()
+    """A data file at least as large as LMDB's two meta pages (never write into a smaller one)."""
+    data = Path(path) / DATA_FILE
+    return data.is_file() and data.stat().st_size >= 2 * 4096
