@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError
+from gradledger.ledger.errors import GradledgerError, VerificationError
 from gradledger.ledger.inspection import render, summarize
 from gradledger.ledger.ledger import Ledger
 
@@ -53,10 +53,7 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except VerificationError as exc:
         print(f"gradledger: verification failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except UnusableInput as exc:
-        print(f"gradledger: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except GradledgerError as exc:
+    except GradledgerError as exc:  # unusable input, a locked ledger, bad governance input
         print(f"gradledger: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     except OSError as exc:
