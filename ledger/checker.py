@@ -71,7 +71,7 @@ def check_records(
     signatures of chunk k+1 (Ed25519 releases the GIL), so the two overlap.
     """
     roots = None if trusted_roots is None else frozenset(trusted_roots)
-    state = LedgerState(registry=CredentialRegistry(trusted_roots=roots))
+    state = LedgerState(registry=CredentialRegistry(trusted_roots=roots), indexing=False)
     report = CheckReport()
     pending: _Chunk | None = None
     chunk: list[tuple[int, bytes]] = []

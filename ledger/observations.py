@@ -29,18 +29,20 @@ def any_value(value: Any, where: str, depth: int = 0) -> None:
     """Free-form settings (optimizer hyper-parameters...): the CBOR data model, depth-bounded."""
     if depth > 8:
         raise SchemaError(f"{where}: nested too deep")
-    if type(value) in (str, bytes, bool) or value is None:
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool or value is None:
         return
-    if type(value) in (int, float):
+    if kind is int or kind is float:
         return s.number(value, where)
-    if type(value) is list:
+    if kind is list:
         for i, item in enumerate(value):
-            any_value(item, f"{where}[{i}]", depth + 1)
+            any_value(item, where, depth + 1)
         return
-    if type(value) is dict:
+    if kind is dict:
         for key, item in value.items():
-            s.text(key, f"{where} key")
-            any_value(item, f"{where}.{key}", depth + 1)
+            if type(key) is not str:
+                s._fail(f"{where} key", "text", key)
+            any_value(item, where, depth + 1)
         return
     s._fail(where, "CBOR value", value)
 

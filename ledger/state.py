@@ -25,7 +25,7 @@ from .errors import (
     VerificationError,
 )
 from .keys import verify_signature
-from .observations import IndexKeys, ObservationType, lookup
+from .observations import NO_KEYS, IndexKeys, ObservationType, lookup
 
 
 def origin_of(genesis_record: bytes) -> str:
@@ -53,6 +53,7 @@ class LedgerState:
         tree: merkle.CompactRange | None = None,
         registry: CredentialRegistry | None = None,
         origin: str = "",
+        indexing: bool = True,
     ) -> None:
         self.size = size
         self.head = head
@@ -60,6 +61,8 @@ class LedgerState:
         self.tree = tree or merkle.CompactRange()
         self.registry = registry or CredentialRegistry()
         self.origin = origin
+        #: Checkers only verify: they need no index keys.
+        self.indexing = indexing
 
     def copy(self) -> "LedgerState":
         return LedgerState(
@@ -69,6 +72,7 @@ class LedgerState:
             tree=self.tree.copy(),
             registry=self.registry.copy(),
             origin=self.origin,
+            indexing=self.indexing,
         )
 
     def admit_record(self, record: bytes, seq_hint: int | None = None) -> Admitted:
@@ -166,12 +170,15 @@ class LedgerState:
             if body["size"] != seq or body["root"] != self.tree.root() or body["origin"] != self.origin:
                 raise ProofError("tree head does not match the log it is recorded in")
 
-        keys = kind.index(body)
-        keys = IndexKeys(
-            authorities=tuple(dict.fromkeys(authorities + list(keys.authorities))),
-            sources=tuple(dict.fromkeys(sources + list(keys.sources))),
-            examples=keys.examples,
-        )
+        if self.indexing:
+            keys = kind.index(body)
+            keys = IndexKeys(
+                authorities=tuple(dict.fromkeys(authorities + list(keys.authorities))),
+                sources=tuple(dict.fromkeys(sources + list(keys.sources))),
+                examples=keys.examples,
+            )
+        else:
+            keys = NO_KEYS
         nodes = self.tree.append(sealed.leaf_hash)
         if seq == 0:
             self.origin = origin_of(sealed.record)
