@@ -1,0 +1,352 @@
+"""The depth-selective gate: per-example gradient routing in one forward and one backward.
+
+Gradient routing (Cloud et al. 2024) mixes an activation ``a`` as
+``r*a + (1-r)*a.detach()``: the forward value is ``a`` and the gradient that
+flows into ``a`` is ``r`` times what arrives. Applying it per example at the
+model output (``r = p[:, 0]``) and at each band boundary
+(``r = p[:, k] / p[:, k-1]``) makes the gradient that example ``i`` sends into
+band ``k`` exactly ``p[i, k]`` times its ungated gradient, because every path
+from band ``k``'s parameters to the loss crosses boundaries ``k, k-1, ..., 1``
+and the output, and the ratios telescope. ``specs/routing.md`` is normative.
+
+We compute the mix as ``d + r*(a - d)`` with ``d = a.detach()``. It has the
+same gradient (``r``) as the textbook form but its forward value is ``a``
+bit for bit (``a - d`` is exactly zero), whereas ``r*a + (1-r)*d`` can be off
+by an ulp; replay needs the governed forward to equal the plain one exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradledger.training.bands import BandLayout, ResolvedBands, resolve_bands
+from gradledger.training.errors import BandError, GovernanceError
+
+__all__ = [
+    "GatedModel",
+    "band_grad_norms",
+    "check_routing",
+    "clip_bands",
+    "export_gated",
+    "mix",
+    "routing_ratios",
+    "validate_profiles",
+]
+
+# Same epsilon as torch.nn.utils.clip_grad_norm_, so a band clipped here
+# matches a single-band clip_grad_norm_ bit for bit.
+CLIP_EPS = 1e-6
+
+
+def validate_profiles(profiles: Tensor, n_bands: int, batch: int | None = None) -> None:
+    """Refuse profiles that the routing rule is not defined for.
+
+    Each row must lie in [0, 1] and be non-increasing (a deeper band never
+    gets more than a shallower one); otherwise a ratio would exceed 1 or a
+    positive multiplier would follow a zero and be lost.
+    """
+    if not isinstance(profiles, Tensor) or not profiles.is_floating_point():
+        raise GovernanceError("profiles must be a floating-point tensor")
+    if profiles.dim() != 2 or profiles.shape[1] != n_bands:
+        raise GovernanceError(f"profiles must have shape [batch, {n_bands}], got {list(profiles.shape)}")
+    if batch is not None and profiles.shape[0] != batch:
+        raise GovernanceError(f"profiles cover {profiles.shape[0]} examples, the batch has {batch}")
+    p = profiles.detach()
+    if not bool(torch.isfinite(p).all()):
+        raise GovernanceError("profiles contain non-finite values")
+    if bool((p < 0).any()) or bool((p > 1).any()):
+        raise GovernanceError("profile multipliers must lie in [0, 1]")
+    if n_bands > 1 and bool((p[:, 1:] > p[:, :-1]).any()):
+        bad = torch.nonzero((p[:, 1:] > p[:, :-1]).any(dim=1)).flatten().tolist()
+        raise GovernanceError(f"profiles must be non-increasing from head to deeper bands (rows {bad})")
+
+
+def routing_ratios(profiles: Tensor) -> Tensor:
+    """[B, n] mixing coefficients: column 0 is p[:, 0]; column k is p[:, k] / p[:, k-1], 0 where p[:, k-1] == 0.
+
+    Where the shallower multiplier is 0 no gradient reaches the boundary
+    anyway; 0 (not NaN) keeps 0 * inf-style NaNs out of the backward.
+    """
+    head = profiles[:, :1]
+    if profiles.shape[1] == 1:
+        return head
+    prev = profiles[:, :-1]
+    cur = profiles[:, 1:]
+    positive = prev > 0
+    safe_prev = torch.where(positive, prev, torch.ones_like(prev))
+    ratios = torch.where(positive, cur / safe_prev, torch.zeros_like(cur))
+    return torch.cat([head, ratios], dim=1)
+
+
+def mix(a: Tensor, r: Tensor) -> Tensor:
+    """Per-example gradient scaling with an exact forward: value ``a``, gradient ``r`` times upstream.
+
+    ``r`` has shape [B] and broadcasts over every dim of ``a`` but the first.
+    """
+    if a.dim() == 0 or a.shape[0] != r.shape[0]:
+        raise BandError(
+            f"a routed activation must have the batch as its first dim ({r.shape[0]}), got shape {list(a.shape)}"
+        )
+    r = r.to(a.dtype).reshape((r.shape[0],) + (1,) * (a.dim() - 1))
+    d = a.detach()
+    return d + r * (a - d)
+
+
+def _mix_tree(obj: Any, r: Tensor) -> Any:
+    """Mix every floating tensor in a module output (tensor, tuple, list, dict); leave the rest alone."""
+    if isinstance(obj, Tensor):
+        return mix(obj, r) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        items = [_mix_tree(o, r) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_mix_tree(o, r) for o in obj]
+    if type(obj) is dict:
+        return {k: _mix_tree(v, r) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (int, float, bool, str)):
+        return obj
+    raise BandError(f"cannot route a module output of type {type(obj).__name__}")
+
+
+def _is_tracing() -> bool:
+    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+class GatedModel(nn.Module):
+    """Wrap a model and a band layout; ``forward(x, profiles)`` routes each example's gradient by depth.
+
+    ``profiles`` is [B, n_bands], head first, each row in [0, 1] and
+    non-increasing. After ``loss.backward()`` on the returned output, band
+    ``k``'s gradient equals ``sum_i profiles[i, k] * grad_k(loss_i)``: one
+    forward, one backward, no per-example passes.
+
+    The gate installs forward hooks on the boundary modules of the wrapped
+    model. They act only while this gate's ``forward`` runs, so calling the
+    wrapped model directly is ungated. ``remove_hooks()`` detaches them.
+
+    Preconditions (checked by ``check_routing``, not on every step): every
+    path from a band's parameters to the output passes through its boundary;
+    each boundary module runs exactly once per forward (checked every call);
+    examples do not interact (no BatchNorm in train mode); boundary outputs
+    have the batch as their first dim.
+    """
+
+    def __init__(self, model: nn.Module, layout: BandLayout | ResolvedBands, *, validate: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.bands: ResolvedBands = layout if isinstance(layout, ResolvedBands) else resolve_bands(model, layout)
+        self.validate = validate
+        # The current call's ratios; set only while forward runs so the hooks
+        # are inert otherwise (the wrapped model stays usable on its own).
+        self._ratios: Tensor | None = None
+        self._calls: list[int] = [0] * len(self.bands)
+        self._handles: list[RemovableHandle] = []
+        for k in range(1, len(self.bands)):
+            module = self.bands.boundary_modules[k]
+            assert module is not None
+            # A partial over a bound method (not a closure) so copy.deepcopy of
+            # the gate rebinds the copied hooks to the copied gate.
+            self._handles.append(module.register_forward_hook(functools.partial(self._hook, k)))
+
+    @property
+    def layout(self) -> BandLayout:
+        return self.bands.layout
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.bands)
+
+    def _hook(self, k: int, module: nn.Module, args: Any, output: Any) -> Any:
+        ratios = self._ratios
+        if ratios is None:
+            return None  # not inside our forward: leave the output untouched
+        self._calls[k] += 1
+        return _mix_tree(output, ratios[:, k])
+
+    def forward(self, x: Any, profiles: Tensor) -> Any:
+        n = len(self.bands)
+        if profiles.dim() != 2 or profiles.shape[1] != n:
+            raise GovernanceError(f"profiles must have shape [batch, {n}], got {list(profiles.shape)}")
+        if self.validate and not _is_tracing():
+            validate_profiles(profiles, n, batch=x.shape[0] if isinstance(x, Tensor) else None)
+        # Ratios stay in the profiles' dtype; mix() casts to each activation's
+        # dtype, so float64 profiles give float64 ratios for float64 models.
+        return self._run(x, routing_ratios(profiles))
+
+    def _run(self, x: Any, ratios: Tensor) -> Any:
+        """Forward with explicit mixing coefficients [B, n] (column 0 at the output, k at boundary k)."""
+        n = len(self.bands)
+        if self._ratios is not None:
+            raise BandError("GatedModel.forward is not re-entrant")
+        self._ratios = ratios
+        self._calls = [0] * n
+        try:
+            out = self.model(x)
+        finally:
+            self._ratios = None
+        for k in range(1, n):
+            if self._calls[k] != 1:
+                raise BandError(
+                    f"boundary {self.layout.bands[k].boundary!r} of band {self.layout.bands[k].name!r} ran "
+                    f"{self._calls[k]} times in one forward; routing needs exactly one"
+                )
+        return _mix_tree(out, ratios[:, 0])
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _resolve(model: nn.Module, layout: BandLayout | ResolvedBands | None) -> ResolvedBands:
+    if isinstance(layout, ResolvedBands):
+        return layout
+    if isinstance(model, GatedModel):
+        if layout is None or layout == model.layout:
+            return model.bands
+        return resolve_bands(model.model, layout)
+    if layout is None:
+        raise BandError("a band layout is required")
+    return resolve_bands(model, layout)
+
+
+def _band_norm(params: Sequence[nn.Parameter]) -> Tensor:
+    # Per-parameter L2 in the gradient's dtype, then the L2 of those in
+    # float64, in band parameter order: the order and dtypes specs/routing.md fixes.
+    norms = [torch.linalg.vector_norm(p.grad.detach(), 2).to(torch.float64) for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+def band_grad_norms(model: nn.Module, layout: BandLayout | ResolvedBands | None = None) -> list[float]:
+    """L2 norm of each band's accumulated ``.grad`` (missing grads count as zero), head first."""
+    bands = _resolve(model, layout)
+    return [float(_band_norm(ps)) for ps in bands.params]
+
+
+def clip_bands(
+    model: nn.Module,
+    layout: BandLayout | ResolvedBands | None,
+    limits: Sequence[float | None],
+) -> list[float]:
+    """Clip each band's gradient to its L2 limit; return the norms measured before clipping.
+
+    Call after backward through the gate, so the norms are of the routed
+    gradient. Like ``clip_grad_norm_`` per band: when ``limit / (norm + 1e-6)
+    < 1`` every gradient in the band is multiplied by that coefficient. A
+    ``None`` limit leaves the band alone. A band whose norm is not finite is
+    left untouched and its norm returned so the caller can refuse the step.
+    """
+    bands = _resolve(model, layout)
+    if len(limits) != len(bands):
+        raise GovernanceError(f"{len(limits)} norm limits for {len(bands)} bands")
+    for k, limit in enumerate(limits):
+        if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= 0):
+            raise GovernanceError(f"band {bands.names[k]!r}: norm limit must be a finite number >= 0, got {limit!r}")
+    out: list[float] = []
+    for params, limit in zip(bands.params, limits):
+        norm = float(_band_norm(params))
+        out.append(norm)
+        if limit is None or not math.isfinite(norm):
+            continue
+        coef = float(limit) / (norm + CLIP_EPS)
+        if coef < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+    return out
+
+
+def _float_leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _float_leaves(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _float_leaves(o)]
+    return []
+
+
+def check_routing(gated: GatedModel, x: Any, *, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    """Setup-time probe that the layout's boundaries really separate the bands.
+
+    Routing is exact iff, for every boundary k, every path from bands >= k to
+    the output crosses boundary k and no path from bands < k does. For each
+    k >= 1 the probe closes boundary k alone (ratio 0 there, 1 everywhere
+    else) and requires bands >= k to get exactly zero gradient (nothing
+    bypasses boundary k) and bands < k their ungated gradient (no shallower
+    parameter sits below it). A probe with weights at which some path has a
+    vanishing gradient can miss a violation; it never reports a false one.
+    Costs n_bands forwards and backwards; runs in eval mode under a forked
+    RNG so training is unaffected. Raises BandError on the first violation.
+    """
+    n = gated.n_bands
+    params = [p for ps in gated.bands.params for p in ps]
+    owner = [k for k, ps in enumerate(gated.bands.params) for _ in ps]
+    was_training = gated.training
+    gated.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+
+            def grads(out: Any) -> list[Tensor | None]:
+                leaves = _float_leaves(out)
+                if not leaves:
+                    raise BandError("the model output has no floating-point tensor to probe with")
+                gen = torch.Generator().manual_seed(0)
+                total = sum(
+                    (leaf * torch.randn(leaf.shape, generator=gen, dtype=leaf.dtype).to(leaf.device)).sum()
+                    for leaf in leaves
+                )
+                return list(torch.autograd.grad(total, params, allow_unused=True))
+
+            base = grads(gated.model(x))
+            batch = x.shape[0] if isinstance(x, Tensor) else _float_leaves(x)[0].shape[0]
+            dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
+            for k in range(1, n):
+                ratios = torch.ones(batch, n, dtype=dtype, device=params[0].device)
+                ratios[:, k] = 0
+                got = grads(gated._run(x, ratios))
+                for j, (g, b, name) in enumerate(zip(got, base, [nm for ns in gated.bands.param_names for nm in ns])):
+                    band = owner[j]
+                    if band >= k:
+                        if g is not None and bool((g != 0).any()):
+                            raise BandError(
+                                f"parameter {name} (band {gated.bands.names[band]!r}) still gets gradient with "
+                                f"boundary {gated.layout.bands[k].boundary!r} closed: a path bypasses the boundary"
+                            )
+                    else:
+                        bz = torch.zeros_like(params[j]) if b is None else b
+                        gz = torch.zeros_like(params[j]) if g is None else g
+                        if not torch.allclose(gz, bz, rtol=rtol, atol=atol):
+                            raise BandError(
+                                f"parameter {name} (band {gated.bands.names[band]!r}) lost gradient when boundary "
+                                f"{gated.layout.bands[k].boundary!r} closed: it lies below that boundary"
+                            )
+    finally:
+        gated.train(was_training)
+
+
+def export_gated(
+    gated: GatedModel, x: Tensor, profiles: Tensor, *, dynamic_batch: bool = True, strict: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the gate with ``(x, profiles)`` as inputs, batch size symbolic by default.
+
+    The hooks are traced into the graph, so the exported program carries the
+    routing: its ``module()`` routes gradients exactly like the eager gate.
+    """
+    dynamic_shapes = None
+    if dynamic_batch:
+        if x.shape[0] < 2:
+            # torch.export specializes sizes 0 and 1, so a batch-of-one example
+            # cannot yield a program with a symbolic batch.
+            raise GovernanceError("export_gated needs an example batch of at least 2 for a dynamic batch size")
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = {"x": {0: batch}, "profiles": {0: batch}}
+    return torch.export.export(gated, (x, profiles), dynamic_shapes=dynamic_shapes, strict=strict)
