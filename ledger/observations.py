@@ -110,7 +110,8 @@ TYPES: dict[str, ObservationType] = {
         ),
         ObservationType(
             "DatasetCommitted",
-            s.record("DatasetCommitted", name=s.text, root=s.digest, count=s.uint),
+            # manifests: digest of the artifact holding the signed manifests, in order.
+            s.record("DatasetCommitted", name=s.text, root=s.digest, count=s.uint, manifests=s.digest),
             frozenset({"trainer"}),
         ),
         ObservationType(

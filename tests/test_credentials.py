@@ -507,7 +507,7 @@ def bodies(world: World) -> dict[str, dict]:
                                            public_key=key(1).public_key)),
         "CredentialRevoked": revoke_body(world.source_cred),
         "PolicyAdopted": {"policy": b"policy", "digest": hashlib.sha256(b"policy").digest()},
-        "DatasetCommitted": {"name": "ds", "root": b"r" * 32, "count": 10},
+        "DatasetCommitted": {"name": "ds", "root": b"r" * 32, "count": 10, "manifests": b"m" * 32},
         "GovernedUpdate": update_body(0),
         "Checkpoint": {"step": 0, "digest": b"c" * 32, "tensors": {}, "artifact": b"a" * 32},
         "TreeHead": {"origin": "o", "size": 5, "root": b"t" * 32},

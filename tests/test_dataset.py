@@ -58,21 +58,22 @@ def test_commit_records_root_and_verifies(ledger: Ledger) -> None:
     assert ds.root == root_of([leaf_hash(m.signed) for m in ms])
     assert ledger.by_type("DatasetCommitted") == [ds.seq]
     obs = ledger.observation(ds.seq)
-    assert obs.body == {"name": "train", "root": ds.root, "count": 7}
+    assert obs.body == {"name": "train", "root": ds.root, "count": 7, "manifests": ds.artifact}
     assert obs.signer == WORLD.trainer.key_id
     assert decode_manifests(ledger.artifact(ds.artifact)) == [m.signed for m in ms]
     ledger.verify(trusted_roots=[WORLD.root.public_key])
 
 
-def test_load_round_trip_with_and_without_digest(ledger: Ledger, tmp_path: Path) -> None:
+def test_load_round_trip(ledger: Ledger, tmp_path: Path) -> None:
     ds = commit_dataset(ledger, manifests(), "train", WORLD.trainer)
     ledger.put_artifact(b"\x87unrelated artifact with a lookalike header")
     ledger.close()
     reader = Ledger.open(tmp_path / "ledger")
     try:
-        for loaded in (load_dataset(reader, ds.seq), load_dataset(reader, ds.seq, artifact=ds.artifact)):
-            assert (loaded.name, loaded.root, loaded.count, loaded.artifact) == ("train", ds.root, 7, ds.artifact)
-            assert [m.signed for m in loaded.manifests] == [m.signed for m in ds.manifests]
+        loaded = load_dataset(reader, ds.seq)
+        assert (loaded.name, loaded.root, loaded.count, loaded.artifact) == ("train", ds.root, 7, ds.artifact)
+        assert [m.signed for m in loaded.manifests] == [m.signed for m in ds.manifests]
+        assert reader.observation(ds.seq).body["manifests"] == ds.artifact
     finally:
         reader.close()
 
@@ -128,11 +129,14 @@ def test_refusals(ledger: Ledger) -> None:
     with pytest.raises(DatasetError, match="no observation"):
         load_dataset(ledger, 10_000)
     ds = commit_dataset(ledger, manifests(), "train", WORLD.trainer)
+    body = dict(ledger.observation(ds.seq).body)
+    missing = ledger.append("DatasetCommitted", {**body, "manifests": b"\x00" * 32}, WORLD.trainer, commit=True)
     with pytest.raises(DatasetError, match="not stored"):
-        load_dataset(ledger, ds.seq, artifact=b"\x00" * 32)
+        load_dataset(ledger, missing.seq)
     other = ledger.put_artifact(encode_manifests(manifests()[:3]))
+    short = ledger.append("DatasetCommitted", {**body, "manifests": other}, WORLD.trainer, commit=True)
     with pytest.raises(DatasetError, match="holds 3 manifests, commitment says 7"):
-        load_dataset(ledger, ds.seq, artifact=other)
+        load_dataset(ledger, short.seq)
 
 
 def test_artifact_codec_is_strict() -> None:

@@ -8,7 +8,6 @@ authenticated and omission or substitution is detectable (specs/manifests.md §5
 
 from __future__ import annotations
 
-from contextlib import closing
 from typing import Any, Iterable, Sequence
 
 from gradledger.ledger import schema as s
@@ -196,35 +195,17 @@ def commit_dataset(
         _check(registry, i, m, _ANY_TIME)
     artifact = ledger.put_artifact(encode_manifests(parsed))
     root = dataset_root(parsed)
-    sealed = ledger.append("DatasetCommitted", {"name": name, "root": root, "count": len(parsed)}, key, commit=True)
+    sealed = ledger.append(
+        "DatasetCommitted",
+        {"name": name, "root": root, "count": len(parsed), "manifests": artifact},
+        key,
+        commit=True,
+    )
     return CommittedDataset(name, root, parsed, artifact, sealed.seq)
 
 
-def _find_artifact(ledger: Ledger, root: bytes, count: int) -> tuple[bytes, list[bytes]]:
-    # DatasetCommitted names no artifact yet, so look for the one whose manifests give the
-    # root; the array header (it encodes the count) rules out every other artifact cheaply.
-    head = _head(4, count)
-    with closing(ledger.artifacts()) as artifacts:
-        for digest, data in artifacts:
-            if not data.startswith(head):
-                continue
-            try:
-                items = decode_manifests(data)
-            except DatasetError:
-                continue
-            if root_of([leaf_hash(item) for item in items]) == root:
-                return digest, items
-    raise DatasetError(f"no stored artifact holds the manifests of root {root.hex()[:16]}")
-
-
-def load_dataset(
-    ledger: Ledger, seq: int, *, artifact: bytes | None = None, verify: bool = True
-) -> CommittedDataset:
-    """Reload the dataset committed at ``seq``, re-checking count, root and (with ``verify``) every manifest.
-
-    ``artifact`` is the manifests artifact's digest (``CommittedDataset.artifact``); without
-    it the artifacts are searched for the one that matches the recorded root.
-    """
+def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedDataset:
+    """Reload the dataset committed at ``seq``, re-checking count, root and (with ``verify``) every manifest."""
     try:
         sealed = ledger.observation(seq)
     except IndexError:
@@ -232,13 +213,11 @@ def load_dataset(
     if sealed.type != "DatasetCommitted":
         raise DatasetError(f"observation {seq} is a {sealed.type}, not a DatasetCommitted")
     name, root, count = sealed.body["name"], sealed.body["root"], sealed.body["count"]
-    if artifact is None:
-        artifact, items = _find_artifact(ledger, root, count)
-    else:
-        data = ledger.artifact(artifact)
-        if data is None:
-            raise DatasetError(f"manifests artifact {artifact.hex()[:16]} is not stored in the ledger")
-        items = decode_manifests(data)
+    artifact = sealed.body["manifests"]
+    data = ledger.artifact(artifact)
+    if data is None:
+        raise DatasetError(f"manifests artifact {artifact.hex()[:16]} is not stored in the ledger")
+    items = decode_manifests(data)
     if len(items) != count:
         raise DatasetError(f"dataset {name!r}: artifact holds {len(items)} manifests, commitment says {count}")
     manifests = [parse_manifest(item) for item in items]
