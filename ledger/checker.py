@@ -16,8 +16,9 @@ from typing import Callable, Iterable
 from . import envelope, merkle
 from .credentials import CredentialRegistry
 from .envelope import Sealed
-from .errors import ChainError, EncodingError, SchemaError, SignatureError, VerificationError
-from .keys import verify_signature
+from .credentials import parse as parse_credential
+from .errors import ChainError, CredentialError, EncodingError, SchemaError, SignatureError, VerificationError
+from .keys import key_id, verify_signature
 from .state import Admitted, LedgerState
 
 CHUNK = 256
@@ -73,19 +74,25 @@ def check_records(
     roots = None if trusted_roots is None else frozenset(trusted_roots)
     state = LedgerState(registry=CredentialRegistry(trusted_roots=roots), indexing=False)
     report = CheckReport()
+    # Key ids are hashes of public keys, so any credential record met so far
+    # names the one key that can vouch for a signer, before admission.
+    pubkeys: dict[bytes, bytes] = {}
     pending: _Chunk | None = None
     chunk: list[tuple[int, bytes]] = []
     for item in records:
         chunk.append(item)
         if len(chunk) == CHUNK:
-            ready = _Chunk.start(state, chunk, parallel)
+            ready = _Chunk.start(pubkeys, chunk, parallel)
             if pending is not None:
                 pending.admit(state, report, progress, on_admit)
             pending, chunk = ready, []
+    if chunk:
+        ready = _Chunk.start(pubkeys, chunk, parallel)
+        if pending is not None:
+            pending.admit(state, report, progress, on_admit)
+        pending = ready
     if pending is not None:
         pending.admit(state, report, progress, on_admit)
-    if chunk:
-        _Chunk.start(state, chunk, False).admit(state, report, progress, on_admit)
     report.size, report.root, report.head = state.size, state.tree.root(), state.head
     return state, report
 
@@ -98,18 +105,25 @@ class _Chunk:
     verdicts: Future[list[bool]] | None
 
     @classmethod
-    def start(cls, state: LedgerState, records: list[tuple[int, bytes]], parallel: bool) -> "_Chunk":
+    def start(cls, pubkeys: dict[bytes, bytes], records: list[tuple[int, bytes]], parallel: bool) -> "_Chunk":
         sealed: list[Sealed | None] = []
         for _, record in records:
             try:
-                sealed.append(envelope.unseal(record))
+                item = envelope.unseal(record)
             except (EncodingError, SchemaError):
-                sealed.append(None)  # admit_record reports it at its position
+                item = None  # admit_record reports it at its position
+            sealed.append(item)
+            if item is not None and item.type == "CredentialIssued" and parallel:
+                try:
+                    public_key = parse_credential(item.body["credential"]).public_key
+                    pubkeys[key_id(public_key)] = public_key
+                except (CredentialError, KeyError, TypeError):
+                    pass  # admission reports a bad credential in order
         if not parallel:
             return cls(records, sealed, [], None)
-        # Signers credentialed by now; later ones are checked inline by admit.
-        known = state.registry.by_key_id
-        jobs = [(i, known[s.signer].public_key) for i, s in enumerate(sealed) if s is not None and s.signer in known]
+        # A vouched signature is only a hint: admission still requires the
+        # signer's credential to carry exactly this public key.
+        jobs = [(i, pubkeys[s.signer]) for i, s in enumerate(sealed) if s is not None and s.signer in pubkeys]
         work = [(pk, sealed[i].envelope_bytes, sealed[i].signature) for i, pk in jobs]  # type: ignore[union-attr]
         return cls(records, sealed, jobs, _executor().submit(_signatures_ok, work))
 
