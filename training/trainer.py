@@ -1,0 +1,644 @@
+"""Governed training: wrap a user's model, optimizer and loader so that every step is routed by the
+signed policy and recorded in the ledger (specs/training.md is the normative twin).
+
+A few lines govern an existing loop, the way Opacus's ``make_private`` does::
+
+    engine = Governance(ledger, trainer_key, dataset=ds, policy=sp, layout=layout, run_id="r1")
+    model, optimizer, loader = engine.make_governed(model, optimizer, loader)
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = engine.criterion(model(batch), batch.labels)
+        loss.backward()
+        optimizer.step()          # clip per band, step, measure, append one GovernedUpdate
+    engine.close()                # final checkpoint and signed tree head
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset, default_collate
+
+from gradledger.ledger import encoding
+from gradledger.ledger.errors import CredentialError
+from gradledger.ledger.keys import SigningKey
+from gradledger.ledger.ledger import Ledger
+
+from .bands import BandLayout, ResolvedBands, resolve_bands
+from .checkpoints import CheckpointData, make_checkpoint, read_checkpoint, restore
+from .dataset import CommittedDataset, check_batch
+from .environment import environment
+from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
+from .gate import GatedModel, check_routing, clip_bands, export_gated
+from .manifests import example_id
+from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
+from .registry import describe_optimizer, loss_function, optimizer_name
+
+ORDER_DOMAIN = "gradledger/order/v1"
+STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
+#: Observations stay pending between checkpoints, so a crash leaves the log at a checkpoint.
+_NO_AUTOCOMMIT = 1 << 62
+
+
+# -- the recorded, seeded data order and per-step seeds -------------------------------------
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed set before step ``step``'s forward: first 8 bytes (big-endian) of
+    SHA-256(CBOR ["gradledger/step-seed/v1", seed, step])."""
+    return int.from_bytes(hashlib.sha256(encoding.encode([STEP_SEED_DOMAIN, seed, step])).digest()[:8], "big")
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
+    """Indices 0..count-1 sorted by SHA-256(CBOR ["gradledger/order/v1", seed, epoch, i]).
+
+    A hash sort rather than torch.randperm: any verifier reproduces it without torch.
+    """
+    prefix = encoding.encode([ORDER_DOMAIN, seed, epoch, 0])[:-1]  # CBOR of the list without its last item
+    keys = [hashlib.sha256(prefix + encoding.encode(i)).digest() for i in range(count)]
+    return sorted(range(count), key=keys.__getitem__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One governed batch: inputs from the user's dataset, labels and routing from the manifests."""
+
+    step: int
+    indices: list[int]
+    inputs: Any
+    labels: Tensor
+    profiles: Tensor  # [B, n_bands] float32, what the gate takes
+    rules: list[int]  # per example, the policy rule index (-1: default)
+    limits: tuple[float | None, ...]  # per band, the batch's norm limit
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _input_of(item: Any) -> Any:
+    # (x, y) pairs are common; the label half is ignored: labels come from the manifests.
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+# -- the wrappers ------------------------------------------------------------------------
+
+
+class GovernedModel(GatedModel):
+    """The gate, bound to an engine: ``model(batch)`` or ``model(batch.inputs, batch.profiles)``.
+
+    In training mode a forward needs the batch just drawn from the governed loader, and sets
+    the step's torch seed first so dropout replays. In eval mode it is the plain gate.
+    """
+
+    def __init__(self, model: nn.Module, bands: ResolvedBands, engine: "Governance") -> None:
+        super().__init__(model, bands)
+        object.__setattr__(self, "_engine", engine)  # not a submodule, not in state_dict
+
+    def forward(self, x: Any, profiles: Tensor | None = None) -> Any:
+        batch = None
+        if isinstance(x, Batch):
+            if profiles is not None:
+                raise GovernanceError("pass either a Batch or (inputs, profiles), not both")
+            batch, x, profiles = x, x.inputs, x.profiles
+        if profiles is None:
+            raise GovernanceError("the governed model needs the batch's routing profiles")
+        if self.training:
+            self._engine._before_forward(x, profiles, batch)
+        out = super().forward(x, profiles)
+        if self.training:
+            self._engine._output = out
+        return out
+
+
+class GovernedOptimizer:
+    """Wraps the user's optimizer; ``step()`` clips per band, steps, measures and records."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: "Governance") -> None:
+        self.original = optimizer
+        self._engine = engine
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.original.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        if closure is not None:
+            # A closure re-evaluates the loss inside step(): one governed step is one forward.
+            raise GovernanceError("governed optimizers take no closure")
+        self._engine._step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.original.state_dict()
+
+
+class GovernedLoader:
+    """Yields the committed data order as Batches, one epoch per iteration, from the engine's step."""
+
+    def __init__(self, engine: "Governance") -> None:
+        self._engine = engine
+
+    def __len__(self) -> int:
+        return self._engine.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        engine = self._engine
+        epoch = engine.step // engine.steps_per_epoch
+        last: Batch | None = None
+        while not engine.closed and engine.step // engine.steps_per_epoch == epoch:
+            if last is not None and last.step == engine.step:
+                raise GovernanceError(f"batch for step {last.step} drawn twice: call optimizer.step() once per batch")
+            last = engine._draw()
+            yield last
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+class Governance:
+    """Governs one training run in ``ledger`` under ``policy``, signing with the trainer ``key``."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        key: SigningKey,
+        *,
+        dataset: CommittedDataset,
+        policy: SignedPolicy,
+        layout: BandLayout,
+        run_id: str,
+        loss: str = "cross_entropy",
+        loss_settings: dict[str, Any] | None = None,
+        checkpoint_every: int = 100,
+        seed: int = 0,
+        root_key: SigningKey | None = None,
+        batches: Sequence[Sequence[int]] | None = None,
+        check_examples: bool = True,
+        description: str | None = None,
+    ) -> None:
+        if type(checkpoint_every) is not int or checkpoint_every < 1:
+            raise GovernanceError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if type(seed) is not int or not 0 <= seed < 1 << 64:
+            raise GovernanceError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.ledger, self.key = ledger, key
+        self.dataset, self.policy, self.layout = dataset, policy, layout
+        self.run_id, self.description = run_id, description
+        self.loss_name = loss
+        self.loss_fn, self.loss_settings = loss_function(loss, loss_settings)
+        self.checkpoint_every, self.seed = checkpoint_every, seed
+        self.root_key = root_key
+        self.batches = [list(b) for b in batches] if batches is not None else None
+        self.check_examples = check_examples
+        self.step = 0
+        self.closed = False
+        self.started = False
+        self.last_checkpoint: CheckpointData | None = None
+        self.run_seq: int | None = None
+        self.policy_seq: int | None = None
+        self._gated: GovernedModel | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._drawn: Batch | None = None
+        self._output: Any = None
+        self._loss_value: float | None = None
+        self._order: tuple[int, list[int]] | None = None
+        self._saved: tuple[bool, bool, int] | None = None
+
+    # -- setup -----------------------------------------------------------------------
+
+    def make_governed(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
+    ) -> tuple[GovernedModel, GovernedOptimizer, GovernedLoader]:
+        """Check everything, then record RunStarted and the step-0 checkpoint; return the wrappers.
+
+        Every refusal (policy, bands, dataset, routing) is raised before anything is appended.
+        """
+        self._require_fresh()
+        gated = self._prepare(model, optimizer, loader)
+        probe = self._batch(0)
+        check_routing(gated, probe.inputs)
+        adopted = self._adopted_seq()
+        program = self._export(model, probe)  # may fail: still before any append
+        self._begin()
+        try:
+            self.policy_seq = adopted if adopted is not None else self._adopt()
+            artifact = self.ledger.put_artifact(program)
+            body: dict[str, Any] = {
+                "run_id": self.run_id,
+                "environment": environment(),
+                "artifacts": {"program": artifact},
+                "settings": self._settings(optimizer, probe),
+            }
+            if self.description is not None:
+                body["description"] = self.description
+            self.run_seq = self.ledger.append("RunStarted", body, self.key).seq
+            self._checkpoint()
+        except BaseException:
+            self._end()
+            raise
+        return gated, GovernedOptimizer(optimizer, self), GovernedLoader(self)
+
+    def resume(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
+    ) -> tuple[GovernedModel, GovernedOptimizer, GovernedLoader]:
+        """Continue run ``run_id`` from its last Checkpoint: same settings, restored state, same chain."""
+        self._require_fresh()
+        run_seq, settings = self._find_run()
+        ckpt_seq = self._last_checkpoint_seq(run_seq)
+        gated = self._prepare(model, optimizer, loader)
+        self._compare_settings(settings, optimizer)
+        body = self.ledger.observation(ckpt_seq).body
+        data = self.ledger.artifact(body["artifact"])
+        if data is None:
+            raise GovernanceError(f"checkpoint artifact {body['artifact'].hex()[:16]} is not stored in the ledger")
+        tensors, scalars = read_checkpoint(data, body)
+        restore(model, optimizer, tensors, scalars)
+        self.step = body["step"]
+        check_routing(gated, self._batch(self.step).inputs)
+        self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
+        self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
+        self._begin()
+        return gated, GovernedOptimizer(optimizer, self), GovernedLoader(self)
+
+    def _require_fresh(self) -> None:
+        if self.started or self.closed:
+            raise GovernanceError("this Governance already governs a run; make a new one")
+
+    def _prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> GovernedModel:
+        optimizer_name(optimizer)  # in the registry, or replay could not rebuild it
+        verify_policy(self.policy, self.ledger.registry)
+        if tuple(self.policy.bands) != self.layout.names:
+            raise PolicyError(f"policy bands {list(self.policy.bands)} differ from the layout's {list(self.layout.names)}")
+        bands = resolve_bands(model, self.layout)
+        owned = {id(p) for ps in bands.params for p in ps}
+        stray = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in owned]
+        if stray:
+            raise GovernanceError("the optimizer holds parameters that are in no band of the model")
+        self._check_commitment()
+        self._bind_data(loader)
+        self._route_all()
+        self._gated = GovernedModel(model, bands, self)
+        self._optimizer = optimizer
+        return self._gated
+
+    def _check_commitment(self) -> None:
+        ds = self.dataset
+        try:
+            obs = self.ledger.observation(ds.seq) if ds.seq is not None else None
+        except IndexError:
+            obs = None
+        if obs is None or obs.type != "DatasetCommitted" or obs.body["root"] != ds.root or obs.body["count"] != ds.count:
+            raise DatasetError(f"dataset {ds.name!r} is not committed in this ledger at seq {ds.seq}")
+
+    def _bind_data(self, loader: Any) -> None:
+        data = getattr(loader, "dataset", None)
+        batch_size = getattr(loader, "batch_size", None)
+        if data is None or (self.batches is None and not batch_size):
+            raise GovernanceError("the loader needs .dataset and an int .batch_size (or pass explicit batches)")
+        if len(data) != self.dataset.count:
+            raise ManifestError(
+                f"the loader's dataset has {len(data)} examples, committed dataset {self.dataset.name!r} "
+                f"has {self.dataset.count} manifests"
+            )
+        self._data = data
+        self.batch_size = int(batch_size) if batch_size else 0
+        self.drop_last = bool(getattr(loader, "drop_last", False))
+        if self.batches is not None:
+            if not self.batches or any(not b for b in self.batches):
+                raise GovernanceError("explicit batches must be non-empty")
+            self.batches = [check_batch(self.dataset, b) for b in self.batches]
+            self.steps_per_epoch = len(self.batches)
+        else:
+            n, b = self.dataset.count, self.batch_size
+            self.steps_per_epoch = n // b if self.drop_last else -(-n // b)
+            if self.steps_per_epoch == 0:
+                raise GovernanceError(f"batch size {b} with drop_last leaves no batch of {n} examples")
+        if self.check_examples:
+            for i, m in enumerate(self.dataset.manifests):
+                if example_id(_input_of(data[i])) != m.example:
+                    raise ManifestError(
+                        f"dataset item {i} is not the example its manifest names ({m.example.hex()[:16]}): "
+                        "the loader's dataset must be in committed order"
+                    )
+
+    def _route_all(self) -> None:
+        # Routing is a pure function of manifest and policy: once per index, at setup, so an
+        # unroutable example stops the run before its first step.
+        registry = self.ledger.registry
+        compiled = self.policy.compiled
+        rules, profiles, paths, names = [], [], [], []
+        for i, m in enumerate(self.dataset.manifests):
+            try:
+                src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m.manifest["sources"]}
+            except CredentialError as exc:
+                raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
+            r = route(compiled, m.manifest, src_paths)
+            rules.append(r.rule)
+            profiles.append(r.profile)
+            paths.append(tuple(sorted(set(src_paths.values()))))
+            names.append(tuple(src_paths))
+        self._rules, self._profiles, self._paths, self._names = rules, profiles, paths, names
+        self._profile_table = profiles_tensor(profiles, len(self.layout))
+
+    def _adopted_seq(self) -> int | None:
+        latest = latest_adopted(self.ledger)
+        if latest is not None and latest[1].digest == self.policy.digest:
+            return latest[0]
+        if self.root_key is None:
+            raise PolicyError(
+                f"policy {self.policy.policy['name']!r} is not the ledger's adopted policy; "
+                "adopt it first or pass root_key"
+            )
+        return None
+
+    def _adopt(self) -> int:
+        assert self.root_key is not None
+        return adopt_policy(self.ledger, self.policy, self.root_key)
+
+    def _export(self, model: nn.Module, probe: Batch) -> bytes:
+        plain = GatedModel(model, self._gated.bands if self._gated else self.layout)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                program = export_gated(plain, probe.inputs, probe.profiles, dynamic_batch=len(probe) >= 2)
+        finally:
+            plain.remove_hooks()
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        return buf.getvalue()
+
+    def _settings(self, optimizer: torch.optim.Optimizer, probe: Batch) -> dict[str, Any]:
+        assert self._gated is not None
+        ds = self.dataset
+        x = probe.inputs
+        return {
+            "seed": self.seed,
+            "seed_rule": STEP_SEED_DOMAIN,
+            "order": "explicit" if self.batches is not None else ORDER_DOMAIN,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "steps_per_epoch": self.steps_per_epoch,
+            "checkpoint_every": self.checkpoint_every,
+            "loss": {"name": self.loss_name, "settings": dict(self.loss_settings)},
+            "optimizer": describe_optimizer(optimizer),
+            "bands": self.layout.to_obj(),
+            "band_params": [list(ns) for ns in self._gated.bands.param_names],
+            "policy": self.policy.digest,
+            "policy_seq": self.policy_seq,
+            "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
+            "program": {
+                "format": "torch.export.save",
+                "inputs": ["x", "profiles"],
+                "x_dtype": str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else None,
+                "x_shape": list(x.shape[1:]) if isinstance(x, Tensor) else None,
+            },
+        }
+
+    _COMPARED = ("seed", "seed_rule", "order", "batch_size", "drop_last", "steps_per_epoch", "checkpoint_every",
+                 "loss", "bands", "policy", "dataset")
+
+    def _compare_settings(self, recorded: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        assert self._gated is not None
+        now = self._settings(optimizer, self._batch(0))
+        for key in self._COMPARED:
+            if recorded.get(key) != now[key]:
+                raise GovernanceError(f"cannot resume run {self.run_id!r}: {key} was {recorded.get(key)!r}, now {now[key]!r}")
+        if recorded["optimizer"]["name"] != now["optimizer"]["name"]:
+            raise GovernanceError(f"cannot resume run {self.run_id!r}: the optimizer was {recorded['optimizer']['name']}")
+
+    def _find_run(self) -> tuple[int, dict[str, Any]]:
+        for seq in reversed(self.ledger.by_type("RunStarted")):
+            body = self.ledger.observation(seq).body
+            if body["run_id"] == self.run_id:
+                return seq, body["settings"]
+        raise GovernanceError(f"no RunStarted for run {self.run_id!r} in the ledger")
+
+    def _last_checkpoint_seq(self, run_seq: int) -> int:
+        later_runs = [s for s in self.ledger.by_type("RunStarted") if s > run_seq]
+        end = later_runs[0] if later_runs else self.ledger.size
+        ckpts = [s for s in self.ledger.by_type("Checkpoint") if run_seq < s < end]
+        if not ckpts:
+            raise GovernanceError(f"run {self.run_id!r} has no checkpoint to resume from")
+        updates = [s for s in self.ledger.by_type("GovernedUpdate") if ckpts[-1] < s < end]
+        if updates:
+            # Their state was never checkpointed; continuing would fork the recorded chain.
+            raise GovernanceError(
+                f"run {self.run_id!r} has {len(updates)} updates after its last checkpoint; it cannot be resumed"
+            )
+        return ckpts[-1]
+
+    def _begin(self) -> None:
+        self._saved = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            self.ledger.group,
+        )
+        torch.use_deterministic_algorithms(True)
+        self.ledger.group = _NO_AUTOCOMMIT
+        self.started = True
+
+    def _end(self) -> None:
+        if self._saved is not None:
+            det, warn_only, group = self._saved
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            self.ledger.group = group
+            self._saved = None
+
+    # -- batches ---------------------------------------------------------------------
+
+    def _indices(self, step: int) -> list[int]:
+        if self.batches is not None:
+            return self.batches[step % len(self.batches)]
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.seed, epoch, self.dataset.count))
+        b = self.batch_size
+        return self._order[1][pos * b : (pos + 1) * b]
+
+    def _batch(self, step: int) -> Batch:
+        indices = self._indices(step)
+        index = torch.tensor(indices, dtype=torch.int64)
+        if isinstance(self._data, TensorDataset):
+            inputs = self._data.tensors[0][index]  # what default_collate would stack, without per-item calls
+        else:
+            inputs = default_collate([_input_of(self._data[i]) for i in indices])
+        labels = torch.tensor([self.dataset.manifests[i].label for i in indices], dtype=torch.int64)
+        rules = [self._rules[i] for i in indices]
+        profiles = self._profile_table[index]
+        limits = batch_limits(self.policy.compiled, rules)
+        return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
+
+    def _draw(self) -> Batch:
+        if not self.started or self.closed:
+            raise GovernanceError("the run is not active")
+        self._drawn = self._batch(self.step)
+        self._output, self._loss_value = None, None
+        return self._drawn
+
+    # -- the step ----------------------------------------------------------------------
+
+    def criterion(self, output: Tensor, labels: Tensor) -> Tensor:
+        """The run's registered loss; its value is what the step records."""
+        loss = self.loss_fn(output, labels)
+        self._loss_value = float(loss.detach())
+        return loss
+
+    def _before_forward(self, x: Any, profiles: Tensor, batch: Batch | None) -> None:
+        drawn = self._drawn
+        if drawn is None or drawn.step != self.step:
+            raise GovernanceError("a training forward needs a batch drawn from the governed loader")
+        if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
+            raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
+        _seed_all(step_seed(self.seed, self.step))  # dropout and friends replay from this
+
+    def _step(self) -> None:
+        batch, gated, optimizer = self._drawn, self._gated, self._optimizer
+        if batch is None or batch.step != self.step or self._output is None or gated is None or optimizer is None:
+            raise GovernanceError("optimizer.step() needs a forward of the current batch through the governed model")
+        if self._loss_value is None:
+            with torch.no_grad():
+                self._loss_value = float(self.loss_fn(_detach(self._output), batch.labels))
+        loss = self._loss_value
+        grad_norms = clip_bands(gated, gated.bands, batch.limits)  # routed, pre-clip norms
+        if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
+            raise GovernanceError(f"step {self.step}: non-finite loss or band gradient norm; step refused")
+        with torch.no_grad():
+            before = [[p.detach().clone() for p in ps] for ps in gated.bands.params]
+            optimizer.step()
+            update_norms = [_delta_norm(ps, olds) for ps, olds in zip(gated.bands.params, before)]
+        if not all(math.isfinite(n) for n in update_norms):
+            raise GovernanceError(f"step {self.step}: non-finite update; the run cannot continue")
+        self.ledger.append("GovernedUpdate", self._record(batch, loss, grad_norms, update_norms, optimizer), self.key)
+        self.step += 1
+        self._drawn, self._output, self._loss_value = None, None, None
+        if self.step % self.checkpoint_every == 0:
+            self._checkpoint()
+
+    def _record(
+        self, batch: Batch, loss: float, grad_norms: list[float], update_norms: list[float],
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any]:
+        writes: dict[str, list[float]] = {}
+        sources: set[str] = set()
+        n = len(self.layout)
+        for i in batch.indices:
+            profile = self._profiles[i]  # the policy's float64 multipliers, not the float32 gate copy
+            for path in self._paths[i]:
+                acc = writes.setdefault(path, [0.0] * n)
+                for k in range(n):
+                    acc[k] += profile[k]
+            sources.update(self._names[i])
+        described = describe_optimizer(optimizer)
+        return {
+            "step": batch.step,
+            "batch": batch.indices,
+            "policy": self.policy.digest,
+            "lr": float(described["groups"][0]["lr"]),
+            "loss": loss,
+            "band_grad_norms": grad_norms,
+            "band_update_norms": update_norms,
+            "authority_writes": writes,
+            "sources": sorted(sources),
+            "optimizer": described,
+            "seeds": {"run": self.seed, "step": step_seed(self.seed, batch.step)},
+            "routing": {"rules": batch.rules, "limits": list(batch.limits)},
+        }
+
+    # -- checkpoints and close -----------------------------------------------------------
+
+    def _checkpoint(self) -> CheckpointData:
+        assert self._gated is not None and self._optimizer is not None
+        ckpt = make_checkpoint(self.step, self._gated.model, self._optimizer)
+        artifact = self.ledger.put_artifact(ckpt.data)
+        self.ledger.append("Checkpoint", ckpt.body(artifact), self.key)
+        self.ledger.tree_head(self.key)  # commits the whole group: the log now ends at this checkpoint
+        self.last_checkpoint = ckpt
+        return ckpt
+
+    def close(self) -> CheckpointData | None:
+        """Final checkpoint (unless the last step was just checkpointed) and tree head; restore torch flags."""
+        if self.closed:
+            return self.last_checkpoint
+        try:
+            if self.started and (self.last_checkpoint is None or self.last_checkpoint.step != self.step):
+                self._checkpoint()
+        finally:
+            self.closed = True
+            self._end()
+        return self.last_checkpoint
+
+
+class Trainer:
+    """The common loop over a governed model, optimizer and loader."""
+
+    def __init__(self, engine: Governance) -> None:
+        self.engine = engine
+
+    def fit(
+        self, model: GovernedModel, optimizer: GovernedOptimizer, loader: GovernedLoader, steps: int, *, close: bool = True
+    ) -> list[float]:
+        """Train until the run has taken ``steps`` steps in all; return this call's losses."""
+        engine, losses = self.engine, []
+        model.train()
+        while engine.step < steps:
+            if engine.closed:
+                raise GovernanceError("the run is closed")
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = engine.criterion(model(batch), batch.labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if engine.step >= steps:
+                    break
+        if close:
+            engine.close()
+        return losses
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _seed_all(seed: int) -> None:
+    # torch.manual_seed also walks every accelerator backend (about 1 ms a call); the CPU
+    # generator plus any CUDA device already in use is the same effect for a governed step.
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    return False
+
+
+def _detach(obj: Any) -> Any:
+    return obj.detach() if isinstance(obj, Tensor) else obj
+
+
+def _delta_norm(params: Sequence[nn.Parameter], before: Sequence[Tensor]) -> float:
+    # The band-norm rule of specs/routing.md §5 applied to (before - after): per-parameter L2 in
+    # the parameter's dtype, then the L2 of those in float64.
+    norms = [torch.linalg.vector_norm(o.sub_(p.detach()), 2).to(torch.float64) for p, o in zip(params, before)]
+    return float(torch.linalg.vector_norm(torch.stack(norms), 2)) if norms else 0.0
+
+
+__all__ = [
+    "Batch",
+    "Governance",
+    "GovernedLoader",
+    "GovernedModel",
+    "GovernedOptimizer",
+    "Trainer",
+    "epoch_order",
+    "step_seed",
+]
