@@ -20,6 +20,7 @@ from .credentials import Credential, CredentialRegistry
 from .envelope import Sealed
 from .errors import (
     ChainError,
+    GradledgerError,
     CorruptLedgerError,
     LedgerLockedError,
     NotALedgerError,
@@ -259,6 +260,18 @@ class Ledger:
 
     def observation(self, seq: int) -> Sealed:
         return envelope.unseal(self.record(seq))
+
+    def observation_of_type(
+        self, seq: int, type_name: str, error: type[GradledgerError] = UnusableInput
+    ) -> Sealed:
+        """The observation at ``seq``, which must be a ``type_name``; else ``error`` saying which."""
+        try:
+            sealed = self.observation(seq)
+        except IndexError:
+            raise error(f"no observation {seq} in the ledger") from None
+        if sealed.type != type_name:
+            raise error(f"observation {seq} is a {sealed.type}, not a {type_name}")
+        return sealed
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Stored records in sequence order, read in one snapshot."""

@@ -206,12 +206,7 @@ def commit_dataset(
 
 def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedDataset:
     """Reload the dataset committed at ``seq``, re-checking count, root and (with ``verify``) every manifest."""
-    try:
-        sealed = ledger.observation(seq)
-    except IndexError:
-        raise DatasetError(f"no observation {seq} in the ledger") from None
-    if sealed.type != "DatasetCommitted":
-        raise DatasetError(f"observation {seq} is a {sealed.type}, not a DatasetCommitted")
+    sealed = ledger.observation_of_type(seq, "DatasetCommitted", DatasetError)
     name, root, count = sealed.body["name"], sealed.body["root"], sealed.body["count"]
     artifact = sealed.body["manifests"]
     data = ledger.artifact(artifact)

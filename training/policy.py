@@ -350,12 +350,7 @@ def adopt_policy(ledger: Ledger, sp: SignedPolicy, root_key: SigningKey, *, time
 
 def load_adopted(ledger: Ledger, seq: int, registry: CredentialRegistry | None = None) -> SignedPolicy:
     """The policy adopted at ``seq``, parsed and verified (against ``registry``, default the ledger's)."""
-    try:
-        sealed = ledger.observation(seq)
-    except IndexError:
-        raise PolicyError(f"no observation {seq} in the ledger") from None
-    if sealed.type != "PolicyAdopted":
-        raise PolicyError(f"observation {seq} is a {sealed.type}, not a PolicyAdopted")
+    sealed = ledger.observation_of_type(seq, "PolicyAdopted", PolicyError)
     sp = parse_policy(sealed.body["policy"])
     if sp.digest != sealed.body["digest"]:
         raise PolicyError(f"observation {seq}: policy digest does not match the policy")
