@@ -4,10 +4,10 @@ Every record is re-admitted through ``LedgerState.admit``, in order, from an
 empty state, so a check names the first failing record exactly as the writer
 would have refused it.
 
-Measured and left out (specs/storage.md has the figures): verifying signatures
-on a worker thread ahead of admission is slower than one thread (each Ed25519
-call hands the GIL back and forth), and worker processes gained nothing at
-16k records on two cores.
+Measured and left out: verifying signatures on a worker thread ahead of
+admission is slower than one thread (each Ed25519 call hands the GIL back and
+forth: 176 us per signature in parallel against 57 us alone), and a pool of
+worker processes vouching ahead gained nothing at 16k records on two cores.
 """
 
 from __future__ import annotations
