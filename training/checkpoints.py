@@ -11,8 +11,7 @@ import hashlib
 import json
 import struct
 import sys
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -64,8 +63,13 @@ def _scalar_tensor(value: Any) -> tuple[Tensor, str] | None:
     return None
 
 
-def flatten_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, str]]:
+def flatten_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, copy: bool = True
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Deterministically named tensors of the model and optimizer state, and which were Python scalars.
+
+    With ``copy=False`` the tensors alias the live state where they can (CPU, contiguous): only
+    for serializing at once, before training moves on; tensors sharing storage are still copied.
 
     Names: ``model.<state_dict key>``; ``optim.state.<param index>.<key>`` (torch's optimizer
     state_dict indices: parameters numbered in param_groups order); ``optim.group.<g>.<key>``
@@ -77,7 +81,8 @@ def flatten_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     def put(name: str, value: Any) -> None:
         if isinstance(value, Tensor):
             # clone: safetensors refuses shared storage, and the snapshot must not move with training.
-            tensors[name] = value.detach().cpu().contiguous().clone()
+            t = value.detach().cpu().contiguous()
+            tensors[name] = t.clone() if copy else t
             return
         converted = _scalar_tensor(value)
         if converted is not None:
@@ -93,26 +98,88 @@ def flatten_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
         for key, value in group.items():
             if key != "params":
                 put(f"optim.group.{g}.{key}", value)
+    if not copy:
+        _unshare(tensors)
     return tensors, scalars
 
 
-@dataclass(frozen=True)
+def _unshare(tensors: dict[str, Tensor]) -> None:
+    # safetensors refuses tensors that share storage (tied weights): all but the first get a copy.
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            tensors[name] = t.clone()
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[name] = t.clone()
+        else:
+            seen.add(ptr)
+
+
+class _StoredTensors(Mapping[str, Tensor]):
+    """A checkpoint's tensors, decoded from its safetensors bytes when first read (no second copy
+    of the state is held between checkpoints)."""
+
+    def __init__(self, data: bytes, names: list[str]) -> None:
+        self._data, self._names, self._loaded = data, names, None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        if self._loaded is None:
+            self._loaded = st_load(self._data)
+        return self._loaded
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
 class CheckpointData:
-    step: int
-    tensors: dict[str, Tensor]
-    digests: dict[str, bytes]
-    digest: bytes
-    data: bytes  # the safetensors artifact
+    """One checkpoint: its step, tensor digests, overall digest and safetensors artifact.
+
+    ``data`` may be given as the bytes or as a zero-argument callable that returns them (the
+    trainer passes a read from the ledger, so a run does not hold a copy of the state between
+    checkpoints). ``tensors`` defaults to decoding ``data`` when first read.
+    """
+
+    def __init__(
+        self, step: int, tensors: Mapping[str, Tensor] | None, digests: dict[str, bytes], digest: bytes,
+        data: bytes | Callable[[], bytes],
+    ) -> None:
+        self.step, self.digests, self.digest = step, digests, digest
+        self._data = data
+        self._tensors = tensors
+
+    @property
+    def data(self) -> bytes:
+        return self._data() if callable(self._data) else self._data
+
+    @property
+    def tensors(self) -> Mapping[str, Tensor]:
+        if self._tensors is None:
+            return _StoredTensors(self.data, list(self.digests))
+        return self._tensors
 
     def body(self, artifact: bytes) -> dict[str, Any]:
         return {"step": self.step, "digest": self.digest, "tensors": dict(self.digests), "artifact": artifact}
 
 
 def make_checkpoint(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> CheckpointData:
-    tensors, scalars = flatten_state(model, optimizer)
+    # The live state is digested and serialized in place (no snapshot copy); the checkpoint's
+    # tensors are then read back from the artifact bytes on demand.
+    tensors, scalars = flatten_state(model, optimizer, copy=False)
     digests = {name: tensor_digest(t) for name, t in tensors.items()}
     data = st_save(tensors, metadata={SCALARS_KEY: json.dumps(scalars, sort_keys=True)})
-    return CheckpointData(step, tensors, digests, checkpoint_digest(digests), data)
+    del tensors
+    return CheckpointData(step, None, digests, checkpoint_digest(digests), data)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

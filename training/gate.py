@@ -219,10 +219,19 @@ def _resolve(model: nn.Module, layout: BandLayout | ResolvedBands | None) -> Res
 def _band_norm(params: Sequence[nn.Parameter]) -> Tensor:
     # Per-parameter L2 in the gradient's dtype, then the L2 of those in
     # float64, in band parameter order: the order and dtypes specs/routing.md fixes.
-    norms = [torch.linalg.vector_norm(p.grad.detach(), 2).to(torch.float64) for p in params if p.grad is not None]
-    if not norms:
+    # torch._foreach_norm computes each norm with linalg.vector_norm's kernel (bit for bit),
+    # in one call instead of one Python round trip per parameter.
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
         return torch.zeros((), dtype=torch.float64)
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
+    return _l2_of_norms(torch._foreach_norm(grads, 2))
+
+
+def _l2_of_norms(norms: Sequence[Tensor]) -> Tensor:
+    # float64 of each per-parameter norm, then their L2; mixed dtypes are cast one by one.
+    if len({n.dtype for n in norms}) == 1:
+        return torch.linalg.vector_norm(torch.stack(list(norms)).to(torch.float64), 2)
+    return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]), 2)
 
 
 def band_grad_norms(model: nn.Module, layout: BandLayout | ResolvedBands | None = None) -> list[float]:
@@ -250,17 +259,22 @@ def clip_bands(
     for k, limit in enumerate(limits):
         if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= 0):
             raise GovernanceError(f"band {bands.names[k]!r}: norm limit must be a finite number >= 0, got {limit!r}")
-    out: list[float] = []
-    for params, limit in zip(bands.params, limits):
-        norm = float(_band_norm(params))
-        out.append(norm)
+    grads = [[p.grad.detach() for p in params if p.grad is not None] for params in bands.params]
+    flat = [g for gs in grads for g in gs]
+    # All per-parameter norms in one fused call, then each band's float64 L2 (specs/routing.md §5).
+    norms = torch._foreach_norm(flat, 2) if flat else []
+    band_norms: list[Tensor] = []
+    pos = 0
+    for gs in grads:
+        band_norms.append(_l2_of_norms(norms[pos : pos + len(gs)]) if gs else torch.zeros((), dtype=torch.float64))
+        pos += len(gs)
+    out: list[float] = torch.stack(band_norms).tolist()
+    for gs, norm, limit in zip(grads, out, limits):
         if limit is None or not math.isfinite(norm):
             continue
         coef = float(limit) / (norm + CLIP_EPS)
-        if coef < 1.0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
+        if coef < 1.0 and gs:
+            torch._foreach_mul_(gs, coef)
     return out
 
 

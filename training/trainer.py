@@ -35,7 +35,7 @@ from .checkpoints import CheckpointData, make_checkpoint, read_checkpoint, resto
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
-from .gate import GatedModel, check_routing, clip_bands, export_gated
+from .gate import GatedModel, _l2_of_norms, check_routing, clip_bands, export_gated, routing_ratios, validate_profiles
 from .manifests import example_id
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
 from .registry import describe_optimizer, loss_function, optimizer_name
@@ -61,8 +61,19 @@ def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
     A hash sort rather than torch.randperm: any verifier reproduces it without torch.
     """
     prefix = encoding.encode([ORDER_DOMAIN, seed, epoch, 0])[:-1]  # CBOR of the list without its last item
-    keys = [hashlib.sha256(prefix + encoding.encode(i)).digest() for i in range(count)]
+    sha256 = hashlib.sha256
+    keys = [sha256(prefix + item).digest() for item in _uint_encodings(count)]
     return sorted(range(count), key=keys.__getitem__)
+
+
+_UINT_CBOR: list[bytes] = []
+
+
+def _uint_encodings(count: int) -> list[bytes]:
+    """CBOR of 0 .. count-1, computed once per index for the process (every epoch needs them)."""
+    if len(_UINT_CBOR) < count:
+        _UINT_CBOR.extend(encoding.encode(i) for i in range(len(_UINT_CBOR), count))
+    return _UINT_CBOR[:count] if len(_UINT_CBOR) > count else _UINT_CBOR
 
 
 @dataclass(frozen=True)
@@ -109,11 +120,16 @@ class GovernedModel(GatedModel):
         if profiles is None:
             raise GovernanceError("the governed model needs the batch's routing profiles")
         if self.training:
-            self._engine._before_forward(x, profiles, batch)
-        out = super().forward(x, profiles)
-        if self.training:
+            # The batch's profiles are rows of the table validated at setup (checked equal here),
+            # so the gate takes the precomputed ratio rows instead of validating per forward.
+            ratios = self._engine._before_forward(x, profiles, batch)
+            n = len(self.bands)
+            if profiles.dim() != 2 or profiles.shape[1] != n:
+                raise GovernanceError(f"profiles must have shape [batch, {n}], got {list(profiles.shape)}")
+            out = self._run(x, ratios)
             self._engine._output = out
-        return out
+            return out
+        return super().forward(x, profiles)
 
 
 class GovernedOptimizer:
@@ -286,6 +302,8 @@ class Governance:
         self._route_all()
         self._gated = GovernedModel(model, bands, self)
         self._optimizer = optimizer
+        self._flat_params = [p for ps in bands.params for p in ps]
+        self._band_sizes = [len(ps) for ps in bands.params]
         return self._gated
 
     def _check_commitment(self) -> None:
@@ -345,7 +363,16 @@ class Governance:
             paths.append(tuple(sorted(set(src_paths.values()))))
             names.append(tuple(src_paths))
         self._rules, self._profiles, self._paths, self._names = rules, profiles, paths, names
-        self._profile_table = profiles_tensor(profiles, len(self.layout))
+        n = len(self.layout)
+        self._profile_table = profiles_tensor(profiles, n)
+        # Validated once here; a batch's profiles and ratios are rows of these tables (row-wise
+        # elementwise ops, so a row of the table's ratios equals the ratios of the row).
+        validate_profiles(self._profile_table, n)
+        self._ratio_table = routing_ratios(self._profile_table)
+        self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)
+        # Per index, what the example adds to authority_writes: (its paths, its float64 profile).
+        self._writes_of = [(paths[i], tuple(profiles[i])) for i in range(len(profiles))]
+        self._snapshot: list[Tensor] | None = None
 
     def _adopted_seq(self) -> int | None:
         latest = latest_adopted(self.ledger)
@@ -468,7 +495,7 @@ class Governance:
             inputs = self._data.tensors[0][index]  # what default_collate would stack, without per-item calls
         else:
             inputs = default_collate([_input_of(self._data[i]) for i in indices])
-        labels = torch.tensor([self.dataset.manifests[i].label for i in indices], dtype=torch.int64)
+        labels = self._label_table[index]
         rules = [self._rules[i] for i in indices]
         profiles = self._profile_table[index]
         limits = batch_limits(self.policy.compiled, rules)
@@ -477,9 +504,11 @@ class Governance:
     def _draw(self) -> Batch:
         if not self.started or self.closed:
             raise GovernanceError("the run is not active")
-        self._drawn = self._batch(self.step)
+        self._drawn = batch = self._batch(self.step)
+        self._drawn_ratios = self._ratio_table[torch.tensor(batch.indices, dtype=torch.int64)]
+        self._step_seed = step_seed(self.seed, batch.step)
         self._output, self._loss_value = None, None
-        return self._drawn
+        return batch
 
     # -- the step ----------------------------------------------------------------------
 
@@ -489,13 +518,15 @@ class Governance:
         self._loss_value = float(loss.detach())
         return loss
 
-    def _before_forward(self, x: Any, profiles: Tensor, batch: Batch | None) -> None:
+    def _before_forward(self, x: Any, profiles: Tensor, batch: Batch | None) -> Tensor:
+        """Check the forward is of the drawn batch, seed the step; return the batch's mixing ratios."""
         drawn = self._drawn
         if drawn is None or drawn.step != self.step:
             raise GovernanceError("a training forward needs a batch drawn from the governed loader")
         if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
-        _seed_all(step_seed(self.seed, self.step))  # dropout and friends replay from this
+        _seed_all(self._step_seed)  # dropout and friends replay from this
+        return self._drawn_ratios
 
     def _step(self) -> None:
         batch, gated, optimizer = self._drawn, self._gated, self._optimizer
@@ -509,9 +540,14 @@ class Governance:
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
             raise GovernanceError(f"step {self.step}: non-finite loss or band gradient norm; step refused")
         with torch.no_grad():
-            before = [[p.detach().clone() for p in ps] for ps in gated.bands.params]
+            params = self._flat_params
+            snapshot = self._snapshot
+            if snapshot is None:
+                # Reused step to step (no allocation, no page faults); dropped at checkpoints.
+                snapshot = self._snapshot = [torch.empty_like(p) for p in params]
+            torch._foreach_copy_(snapshot, params)
             optimizer.step()
-            update_norms = [_delta_norm(ps, olds) for ps, olds in zip(gated.bands.params, before)]
+            update_norms = _delta_norms(params, snapshot, self._band_sizes)
         if not all(math.isfinite(n) for n in update_norms):
             raise GovernanceError(f"step {self.step}: non-finite update; the run cannot continue")
         self.ledger.append("GovernedUpdate", self._record(batch, loss, grad_norms, update_norms, optimizer), self.key)
@@ -526,14 +562,14 @@ class Governance:
     ) -> dict[str, Any]:
         writes: dict[str, list[float]] = {}
         sources: set[str] = set()
-        n = len(self.layout)
+        zero = (0.0,) * len(self.layout)
+        writes_of, names = self._writes_of, self._names
         for i in batch.indices:
-            profile = self._profiles[i]  # the policy's float64 multipliers, not the float32 gate copy
-            for path in self._paths[i]:
-                acc = writes.setdefault(path, [0.0] * n)
-                for k in range(n):
-                    acc[k] += profile[k]
-            sources.update(self._names[i])
+            # The policy's float64 multipliers (not the float32 gate copy), added in batch order.
+            paths, profile = writes_of[i]
+            for path in paths:
+                writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
+            sources.update(names[i])
         described = describe_optimizer(optimizer)
         return {
             "step": batch.step,
@@ -546,7 +582,7 @@ class Governance:
             "authority_writes": writes,
             "sources": sorted(sources),
             "optimizer": described,
-            "seeds": {"run": self.seed, "step": step_seed(self.seed, batch.step)},
+            "seeds": {"run": self.seed, "step": self._step_seed},
             "routing": {"rules": batch.rules, "limits": list(batch.limits)},
         }
 
@@ -554,10 +590,14 @@ class Governance:
 
     def _checkpoint(self) -> CheckpointData:
         assert self._gated is not None and self._optimizer is not None
-        ckpt = make_checkpoint(self.step, self._gated.model, self._optimizer)
-        artifact = self.ledger.put_artifact(ckpt.data)
-        self.ledger.append("Checkpoint", ckpt.body(artifact), self.key)
+        self._snapshot = None  # not held through the checkpoint's own copies
+        made = make_checkpoint(self.step, self._gated.model, self._optimizer)
+        artifact = self.ledger.put_artifact(made.data)
+        self.ledger.append("Checkpoint", made.body(artifact), self.key)
         self.ledger.tree_head(self.key)  # commits the whole group: the log now ends at this checkpoint
+        # Its bytes are in the ledger now; the run keeps only a way to read them back.
+        ledger = self.ledger
+        ckpt = CheckpointData(made.step, None, made.digests, made.digest, lambda: ledger.artifact(artifact))
         self.last_checkpoint = ckpt
         return ckpt
 
@@ -625,11 +665,20 @@ def _detach(obj: Any) -> Any:
     return obj.detach() if isinstance(obj, Tensor) else obj
 
 
-def _delta_norm(params: Sequence[nn.Parameter], before: Sequence[Tensor]) -> float:
-    # The band-norm rule of specs/routing.md §5 applied to (before - after): per-parameter L2 in
-    # the parameter's dtype, then the L2 of those in float64.
-    norms = [torch.linalg.vector_norm(o.sub_(p.detach()), 2).to(torch.float64) for p, o in zip(params, before)]
-    return float(torch.linalg.vector_norm(torch.stack(norms), 2)) if norms else 0.0
+def _delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
+    # The band-norm rule of specs/routing.md §5 applied to (before - after), band by band
+    # (``sizes`` parameters each, in order): per-parameter L2 in the parameter's dtype, then the
+    # L2 of those in float64. ``before`` is overwritten with the differences.
+    if not params:
+        return [0.0] * len(sizes)
+    torch._foreach_sub_(before, list(params))
+    norms = torch._foreach_norm(before, 2)
+    out: list[Tensor] = []
+    pos = 0
+    for size in sizes:
+        out.append(_l2_of_norms(norms[pos : pos + size]) if size else torch.zeros((), dtype=torch.float64))
+        pos += size
+    return torch.stack(out).tolist()
 
 
 __all__ = [
