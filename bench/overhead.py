@@ -56,10 +56,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import genesis, make_world  # noqa: E402
+from helpers import CROWD_KEY, crowd_credentials, genesis, make_world, policy_fields  # noqa: E402
 
-from gradledger.ledger import credentials as C  # noqa: E402
-from gradledger.ledger.keys import SigningKey  # noqa: E402
 from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.bands import sequential_bands, transformer_bands  # noqa: E402
 from gradledger.training.dataset import commit_dataset  # noqa: E402
@@ -71,26 +69,8 @@ T = 10
 SEED = 7
 CHECKPOINT_EVERY = 100
 WORLD = make_world()
-CROWD_KEY = SigningKey.from_seed(bytes([71]) * 32, "crowd")
-CROWD_CRED = C.issue(WORLD.root, subject="crowd", path="acme/crowd", role="authority", public_key=CROWD_KEY.public_key)
-WORKER_KEYS = [SigningKey.from_seed(bytes([72 + i]) * 32, f"worker-{i}") for i in range(2)]
-WORKER_CREDS = [
-    C.issue(CROWD_KEY, subject=f"worker-{i}", path="acme/crowd/mturk", role="source", public_key=k.public_key)
-    for i, k in enumerate(WORKER_KEYS)
-]
-
-POLICY_FIELDS = {
-    "name": "bench-v1",
-    "bands": ["head", "mid", "embedding"],
-    "rules": [
-        {"name": "rejected", "match": {"review": ["rejected"]}, "profile": [0, 0, 0], "limits": [None, None, None]},
-        {"name": "expert", "match": {"authority": "acme/radiology", "min_confidence": 0.9},
-         "profile": [1, 1, 1], "limits": [None, 50.0, 20.0]},
-        {"name": "crowd-confident", "match": {"authority": "acme/crowd", "min_confidence": 0.75},
-         "profile": [1, 0.5, 0], "limits": [100.0, 20.0, None]},
-    ],
-    "default": {"profile": [1, 0, 0], "limits": [100.0, None, None]},
-}
+CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+POLICY_FIELDS = policy_fields("bench-v1", 10.0)
 
 
 def log(msg: str) -> None:

@@ -82,3 +82,37 @@ def build_ledger(path: Path, updates: int = 20, seed: int = 0, tree_head_every: 
             ledger.tree_head(world.trainer)
     ledger.commit()
     return ledger, world
+
+
+# -- a crowd authority and a routing policy, shared by the trainer tests and bench/overhead.py --
+
+CROWD_KEY = SigningKey.from_seed(bytes([71]) * 32, "crowd")
+WORKER_KEYS = [SigningKey.from_seed(bytes([72 + i]) * 32, f"worker-{i}") for i in range(2)]
+
+
+def crowd_credentials(world: World) -> tuple[C.Credential, list[C.Credential]]:
+    """A crowd authority issued by the world's root, and two workers it credentials."""
+    crowd = C.issue(world.root, subject="crowd", path="acme/crowd", role="authority", public_key=CROWD_KEY.public_key)
+    workers = [
+        C.issue(CROWD_KEY, subject=f"worker-{i}", path="acme/crowd/mturk", role="source", public_key=k.public_key)
+        for i, k in enumerate(WORKER_KEYS)
+    ]
+    return crowd, workers
+
+
+def policy_fields(name: str, limit_scale: float = 1.0) -> dict:
+    """Expert labels reach every band, confident crowd labels the upper two, the rest the head only."""
+    s = limit_scale
+    return {
+        "name": name,
+        "bands": ["head", "mid", "embedding"],
+        "rules": [
+            {"name": "rejected", "match": {"review": ["rejected"]}, "profile": [0, 0, 0], "limits": [None, None, None]},
+            {"name": "expert", "match": {"authority": "acme/radiology", "min_confidence": 0.9},
+             "profile": [1, 1, 1], "limits": [None, 5.0 * s, 2.0 * s]},
+            {"name": "crowd-confident", "match": {"authority": "acme/crowd", "min_confidence": 0.75},
+             "profile": [1, 0.5, 0], "limits": [10.0 * s, 2.0 * s, None]},
+        ],
+        # Everything else (low-confidence crowd labels) may tune the head only.
+        "default": {"profile": [1, 0, 0], "limits": [10.0 * s, None, None]},
+    }

@@ -13,8 +13,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradledger.ledger import credentials as C
-from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 from gradledger.training.bands import sequential_bands
 from gradledger.training.checkpoints import checkpoint_digest, read_checkpoint, tensor_digest
@@ -23,33 +21,14 @@ from gradledger.training.errors import BandError, GovernanceError, ManifestError
 from gradledger.training.manifests import SignedManifest, example_id, label_example, source_entry
 from gradledger.training.policy import route, sign_policy
 from gradledger.training.trainer import Governance, Trainer, epoch_order, step_seed
-from helpers import genesis, make_world
+from helpers import CROWD_KEY, crowd_credentials, genesis, make_world, policy_fields
 
 WORLD = make_world()
 T = 10
 N, BATCH, STEPS, EVERY = 240, 32, 8, 3
 
-CROWD_KEY = SigningKey.from_seed(bytes([71]) * 32, "crowd")
-CROWD_CRED = C.issue(WORLD.root, subject="crowd", path="acme/crowd", role="authority", public_key=CROWD_KEY.public_key)
-WORKER_KEYS = [SigningKey.from_seed(bytes([72 + i]) * 32, f"worker-{i}") for i in range(2)]
-WORKER_CREDS = [
-    C.issue(CROWD_KEY, subject=f"worker-{i}", path="acme/crowd/mturk", role="source", public_key=k.public_key)
-    for i, k in enumerate(WORKER_KEYS)
-]
-
-POLICY_FIELDS = {
-    "name": "digits-v1",
-    "bands": ["head", "mid", "embedding"],
-    "rules": [
-        {"name": "rejected", "match": {"review": ["rejected"]}, "profile": [0, 0, 0], "limits": [None, None, None]},
-        {"name": "expert", "match": {"authority": "acme/radiology", "min_confidence": 0.9},
-         "profile": [1, 1, 1], "limits": [None, 5.0, 2.0]},
-        {"name": "crowd-confident", "match": {"authority": "acme/crowd", "min_confidence": 0.75},
-         "profile": [1, 0.5, 0], "limits": [10.0, 2.0, None]},
-    ],
-    # Everything else (low-confidence crowd labels) may tune the head only.
-    "default": {"profile": [1, 0, 0], "limits": [10.0, None, None]},
-}
+CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+POLICY_FIELDS = policy_fields("digits-v1")
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
