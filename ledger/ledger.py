@@ -90,6 +90,8 @@ class Ledger:
         path = Path(path)
         if not path.is_dir():
             raise NotALedgerError(f"{path}: no such ledger directory")
+        # Refuse a non-ledger before the lock file is written there; the lock
+        # comes before LMDB, which refuses a second open in one process itself.
         if not store.exists(path):
             raise NotALedgerError(f"{path}: not a gradledger ledger (no {store.DATA_FILE})")
         lock_fd = _take_writer_lock(path) if writable else None
@@ -276,14 +278,17 @@ class Ledger:
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Stored records in sequence order, read in one snapshot."""
         with self._store.read() as txn:
-            cursor = txn.cursor(db=self._store.dbs["obs"])
-            if not cursor.set_range(u64(start)):
+            yield from self._records_in(txn, start, stop)
+
+    def _records_in(self, txn: Any, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
+        cursor = txn.cursor(db=self._store.dbs["obs"])
+        if not cursor.set_range(u64(start)):
+            return
+        for key, value in cursor.iternext():
+            seq = from_u64(key)
+            if stop is not None and seq >= stop:
                 return
-            for key, value in cursor.iternext():
-                seq = from_u64(key)
-                if stop is not None and seq >= stop:
-                    return
-                yield seq, value
+            yield seq, value
 
     def artifact(self, digest: bytes) -> bytes | None:
         with self._store.read() as txn:
@@ -393,15 +398,6 @@ class Ledger:
             expected = from_u64(raw_size) if raw_size else 0
             stored_head = txn.get(b"head", db=dbs["meta"]) or envelope.GENESIS_PREV
 
-            def records() -> Iterator[tuple[int, bytes]]:
-                cursor = txn.cursor(db=dbs["obs"])
-                if cursor.first():
-                    for key, value in cursor.iternext():
-                        seq = from_u64(key)
-                        if seq >= expected:
-                            return
-                        yield seq, value
-
             def compare_nodes(admitted: Admitted) -> None:
                 # Every stored node, not only the peaks: proofs are served from them.
                 for level, index, digest in admitted.nodes:
@@ -411,7 +407,7 @@ class Ledger:
                             seq=admitted.sealed.seq,
                         )
 
-            state, report = check_records(records(), trusted_roots, progress, on_admit=compare_nodes)
+            state, report = check_records(self._records_in(txn, 0, expected), trusted_roots, progress, on_admit=compare_nodes)
             if state.size != expected:
                 raise VerificationError(f"observation {state.size} is missing from storage", seq=state.size)
             beyond = txn.cursor(db=dbs["obs"])

@@ -308,11 +308,10 @@ class Governance:
 
     def _check_commitment(self) -> None:
         ds = self.dataset
-        try:
-            obs = self.ledger.observation(ds.seq) if ds.seq is not None else None
-        except IndexError:
-            obs = None
-        if obs is None or obs.type != "DatasetCommitted" or obs.body["root"] != ds.root or obs.body["count"] != ds.count:
+        if ds.seq is None:
+            raise DatasetError(f"dataset {ds.name!r} has no DatasetCommitted observation in this ledger")
+        obs = self.ledger.observation_of_type(ds.seq, "DatasetCommitted", DatasetError)
+        if obs.body["root"] != ds.root or obs.body["count"] != ds.count:
             raise DatasetError(f"dataset {ds.name!r} is not committed in this ledger at seq {ds.seq}")
 
     def _bind_data(self, loader: Any) -> None:
