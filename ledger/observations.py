@@ -110,8 +110,11 @@ TYPES: dict[str, ObservationType] = {
         ),
         ObservationType(
             "DatasetCommitted",
-            # manifests: digest of the artifact holding the signed manifests, in order.
-            s.record("DatasetCommitted", name=s.text, root=s.digest, count=s.uint, manifests=s.digest),
+            # manifests: digest of the artifact holding the signed manifests, in order;
+            # data (optional): digest of the safetensors artifact holding the inputs, row i = example i.
+            s.record(
+                "DatasetCommitted", name=s.text, root=s.digest, count=s.uint, manifests=s.digest, data=(s.digest, False)
+            ),
             frozenset({"trainer"}),
         ),
         ObservationType(

@@ -18,7 +18,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.merkle import leaf_hash, root_of
 
 from .errors import DatasetError, ManifestError
-from .manifests import SignedManifest, parse_manifest, verify_manifest
+from .manifests import SignedManifest, example_id, parse_manifest, verify_manifest
 
 #: Any recorded revocation: every one was recorded before a commit appended now.
 _ANY_TIME = 1 << 64
@@ -28,13 +28,20 @@ class CommittedDataset:
     """The manifests of a committed dataset, in committed order, and where they are recorded."""
 
     def __init__(
-        self, name: str, root: bytes, manifests: Sequence[SignedManifest], artifact: bytes, seq: int | None
+        self,
+        name: str,
+        root: bytes,
+        manifests: Sequence[SignedManifest],
+        artifact: bytes,
+        seq: int | None,
+        data: bytes | None = None,
     ) -> None:
         self.name = name
         self.root = root
         self.manifests: tuple[SignedManifest, ...] = tuple(manifests)
         self.artifact = artifact  # SHA-256 of the stored manifests artifact
         self.seq = seq  # the DatasetCommitted observation
+        self.data = data  # SHA-256 of the stored inputs artifact, when the inputs are in the ledger
         self._by_example: dict[bytes, int] = {}
         for i, m in enumerate(self.manifests):
             # The same input may occur twice (real datasets have duplicates): the first wins.
@@ -176,10 +183,35 @@ def _check(registry: CredentialRegistry, i: int, m: SignedManifest, committed_at
             )
 
 
+DATA_TENSOR = "x"
+
+
+def encode_inputs(inputs: Any, manifests: Sequence[SignedManifest]) -> bytes:
+    """The inputs artifact: safetensors with one tensor ``x`` whose row ``i`` is example ``i``.
+
+    Every row must be the example its manifest names, so the artifact is bound to the
+    commitment through the manifests' example ids (specs/manifests.md §5).
+    """
+    import torch
+    from safetensors.torch import save
+
+    x = torch.as_tensor(inputs).detach().cpu().contiguous()
+    if x.dim() < 1 or x.shape[0] != len(manifests):
+        raise DatasetError(f"inputs must have one row per manifest ({len(manifests)}), got shape {list(x.shape)}")
+    for i, m in enumerate(manifests):
+        if example_id(x[i]) != m.example:
+            raise ManifestError(f"input row {i} is not the example manifest {i} names ({m.example.hex()[:16]})")
+    return save({DATA_TENSOR: x})
+
+
 def commit_dataset(
-    ledger: Ledger, manifests: Sequence[SignedManifest], name: str, key: SigningKey
+    ledger: Ledger, manifests: Sequence[SignedManifest], name: str, key: SigningKey, *, inputs: Any = None
 ) -> CommittedDataset:
-    """Verify every manifest, store them as one artifact and record a DatasetCommitted (trainer key)."""
+    """Verify every manifest, store them as one artifact and record a DatasetCommitted (trainer key).
+
+    With ``inputs`` (a tensor or array, row ``i`` = example ``i``), the inputs are stored too, so
+    that unlearning and an export ``--with-data`` can replay from the ledger alone.
+    """
     try:
         s.name(name, "dataset name")
     except SchemaError as exc:
@@ -193,15 +225,37 @@ def commit_dataset(
     registry = ledger.registry
     for i, m in enumerate(parsed):
         _check(registry, i, m, _ANY_TIME)
+    data = None if inputs is None else ledger.put_artifact(encode_inputs(inputs, parsed))
     artifact = ledger.put_artifact(encode_manifests(parsed))
     root = dataset_root(parsed)
-    sealed = ledger.append(
-        "DatasetCommitted",
-        {"name": name, "root": root, "count": len(parsed), "manifests": artifact},
-        key,
-        commit=True,
-    )
-    return CommittedDataset(name, root, parsed, artifact, sealed.seq)
+    body: dict[str, Any] = {"name": name, "root": root, "count": len(parsed), "manifests": artifact}
+    if data is not None:
+        body["data"] = data
+    sealed = ledger.append("DatasetCommitted", body, key, commit=True)
+    return CommittedDataset(name, root, parsed, artifact, sealed.seq, data)
+
+
+def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
+    """The stored inputs tensor of ``dataset``, each row checked against its manifest's example id."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load
+
+    if dataset.data is None:
+        raise DatasetError(f"dataset {dataset.name!r} was committed without its inputs")
+    raw = ledger.artifact(dataset.data)
+    if raw is None:
+        raise DatasetError(f"inputs artifact {dataset.data.hex()[:16]} is not stored in the ledger")
+    try:
+        tensors = load(raw)
+    except SafetensorsError as exc:
+        raise DatasetError(f"inputs artifact is not safetensors: {exc}") from None
+    x = tensors.get(DATA_TENSOR)
+    if set(tensors) != {DATA_TENSOR} or x is None or x.dim() < 1 or x.shape[0] != dataset.count:
+        raise DatasetError(f"inputs artifact of dataset {dataset.name!r} is not one tensor 'x' of {dataset.count} rows")
+    for i, m in enumerate(dataset.manifests):
+        if example_id(x[i]) != m.example:
+            raise DatasetError(f"stored input row {i} is not the example manifest {i} names")
+    return x
 
 
 def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedDataset:
@@ -222,4 +276,4 @@ def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedD
         registry = ledger.registry
         for i, m in enumerate(manifests):
             _check(registry, i, m, sealed.time)
-    return CommittedDataset(name, root, manifests, artifact, seq)
+    return CommittedDataset(name, root, manifests, artifact, seq, sealed.body.get("data"))

@@ -415,6 +415,7 @@ class Governance:
             "optimizer": describe_optimizer(optimizer),
             "bands": self.layout.to_obj(),
             "band_params": [list(ns) for ns in self._gated.bands.param_names],
+            "param_groups": self._group_names(optimizer),
             "policy": self.policy.digest,
             "policy_seq": self.policy_seq,
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
@@ -425,6 +426,12 @@ class Governance:
                 "x_shape": list(x.shape[1:]) if isinstance(x, Tensor) else None,
             },
         }
+
+    def _group_names(self, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+        # Optimizer state is numbered by position in param_groups; replay needs the names.
+        assert self._gated is not None
+        name_of = {id(p): n for n, p in self._gated.model.named_parameters()}
+        return [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
     _COMPARED = ("seed", "seed_rule", "order", "batch_size", "drop_last", "steps_per_epoch", "checkpoint_every",
                  "loss", "bands", "policy", "dataset")
