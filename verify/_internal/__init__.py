@@ -1,0 +1,1 @@
+"""The verifier's internals: each module checks one thing, from specs/ (never from training/)."""
