@@ -70,3 +70,7 @@ class CredentialError(VerificationError):
 
 class AuthorizationError(CredentialError):
     """A signer's role does not allow what it signed."""
+
+
+class BundleError(UnusableInput):
+    """A bundle file is missing, truncated, mis-framed or inconsistent with its header."""

@@ -164,12 +164,26 @@ class Ledger:
         working = self._working or self._state.copy()
         now = max(_time.time_ns() if time is None else time, working.last_time)
         sealed = envelope.seal(type_name, working.size, working.head, now, body, key)
-        admitted = working.admit(sealed, signed_by=key.public_key)
+        self._queue(working, working.admit(sealed, signed_by=key.public_key), commit)
+        return sealed
+
+    def append_record(self, record: bytes, *, commit: bool = False) -> Sealed:
+        """Admit and queue a record someone else signed (an import), exactly as ``append`` would.
+
+        Nothing is re-signed: the record's own signature is checked, with the
+        chain, schema, signer and credentials, and it is stored byte for byte.
+        """
+        self._require_writable()
+        working = self._working or self._state.copy()
+        admitted = working.admit_record(record)
+        self._queue(working, admitted, commit)
+        return admitted.sealed
+
+    def _queue(self, working: LedgerState, admitted: Admitted, commit: bool) -> None:
         self._working = working
         self._pending.append(admitted)
         if commit or len(self._pending) >= self.group:
             self.commit()
-        return sealed
 
     def _require_writable(self) -> None:
         if self._lock_fd is None:
@@ -297,6 +311,11 @@ class Ledger:
     def artifacts(self) -> Iterator[tuple[bytes, bytes]]:
         with self._store.read() as txn:
             yield from txn.cursor(db=self._store.dbs["artifacts"]).iternext()
+
+    def artifact_digests(self) -> list[bytes]:
+        """Every stored artifact's digest, ascending, without reading the artifacts."""
+        with self._store.read() as txn:
+            return list(txn.cursor(db=self._store.dbs["artifacts"]).iternext(keys=True, values=False))
 
     def cosignatures(self) -> Iterator[tuple[int, bytes, bytes]]:
         with self._store.read() as txn:
