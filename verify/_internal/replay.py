@@ -1,0 +1,358 @@
+"""Replay a governed run from its checkpoints, segment by segment (specs/replay.md).
+
+A *segment* runs from one Checkpoint of a run to the next: restore the first, replay every
+recorded step between them through the run's exported program, and compare each step's loss
+and band norms (the step's fingerprints) and finally the next checkpoint's digest. In exact
+mode every comparison is bit for bit; in tolerance mode within the declared relative bounds.
+The first difference names the step, the observation and what differed.
+
+This follows specs/training.md and specs/routing.md, not the trainer's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gradledger.ledger import encoding
+from gradledger.ledger.errors import VerificationError
+
+from .checkpoint import CheckpointError, digest_state, load_checkpoint
+from .program import load_program
+
+STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
+CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
+
+#: Tolerance mode: relative bound on each step's loss and band norms, and on every checkpoint
+#: tensor (absolute floor ATOL for values near zero). Declared in every tolerance report.
+RTOL = 1e-3
+ATOL = 1e-6
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": F.cross_entropy, "nll_loss": F.nll_loss}
+
+
+class ReplayError(VerificationError):
+    """A replayed step or checkpoint differs from the record."""
+
+    def __init__(self, message: str, *, seq: int | None = None, step: int | None = None) -> None:
+        super().__init__(message, seq=seq)
+        self.step = step
+
+
+def step_seed(seed: int, step: int) -> int:
+    digest = hashlib.sha256(encoding.encode([STEP_SEED_DOMAIN, seed, step])).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@dataclass
+class RunContext:
+    """What every segment of one run needs besides its own records."""
+
+    run_seq: int
+    program: bytes  # digest of the program artifact
+    inputs: bytes  # digest of the inputs artifact
+    settings: dict[str, Any]
+    labels: list[int]  # per dataset index
+    rule_profiles: dict[int, list[float]]  # rule index (-1 default) -> binary64 multipliers
+    environment: dict[str, Any]  # RunStarted.environment
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "run_seq": self.run_seq, "program": self.program, "inputs": self.inputs, "settings": self.settings,
+            "labels": self.labels, "rule_profiles": {str(k): v for k, v in self.rule_profiles.items()},
+            "environment": self.environment,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Mapping[str, Any]) -> "RunContext":
+        return cls(obj["run_seq"], obj["program"], obj["inputs"], obj["settings"], obj["labels"],
+                   {int(k): v for k, v in obj["rule_profiles"].items()}, obj["environment"])
+
+
+@dataclass
+class Segment:
+    index: int
+    start_seq: int
+    start: dict[str, Any]  # Checkpoint body
+    end_seq: int
+    end: dict[str, Any]
+    updates: list[tuple[int, dict[str, Any]]]  # (seq, GovernedUpdate body)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"index": self.index, "start_seq": self.start_seq, "start": self.start, "end_seq": self.end_seq,
+                "end": self.end, "updates": [[s, b] for s, b in self.updates]}
+
+    @classmethod
+    def from_obj(cls, obj: Mapping[str, Any]) -> "Segment":
+        return cls(obj["index"], obj["start_seq"], obj["start"], obj["end_seq"], obj["end"],
+                   [(s, b) for s, b in obj["updates"]])
+
+
+@dataclass
+class SegmentResult:
+    index: int
+    ok: bool
+    steps: int
+    seconds: float
+    reason: str = ""
+    seq: int | None = None
+    step: int | None = None
+    #: Largest relative deviation seen (tolerance mode; 0.0 when exact).
+    max_deviation: float = 0.0
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"index": self.index, "ok": self.ok, "steps": self.steps, "seconds": self.seconds, "reason": self.reason,
+                "seq": self.seq, "step": self.step, "max_deviation": self.max_deviation}
+
+    @classmethod
+    def from_obj(cls, obj: Mapping[str, Any]) -> "SegmentResult":
+        return cls(**obj)
+
+
+@dataclass
+class _Loaded:
+    """Per process: the program module and inputs of the run being replayed (loaded once)."""
+
+    key: tuple[bytes, bytes] = (b"", b"")
+    module: Any = None
+    inputs: Tensor | None = None
+    by_name: dict[str, Tensor] = field(default_factory=dict)
+
+
+_CACHE = _Loaded()
+
+
+def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None]) -> _Loaded:
+    from safetensors.torch import load
+
+    if _CACHE.key != (ctx.program, ctx.inputs):
+        raw = artifact(ctx.program)
+        if raw is None:
+            raise ReplayError("the model program artifact is not in the bundle", seq=ctx.run_seq)
+        module = load_program(raw)
+        data = artifact(ctx.inputs)
+        if data is None:
+            raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
+        inputs = load(data)["x"]
+        _CACHE.key, _CACHE.module, _CACHE.inputs = (ctx.program, ctx.inputs), module, inputs
+        _CACHE.by_name = dict(module.named_parameters())
+    return _CACHE
+
+
+def _band_norm(grads: Sequence[Tensor]) -> Tensor:
+    # specs/routing.md §5: per-parameter L2 in the gradient's dtype, then L2 of those in float64.
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm(list(grads), 2)
+    return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]), 2)
+
+
+def _close(a: float, b: float, exact: bool) -> tuple[bool, float]:
+    if exact:
+        return a == b or (math.isnan(a) and math.isnan(b)), 0.0
+    dev = abs(a - b) / max(abs(b), ATOL)
+    return abs(a - b) <= ATOL or dev <= RTOL, dev
+
+
+def _optimizer(ctx: RunContext, params: Mapping[str, Tensor], groups: Sequence[Mapping[str, Any]]) -> torch.optim.Optimizer:
+    settings = ctx.settings
+    name = settings["optimizer"]["name"]
+    cls = OPTIMIZERS.get(name)
+    if cls is None:
+        raise ReplayError(f"optimizer {name!r} is not one the spec defines", seq=ctx.run_seq)
+    names = settings["param_groups"]
+    if len(names) != len(groups):
+        raise ReplayError("the recorded optimizer groups do not match the recorded parameter groups", seq=ctx.run_seq)
+    built = []
+    for ns, g in zip(names, groups):
+        try:
+            ps = [params["model." + n] for n in ns]
+        except KeyError as exc:
+            raise ReplayError(f"parameter {exc.args[0]!r} is not in the model program", seq=ctx.run_seq) from None
+        built.append({"params": ps, **{k: tuple(v) if k == "betas" else v for k, v in g.items()}})
+    return cls(built)
+
+
+def _restore(module: Any, opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], scalars: Mapping[str, str]) -> None:
+    def value(name: str) -> Any:
+        kind = scalars.get(name)
+        return {"bool": bool, "int": int, "float": float}[kind](tensors[name].item()) if kind else tensors[name]
+
+    state = {n: value(n) for n in tensors if n.startswith("model.")}
+    module.load_state_dict(state, strict=True)
+    live = opt.state_dict()
+    groups = [dict(g) for g in live["param_groups"]]
+    opt_state: dict[int, dict[str, Any]] = {}
+    for name in tensors:
+        parts = name.split(".", 3)
+        if parts[0] != "optim":
+            continue
+        if parts[1] == "state":
+            opt_state.setdefault(int(parts[2]), {})[parts[3]] = value(name)
+        elif parts[1] == "group":
+            groups[int(parts[2])][parts[3]] = value(name)
+    opt.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+def _flatten(module: Any, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    # specs/training.md §4 names; the program's state_dict keys already carry the "model." prefix.
+    out: dict[str, Tensor] = {}
+
+    def put(name: str, v: Any) -> None:
+        if isinstance(v, Tensor):
+            out[name] = v.detach()
+        elif type(v) is bool:
+            out[name] = torch.tensor(v, dtype=torch.bool)
+        elif type(v) is int:
+            out[name] = torch.tensor(v, dtype=torch.int64)
+        elif type(v) is float:
+            out[name] = torch.tensor(v, dtype=torch.float64)
+
+    for k, v in module.state_dict().items():
+        put(k, v)
+    state = opt.state_dict()
+    for i, entries in state["state"].items():
+        for k, v in entries.items():
+            put(f"optim.state.{i}.{k}", v)
+    for g, group in enumerate(state["param_groups"]):
+        for k, v in group.items():
+            if k != "params":
+                put(f"optim.group.{g}.{k}", v)
+    return out
+
+
+def replay_segment(
+    ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], *, exact: bool
+) -> SegmentResult:
+    """Replay one segment; never raises for a mismatch, reports it."""
+    started = time.perf_counter()
+    try:
+        dev = _replay(ctx, seg, artifact, exact)
+    except (ReplayError, CheckpointError, VerificationError) as exc:
+        return SegmentResult(seg.index, False, len(seg.updates), time.perf_counter() - started,
+                             str(exc.args[0]), exc.seq, getattr(exc, "step", None))
+    return SegmentResult(seg.index, True, len(seg.updates), time.perf_counter() - started, max_deviation=dev)
+
+
+def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool) -> float:
+    settings = ctx.settings
+    loaded = _load(ctx, artifact)
+    module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
+    assert inputs is not None
+    tensors, scalars = load_checkpoint(artifact(seg.start["artifact"]), seg.start, seg.start_seq)
+    first_groups = seg.updates[0][1]["optimizer"]["groups"] if seg.updates else settings["optimizer"]["groups"]
+    opt = _optimizer(ctx, params, first_groups)
+    _restore(module, opt, tensors, scalars)
+    del tensors
+    bands = [[params["model." + n] for n in ns] for ns in settings["band_params"]]
+    flat = [p for ps in bands for p in ps]
+    sizes = [len(ps) for ps in bands]
+    loss_spec = settings["loss"]
+    loss_fn = LOSSES.get(loss_spec["name"])
+    if loss_fn is None:
+        raise ReplayError(f"loss {loss_spec['name']!r} is not one the spec defines", seq=ctx.run_seq)
+    loss_kw = dict(loss_spec["settings"])
+    labels_all = torch.tensor(ctx.labels, dtype=torch.int64)
+    run_seed = settings["seed"]
+    n_bands = len(bands)
+    worst = 0.0  # the program was exported in training mode (dropout active); it has no train()
+    for seq, u in seg.updates:
+        step = u["step"]
+
+        def fail(what: str) -> ReplayError:
+            return ReplayError(f"step {step}: {what}", seq=seq, step=step)
+
+        if u["seeds"]["step"] != step_seed(run_seed, step) or u["seeds"]["run"] != run_seed:
+            raise fail("the recorded seed does not follow the run's seed rule")
+        for group, recorded in zip(opt.param_groups, u["optimizer"]["groups"]):
+            for k, v in recorded.items():
+                group[k] = tuple(v) if k == "betas" else v
+        index = torch.tensor(u["batch"], dtype=torch.int64)
+        x = inputs[index]
+        labels = labels_all[index]
+        try:
+            profiles = torch.tensor([ctx.rule_profiles[r] for r in u["routing"]["rules"]], dtype=torch.float32)
+        except KeyError as exc:
+            raise fail(f"routing rule {exc.args[0]} is not in the policy") from None
+        if profiles.shape != (len(u["batch"]), n_bands):
+            raise fail("the recorded routing does not cover the batch")
+        opt.zero_grad(set_to_none=True)
+        torch.default_generator.manual_seed(u["seeds"]["step"])
+        out = module(x, profiles)
+        loss = loss_fn(out, labels, **loss_kw)
+        loss.backward()
+        loss_value = float(loss.detach())
+        ok, d = _close(loss_value, u["loss"], exact)
+        worst = max(worst, d)
+        if not ok:
+            raise fail(f"loss {loss_value!r} replayed, {u['loss']!r} recorded")
+        grads = [[p.grad.detach() for p in ps if p.grad is not None] for ps in bands]
+        norms = torch.stack([_band_norm(gs) for gs in grads]).tolist()
+        for k, (a, b) in enumerate(zip(norms, u["band_grad_norms"])):
+            ok, d = _close(a, b, exact)
+            worst = max(worst, d)
+            if not ok:
+                raise fail(f"band {k} gradient norm {a!r} replayed, {b!r} recorded")
+        for gs, norm, limit in zip(grads, norms, u["routing"]["limits"]):
+            if limit is not None and gs:
+                coef = float(limit) / (norm + CLIP_EPS)
+                if coef < 1.0:
+                    torch._foreach_mul_(gs, coef)
+        with torch.no_grad():
+            before = [p.detach().clone() for p in flat]
+            opt.step()
+            torch._foreach_sub_(before, flat)
+            per = torch._foreach_norm(before, 2) if before else []
+            updates, pos = [], 0
+            for size in sizes:
+                chunk = per[pos : pos + size]
+                updates.append(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in chunk]), 2)
+                               if size else torch.zeros((), dtype=torch.float64))
+                pos += size
+        for k, (a, b) in enumerate(zip(torch.stack(updates).tolist(), u["band_update_norms"])):
+            ok, d = _close(a, b, exact)
+            worst = max(worst, d)
+            if not ok:
+                raise fail(f"band {k} update norm {a!r} replayed, {b!r} recorded")
+    return max(worst, _compare_end(module, opt, seg, artifact, exact))
+
+
+def _compare_end(module: Any, opt: torch.optim.Optimizer, seg: Segment, artifact: Callable[[bytes], bytes | None],
+                 exact: bool) -> float:
+    state = _flatten(module, opt)
+    digests, digest = digest_state(state)
+    if digest == seg.end["digest"]:
+        return 0.0
+    expected = seg.end["tensors"]
+    differing = sorted(n for n in set(digests) | set(expected) if digests.get(n) != expected.get(n))
+    if exact:
+        raise ReplayError(
+            f"checkpoint for step {seg.end['step']} differs from the replayed state in {len(differing)} tensors "
+            f"(first: {differing[0]!r})",
+            seq=seg.end_seq, step=seg.end["step"],
+        )
+    recorded, _ = load_checkpoint(artifact(seg.end["artifact"]), seg.end, seg.end_seq)
+    worst = 0.0
+    for name in differing:
+        a, b = state.get(name), recorded.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            raise ReplayError(f"checkpoint tensor {name!r} is missing or has another shape", seq=seg.end_seq,
+                              step=seg.end["step"])
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        if not torch.allclose(a64, b64, rtol=RTOL, atol=ATOL):
+            raise ReplayError(f"checkpoint tensor {name!r} is outside the declared tolerance", seq=seg.end_seq,
+                              step=seg.end["step"])
+        worst = max(worst, float(((a64 - b64).abs() / b64.abs().clamp_min(ATOL)).max()) if a.numel() else 0.0)
+    return worst
