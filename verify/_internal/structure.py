@@ -1,0 +1,465 @@
+"""The verifier's structural and policy checks (specs/verification.md, "Structural checks").
+
+Each check appends one named ``Check`` to the report and stops at its own first failure:
+
+- ``records``: every record re-admitted from the trusted roots (``check_records``);
+- ``tree heads``: every TreeHead is the log's root at its size, and successive heads are
+  consistent by an RFC 9162 consistency proof;
+- ``dataset``: every DatasetCommitted's manifests artifact, count, root and manifests, and its
+  inputs when the bundle carries them;
+- ``policy``: every adopted policy is root-signed, and each run names the one in force;
+- ``runs``: each run names a preceding dataset and policy, and numbers its steps 0, 1, 2, ...;
+- ``routing``: every GovernedUpdate's routing recomputed from manifests and policy.
+
+Nothing here imports the training package: the rules come from specs/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from gradledger.ledger import credentials, encoding, envelope, merkle
+from gradledger.ledger.checker import check_records
+from gradledger.ledger.credentials import CredentialRegistry
+from gradledger.ledger.envelope import Sealed
+from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, VerificationError
+
+from ..report import Report
+from .manifests import Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, revoked_by, split_dataset, verify_manifest
+from .routing import ExampleRouting, Policy, PolicyInvalid, Unroutable, authority_writes, batch_limits, parse_policy, route_examples, verify_policy
+
+
+class Source(Protocol):
+    def records(self) -> Iterator[tuple[int, bytes]]: ...
+    def artifact(self, digest: bytes) -> bytes | None: ...
+
+
+@dataclass
+class Dataset:
+    seq: int
+    name: str
+    root: bytes
+    manifests: list[Manifest]
+    #: SHA-256 of the inputs artifact when the commitment names one.
+    data: bytes | None
+    #: Whether the bundle carried the inputs and every row was checked.
+    inputs_checked: bool
+
+    @property
+    def count(self) -> int:
+        return len(self.manifests)
+
+
+@dataclass
+class Run:
+    seq: int
+    run_id: str
+    settings: Any
+    dataset_seq: int | None = None
+    policy_seq: int | None = None
+    updates: list[int] = field(default_factory=list)  # GovernedUpdate seqs, step order
+    checkpoints: list[int] = field(default_factory=list)
+
+    @property
+    def governed(self) -> bool:
+        return self.dataset_seq is not None
+
+
+@dataclass
+class Structure:
+    """What replay and certificate checks need from a structurally valid bundle."""
+
+    observations: list[Sealed]  # every admitted observation, in order
+    registry: CredentialRegistry  # after the last record
+    #: Per governed run (RunStarted seq): the routing of every example of its dataset under its policy.
+    routing: dict[int, list[ExampleRouting]]
+    datasets: dict[int, Dataset]  # by DatasetCommitted seq
+    policies: dict[int, Policy]  # by PolicyAdopted seq
+    runs: dict[int, Run]  # by RunStarted seq
+    tree_heads: list[int]
+    root: bytes
+
+    def registry_at(self, seq: int) -> CredentialRegistry:
+        """The registry as it stood before observation ``seq`` was admitted."""
+        return _registry_at(self.observations, self.registry, seq)
+
+
+def _registry_at(observations: Sequence[Sealed], final: CredentialRegistry, seq: int) -> CredentialRegistry:
+    issued: set[bytes] = set()
+    revoked: set[bytes] = set()
+    for sealed in observations[:seq]:
+        if sealed.type == "CredentialIssued":
+            issued.add(credentials.parse(sealed.body["credential"]).key_id)
+        elif sealed.type == "CredentialRevoked":
+            revoked.add(sealed.body["key_id"])
+    return CredentialRegistry(
+        final.trusted_roots,
+        {k: c for k, c in final.by_key_id.items() if k in issued},
+        {k: t for k, t in final.revoked_at.items() if k in revoked},
+    )
+
+
+def _short(digest: bytes) -> str:
+    return digest.hex()[:16]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as canonical CBOR: exact float bits, and 0 is not 0.0."""
+    try:
+        return encoding.encode(a) == encoding.encode(b)
+    except EncodingError:
+        return False
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str, seq: int | None = None, step: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.seq, self.step = detail, seq, step
+
+
+def check_structure(
+    source: Source,
+    trusted_roots: Sequence[bytes],
+    report: Report,
+    progress: Callable[[int], None] | None = None,
+) -> Structure | None:
+    """Run the structural checks into ``report``; the structure, or None if any check failed."""
+    admitted = _check_records(source, trusted_roots, report, progress)
+    if admitted is None:
+        return None
+    observations, registry, nodes, root = admitted
+    tree_heads = [o.seq for o in observations if o.type == "TreeHead"]
+    if not _run(report, "tree heads", lambda: _check_tree_heads(observations, nodes)):
+        return None
+    del nodes
+    datasets: dict[int, Dataset] = {}
+    policies: dict[int, Policy] = {}
+    runs: dict[int, Run] = {}
+    routing: dict[int, list[ExampleRouting]] = {}
+    ok = _run(report, "dataset", lambda: _check_datasets(source, observations, registry, datasets))
+    ok &= _run(report, "policy", lambda: _check_policies(observations, registry, policies))
+    ok &= _run(report, "runs", lambda: _check_runs(observations, runs))
+    ok &= _run(report, "routing", lambda: _check_routing(observations, registry, datasets, policies, runs, routing))
+    if not ok:
+        return None
+    return Structure(observations, registry, routing, datasets, policies, runs, tree_heads, root)
+
+
+def _run(report: Report, name: str, check: Callable[[], tuple[str, str]]) -> bool:
+    """Run one check; ``check`` returns (status, detail) or raises ``_Failed``."""
+    try:
+        status, detail = check()
+    except _Failed as failed:
+        report.add(name, "fail", failed.detail, seq=failed.seq, step=failed.step)
+        return False
+    report.add(name, status, detail)  # type: ignore[arg-type]
+    return True
+
+
+# -- records -----------------------------------------------------------------------------
+
+
+def _check_records(
+    source: Source, trusted_roots: Sequence[bytes], report: Report, progress: Callable[[int], None] | None
+) -> tuple[list[Sealed], CredentialRegistry, dict[tuple[int, int], bytes], bytes] | None:
+    observations: list[Sealed] = []
+    nodes: dict[tuple[int, int], bytes] = {}
+    last: list[bytes] = []
+
+    def tapped() -> Iterator[tuple[int, bytes]]:
+        for seq, record in source.records():
+            last[:] = [record]
+            yield seq, record
+
+    def on_admit(a: Any) -> None:
+        observations.append(a.sealed)
+        for level, index, h in a.nodes:
+            nodes[(level, index)] = h
+
+    try:
+        state, summary = check_records(tapped(), list(trusted_roots), progress, on_admit)
+    except VerificationError as exc:
+        seq = exc.seq if exc.seq is not None else len(observations)
+        if isinstance(exc, ProofError) and seq == len(observations) and _is_tree_head(last):
+            # Admission got through signature and credentials; only the head's root, size
+            # or origin is wrong, which is the tree-head check's finding.
+            report.add("records", "skip", f"admitted observations 0..{seq - 1}; stopped at the tree head {seq}")
+            report.add("tree heads", "fail", f"TreeHead {seq} is not this log at its size "
+                       f"(a tree head from a different history): {_bare(exc)}", seq=seq)
+        else:
+            report.add("records", "fail", f"observation {seq}: {_bare(exc)}", seq=seq)
+        return None
+    if summary.size == 0:
+        report.add("records", "fail", "the bundle holds no observations")
+        return None
+    report.add("records", "pass", f"{summary.size} observations admitted from the trusted roots (signatures, hash "
+               f"chain, credentials, validity windows, revocations, signer roles); root {_short(summary.root)}")
+    return observations, state.registry, nodes, summary.root
+
+
+def _is_tree_head(last: list[bytes]) -> bool:
+    try:
+        return bool(last) and envelope.unseal(last[0]).type == "TreeHead"
+    except (EncodingError, SchemaError):
+        return False
+
+
+def _bare(exc: VerificationError) -> str:
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+# -- tree heads ----------------------------------------------------------------------------
+
+
+def _check_tree_heads(observations: list[Sealed], nodes: dict[tuple[int, int], bytes]) -> tuple[str, str]:
+    def get(level: int, index: int) -> bytes:
+        return nodes[(level, index)]
+
+    previous: tuple[int, bytes] | None = None
+    heads = 0
+    for sealed in observations:
+        if sealed.type != "TreeHead":
+            continue
+        size, root = sealed.body["size"], sealed.body["root"]
+        if size != sealed.seq or merkle.root_from_store(size, get) != root:
+            raise _Failed(f"TreeHead {sealed.seq} (size {size}) is not the Merkle root of observations "
+                          f"0..{sealed.seq - 1}", seq=sealed.seq)
+        if previous is not None:
+            try:
+                proof = merkle.consistency_proof(previous[0], size, get)
+                merkle.verify_consistency(previous[0], size, proof, previous[1], root)
+            except ProofError as exc:
+                raise _Failed(f"TreeHead {sealed.seq} is not consistent with the tree head at size "
+                              f"{previous[0]}: {exc}", seq=sealed.seq) from None
+        previous, heads = (size, root), heads + 1
+    if not heads:
+        return "pass", "no TreeHead recorded"
+    return "pass", f"{heads} tree heads, each the log's root at its size; {heads - 1} consistency proofs verify"
+
+
+# -- datasets ------------------------------------------------------------------------------
+
+
+def _check_datasets(
+    source: Source, observations: list[Sealed], registry: CredentialRegistry, out: dict[int, Dataset]
+) -> tuple[str, str]:
+    notes = []
+    for sealed in observations:
+        if sealed.type != "DatasetCommitted":
+            continue
+        ds = _check_dataset(source, observations, registry, sealed)
+        out[sealed.seq] = ds
+        inputs = ("inputs checked row by row" if ds.inputs_checked else
+                  "inputs not in the bundle" if ds.data is not None else "committed without inputs")
+        notes.append(f"{ds.name!r} at {sealed.seq}: {ds.count} manifests, {inputs}")
+    if not notes:
+        return "pass", "no DatasetCommitted recorded"
+    return "pass", "; ".join(notes)
+
+
+def _artifact(source: Source, digest: bytes) -> bytes | None:
+    data = source.artifact(digest)
+    if data is not None and hashlib.sha256(data).digest() != digest:
+        raise ManifestInvalid(f"artifact {_short(digest)} in the bundle does not hash to its name")
+    return data
+
+
+def _check_dataset(source: Source, observations: list[Sealed], registry: CredentialRegistry, sealed: Sealed) -> Dataset:
+    body, seq = sealed.body, sealed.seq
+    where = f"DatasetCommitted {seq} ({body['name']!r})"
+    try:
+        raw = _artifact(source, body["manifests"])
+        if raw is None:
+            raise ManifestInvalid(f"manifests artifact {_short(body['manifests'])} is not in the bundle")
+        items = split_dataset(raw)
+        if len(items) != body["count"] or not items:
+            raise ManifestInvalid(f"artifact holds {len(items)} manifests, the commitment says {body['count']}")
+        if dataset_root(items) != body["root"]:
+            raise ManifestInvalid("the artifact's manifests do not give the committed dataset root")
+    except ManifestInvalid as exc:
+        raise _Failed(f"{where}: {_bare(exc)}", seq=seq) from None
+    # Credentials as they stood at the commit: a manifest may not lean on one recorded later.
+    at_commit = _registry_at(observations, registry, seq)
+    manifests = []
+    for i, item in enumerate(items):
+        try:
+            m = parse_manifest(item)
+            verify_manifest(m, at_commit)
+            keys = [("signer", m.fields["signer"])] + [(f"source {e['source']!r}", e["key_id"]) for e in m.sources]
+            for what, kid in keys:
+                # A manifest's time is its signer's claim; the commit's time is the ledger's.
+                link = revoked_by(registry, kid, sealed.time)
+                if link is not None:
+                    raise ManifestInvalid(f"{what} is under credential {link.subject!r}, revoked at time "
+                                          f"{registry.revoked_at[link.key_id]}, not after the commit")
+        except ManifestInvalid as exc:
+            raise _Failed(f"{where}: manifest {i}: {_bare(exc)}", seq=seq) from None
+        manifests.append(m)
+    checked = False
+    if "data" in body:
+        try:
+            data = _artifact(source, body["data"])
+            if data is not None:
+                check_inputs(data, [m.example for m in manifests])
+                checked = True
+        except ManifestInvalid as exc:
+            raise _Failed(f"{where}: {_bare(exc)}", seq=seq) from None
+    return Dataset(seq, body["name"], body["root"], manifests, body.get("data"), checked)
+
+
+# -- policies -------------------------------------------------------------------------------
+
+
+def _check_policies(observations: list[Sealed], registry: CredentialRegistry, out: dict[int, Policy]) -> tuple[str, str]:
+    for sealed in observations:
+        if sealed.type != "PolicyAdopted":
+            continue
+        try:
+            policy = parse_policy(sealed.body["policy"])
+            if policy.digest != sealed.body["digest"]:
+                raise PolicyInvalid("the policy does not hash to the adopted digest")
+            verify_policy(policy, _registry_at(observations, registry, sealed.seq))
+        except PolicyInvalid as exc:
+            raise _Failed(f"PolicyAdopted {sealed.seq}: {_bare(exc)}", seq=sealed.seq) from None
+        out[sealed.seq] = policy
+    latest: int | None = None
+    named = 0
+    for sealed in observations:
+        if sealed.type == "PolicyAdopted":
+            latest = sealed.seq
+        elif sealed.type == "RunStarted" and isinstance(sealed.body["settings"], dict) and (
+            "policy" in sealed.body["settings"] or "policy_seq" in sealed.body["settings"]
+        ):
+            settings, seq = sealed.body["settings"], sealed.seq
+            if settings.get("policy_seq") != latest or latest is None:
+                raise _Failed(f"RunStarted {seq}: its policy_seq {settings.get('policy_seq')!r} is not the latest "
+                              f"PolicyAdopted before it ({latest})", seq=seq)
+            if settings.get("policy") != out[latest].digest:
+                raise _Failed(f"RunStarted {seq}: its policy digest is not the one adopted at {latest}", seq=seq)
+            named += 1
+    return "pass", f"{len(out)} adopted policies signed by a trusted root; {named} runs name the policy in force"
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+def _check_runs(observations: list[Sealed], out: dict[int, Run]) -> tuple[str, str]:
+    run: Run | None = None
+    for sealed in observations:
+        seq, body = sealed.seq, sealed.body
+        if sealed.type == "RunStarted":
+            run = out[seq] = Run(seq, body["run_id"], body["settings"])
+            _bind_run(sealed, run, observations)
+        elif sealed.type == "GovernedUpdate":
+            if run is None:
+                raise _Failed(f"GovernedUpdate {seq} precedes every RunStarted", seq=seq, step=body["step"])
+            if not run.governed:
+                raise _Failed(f"GovernedUpdate {seq} belongs to run {run.run_id!r} (RunStarted {run.seq}), whose "
+                              "settings name no committed dataset and adopted policy", seq=seq, step=body["step"])
+            if body["step"] != len(run.updates):
+                raise _Failed(f"GovernedUpdate {seq} has step {body['step']}, but it is update {len(run.updates)} "
+                              f"of run {run.run_id!r} (RunStarted {run.seq})", seq=seq, step=body["step"])
+            run.updates.append(seq)
+        elif sealed.type == "Checkpoint" and run is not None:
+            run.checkpoints.append(seq)
+    governed = [r for r in out.values() if r.governed]
+    steps = sum(len(r.updates) for r in governed)
+    return "pass", (f"{len(out)} runs ({len(governed)} governed); {steps} steps numbered from 0 in each run; "
+                    "every governed run names a DatasetCommitted and a PolicyAdopted before it")
+
+
+def _bind_run(sealed: Sealed, run: Run, observations: list[Sealed]) -> None:
+    settings, seq = sealed.body["settings"], sealed.seq
+    if not isinstance(settings, dict) or not ({"dataset", "policy", "policy_seq"} & settings.keys()):
+        return  # an ungoverned run; any GovernedUpdate in it fails above
+    ds, pseq = settings.get("dataset"), settings.get("policy_seq")
+    if not isinstance(ds, dict) or type(ds.get("seq")) is not int or not 0 <= ds["seq"] < seq:
+        raise _Failed(f"RunStarted {seq}: settings.dataset does not name an earlier observation", seq=seq)
+    target = observations[ds["seq"]]
+    if target.type != "DatasetCommitted":
+        raise _Failed(f"RunStarted {seq}: settings.dataset.seq {ds['seq']} is a {target.type}, not a "
+                      "DatasetCommitted", seq=seq)
+    for key in ("name", "root", "count"):
+        if not _same(ds.get(key), target.body[key]):
+            raise _Failed(f"RunStarted {seq}: settings.dataset.{key} differs from DatasetCommitted {ds['seq']}", seq=seq)
+    if type(pseq) is not int or not 0 <= pseq < seq or observations[pseq].type != "PolicyAdopted":
+        raise _Failed(f"RunStarted {seq}: settings.policy_seq {pseq!r} is not an earlier PolicyAdopted", seq=seq)
+    run.dataset_seq, run.policy_seq = ds["seq"], pseq
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def _check_routing(
+    observations: list[Sealed], registry: CredentialRegistry, datasets: dict[int, Dataset],
+    policies: dict[int, Policy], runs: dict[int, Run], out: dict[int, list[ExampleRouting]],
+) -> tuple[str, str]:
+    def path_of(kid: bytes) -> str:
+        return registry.get(kid).path
+
+    checked = skipped = examples = 0
+    for run in runs.values():
+        if not run.governed:
+            continue
+        ds, policy = datasets.get(run.dataset_seq or -1), policies.get(run.policy_seq or -1)
+        if ds is None or policy is None:
+            skipped += 1  # its dataset or policy failed its own check
+            continue
+        try:
+            table = route_examples(policy, ds.manifests, path_of)
+        except Unroutable as exc:
+            raise _Failed(f"run {run.run_id!r} (RunStarted {run.seq}): a manifest of dataset {ds.name!r} cannot be "
+                          f"routed: {_bare(exc)}", seq=run.seq) from None
+        out[run.seq] = table
+        for seq in run.updates:
+            examples += _check_update(observations[seq], policy, ds, table)
+        checked += 1
+    if skipped and not checked:
+        return "skip", f"{skipped} runs not routed: their dataset or policy failed its check"
+    tail = f"; {skipped} runs not routed (their dataset or policy failed)" if skipped else ""
+    return "pass", (f"{checked} runs: {examples} batch examples routed from manifest and policy; rules, limits, "
+                    f"authority_writes and sources match every GovernedUpdate{tail}")
+
+
+def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[ExampleRouting]) -> int:
+    body, seq, step = sealed.body, sealed.seq, sealed.body["step"]
+    where = f"GovernedUpdate {seq} (step {step})"
+
+    def fail(detail: str) -> _Failed:
+        return _Failed(f"{where}: {detail}", seq=seq, step=step)
+
+    if body["policy"] != policy.digest:
+        raise fail(f"names policy {_short(body['policy'])}, but the run uses {_short(policy.digest)}")
+    batch = body["batch"]
+    for j, i in enumerate(batch):
+        if not 0 <= i < ds.count:
+            raise fail(f"batch position {j}: index {i} is outside dataset {ds.name!r} of {ds.count} examples")
+    recorded = body.get("routing")
+    if not isinstance(recorded, dict) or set(recorded) != {"rules", "limits"} or not all(
+        isinstance(recorded[k], list) for k in ("rules", "limits")
+    ):
+        raise fail("has no routing {rules, limits} to check")
+    routings = [table[i] for i in batch]
+    rules = [r.rule for r in routings]
+    if len(recorded["rules"]) != len(rules):
+        raise fail(f"records {len(recorded['rules'])} routing rules for a batch of {len(rules)}")
+    for j, (i, want, got) in enumerate(zip(batch, rules, recorded["rules"])):
+        if not _same(got, want):
+            name = "default" if want == -1 else policy.rules[want].name
+            raise fail(f"example at batch position {j} (dataset index {i}): recorded rule {got!r}, but its manifest "
+                       f"under policy {policy.name!r} routes by rule {want} ({name}), profile {list(table[i].profile)}")
+    limits = list(batch_limits(policy, rules))
+    if not _same(recorded["limits"], limits):
+        raise fail(f"recorded band limits {recorded['limits']}, but the batch's routings give {limits}")
+    writes = authority_writes(routings, len(policy.bands))
+    got_writes = body["authority_writes"]
+    for path in sorted(set(writes) | set(got_writes)):
+        if not _same(got_writes.get(path), writes.get(path)):
+            raise fail(f"authority_writes[{path!r}] is {got_writes.get(path)}, but the batch's routings give "
+                       f"{writes.get(path)}")
+    sources = sorted({name for r in routings for name in r.sources})
+    if not _same(body.get("sources"), sources):
+        raise fail(f"sources {body.get('sources')} are not the batch's listed sources {sources}")
+    return len(batch)
