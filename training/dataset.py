@@ -237,7 +237,7 @@ def commit_dataset(
 
 def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
     """The stored inputs tensor of ``dataset``, each row checked against its manifest's example id."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     if dataset.data is None:
@@ -247,7 +247,7 @@ def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
         raise DatasetError(f"inputs artifact {dataset.data.hex()[:16]} is not stored in the ledger")
     try:
         tensors = load(raw)
-    except SafetensorsError as exc:
+    except SafetensorError as exc:
         raise DatasetError(f"inputs artifact is not safetensors: {exc}") from None
     x = tensors.get(DATA_TENSOR)
     if set(tensors) != {DATA_TENSOR} or x is None or x.dim() < 1 or x.shape[0] != dataset.count:

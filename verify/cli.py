@@ -1,14 +1,78 @@
-"""`gradledger-verify`: the standalone verifier's command line (issue: verifier + export)."""
+"""`gradledger-verify BUNDLE --trust ROOTS`: the standalone verifier's command line.
+
+Exit codes: 0 verified, 1 verification failed (the report names the first failing observation
+or step and why), 2 unusable input (one line, no traceback).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from typing import Sequence
 
+from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError
+from gradledger.ledger.keys import read_public_keys
+
+from .verifier import VerificationPolicy, Verifier
+
+EXIT_VERIFIED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradledger-verify",
+        description="Verify a gradledger bundle against trusted root keys: signatures, chain, Merkle tree heads, "
+        "credentials, dataset commitment, policy compliance, unlearning certificates, and replay.",
+    )
+    parser.add_argument("bundle", help="bundle file (.glb) or a ledger directory")
+    parser.add_argument("--trust", required=True, help="file of trusted root public keys (lines 'ed25519:<hex>')")
+    parser.add_argument("--replay", choices=("full", "sample", "none"), default="full",
+                        help="replay every segment, a challenge-derived sample, or none (default: full)")
+    parser.add_argument("--workers", type=int, default=1, help="replay segments in N worker processes")
+    parser.add_argument("--sample-fraction", type=float, default=0.25, help="fraction of segments sampled (default 0.25)")
+    parser.add_argument("--nonce", default="", help="hex nonce mixed into the sample challenge")
+    parser.add_argument("--json", action="store_true", help="machine-readable report")
+    return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print("gradledger-verify: bundle verification is not implemented yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        if args.workers < 1:
+            raise UnusableInput("--workers must be at least 1")
+        if not 0 < args.sample_fraction <= 1:
+            raise UnusableInput("--sample-fraction must be in (0, 1]")
+        try:
+            nonce = bytes.fromhex(args.nonce)
+        except ValueError:
+            raise UnusableInput("--nonce must be hex") from None
+        roots = read_public_keys(args.trust)
+        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce)
+        report = Verifier(roots, policy).verify(args.bundle, progress=not args.json)
+    except VerificationError as exc:  # raised before a report exists: still a failed verification
+        if args.json:
+            print(json.dumps({"verified": False, "checks": [], "first_failure": {"name": "input", "detail": str(exc)}}))
+        else:
+            print(f"gradledger-verify: verification failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except GradledgerError as exc:
+        print(f"gradledger-verify: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except OSError as exc:
+        print(f"gradledger-verify: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("gradledger-verify: interrupted", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except Exception as exc:  # hostile input must never end in a traceback; this is a bug to report
+        print(f"gradledger-verify: unusable input (internal error {type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_UNUSABLE
+    if args.json:
+        print(json.dumps(report.to_json(), sort_keys=True))
+    else:
+        print(report.render())
+    return EXIT_VERIFIED if report.verified else EXIT_FAILED
 
 
 if __name__ == "__main__":

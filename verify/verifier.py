@@ -1,0 +1,191 @@
+"""The verifier: structural checks, certificate checks, then replay (specs/verification.md).
+
+    report = Verifier(trusted_roots, VerificationPolicy(replay="sample")).verify("run.glb")
+
+It trusts nothing but ``trusted_roots``. Unusable input raises ``UnusableInput`` (exit 2);
+everything that reads but does not check out is a failed ``Check`` in the report (exit 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+from gradledger.ledger import encoding
+from gradledger.ledger.envelope import Sealed
+from gradledger.ledger.errors import EncodingError, VerificationError
+
+from ._internal import challenge, environment
+from ._internal.manifests import parse_manifest, split_dataset
+from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
+from ._internal.routing import parse_policy
+from ._internal.segments import iter_jobs, plan_segments, run_jobs
+from ._internal.sources import Source, open_source
+from ._internal.structure import check_structure
+from .report import Report
+
+ReplayMode = Literal["full", "sample", "none"]
+
+
+@dataclass(frozen=True)
+class VerificationPolicy:
+    replay: ReplayMode = "full"
+    workers: int = 1
+    #: Sample mode: the fraction of segments the challenge picks (at least one).
+    sample_fraction: float = 0.25
+    #: Mixed into the challenge by a verifier that wants its own draw.
+    nonce: bytes = b""
+
+
+class Verifier:
+    def __init__(self, trusted_roots: Sequence[bytes], policy: VerificationPolicy | None = None) -> None:
+        self.trusted_roots = list(trusted_roots)
+        self.policy = policy or VerificationPolicy()
+
+    def verify(self, path: str | os.PathLike[str], *, progress: bool = False) -> Report:
+        source = open_source(path)
+        try:
+            return self._verify(source, os.fspath(path), progress)
+        finally:
+            source.close()
+
+    def _verify(self, source: Source, path: str, progress: bool) -> Report:
+        from tqdm import tqdm
+
+        report = Report()
+        started = time.perf_counter()
+        with tqdm(desc="structure", unit="obs", disable=None if progress else True, file=sys.stderr) as bar:
+            structure = check_structure(source, self.trusted_roots, report, progress=lambda _: bar.update(1))
+        report.figures["structural_seconds"] = round(time.perf_counter() - started, 3)
+        if structure is None or report.first_failure is not None:
+            return report
+        observations: list[Sealed] = structure.observations
+        report.figures["observations"] = len(observations)
+        try:
+            from ._internal.certificates import check_certificates
+        except ImportError:  # lands with the unlearning work
+            check_certificates = None
+        if check_certificates is not None:
+            check_certificates(source, structure, report)
+            if report.first_failure is not None:
+                return report
+        self._replay(source, path, observations, report, progress)
+        return report
+
+    # -- replay ------------------------------------------------------------------------
+
+    def _replay(self, source: Source, path: str, observations: list[Sealed], report: Report, progress: bool) -> None:
+        mode = self.policy.replay
+        if mode == "none":
+            report.add("replay", "skip", "not requested (--replay none): weights are not checked against the updates")
+            return
+        try:
+            runs = plan_segments(observations)
+        except ReplayError as exc:
+            report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
+            return
+        contexts, missing = {}, []
+        for obs in observations:
+            if obs.type == "RunStarted" and obs.seq in runs and runs[obs.seq]:
+                try:
+                    ctx = _context(source, observations, obs)
+                except VerificationError as exc:
+                    report.add("replay", "fail", str(exc.args[0]), seq=exc.seq or obs.seq)
+                    return
+                if ctx is None:
+                    missing.append(obs.body["run_id"])
+                else:
+                    contexts[obs.seq] = ctx
+        if not contexts:
+            why = f"runs {missing} carry no dataset inputs (export --with-data)" if missing else "no run has checkpoints"
+            report.add("replay", "skip", why)
+            return
+        jobs = iter_jobs(contexts, runs)
+        total = len(jobs)
+        if mode == "sample":
+            heads = [o for o in observations if o.type == "TreeHead"]
+            root = heads[-1].body["root"] if heads else b""
+            count = challenge.sample_size(total, self.policy.sample_fraction)
+            chosen = set(challenge.choose(root, total, count, self.policy.nonce))
+            jobs = [job for i, job in enumerate(jobs) if i in chosen]
+            report.figures["sample_segments"] = f"{len(jobs)} of {total}"
+            report.figures["sample_detect_prob"] = round(challenge.detection_probability(total, len(jobs)), 4)
+        recorded_envs = {ctx.run_seq: ctx.environment for ctx in contexts.values()}
+        diffs = {seq: _env_differences(env) for seq, env in recorded_envs.items()}
+        exact = not any(diffs.values())
+        report.replay_mode = "exact" if exact else "tolerance"
+        if not exact:
+            first = next(d for d in diffs.values() if d)
+            report.add("environment", "pass", f"differs from the recorded one ({'; '.join(first[:3])}): replay in "
+                       f"tolerance mode, rtol {RTOL:g}, atol {ATOL:g} on every loss, band norm and checkpoint tensor")
+        else:
+            report.add("environment", "pass", "matches the recorded one: replay must be bit for bit")
+        steps = sum(len(seg.updates) for _, seg in jobs)
+        started = time.perf_counter()
+        saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        from tqdm import tqdm
+
+        try:
+            with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,
+                      file=sys.stderr) as bar:
+                results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers,
+                                   progress=lambda r: bar.update(r.steps))
+        except ReplayError as exc:
+            report.add("replay", "fail", str(exc.args[0]))
+            return
+        finally:
+            torch.set_num_threads(saved[0])
+            torch.use_deterministic_algorithms(saved[1])
+        seconds = time.perf_counter() - started
+        report.figures["replay_seconds"] = round(seconds, 3)
+        report.figures["replayed_steps"] = steps
+        failed = _first_failed(results)
+        label = f"{len(jobs)} segment(s), {steps} step(s), {'bit for bit' if exact else 'within tolerance'}"
+        if failed is not None:
+            report.add("replay", "fail", f"segment {failed.index}: {failed.reason}", seq=failed.seq, step=failed.step)
+        else:
+            worst = max((r.max_deviation for r in results), default=0.0)
+            extra = "" if exact else f"; largest relative deviation {worst:.3g}"
+            report.add("replay", "pass", label + extra)
+
+
+def _env_differences(env: dict[str, Any]) -> list[str]:
+    environment.prepare(env)
+    return environment.differences(env)
+
+
+def _first_failed(results: list[SegmentResult]) -> SegmentResult | None:
+    bad = [r for r in results if not r.ok]
+    return min(bad, key=lambda r: (r.seq if r.seq is not None else math.inf)) if bad else None
+
+
+def _context(source: Source, observations: list[Sealed], run: Sealed) -> RunContext | None:
+    """Labels per dataset index and the policy's profiles, for replaying ``run`` (None: no inputs)."""
+    settings = run.body["settings"]
+    ds_seq = settings["dataset"]["seq"]
+    dataset = observations[ds_seq].body
+    if "data" not in dataset or source.artifact(dataset["data"]) is None:
+        return None
+    manifests = [parse_manifest(item) for item in split_dataset(source.artifact(dataset["manifests"]) or b"")]
+    labels = [m.label for m in manifests]
+    branch = settings.get("branch")
+    if branch is not None:
+        raw = source.artifact(branch["relabeled"])
+        if raw is None:
+            raise ReplayError("the branch's relabeled-examples artifact is not in the bundle", seq=run.seq)
+        try:
+            relabeled = encoding.decode(raw)
+        except EncodingError as exc:
+            raise ReplayError(f"the relabeled-examples artifact is not canonical CBOR: {exc}", seq=run.seq) from None
+        for index, label in relabeled.items():
+            labels[index] = label[0] if isinstance(label, list) else label
+    policy = parse_policy(observations[settings["policy_seq"]].body["policy"])
+    profiles = {r: list(policy.outcome(r).profile) for r in range(-1, len(policy.rules))}
+    return RunContext(run.seq, run.body["artifacts"]["program"], dataset["data"], settings, labels, profiles,
+                      dict(run.body["environment"]))
