@@ -19,7 +19,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -348,19 +348,8 @@ class Governance:
     def _route_all(self) -> None:
         # Routing is a pure function of manifest and policy: once per index, at setup, so an
         # unroutable example stops the run before its first step.
-        registry = self.ledger.registry
-        compiled = self.policy.compiled
-        rules, profiles, paths, names = [], [], [], []
-        for i, m in enumerate(self.dataset.manifests):
-            try:
-                src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m.manifest["sources"]}
-            except CredentialError as exc:
-                raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
-            r = route(compiled, m.manifest, src_paths)
-            rules.append(r.rule)
-            profiles.append(r.profile)
-            paths.append(tuple(sorted(set(src_paths.values()))))
-            names.append(tuple(src_paths))
+        routed = route_examples([m.manifest for m in self.dataset.manifests], self.ledger.registry, self.policy.compiled)
+        rules, profiles, paths, names = routed.rules, routed.profiles, routed.paths, routed.names
         self._rules, self._profiles, self._paths, self._names = rules, profiles, paths, names
         n = len(self.layout)
         self._profile_table = profiles_tensor(profiles, n)
@@ -545,15 +534,11 @@ class Governance:
         grad_norms = clip_bands(gated, gated.bands, batch.limits)  # routed, pre-clip norms
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
             raise GovernanceError(f"step {self.step}: non-finite loss or band gradient norm; step refused")
-        with torch.no_grad():
-            params = self._flat_params
-            snapshot = self._snapshot
-            if snapshot is None:
-                # Reused step to step (no allocation, no page faults); dropped at checkpoints.
-                snapshot = self._snapshot = [torch.empty_like(p) for p in params]
-            torch._foreach_copy_(snapshot, params)
-            optimizer.step()
-            update_norms = _delta_norms(params, snapshot, self._band_sizes)
+        params = self._flat_params
+        if self._snapshot is None:
+            # Reused step to step (no allocation, no page faults); dropped at checkpoints.
+            self._snapshot = [torch.empty_like(p) for p in params]
+        update_norms = step_and_measure(optimizer, params, self._snapshot, self._band_sizes)
         if not all(math.isfinite(n) for n in update_norms):
             raise GovernanceError(f"step {self.step}: non-finite update; the run cannot continue")
         self.ledger.append("GovernedUpdate", self._record(batch, loss, grad_norms, update_norms, optimizer), self.key)
@@ -566,31 +551,12 @@ class Governance:
         self, batch: Batch, loss: float, grad_norms: list[float], update_norms: list[float],
         optimizer: torch.optim.Optimizer,
     ) -> dict[str, Any]:
-        writes: dict[str, list[float]] = {}
-        sources: set[str] = set()
-        zero = (0.0,) * len(self.layout)
-        writes_of, names = self._writes_of, self._names
-        for i in batch.indices:
-            # The policy's float64 multipliers (not the float32 gate copy), added in batch order.
-            paths, profile = writes_of[i]
-            for path in paths:
-                writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
-            sources.update(names[i])
-        described = describe_optimizer(optimizer)
-        return {
-            "step": batch.step,
-            "batch": batch.indices,
-            "policy": self.policy.digest,
-            "lr": float(described["groups"][0]["lr"]),
-            "loss": loss,
-            "band_grad_norms": grad_norms,
-            "band_update_norms": update_norms,
-            "authority_writes": writes,
-            "sources": sorted(sources),
-            "optimizer": described,
-            "seeds": {"run": self.seed, "step": self._step_seed},
-            "routing": {"rules": batch.rules, "limits": list(batch.limits)},
-        }
+        return update_body(
+            batch.step, batch.indices, batch.rules, batch.limits, policy=self.policy.digest, loss=loss,
+            grad_norms=grad_norms, update_norms=update_norms, optimizer=describe_optimizer(optimizer),
+            seeds={"run": self.seed, "step": self._step_seed}, writes_of=self._writes_of, names=self._names,
+            n_bands=len(self.layout),
+        )
 
     # -- checkpoints and close -----------------------------------------------------------
 
@@ -648,6 +614,87 @@ class Trainer:
         return losses
 
 
+# -- shared with unlearning: routing tables, the step's update, its record -------------------
+
+
+@dataclass(frozen=True)
+class RoutedExamples:
+    """Per dataset index: policy rule, binary64 profile, sorted distinct source paths, source names."""
+
+    rules: list[int]
+    profiles: list[tuple[float, ...]]
+    paths: list[tuple[str, ...]]
+    names: list[tuple[str, ...]]
+
+
+def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> RoutedExamples:
+    """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``."""
+    rules, profiles, paths, names = [], [], [], []
+    for i, m in enumerate(manifests):
+        try:
+            src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m["sources"]}
+        except CredentialError as exc:
+            raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
+        r = route(compiled, m, src_paths)
+        rules.append(r.rule)
+        profiles.append(r.profile)
+        paths.append(tuple(sorted(set(src_paths.values()))))
+        names.append(tuple(src_paths))
+    return RoutedExamples(rules, profiles, paths, names)
+
+
+def step_and_measure(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], snapshot: list[Tensor], band_sizes: Sequence[int]
+) -> list[float]:
+    """Snapshot ``params`` into ``snapshot``, ``optimizer.step()``, return the per-band update norms."""
+    with torch.no_grad():
+        torch._foreach_copy_(snapshot, list(params))
+        optimizer.step()
+        return _delta_norms(params, snapshot, band_sizes)
+
+
+def update_body(
+    step: int,
+    indices: Sequence[int],
+    rules: Sequence[int],
+    limits: Sequence[float | None],
+    *,
+    policy: bytes,
+    loss: float,
+    grad_norms: list[float],
+    update_norms: list[float],
+    optimizer: dict[str, Any],
+    seeds: dict[str, int],
+    writes_of: Sequence[tuple[tuple[str, ...], tuple[float, ...]]],
+    names: Sequence[tuple[str, ...]],
+    n_bands: int,
+) -> dict[str, Any]:
+    """The GovernedUpdate body of one step (specs/training.md §3.1); ``optimizer`` as described."""
+    writes: dict[str, list[float]] = {}
+    sources: set[str] = set()
+    zero = (0.0,) * n_bands
+    for i in indices:
+        # The policy's float64 multipliers (not the float32 gate copy), added in batch order.
+        paths, profile = writes_of[i]
+        for path in paths:
+            writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
+        sources.update(names[i])
+    return {
+        "step": step,
+        "batch": list(indices),
+        "policy": policy,
+        "lr": float(optimizer["groups"][0]["lr"]),
+        "loss": loss,
+        "band_grad_norms": grad_norms,
+        "band_update_norms": update_norms,
+        "authority_writes": writes,
+        "sources": sorted(sources),
+        "optimizer": optimizer,
+        "seeds": seeds,
+        "routing": {"rules": list(rules), "limits": list(limits)},
+    }
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -693,7 +740,11 @@ __all__ = [
     "GovernedLoader",
     "GovernedModel",
     "GovernedOptimizer",
+    "RoutedExamples",
     "Trainer",
     "epoch_order",
+    "route_examples",
+    "step_and_measure",
     "step_seed",
+    "update_body",
 ]
