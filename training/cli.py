@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
+from gradledger.ledger.bundle import export_bundle, import_bundle
 from gradledger.ledger.errors import GradledgerError, VerificationError
 from gradledger.ledger.inspection import render, summarize
 from gradledger.ledger.ledger import Ledger
@@ -35,6 +37,40 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with Ledger.open(args.ledger) as ledger:
+        with tqdm(desc="exporting", unit="B", unit_scale=True, disable=None, file=sys.stderr) as bar:
+            header = export_bundle(ledger, args.output, with_data=args.with_data, progress=bar.update)
+    summary = {key: header[key] for key in ("origin", "records", "artifacts", "cosignatures", "size", "with_data")}
+    summary.update(root=header["root"].hex(), bytes=os.path.getsize(args.output), path=str(args.output))
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        data = ", with dataset inputs" if args.with_data else ""
+        print(f"exported {summary['records']} observations, {summary['artifacts']} artifacts{data}, "
+              f"{summary['cosignatures']} cosignatures: {summary['bytes']} bytes to {summary['path']}")
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    total = os.path.getsize(args.bundle) if os.path.isfile(args.bundle) else None
+    with tqdm(total=total, desc="importing", unit="B", unit_scale=True, disable=None, file=sys.stderr) as bar:
+        ledger = import_bundle(args.bundle, args.ledger, progress=bar.update)
+    with ledger:
+        summary = {"path": str(ledger.path), "origin": ledger.origin, "size": ledger.size, "root": ledger.root.hex(),
+                   "artifacts": len(ledger.artifact_digests()), "cosignatures": len(list(ledger.cosignatures()))}
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"imported {summary['size']} observations, {summary['artifacts']} artifacts, "
+              f"{summary['cosignatures']} cosignatures into {summary['path']}: root {summary['root']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradledger", description="Auditable, governed model training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify", action="store_true", help="also re-check every signature, the chain and the Merkle root")
     inspect.set_defaults(run=_inspect)
+    export = sub.add_parser("export", help="write a ledger as one portable bundle file (.glb)")
+    export.add_argument("ledger", help="ledger directory")
+    export.add_argument("-o", "--output", required=True, help="bundle file to write (replaced atomically)")
+    export.add_argument("--with-data", action="store_true", help="include the committed datasets' input artifacts")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
+    export.set_defaults(run=_export)
+    import_ = sub.add_parser("import", help="build a new ledger from a bundle, re-admitting every record")
+    import_.add_argument("bundle", help="bundle file (.glb)")
+    import_.add_argument("ledger", help="new ledger directory (must not exist, or be empty)")
+    import_.add_argument("--json", action="store_true", help="machine-readable output")
+    import_.set_defaults(run=_import)
     return parser
 
 
