@@ -12,6 +12,7 @@ and root are only compared with what admission of the records derives.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import mmap
 import os
@@ -141,16 +142,11 @@ class Bundle:
         return self._mm[start:end]
 
     def _artifact_index(self, digest: bytes) -> int | None:
-        lo, hi = 0, self._artifacts
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._digests[32 * mid : 32 * mid + 32] < digest:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < self._artifacts and self._digests[32 * lo : 32 * lo + 32] == digest:
-            return lo
-        return None
+        def at(i: int) -> bytes:
+            return self._digests[32 * i : 32 * i + 32]
+
+        i = bisect.bisect_left(range(self._artifacts), digest, key=at)
+        return i if i < self._artifacts and at(i) == digest else None
 
     def artifact(self, digest: bytes) -> bytes | None:
         """The bytes whose SHA-256 is ``digest``, or None if the bundle has none."""
@@ -172,7 +168,7 @@ class Bundle:
         for i in range(self._artifacts):
             item = 1 + self._records + i
             start, end = self._payload(item)
-            yield memoryview(self._mm)[start:end], self._bounds[item + 1] - self._bounds[item]
+            yield memoryview(self._mm)[start:end], self._span(item)
 
     def _span(self, item: int) -> int:
         return self._bounds[item + 1] - self._bounds[item]
