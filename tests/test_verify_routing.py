@@ -280,3 +280,7 @@ def test_inputs_artifact_in_bfloat16_is_read_without_torch_dtypes() -> None:
         VM.check_inputs(save({"x": x}), ids[:2] + [bytes(32)] + ids[3:])
     with pytest.raises(VM.ManifestInvalid, match="rows"):
         VM.check_inputs(save({"x": x}), ids[:3])
+    with pytest.raises(VM.ManifestInvalid, match="safetensors"):
+        VM.check_inputs(b"not a safetensors file", ids)
+    with pytest.raises(VM.ManifestInvalid, match="exactly one tensor"):
+        VM.check_inputs(save({"x": x, "y": x}), ids)

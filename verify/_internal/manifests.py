@@ -306,7 +306,7 @@ def dataset_root(items: Sequence[bytes]) -> bytes:
 
 def _safetensors_rows(data: bytes) -> tuple[np.ndarray, str | None]:
     """The one tensor ``x`` of an inputs artifact, and a dtype override for bfloat16."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.numpy import load
 
     try:
@@ -316,7 +316,7 @@ def _safetensors_rows(data: bytes) -> tuple[np.ndarray, str | None]:
         # numpy has no bfloat16: safetensors' numpy loader refuses it, so read the
         # file's 2-byte elements as they are and name the dtype ourselves.
         tensors, override = _bf16_tensors(data), "bfloat16"
-    except (SafetensorsError, ValueError, OverflowError) as exc:
+    except (SafetensorError, ValueError, OverflowError) as exc:
         raise ManifestInvalid(f"inputs artifact is not a safetensors file: {exc}") from None
     if set(tensors) != {"x"}:
         raise ManifestInvalid(f"inputs artifact holds {sorted(tensors)}, not exactly one tensor 'x'")
