@@ -37,6 +37,48 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retire(args: argparse.Namespace) -> int:
+    from gradledger.ledger.keys import SigningKey
+    from gradledger.training.retirement import retire
+
+    key = SigningKey.load(args.key)
+    with Ledger.open(args.ledger, writable=True) as ledger:
+        done = retire(ledger, args.source, key, args.reason)
+    summary = {"seq": done.seq, "source": done.source, "key_id": done.key_id.hex(), "signer": done.signer.hex()}
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"retired {done.source} (credential {summary['key_id'][:16]}) at seq {done.seq}")
+    return EXIT_OK
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gradledger.ledger.keys import SigningKey
+    from gradledger.training.unlearning import unlearn
+
+    key = SigningKey.load(args.key)
+    with Ledger.open(args.ledger, writable=True) as ledger:
+        with tqdm(desc="unlearning", unit="step", disable=None, file=sys.stderr) as bar:
+            result = unlearn(ledger, args.source, key, run_id=args.run_id, progress=lambda step: bar.update(1))
+    summary = {
+        "source": result.source, "mode": result.mode, "run_id": result.run_id, "branch_run_id": result.branch_run_id,
+        "rewind_step": result.rewind_step, "first_step": result.first_step, "replayed_steps": result.replayed_steps,
+        "skipped_steps": result.skipped_steps, "total_steps": result.total_steps, "removed": len(result.removed),
+        "relabeled": len(result.relabeled), "certificate_seq": result.certificate_seq,
+        "original_head": result.original_head.hex(), "new_head": result.new_head.hex(),
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"unlearned {result.source} ({result.mode}): rewound {result.run_id} to step {result.rewind_step}, "
+              f"replayed {result.replayed_steps} of {result.total_steps} steps without {len(result.removed)} removed "
+              f"and with {len(result.relabeled)} relabeled examples; certificate at seq {result.certificate_seq}, "
+              f"new head {summary['new_head'][:16]}")
+    return EXIT_OK
+
+
 def _export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -79,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify", action="store_true", help="also re-check every signature, the chain and the Merkle root")
     inspect.set_defaults(run=_inspect)
+    retire = sub.add_parser("retire", help="record that a labeling source is retired (root or its issuing authority signs)")
+    retire.add_argument("ledger", help="ledger directory")
+    retire.add_argument("--source", required=True, help="the source's credential subject name")
+    retire.add_argument("--key", required=True, help="private key file of the root or the issuing authority")
+    retire.add_argument("--reason", required=True, help="why the source is retired")
+    retire.add_argument("--json", action="store_true", help="machine-readable output")
+    retire.set_defaults(run=_retire)
+    unlearn = sub.add_parser("unlearn", help="exactly unlearn a retired source: rewind, replay without it, certify")
+    unlearn.add_argument("ledger", help="ledger directory")
+    unlearn.add_argument("--source", required=True, help="the retired source's name")
+    unlearn.add_argument("--key", required=True, help="the trainer's private key file (signs the branch)")
+    unlearn.add_argument("--run", dest="run_id", metavar="RUN_ID", help="run id to unlearn from (default: the latest run the source contributed to)")
+    unlearn.add_argument("--json", action="store_true", help="machine-readable output")
+    unlearn.set_defaults(run=_unlearn)
     export = sub.add_parser("export", help="write a ledger as one portable bundle file (.glb)")
     export.add_argument("ledger", help="ledger directory")
     export.add_argument("-o", "--output", required=True, help="bundle file to write (replaced atomically)")
