@@ -163,9 +163,11 @@ def _run(report: Report, name: str, check: Callable[[], tuple[str, str]]) -> boo
 
 def _check_records(
     source: Source, trusted_roots: Sequence[bytes], report: Report, progress: Callable[[int], None] | None
-) -> tuple[list[Sealed], CredentialRegistry, dict[tuple[int, int], bytes], bytes] | None:
+) -> tuple[list[Sealed], CredentialRegistry, list[list[bytes]], bytes] | None:
     observations: list[Sealed] = []
-    nodes: dict[tuple[int, int], bytes] = {}
+    # levels[l][i]: the Merkle node over leaves [i << l, (i + 1) << l); admission completes
+    # each level's nodes in index order, so lists hold them without keys.
+    levels: list[list[bytes]] = []
     last: list[bytes] = []
 
     def tapped() -> Iterator[tuple[int, bytes]]:
@@ -176,7 +178,10 @@ def _check_records(
     def on_admit(a: Any) -> None:
         observations.append(a.sealed)
         for level, index, h in a.nodes:
-            nodes[(level, index)] = h
+            if level == len(levels):
+                levels.append([])
+            assert index == len(levels[level])
+            levels[level].append(h)
 
     try:
         state, summary = check_records(tapped(), list(trusted_roots), progress, on_admit)
@@ -196,7 +201,7 @@ def _check_records(
         return None
     report.add("records", "pass", f"{summary.size} observations admitted from the trusted roots (signatures, hash "
                f"chain, credentials, validity windows, revocations, signer roles); root {_short(summary.root)}")
-    return observations, state.registry, nodes, summary.root
+    return observations, state.registry, levels, summary.root
 
 
 def _is_tree_head(last: list[bytes]) -> bool:
@@ -213,9 +218,9 @@ def _bare(exc: VerificationError) -> str:
 # -- tree heads ----------------------------------------------------------------------------
 
 
-def _check_tree_heads(observations: list[Sealed], nodes: dict[tuple[int, int], bytes]) -> tuple[str, str]:
+def _check_tree_heads(observations: list[Sealed], levels: list[list[bytes]]) -> tuple[str, str]:
     def get(level: int, index: int) -> bytes:
-        return nodes[(level, index)]
+        return levels[level][index]
 
     previous: tuple[int, bytes] | None = None
     heads = 0
