@@ -376,3 +376,36 @@ def test_tree_head_from_a_different_history_fails_tree_heads(honest: ListSource)
     failure = report.first_failure
     assert structure is None and (failure.name, failure.seq) == ("tree heads", k), report.render()
     assert "different history" in failure.detail
+
+
+# -- an unlearning branch -----------------------------------------------------------------------------
+
+
+def test_unlearning_branch_is_routed_without_the_retired_source(tmp_path: Path) -> None:
+    import test_unlearning as U
+    from gradledger.training.retirement import dependents, retire
+    from gradledger.training.unlearning import unlearn
+
+    before = torch.are_deterministic_algorithms_enabled()
+    led, ds = U.new_ledger(tmp_path / "unlearned", U.MANIFESTS, U.X)
+    U.governed_run(led, ds, U.X)
+    retire(led, U.FAULTY, CROWD_KEY, "swaps 3 and 8")
+    result = unlearn(led, U.FAULTY, WORLD.trainer)
+    torch.use_deterministic_algorithms(before)
+    source = ListSource([r for _, r in led.records()], dict(led.artifacts()))
+    report, structure = verify(source)
+    assert report.verified and structure is not None, report.render()
+    branch = structure.runs[result.branch_seq]
+    assert (branch.retired, branch.branch_of) == (U.FAULTY, structure.runs[branch.branch_of].seq)
+    deps = dependents(U.MANIFESTS, U.FAULTY)
+    table = structure.routing[result.branch_seq]
+    assert [i for i, r in enumerate(table) if r is None] == sorted(deps.removed)
+    assert all(table[i].label == fields["label"] for i, fields in deps.relabeled.items())
+    # Training a removed example on the branch is caught, naming the update.
+    items = items_of(source.recs)
+    k = branch.updates[0]
+    body = encoding.decode(encoding.encode(items[k].body))
+    body["batch"].append(deps.removed[0])
+    items[k] = Item("GovernedUpdate", items[k].time, body, items[k].signer)
+    name, seq, detail = first_failure(ListSource(reseal(items), source.arts))
+    assert (name, seq) == ("routing", k) and "lost every vote" in detail

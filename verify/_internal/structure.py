@@ -27,8 +27,14 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, VerificationError
 
 from ..report import Report
-from .manifests import Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, revoked_by, split_dataset, verify_manifest
-from .routing import ExampleRouting, Policy, PolicyInvalid, Unroutable, authority_writes, batch_limits, parse_policy, route_examples, verify_policy
+from .manifests import (
+    Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
+    verify_manifest,
+)
+from .routing import (
+    ExampleRouting, Policy, PolicyInvalid, Unroutable, authority_writes, batch_limits, parse_policy, route_example,
+    route_examples, verify_policy,
+)
 
 
 class Source(Protocol):
@@ -61,6 +67,10 @@ class Run:
     policy_seq: int | None = None
     updates: list[int] = field(default_factory=list)  # GovernedUpdate seqs, step order
     checkpoints: list[int] = field(default_factory=list)
+    #: For an unlearning branch: the branched-from run's RunStarted seq and the retired source.
+    branch_of: int | None = None
+    retired: str | None = None
+    rewind_step: int = 0
 
     @property
     def governed(self) -> bool:
@@ -73,8 +83,10 @@ class Structure:
 
     observations: list[Sealed]  # every admitted observation, in order
     registry: CredentialRegistry  # after the last record
-    #: Per governed run (RunStarted seq): the routing of every example of its dataset under its policy.
-    routing: dict[int, list[ExampleRouting]]
+    #: Per governed run (RunStarted seq): the routing of every example of its dataset under its
+    #: policy. In an unlearning branch, examples are re-aggregated without the retired source
+    #: (specs/manifests.md §6), and an example left with no vote is None.
+    routing: dict[int, list[ExampleRouting | None]]
     datasets: dict[int, Dataset]  # by DatasetCommitted seq
     policies: dict[int, Policy]  # by PolicyAdopted seq
     runs: dict[int, Run]  # by RunStarted seq
@@ -137,7 +149,7 @@ def check_structure(
     datasets: dict[int, Dataset] = {}
     policies: dict[int, Policy] = {}
     runs: dict[int, Run] = {}
-    routing: dict[int, list[ExampleRouting]] = {}
+    routing: dict[int, list[ExampleRouting | None]] = {}
     ok = _run(report, "dataset", lambda: _check_datasets(source, observations, registry, datasets))
     ok &= _run(report, "policy", lambda: _check_policies(observations, registry, policies))
     ok &= _run(report, "runs", lambda: _check_runs(observations, runs))
@@ -338,6 +350,8 @@ def _check_policies(observations: list[Sealed], registry: CredentialRegistry, ou
             "policy" in sealed.body["settings"] or "policy_seq" in sealed.body["settings"]
         ):
             settings, seq = sealed.body["settings"], sealed.seq
+            if "branch" in settings:
+                continue  # an unlearning branch keeps its original run's policy (checked under runs)
             if settings.get("policy_seq") != latest or latest is None:
                 raise _Failed(f"RunStarted {seq}: its policy_seq {settings.get('policy_seq')!r} is not the latest "
                               f"PolicyAdopted before it ({latest})", seq=seq)
@@ -363,16 +377,23 @@ def _check_runs(observations: list[Sealed], out: dict[int, Run]) -> tuple[str, s
             if not run.governed:
                 raise _Failed(f"GovernedUpdate {seq} belongs to run {run.run_id!r} (RunStarted {run.seq}), whose "
                               "settings name no committed dataset and adopted policy", seq=seq, step=body["step"])
-            if body["step"] != len(run.updates):
+            if run.branch_of is None and body["step"] != len(run.updates):
                 raise _Failed(f"GovernedUpdate {seq} has step {body['step']}, but it is update {len(run.updates)} "
                               f"of run {run.run_id!r} (RunStarted {run.seq})", seq=seq, step=body["step"])
+            if run.branch_of is not None and not body["step"] > _last_step(observations, run):
+                # A branch replays from its rewind checkpoint and skips steps whose batch lost
+                # every example, so its steps only increase.
+                raise _Failed(f"GovernedUpdate {seq} has step {body['step']}, not after the previous step of "
+                              f"unlearning branch {run.run_id!r} (RunStarted {run.seq})", seq=seq, step=body["step"])
             run.updates.append(seq)
         elif sealed.type == "Checkpoint" and run is not None:
             run.checkpoints.append(seq)
     governed = [r for r in out.values() if r.governed]
+    branches = sum(r.branch_of is not None for r in governed)
     steps = sum(len(r.updates) for r in governed)
-    return "pass", (f"{len(out)} runs ({len(governed)} governed); {steps} steps numbered from 0 in each run; "
-                    "every governed run names a DatasetCommitted and a PolicyAdopted before it")
+    return "pass", (f"{len(out)} runs ({len(governed)} governed, {branches} of them unlearning branches); {steps} "
+                    "steps, numbered from 0 in each run (increasing from the rewind checkpoint in a branch); every "
+                    "governed run names a DatasetCommitted and a PolicyAdopted before it")
 
 
 def _bind_run(sealed: Sealed, run: Run, observations: list[Sealed]) -> None:
@@ -392,6 +413,28 @@ def _bind_run(sealed: Sealed, run: Run, observations: list[Sealed]) -> None:
     if type(pseq) is not int or not 0 <= pseq < seq or observations[pseq].type != "PolicyAdopted":
         raise _Failed(f"RunStarted {seq}: settings.policy_seq {pseq!r} is not an earlier PolicyAdopted", seq=seq)
     run.dataset_seq, run.policy_seq = ds["seq"], pseq
+    if "branch" in settings:
+        _bind_branch(seq, settings, run, observations)
+
+
+def _bind_branch(seq: int, settings: dict[str, Any], run: Run, observations: list[Sealed]) -> None:
+    branch = settings["branch"]
+    of, retired, rewind = (branch.get(k) if isinstance(branch, dict) else None for k in ("of", "retired", "rewind"))
+    for key, value, kind in (("of", of, "RunStarted"), ("retired", retired, "SourceRetired"), ("rewind", rewind, "Checkpoint")):
+        if type(value) is not int or not 0 <= value < seq or observations[value].type != kind:
+            raise _Failed(f"RunStarted {seq}: settings.branch.{key} {value!r} is not an earlier {kind}", seq=seq)
+    original = observations[of].body["settings"]
+    if not isinstance(original, dict) or "branch" in original or not all(
+        _same(original.get(k), settings.get(k)) for k in ("dataset", "policy", "policy_seq")
+    ):
+        raise _Failed(f"RunStarted {seq}: an unlearning branch must keep the dataset and policy of the governed "
+                      f"run it branches from (RunStarted {of})", seq=seq)
+    run.branch_of, run.retired = of, observations[retired].body["source"]
+    run.rewind_step = observations[rewind].body["step"]
+
+
+def _last_step(observations: list[Sealed], run: Run) -> int:
+    return observations[run.updates[-1]].body["step"] if run.updates else run.rewind_step - 1
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -413,7 +456,7 @@ def _check_routing(
             skipped += 1  # its dataset or policy failed its own check
             continue
         try:
-            table = route_examples(policy, ds.manifests, path_of)
+            table = _route_run(run, policy, ds, path_of)
         except Unroutable as exc:
             raise _Failed(f"run {run.run_id!r} (RunStarted {run.seq}): a manifest of dataset {ds.name!r} cannot be "
                           f"routed: {_bare(exc)}", seq=run.seq) from None
@@ -428,7 +471,18 @@ def _check_routing(
                     f"authority_writes and sources match every GovernedUpdate{tail}")
 
 
-def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[ExampleRouting]) -> int:
+def _route_run(
+    run: Run, policy: Policy, ds: Dataset, path_of: Callable[[bytes], str]
+) -> list[ExampleRouting | None]:
+    if run.retired is None:
+        return list(route_examples(policy, ds.manifests, path_of))
+    # The counterfactual dataset of an unlearning branch: every manifest re-aggregated
+    # without the retired source; an example with no vote left is gone.
+    fields = [relabel_without(m.fields, run.retired) for m in ds.manifests]
+    return [None if f is None else route_example(policy, f, path_of) for f in fields]
+
+
+def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[ExampleRouting | None]) -> int:
     body, seq, step = sealed.body, sealed.seq, sealed.body["step"]
     where = f"GovernedUpdate {seq} (step {step})"
 
@@ -441,12 +495,14 @@ def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[Examp
     for j, i in enumerate(batch):
         if not 0 <= i < ds.count:
             raise fail(f"batch position {j}: index {i} is outside dataset {ds.name!r} of {ds.count} examples")
+        if table[i] is None:
+            raise fail(f"batch position {j}: index {i} lost every vote with the retired source, yet is trained on")
     recorded = body.get("routing")
     if not isinstance(recorded, dict) or set(recorded) != {"rules", "limits"} or not all(
         isinstance(recorded[k], list) for k in ("rules", "limits")
     ):
         raise fail("has no routing {rules, limits} to check")
-    routings = [table[i] for i in batch]
+    routings = [r for r in (table[i] for i in batch) if r is not None]
     rules = [r.rule for r in routings]
     if len(recorded["rules"]) != len(rules):
         raise fail(f"records {len(recorded['rules'])} routing rules for a batch of {len(rules)}")
