@@ -113,6 +113,12 @@ def _import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from gradledger.training.demo import main as demo_main  # torch and scikit-learn load only here
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradledger", description="Auditable, governed model training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("ledger", help="new ledger directory (must not exist, or be empty)")
     import_.add_argument("--json", action="store_true", help="machine-readable output")
     import_.set_defaults(run=_import)
+    demo = sub.add_parser("demo", help="the whole story on scikit-learn's digits: governed training, retirement of "
+                          "a faulty annotator, exact unlearning, export, standalone verification, report.html")
+    demo.add_argument("--out", required=True, help="output directory (new or empty)")
+    demo.add_argument("--steps", type=int, default=1000, help="governed training steps (default 1000)")
+    demo.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    demo.add_argument("--replay", choices=("full", "sample", "none"), default="full",
+                      help="what the verifier replays (default full)")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
+    demo.set_defaults(run=_demo)
     return parser
 
 
