@@ -139,6 +139,18 @@ def _check_closed(run: _Run) -> None:
         )
 
 
+def _certified_branches(ledger: Ledger, new_id: str) -> list[int]:
+    """Certificates closing a branch named ``new_id``. A branch without one was interrupted: abandoned."""
+    runs = _runs(ledger)
+    certs = ledger.by_type("UnlearningCertificate")
+    out = []
+    for seq, body in runs:
+        if body["run_id"] == new_id:
+            lo, hi = _extent(ledger, runs, seq)
+            out.extend(c for c in certs if lo < c < hi)
+    return out
+
+
 def first_affected_update(ledger: Ledger, run: _Run, source: str, affected: set[int]) -> tuple[int, dict[str, Any]] | None:
     """The run's first GovernedUpdate that names ``source`` or holds an affected index (both indexes)."""
     in_run = {seq: body for seq, body in run.updates}
@@ -269,11 +281,13 @@ def unlearn(
     retired_seq = retired[-1][0]
     run = _find_run(ledger, source, run_id)
     new_id = branch_id(run.run_id, source)
-    done = [s for s, b in _runs(ledger) if b["run_id"] == new_id]
+    done = _certified_branches(ledger, new_id)
     if done:
-        raise UnlearningError(f"run {run.run_id!r} was already unlearned without {source!r} (RunStarted at seq {done[0]})")
+        raise UnlearningError(f"run {run.run_id!r} was already unlearned without {source!r} (certificate at seq {done[0]})")
     settings = run.settings
-    dataset = load_dataset(ledger, settings["dataset"]["seq"])
+    # The artifact is re-checked against the committed root; its manifests' signatures were checked
+    # before the DatasetCommitted was appended (commit_dataset), and the verifier checks them again.
+    dataset = load_dataset(ledger, settings["dataset"]["seq"], verify=False)
     if dataset.root != settings["dataset"]["root"] or dataset.data is None:
         why = "its root differs from the run's" if dataset.root != settings["dataset"]["root"] else \
             "it was committed without its inputs (commit_dataset(..., inputs=X)); replay needs them"
