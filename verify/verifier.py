@@ -84,11 +84,13 @@ class Verifier:
         mode = self.policy.replay
         if mode == "none":
             report.add("replay", "skip", "not requested (--replay none): weights are not checked against the updates")
+            _certificate_replay(report, observations)
             return
         try:
             runs = plan_segments(observations)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
+            _certificate_replay(report, observations, error=exc)
             return
         contexts, missing = {}, []
         for obs in observations:
@@ -97,6 +99,7 @@ class Verifier:
                     ctx = _context(source, observations, obs)
                 except VerificationError as exc:
                     report.add("replay", "fail", str(exc.args[0]), seq=exc.seq or obs.seq)
+                    _certificate_replay(report, observations, error=exc)
                     return
                 if ctx is None:
                     missing.append(obs.body["run_id"])
@@ -105,6 +108,7 @@ class Verifier:
         if not contexts:
             why = f"runs {missing} carry no dataset inputs (export --with-data)" if missing else "no run has checkpoints"
             report.add("replay", "skip", why)
+            _certificate_replay(report, observations)
             return
         jobs = iter_jobs(contexts, runs)
         total = len(jobs)
@@ -113,9 +117,14 @@ class Verifier:
             root = heads[-1].body["root"] if heads else b""
             count = challenge.sample_size(total, self.policy.sample_fraction)
             chosen = set(challenge.choose(root, total, count, self.policy.nonce))
-            jobs = [job for i, job in enumerate(jobs) if i in chosen]
+            # A certificate's claim rests on its branch's weights: those segments are always replayed.
+            certified = {c["branch_run"] for c in report.certificates if c["status"] == "pass"}
+            forced = {i for i, (ctx, _) in enumerate(jobs) if ctx.run_seq in certified} - chosen
+            jobs = [job for i, job in enumerate(jobs) if i in chosen or i in forced]
+            if forced:
+                report.figures["certified_branch_segments"] = len(forced)
             report.figures["sample_segments"] = f"{len(jobs)} of {total}"
-            report.figures["sample_detect_prob"] = round(challenge.detection_probability(total, len(jobs)), 4)
+            report.figures["sample_detect_prob"] = round(challenge.detection_probability(total, count), 4)
         recorded_envs = {ctx.run_seq: ctx.environment for ctx in contexts.values()}
         diffs = {seq: _env_differences(env) for seq, env in recorded_envs.items()}
         exact = not any(diffs.values())
@@ -138,6 +147,7 @@ class Verifier:
                                    progress=lambda r: bar.update(r.steps))
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]))
+            _certificate_replay(report, observations, error=exc)
             return
         finally:
             torch.set_num_threads(saved[0])
@@ -145,6 +155,7 @@ class Verifier:
         seconds = time.perf_counter() - started
         report.figures["replay_seconds"] = round(seconds, 3)
         report.figures["replayed_steps"] = steps
+        _certificate_replay(report, observations, jobs, results)
         failed = _first_failed(results)
         label = f"{len(jobs)} segment(s), {steps} step(s), {'bit for bit' if exact else 'within tolerance'}"
         if failed is not None:
@@ -153,6 +164,27 @@ class Verifier:
             worst = max((r.max_deviation for r in results), default=0.0)
             extra = "" if exact else f"; largest relative deviation {worst:.3g}"
             report.add("replay", "pass", label + extra)
+
+
+def _certificate_replay(report: Report, observations: list[Sealed], jobs: Sequence[Any] | None = None,
+                        results: Sequence[SegmentResult] = (), *, error: ReplayError | VerificationError | None = None) -> None:
+    """Each passing certificate's "replay": pass iff every segment of its branch replayed, fail if one did not.
+
+    "skip" where its branch was not replayed (--replay none, no inputs in the bundle). Where replay
+    stopped on an error before results came back, a certificate is not verified: "fail" when the
+    error lies in its branch or names no record, else "skip".
+    """
+    starts = [o.seq for o in observations if o.type == "RunStarted"]
+    for cert in report.certificates:
+        run = cert["branch_run"]
+        if cert["status"] != "pass" or run is None:
+            continue
+        if error is not None:
+            end = min([s for s in starts if s > run], default=len(observations))
+            cert["replay"] = "fail" if error.seq is None or run <= error.seq < end else "skip"
+            continue
+        mine = [r for (ctx, _), r in zip(jobs or (), results) if ctx.run_seq == run]
+        cert["replay"] = "skip" if not mine else "pass" if all(r.ok for r in mine) else "fail"
 
 
 def _env_differences(env: dict[str, Any]) -> list[str]:
@@ -183,8 +215,14 @@ def _context(source: Source, observations: list[Sealed], run: Sealed) -> RunCont
             relabeled = encoding.decode(raw)
         except EncodingError as exc:
             raise ReplayError(f"the relabeled-examples artifact is not canonical CBOR: {exc}", seq=run.seq) from None
-        for index, label in relabeled.items():
-            labels[index] = label[0] if isinstance(label, list) else label
+        # specs/unlearning.md §2: [[index, label], ...], ascending by index.
+        if not isinstance(relabeled, list) or not all(
+            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and type(p[1]) is int and 0 <= p[0] < len(labels)
+            for p in relabeled
+        ):
+            raise ReplayError("the relabeled-examples artifact is not an array of [index, label] pairs", seq=run.seq)
+        for index, label in relabeled:
+            labels[index] = label
     policy = parse_policy(observations[settings["policy_seq"]].body["policy"])
     profiles = {r: list(policy.outcome(r).profile) for r in range(-1, len(policy.rules))}
     return RunContext(run.seq, run.body["artifacts"]["program"], dataset["data"], settings, labels, profiles,
