@@ -21,11 +21,11 @@ seeds): it is timed from building the Governance to the closing checkpoint (its 
 the model with ``torch.export``, as every governed run does); committing its dataset is not timed.
 
 Reported: ``cost_ratio_at_P`` = unlearning time / retrain time (the minimum of ``--repeats``
-timings of each), ``unlearn_setup_s_at_P`` = seconds from the call to the end of the first
-replayed step (loading from the ledger, restoring, the branch's RunStarted and first checkpoint,
-one step: the part of unlearning that does not shrink with a later source), ``fraction_after_rewind_at_P`` = steps after the rewind checkpoint / all
-steps (the target is ratio <= fraction + 0.05), ``bit_exact`` = every unlearned final
-checkpoint digest equals its retrain's. ``verify_vs_unlearn`` is null: the verifier's
+timings of each); ``fraction_after_rewind_at_P`` = steps after the rewind checkpoint / all steps
+(the target is ratio <= fraction + 0.05); ``unlearn_setup_s_at_P`` = seconds from the call to
+the end of the first replayed step (loading from the ledger, restoring, the branch's RunStarted
+and first checkpoint, one step: the part of unlearning that does not shrink with a later
+source); ``bit_exact`` = every unlearned final checkpoint digest equals its retrain's. ``verify_vs_unlearn`` is null: the verifier's
 certificate check lands separately. The last stdout line is one JSON object; progress on stderr.
 """
 
