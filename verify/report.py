@@ -66,6 +66,9 @@ class Report:
     def render(self) -> str:
         marks = {"pass": "ok  ", "fail": "FAIL", "skip": "skip"}
         lines = [f"  [{marks[c.status]}] {c.name}: {c.detail}" for c in self.checks]
+        for c in self.certificates:
+            lines.append(f"  certificate {c.get('seq')} ({c.get('mode')} unlearning of {c.get('source')!r}): "
+                         f"{c.get('status')}, branch replay {c.get('replay') or 'not run'}")
         for name, value in self.figures.items():
             lines.append(f"  {name}: {value}")
         failure = self.first_failure

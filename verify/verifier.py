@@ -17,9 +17,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from gradledger.ledger import encoding
 from gradledger.ledger.envelope import Sealed
-from gradledger.ledger.errors import EncodingError, VerificationError
+from gradledger.ledger.errors import VerificationError
 
 from ._internal import challenge, environment
 from ._internal.manifests import parse_manifest, split_dataset
@@ -27,7 +26,7 @@ from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.routing import parse_policy
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
-from ._internal.structure import check_structure
+from ._internal.structure import Structure, check_structure
 from .report import Report
 
 ReplayMode = Literal["full", "sample", "none"]
@@ -75,12 +74,13 @@ class Verifier:
             check_certificates(source, structure, report)
             if report.first_failure is not None:
                 return report
-        self._replay(source, path, observations, report, progress)
+        self._replay(source, path, structure, report, progress)
         return report
 
     # -- replay ------------------------------------------------------------------------
 
-    def _replay(self, source: Source, path: str, observations: list[Sealed], report: Report, progress: bool) -> None:
+    def _replay(self, source: Source, path: str, structure: Structure, report: Report, progress: bool) -> None:
+        observations = structure.observations
         mode = self.policy.replay
         if mode == "none":
             report.add("replay", "skip", "not requested (--replay none): weights are not checked against the updates")
@@ -96,7 +96,7 @@ class Verifier:
         for obs in observations:
             if obs.type == "RunStarted" and obs.seq in runs and runs[obs.seq]:
                 try:
-                    ctx = _context(source, observations, obs)
+                    ctx = _context(source, observations, obs, structure.routing.get(obs.seq))
                 except VerificationError as exc:
                     report.add("replay", "fail", str(exc.args[0]), seq=exc.seq or obs.seq)
                     _certificate_replay(report, observations, error=exc)
@@ -197,8 +197,12 @@ def _first_failed(results: list[SegmentResult]) -> SegmentResult | None:
     return min(bad, key=lambda r: (r.seq if r.seq is not None else math.inf)) if bad else None
 
 
-def _context(source: Source, observations: list[Sealed], run: Sealed) -> RunContext | None:
-    """Labels per dataset index and the policy's profiles, for replaying ``run`` (None: no inputs)."""
+def _context(source: Source, observations: list[Sealed], run: Sealed, routing: Sequence[Any] | None) -> RunContext | None:
+    """Labels per dataset index and the policy's profiles, for replaying ``run`` (None: no inputs).
+
+    The labels are the ones the structural checks recomputed for the run (on an unlearning branch,
+    re-aggregated without the retired source), never read from an artifact the trainer chose.
+    """
     settings = run.body["settings"]
     ds_seq = settings["dataset"]["seq"]
     dataset = observations[ds_seq].body
@@ -206,23 +210,9 @@ def _context(source: Source, observations: list[Sealed], run: Sealed) -> RunCont
         return None
     manifests = [parse_manifest(item) for item in split_dataset(source.artifact(dataset["manifests"]) or b"")]
     labels = [m.label for m in manifests]
-    branch = settings.get("branch")
-    if branch is not None:
-        raw = source.artifact(branch["relabeled"])
-        if raw is None:
-            raise ReplayError("the branch's relabeled-examples artifact is not in the bundle", seq=run.seq)
-        try:
-            relabeled = encoding.decode(raw)
-        except EncodingError as exc:
-            raise ReplayError(f"the relabeled-examples artifact is not canonical CBOR: {exc}", seq=run.seq) from None
-        # specs/unlearning.md §2: [[index, label], ...], ascending by index.
-        if not isinstance(relabeled, list) or not all(
-            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and type(p[1]) is int and 0 <= p[0] < len(labels)
-            for p in relabeled
-        ):
-            raise ReplayError("the relabeled-examples artifact is not an array of [index, label] pairs", seq=run.seq)
-        for index, label in relabeled:
-            labels[index] = label
+    if routing is not None:
+        # A removed example (None) keeps a placeholder: the routing check forbids training on it.
+        labels = [r.label if r is not None else label for r, label in zip(routing, labels)]
     policy = parse_policy(observations[settings["policy_seq"]].body["policy"])
     profiles = {r: list(policy.outcome(r).profile) for r in range(-1, len(policy.rules))}
     return RunContext(run.seq, run.body["artifacts"]["program"], dataset["data"], settings, labels, profiles,
