@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("bundle", help="bundle file (.glb) or a ledger directory")
     parser.add_argument("--trust", required=True, help="file of trusted root public keys (lines 'ed25519:<hex>')")
-    parser.add_argument("--replay", choices=("full", "sample", "none"), default="full",
-                        help="replay every segment, a challenge-derived sample, or none (default: full)")
+    parser.add_argument("--replay", choices=("full", "sample", "certificates", "none"), default="full",
+                        help="replay every segment, a challenge-derived sample (plus every certified unlearning "
+                        "branch), only the certified branches, or none (default: full)")
     parser.add_argument("--workers", type=int, default=1, help="replay segments in N worker processes")
     parser.add_argument("--sample-fraction", type=float, default=0.25, help="fraction of segments sampled (default 0.25)")
     parser.add_argument("--nonce", default="", help="hex nonce mixed into the sample challenge")

@@ -29,7 +29,7 @@ from ._internal.sources import Source, open_source
 from ._internal.structure import Structure, check_structure
 from .report import Report
 
-ReplayMode = Literal["full", "sample", "none"]
+ReplayMode = Literal["full", "sample", "certificates", "none"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,15 @@ class Verifier:
                 report.figures["certified_branch_segments"] = len(forced)
             report.figures["sample_segments"] = f"{len(jobs)} of {total}"
             report.figures["sample_detect_prob"] = round(challenge.detection_probability(total, count), 4)
+        elif mode == "certificates":
+            # Only what the certificates' claims rest on: every segment of every certified branch.
+            certified = {c["branch_run"] for c in report.certificates if c["status"] == "pass"}
+            jobs = [job for job in jobs if job[0].run_seq in certified]
+            report.figures["certified_branch_segments"] = f"{len(jobs)} of {total}"
+            if not jobs:
+                report.add("replay", "skip", "no certified unlearning branch to replay (--replay certificates)")
+                _certificate_replay(report, observations)
+                return
         recorded_envs = {ctx.run_seq: ctx.environment for ctx in contexts.values()}
         diffs = {seq: _env_differences(env) for seq, env in recorded_envs.items()}
         exact = not any(diffs.values())
