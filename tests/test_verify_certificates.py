@@ -118,6 +118,17 @@ def test_sample_replay_always_covers_the_certified_branch(unlearned: Any) -> Non
     assert verify(source, "none").certificates[0]["replay"] == "skip"
 
 
+def test_replay_certificates_replays_exactly_the_branch(unlearned: Any) -> None:
+    _, _, source = unlearned
+    report = verify(source, "certificates")
+    assert report.verified and report.certificates[0]["replay"] == "pass", report.render()
+    assert report.figures["certified_branch_segments"] == "3 of 7"
+    items = items_of([r for _, r in source.records()])
+    branch = report.certificates[0]["branch_run"]
+    branch_steps = sum(1 for i, it in enumerate(items) if it.type == "GovernedUpdate" and i > branch)
+    assert report.figures["replayed_steps"] == branch_steps < verify(source, "full").figures["replayed_steps"]
+
+
 @pytest.mark.parametrize("name", [U.FAULTY, U.BATCH_OWNER, "worker-0", "worker-1", "nobody"])
 def test_dependency_rule_agrees_with_the_trainer(name: str) -> None:
     deps = dependents(U.MANIFESTS, name)
