@@ -17,7 +17,7 @@ from gradledger.training import demo as D
 from gradledger.training.cli import main as cli_main
 from gradledger.training.report_html import render_report, stacked_area
 
-STEPS, EVERY = 200, 50
+STEPS, EVERY = 120, 60
 
 
 @pytest.fixture(scope="module")

@@ -676,7 +676,8 @@ def summary(figures: Mapping[str, Any], out: Path) -> str:
             mark = {"pass": "ok  ", "fail": "FAIL", "skip": "skip"}.get(c.get("status"), "?   ")
             lines.append(f"    [{mark}] {c.get('name')}: {c.get('detail', '')}")
         for cert in rep.get("certificates", []):
-            lines.append(f"    certificate: {json.dumps(cert, sort_keys=True)[:160]}")
+            lines.append(f"    certificate {cert.get('seq')} ({cert.get('source')}): {cert.get('status')}: "
+                         f"{cert.get('detail', '')}")
     missing = [s["name"] for s in figures["stages"] if s["status"] != "ok"]
     if missing:
         lines.append(f"  NOT COMPLETE: stage(s) {', '.join(missing)} did not run or failed (see above)")

@@ -241,7 +241,7 @@ def render_report(figures: Mapping[str, Any]) -> str:
     passed = sum(1 for c in checks if c.get("status") == "pass")
     body.append('<div class="cards">')
     body.append(_card("test accuracy", f"{acc(before)} &rarr; {acc(after)}", "original &rarr; after unlearning"))
-    body.append(_card(f"{a}&harr;{b} confusions", f"{swaps(before)} &rarr; {swaps(after)}",
+    body.append(_card(f"{a}\u2194{b} confusions", f"{swaps(before)} &rarr; {swaps(after)}",
                       f"test digits {a} and {b} mistaken for each other"))
     body.append(_card("ledger", f"{figures['ledger']['size']:,}",
                       f"signed observations; {figures['training']['steps']} governed steps"))
