@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output directory (new or empty)")
     demo.add_argument("--steps", type=int, default=1000, help="governed training steps (default 1000)")
     demo.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
-    demo.add_argument("--replay", choices=("full", "sample", "none"), default="full",
+    demo.add_argument("--replay", choices=("full", "sample", "certificates", "none"), default="full",
                       help="what the verifier replays (default full)")
     demo.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
     demo.set_defaults(run=_demo)

@@ -63,6 +63,7 @@ LOOKALIKES = (3, 5, 8, 9)
 BANDS = ("head", "mid", "embedding")
 ONTOLOGY = "digits-v1"
 RUN_ID = "digits-demo"
+REPLAY_MODES = ("full", "sample", "certificates", "none")
 
 
 class DemoError(UnusableInput):
@@ -78,7 +79,7 @@ class DemoConfig:
     seed: int = 7
     hidden: int = 128
     lr: float = 0.01
-    #: What the verifier replays: full, sample or none.
+    #: What the verifier replays (its --replay).
     replay: str = "full"
     #: Stage lines and the progress bar go to stderr; False silences both.
     progress: bool = True
@@ -86,8 +87,8 @@ class DemoConfig:
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.hidden < 1:
             raise DemoError("--steps, --batch-size, --checkpoint-every and --hidden must be positive")
-        if self.replay not in ("full", "sample", "none"):
-            raise DemoError(f"--replay must be full, sample or none, not {self.replay!r}")
+        if self.replay not in REPLAY_MODES:
+            raise DemoError(f"--replay must be one of {', '.join(REPLAY_MODES)}, not {self.replay!r}")
 
 
 # -- the stages' outcome -------------------------------------------------------------------------
