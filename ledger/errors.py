@@ -74,3 +74,18 @@ class AuthorizationError(CredentialError):
 
 class BundleError(UnusableInput):
     """A bundle file is missing, truncated, mis-framed or inconsistent with its header."""
+
+
+def exit_status(exc: Exception, prog: str) -> tuple[int, str]:
+    """What a command exits with for ``exc``, and the one line it prints (never a traceback).
+
+    1 for a failed check, 2 for input that cannot be used (and for anything unexpected, which is
+    then named as an internal error so that it can be reported).
+    """
+    if isinstance(exc, VerificationError):
+        return 1, f"{prog}: verification failed: {exc}"
+    if isinstance(exc, GradledgerError):
+        return 2, f"{prog}: {exc}"
+    if isinstance(exc, OSError):
+        return 2, f"{prog}: {exc.filename or ''}: {exc.strerror or exc}"
+    return 2, f"{prog}: unusable input (internal error {type(exc).__name__}: {exc})"

@@ -12,7 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from gradledger.ledger.bundle import export_bundle, import_bundle
-from gradledger.ledger.errors import GradledgerError, VerificationError
+from gradledger.ledger.errors import GradledgerError, exit_status
 from gradledger.ledger.inspection import render, summarize
 from gradledger.ledger.ledger import Ledger
 
@@ -168,15 +168,10 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     """Map the typed errors onto exit codes with one clear line, never a traceback."""
     try:
         return run(args)
-    except VerificationError as exc:
-        print(f"gradledger: verification failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except GradledgerError as exc:  # unusable input, a locked ledger, bad governance input
-        print(f"gradledger: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except OSError as exc:
-        print(f"gradledger: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    except (GradledgerError, OSError) as exc:
+        code, line = exit_status(exc, "gradledger")
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("gradledger: interrupted", file=sys.stderr)
         return 130

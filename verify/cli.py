@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Sequence
 
-from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError
+from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError, exit_status
 from gradledger.ledger.keys import read_public_keys
 
 from .verifier import VerificationPolicy, Verifier
@@ -57,17 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"gradledger-verify: verification failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except GradledgerError as exc:
-        print(f"gradledger-verify: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except OSError as exc:
-        print(f"gradledger-verify: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    except (GradledgerError, OSError) as exc:
+        code, line = exit_status(exc, "gradledger-verify")
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("gradledger-verify: interrupted", file=sys.stderr)
         return EXIT_UNUSABLE
     except Exception as exc:  # hostile input must never end in a traceback; this is a bug to report
-        print(f"gradledger-verify: unusable input (internal error {type(exc).__name__}: {exc})", file=sys.stderr)
+        print(exit_status(exc, "gradledger-verify")[1], file=sys.stderr)
         return EXIT_UNUSABLE
     if args.json:
         print(json.dumps(report.to_json(), sort_keys=True))

@@ -22,7 +22,7 @@ from gradledger.ledger.errors import EncodingError
 
 from ..report import Report
 from .manifests import relabel_without
-from .structure import Structure
+from .structure import Structure, _same, _short
 
 
 class Source(Protocol):
@@ -60,18 +60,6 @@ def dependency(manifests: list[dict[str, Any]], source: str) -> Dependency:
         else:
             relabeled.append([i, new["label"]])
     return Dependency(removed, relabeled)
-
-
-def _short(digest: bytes) -> str:
-    return digest.hex()[:16]
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as canonical CBOR: exact float bits, and 0 is not 0.0."""
-    try:
-        return encoding.encode(a) == encoding.encode(b)
-    except EncodingError:
-        return False
 
 
 def check_certificates(source: Source, structure: Structure, report: Report) -> None:
