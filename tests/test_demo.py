@@ -55,6 +55,9 @@ def test_every_stage_ran_and_the_verifier_verified(run: tuple[Path, dict[str, An
     assert "gradledger" in figures["verifier_command"] and "--trust" in figures["verifier_command"]
     unl = figures["unlearning"]
     assert unl["mode"] == "exact" and unl["removed"] > 0 and unl["relabeled"] > 0
+    # The verifier checked the certificate the unlearning stage recorded, by replay.
+    (cert,) = rep["certificates"]
+    assert cert["status"] == "pass" and cert["seq"] == unl["certificate_seq"] and cert["source"] == D.FAULTY
 
 
 def test_unlearning_undoes_the_swap(run: tuple[Path, dict[str, Any], float]) -> None:
@@ -98,6 +101,7 @@ def test_report_html_shows_the_charts_and_the_verdict(run: tuple[Path, dict[str,
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert "Who wrote into which band" in html and "What the verifier checked" in html
     assert ">VERIFIED<" in html
+    assert f"<td>{figures['unlearning']['certificate_seq']}</td><td>{D.FAULTY}</td><td>exact</td>" in html
     for check in figures["verifier"]["checks"]:
         assert check["name"] in html
     assert json.loads((out / "report.json").read_text())["before"] == figures["before"]

@@ -322,10 +322,13 @@ def render_report(figures: Mapping[str, Any]) -> str:
         body.append(f"<table><tr><th>status</th><th>check</th><th>detail</th></tr>{trs}</table>")
         certs = rep.get("certificates") or []
         if certs:
-            ctr = "".join(f"<tr><td>{escape(str(c.get('status', '')))}</td><td><code>"
-                          f"{escape(str({k: v for k, v in c.items() if k != 'status'}))[:300]}</code></td></tr>"
-                          for c in certs)
-            body.append(f'<table style="margin-top:12px"><tr><th>certificate</th><th>details</th></tr>{ctr}</table>')
+            ctr = "".join(
+                f'<tr><td class="st" style="color:{_status_color(str(c.get("status")))}">{escape(str(c.get("status")))}'
+                f'</td><td>{escape(str(c.get("seq", "")))}</td><td>{escape(str(c.get("source", "")))}</td>'
+                f'<td>{escape(str(c.get("mode", "")))}</td><td>{escape(str(c.get("detail", "")))}</td></tr>'
+                for c in certs)
+            body.append('<table style="margin-top:12px"><tr><th>certificate</th><th>observation</th><th>source</th>'
+                        f"<th>mode</th><th>detail</th></tr>{ctr}</table>")
         figs = rep.get("figures") or {}
         if figs:
             ftr = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))[:200]}</td></tr>" for k, v in figs.items())
