@@ -143,13 +143,21 @@ def bar_chart(title: str, groups: Sequence[tuple[str, Sequence[tuple[str, float 
     return "".join(parts)
 
 
-def confusion_svg(title: str, matrix: Sequence[Sequence[int]], highlight: Sequence[int], *, cell: int = 21) -> str:
-    """A 10x10 confusion heatmap (rows true, columns predicted); the swapped classes' cells outlined."""
+def _max_off_diagonal(matrix: Sequence[Sequence[int]]) -> int:
+    return max((v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j), default=0)
+
+
+def confusion_svg(title: str, matrix: Sequence[Sequence[int]], highlight: Sequence[int], *, cell: int = 21,
+                  scale: int | None = None) -> str:
+    """A 10x10 confusion heatmap (rows true, columns predicted); the swapped classes' cells outlined.
+
+    Off-diagonal cells shade by ``scale`` (default this matrix's largest error count); give two
+    matrices the same scale to compare them."""
     n = len(matrix)
     left, top = 30, 36
     size = n * cell
     width, height = left + size + 8, top + size + 24
-    off = max((matrix[i][j] for i in range(n) for j in range(n) if i != j), default=0) or 1
+    off = scale or _max_off_diagonal(matrix) or 1
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}">',
              f'<text x="0" y="14" font-size="13" font-weight="600">{escape(title)}</text>',
@@ -271,8 +279,9 @@ def render_report(figures: Mapping[str, Any]) -> str:
                           percent=True, y_max=1.0, width=250)
     swap_chart = bar_chart(f"{a}\u2194{b} confusions (test)", [(f"{a} read as {b}", bars(f"{a}->{b}")),
                                                                (f"{b} read as {a}", bars(f"{b}->{a}"))], width=300)
-    mats = confusion_svg("original model", before["confusion"], (a, b))
-    mats += confusion_svg("after unlearning", after["confusion"], (a, b)) if after else (
+    shade = max(_max_off_diagonal(before["confusion"]), _max_off_diagonal(after["confusion"]) if after else 0)
+    mats = confusion_svg("original model", before["confusion"], (a, b), scale=shade)
+    mats += confusion_svg("after unlearning", after["confusion"], (a, b), scale=shade) if after else (
         '<div class="card" style="width:220px"><div class="k">after unlearning</div>'
         '<div class="s">not available: the unlearning stage did not run</div></div>')
     legend2 = (f'<div class="legend"><span><i style="background:{BEFORE}"></i>original</span>'
@@ -281,7 +290,7 @@ def render_report(figures: Mapping[str, Any]) -> str:
     body.append(f'<div class="panel">{legend2}<div class="row">{acc_chart}{swap_chart}</div>'
                 f'<div class="row" style="margin-top:10px">{mats}</div>'
                 f'<p class="note">Confusion matrices on the {labels["test"]} held-out test digits (rows: true digit, '
-                f'columns: prediction; the {a}/{b} cells are outlined). Both models are loaded from their final '
+                f'columns: prediction; the {a}/{b} cells are outlined; both shaded on one scale). Both models are loaded from their final '
                 'checkpoints in the ledger, each tensor checked against its recorded digest.</p>')
     unl = figures.get("unlearning")
     if unl:
