@@ -23,7 +23,7 @@ from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 
 from .bands import BandLayout, ResolvedBands
-from .checkpoints import make_checkpoint, read_checkpoint, restore
+from .checkpoints import checkpoint_digest, flatten_state, make_checkpoint, read_checkpoint, restore, tensor_digest
 from .dataset import CommittedDataset, load_dataset, load_inputs
 from .environment import environment
 from .errors import GovernanceError
@@ -308,8 +308,9 @@ def unlearn(
     try:
         replayer = _Replayer(ledger, run, dataset, deps)
         replayer.restore(ledger, rewind)
-        start = make_checkpoint(rewind["step"], replayer.inner, replayer.optimizer)
-        if start.digest != rewind["digest"]:
+        # Digested in place, not serialized: the branch re-records the rewind checkpoint's own artifact.
+        state, _ = flatten_state(replayer.inner, replayer.optimizer, copy=False)
+        if checkpoint_digest({n: tensor_digest(t) for n, t in state.items()}) != rewind["digest"]:
             raise UnlearningError(f"the rewind checkpoint (seq {rewind_seq}) does not restore to its own digest")
         # Nothing appended before this point; from here on the ledger commits only at tree heads.
         ledger.group = _NO_AUTOCOMMIT
@@ -327,7 +328,11 @@ def unlearn(
             ledger.tree_head(key)
             return made.digest
 
-        head = checkpoint(rewind["step"])
+        del state
+        # The branch starts from the rewind state itself: the same body and the artifact already stored.
+        ledger.append("Checkpoint", dict(rewind), key)
+        ledger.tree_head(key)
+        head = rewind["digest"]
         pending = [b["step"] for _, b in run.checkpoints if b["step"] > rewind["step"]]
         skipped: list[int] = []
         replayed = 0
