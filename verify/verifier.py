@@ -21,9 +21,7 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import VerificationError
 
 from ._internal import challenge, environment
-from ._internal.manifests import parse_manifest, split_dataset
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
-from ._internal.routing import parse_policy
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
 from ._internal.structure import Structure, check_structure
@@ -96,7 +94,7 @@ class Verifier:
         for obs in observations:
             if obs.type == "RunStarted" and obs.seq in runs and runs[obs.seq]:
                 try:
-                    ctx = _context(source, observations, obs, structure.routing.get(obs.seq))
+                    ctx = _context(source, structure, obs)
                 except VerificationError as exc:
                     report.add("replay", "fail", str(exc.args[0]), seq=exc.seq or obs.seq)
                     _certificate_replay(report, observations, error=exc)
@@ -206,23 +204,23 @@ def _first_failed(results: list[SegmentResult]) -> SegmentResult | None:
     return min(bad, key=lambda r: (r.seq if r.seq is not None else math.inf)) if bad else None
 
 
-def _context(source: Source, observations: list[Sealed], run: Sealed, routing: Sequence[Any] | None) -> RunContext | None:
+def _context(source: Source, structure: Structure, run: Sealed) -> RunContext | None:
     """Labels per dataset index and the policy's profiles, for replaying ``run`` (None: no inputs).
 
-    The labels are the ones the structural checks recomputed for the run (on an unlearning branch,
-    re-aggregated without the retired source), never read from an artifact the trainer chose.
+    The labels and policy are the ones the structural checks parsed and recomputed for the run (on
+    an unlearning branch, re-aggregated without the retired source), never read from an artifact
+    the trainer chose.
     """
     settings = run.body["settings"]
-    ds_seq = settings["dataset"]["seq"]
-    dataset = observations[ds_seq].body
-    if "data" not in dataset or source.artifact(dataset["data"]) is None:
+    dataset = structure.datasets[settings["dataset"]["seq"]]
+    if dataset.data is None or source.artifact(dataset.data) is None:
         return None
-    manifests = [parse_manifest(item) for item in split_dataset(source.artifact(dataset["manifests"]) or b"")]
-    labels = [m.label for m in manifests]
+    labels = [m.label for m in dataset.manifests]
+    routing = structure.routing.get(run.seq)
     if routing is not None:
         # A removed example (None) keeps a placeholder: the routing check forbids training on it.
         labels = [r.label if r is not None else label for r, label in zip(routing, labels)]
-    policy = parse_policy(observations[settings["policy_seq"]].body["policy"])
+    policy = structure.policies[settings["policy_seq"]]
     profiles = {r: list(policy.outcome(r).profile) for r in range(-1, len(policy.rules))}
-    return RunContext(run.seq, run.body["artifacts"]["program"], dataset["data"], settings, labels, profiles,
+    return RunContext(run.seq, run.body["artifacts"]["program"], dataset.data, settings, labels, profiles,
                       dict(run.body["environment"]))

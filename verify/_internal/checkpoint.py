@@ -24,10 +24,13 @@ class CheckpointError(VerificationError):
 def tensor_digest(t: Tensor) -> bytes:
     """SHA-256(CBOR ["gradledger/tensor/v1", dtype, shape, data]), data little-endian C order."""
     t = t.detach().cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.sha256(
-        encoding.encode([TENSOR_DOMAIN, str(t.dtype).removeprefix("torch."), list(t.shape), data])
-    ).digest()
+    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    h = hashlib.sha256()
+    # The canonical CBOR of the 4-item array, with the data streamed rather than copied into it.
+    h.update(b"\x84" + encoding.encode(TENSOR_DOMAIN) + encoding.encode(str(t.dtype).removeprefix("torch."))
+             + encoding.encode(list(t.shape)) + encoding.bstr_header(memoryview(data).nbytes))
+    h.update(data)
+    return h.digest()
 
 
 def checkpoint_digest(digests: Mapping[str, bytes]) -> bytes:

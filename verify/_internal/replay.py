@@ -151,12 +151,15 @@ def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None]) -> _Loaded
     return _CACHE
 
 
-def _band_norm(grads: Sequence[Tensor]) -> Tensor:
-    # specs/routing.md §5: per-parameter L2 in the gradient's dtype, then L2 of those in float64.
-    if not grads:
+def _l2_of_norms(norms: Sequence[Tensor]) -> Tensor:
+    # specs/routing.md §5: the per-parameter L2s (in the parameter's dtype), then their L2 in float64.
+    if not norms:
         return torch.zeros((), dtype=torch.float64)
-    norms = torch._foreach_norm(list(grads), 2)
     return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]), 2)
+
+
+def _band_norm(grads: Sequence[Tensor]) -> Tensor:
+    return _l2_of_norms(torch._foreach_norm(list(grads), 2) if grads else [])
 
 
 def _close(a: float, b: float, exact: bool) -> tuple[bool, float]:
@@ -317,9 +320,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             per = torch._foreach_norm(before, 2) if before else []
             updates, pos = [], 0
             for size in sizes:
-                chunk = per[pos : pos + size]
-                updates.append(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in chunk]), 2)
-                               if size else torch.zeros((), dtype=torch.float64))
+                updates.append(_l2_of_norms(per[pos : pos + size]))
                 pos += size
         for k, (a, b) in enumerate(zip(torch.stack(updates).tolist(), u["band_update_norms"])):
             ok, d = _close(a, b, exact)
