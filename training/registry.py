@@ -79,9 +79,29 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     )
 
 
+#: Hyper-parameters that the optimizer's name fixes, so the record need not state them
+#: (specs/training.md §6): AdamW is Adam with decoupled weight decay.
+IMPLIED: dict[str, dict[str, Any]] = {"adamw": {"decoupled_weight_decay": True}}
+
+
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Per parameter group, the registry's hyper-parameters as plain values, in group order."""
-    _, keys = OPTIMIZERS[optimizer_name(optimizer)]
+    """Per parameter group, the registry's hyper-parameters as plain values, in group order.
+
+    A group holding a number, flag or tensor under any other key (a scheduler's ``initial_lr``,
+    a setting of a newer torch) is refused: the checkpoint would carry a hyper-parameter that
+    the record does not state, and the verifier refuses that (specs/replay.md §3).
+    """
+    name = optimizer_name(optimizer)
+    _, keys = OPTIMIZERS[name]
+    implied = IMPLIED.get(name, {})
+    for g, group in enumerate(optimizer.param_groups):
+        for k, v in group.items():
+            if k in keys or k == "params" or not isinstance(v, (bool, int, float, Tensor)):
+                continue
+            if k not in implied or _plain(v) != implied[k]:
+                raise GovernanceError(
+                    f"optimizer param group {g} holds {k}={_plain(v)!r}, a hyper-parameter the record "
+                    f"of a {name} run cannot state; replay would not reproduce it")
     return [{k: _plain(group[k]) for k in keys if k in group} for group in optimizer.param_groups]
 
 
@@ -110,6 +130,7 @@ def build_optimizer(description: Mapping[str, Any], groups: Iterable[Iterable[nn
 
 
 __all__ = [
+    "IMPLIED",
     "LOSSES",
     "OPTIMIZERS",
     "build_optimizer",

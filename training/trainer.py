@@ -226,6 +226,7 @@ class Governance:
         self._loss_value: float | None = None
         self._order: tuple[int, list[int]] | None = None
         self._saved: tuple[bool, bool, int] | None = None
+        self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
 
     # -- setup -----------------------------------------------------------------------
 
@@ -252,6 +253,7 @@ class Governance:
                 "artifacts": {"program": artifact},
                 "settings": self._settings(optimizer, probe),
             }
+            self._run_optimizer = body["settings"]["optimizer"]
             if self.description is not None:
                 body["description"] = self.description
             self.run_seq = self.ledger.append("RunStarted", body, self.key).seq
@@ -279,6 +281,7 @@ class Governance:
         self.step = body["step"]
         check_routing(gated, self._batch(self.step).inputs)
         self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
+        self._run_optimizer = settings["optimizer"]
         self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
         self._begin()
         return gated, GovernedOptimizer(optimizer, self), GovernedLoader(self)
@@ -534,6 +537,7 @@ class Governance:
         grad_norms = clip_bands(gated, gated.bands, batch.limits)  # routed, pre-clip norms
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
             raise GovernanceError(f"step {self.step}: non-finite loss or band gradient norm; step refused")
+        self._check_hyperparameters(optimizer)
         params = self._flat_params
         if self._snapshot is None:
             # Reused step to step (no allocation, no page faults); dropped at checkpoints.
@@ -546,6 +550,16 @@ class Governance:
         self._drawn, self._output, self._loss_value = None, None, None
         if self.step % self.checkpoint_every == 0:
             self._checkpoint()
+
+    def _check_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+        # specs/training.md §6: a run's hyper-parameters are its RunStarted's; a change mid-run
+        # (a scheduler, a hand edit of param_groups) is refused before the step, not recorded.
+        recorded = self._run_optimizer
+        now = describe_optimizer(optimizer)
+        if recorded is not None and encoding.encode(now) != encoding.encode(recorded):
+            raise GovernanceError(
+                f"step {self.step}: the optimizer's hyper-parameters are {now['groups']}, but the run recorded "
+                f"{recorded['groups']} at RunStarted; they are fixed for a run (specs/training.md §6)")
 
     def _record(
         self, batch: Batch, loss: float, grad_norms: list[float], update_norms: list[float],

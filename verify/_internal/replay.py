@@ -25,6 +25,7 @@ from gradledger.ledger import encoding
 from gradledger.ledger.errors import VerificationError
 
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
+from .hyperparams import HyperParameterMismatch, check_checkpoint_groups, check_description, check_step, group_kwargs
 from .program import load_program
 
 STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
@@ -169,44 +170,44 @@ def _close(a: float, b: float, exact: bool) -> tuple[bool, float]:
     return abs(a - b) <= ATOL or dev <= RTOL, dev
 
 
-def _optimizer(ctx: RunContext, params: Mapping[str, Tensor], groups: Sequence[Mapping[str, Any]]) -> torch.optim.Optimizer:
+def _optimizer(ctx: RunContext, params: Mapping[str, Tensor]) -> torch.optim.Optimizer:
+    """The run's optimizer, built from RunStarted ``settings.optimizer`` alone (specs/replay.md §3 step 2)."""
     settings = ctx.settings
-    name = settings["optimizer"]["name"]
-    cls = OPTIMIZERS.get(name)
-    if cls is None:
-        raise ReplayError(f"optimizer {name!r} is not one the spec defines", seq=ctx.run_seq)
+    try:
+        check_description(settings["optimizer"], "RunStarted settings.optimizer")
+    except HyperParameterMismatch as exc:
+        raise ReplayError(str(exc), seq=ctx.run_seq) from None
+    recorded = settings["optimizer"]
     names = settings["param_groups"]
-    if len(names) != len(groups):
+    if len(names) != len(recorded["groups"]):
         raise ReplayError("the recorded optimizer groups do not match the recorded parameter groups", seq=ctx.run_seq)
     built = []
-    for ns, g in zip(names, groups):
+    for ns, kwargs in zip(names, group_kwargs(recorded)):
         try:
             ps = [params["model." + n] for n in ns]
         except KeyError as exc:
             raise ReplayError(f"parameter {exc.args[0]!r} is not in the model program", seq=ctx.run_seq) from None
-        built.append({"params": ps, **{k: tuple(v) if k == "betas" else v for k, v in g.items()}})
-    return cls(built)
+        built.append({"params": ps, **kwargs})
+    return OPTIMIZERS[recorded["name"]](built)
 
 
-def _restore(module: Any, opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], scalars: Mapping[str, str]) -> None:
+def _restore(module: Any, opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], scalars: Mapping[str, str],
+             recorded: Mapping[str, Any]) -> None:
+    """Load the model and the optimizer's per-parameter state; the checkpoint's hyper-parameters are
+    checked against ``recorded`` (RunStarted ``settings.optimizer``), never loaded (specs/replay.md §3)."""
     def value(name: str) -> Any:
         kind = scalars.get(name)
         return {"bool": bool, "int": int, "float": float}[kind](tensors[name].item()) if kind else tensors[name]
 
+    check_checkpoint_groups(recorded, tensors)
     state = {n: value(n) for n in tensors if n.startswith("model.")}
     module.load_state_dict(state, strict=True)
-    live = opt.state_dict()
-    groups = [dict(g) for g in live["param_groups"]]
     opt_state: dict[int, dict[str, Any]] = {}
     for name in tensors:
         parts = name.split(".", 3)
-        if parts[0] != "optim":
-            continue
-        if parts[1] == "state":
+        if parts[0] == "optim" and parts[1] == "state":
             opt_state.setdefault(int(parts[2]), {})[parts[3]] = value(name)
-        elif parts[1] == "group":
-            groups[int(parts[2])][parts[3]] = value(name)
-    opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def _flatten(module: Any, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -255,9 +256,12 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
     assert inputs is not None
     tensors, scalars = load_checkpoint(artifact(seg.start["artifact"]), seg.start, seg.start_seq)
-    first_groups = seg.updates[0][1]["optimizer"]["groups"] if seg.updates else settings["optimizer"]["groups"]
-    opt = _optimizer(ctx, params, first_groups)
-    _restore(module, opt, tensors, scalars)
+    opt = _optimizer(ctx, params)
+    try:
+        _restore(module, opt, tensors, scalars, settings["optimizer"])
+    except HyperParameterMismatch as exc:
+        raise ReplayError(f"Checkpoint for step {seg.start['step']}: {exc}", seq=seg.start_seq,
+                          step=seg.start["step"]) from None
     del tensors
     bands = [[params["model." + n] for n in ns] for ns in settings["band_params"]]
     flat = [p for ps in bands for p in ps]
@@ -279,9 +283,10 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
 
         if u["seeds"]["step"] != step_seed(run_seed, step) or u["seeds"]["run"] != run_seed:
             raise fail("the recorded seed does not follow the run's seed rule")
-        for group, recorded in zip(opt.param_groups, u["optimizer"]["groups"]):
-            for k, v in recorded.items():
-                group[k] = tuple(v) if k == "betas" else v
+        try:  # the optimizer was built from RunStarted; each step must state the same values
+            check_step(settings["optimizer"], u)
+        except HyperParameterMismatch as exc:
+            raise fail(str(exc)) from None
         index = torch.tensor(u["batch"], dtype=torch.int64)
         x = inputs[index]
         labels = labels_all[index]
