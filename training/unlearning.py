@@ -2,17 +2,15 @@
 replay the recorded batches without it, record the branch and an UnlearningCertificate
 (specs/unlearning.md is the normative twin).
 
-Replay needs nothing but the ledger: the exported program of RunStarted (``torch.export``, loaded
-weights-only, never unpickled), the rewind checkpoint (safetensors), the committed manifests and
-the committed inputs. With the same software and hardware the branch equals, bit for bit, a
+Replay needs nothing but the ledger: the exported program of RunStarted (``torch.export.save``,
+read by the verifier's strict loader, ``gradledger.ledger.program``: nothing unpickled or
+executed), the rewind checkpoint (safetensors), the committed manifests and the committed inputs. With the same software and hardware the branch equals, bit for bit, a
 governed run from scratch on the recorded order without the source (tests/test_unlearning.py).
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -21,6 +19,8 @@ from torch import nn
 
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
+from gradledger.ledger.program import ProgramError, ProgramModule
+from gradledger.ledger.program import load_program as read_program
 
 from .bands import BandLayout, ResolvedBands
 from .checkpoints import checkpoint_digest, flatten_state, make_checkpoint, read_checkpoint, restore, tensor_digest
@@ -167,19 +167,15 @@ def first_affected_update(ledger: Ledger, run: _Run, source: str, affected: set[
 
 
 def load_program(data: bytes) -> nn.Module:
-    """The run's exported gate as a module, loaded with torch's weights-only unpickler forced."""
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    """The run's exported gate as a module, read by the verifier's strict loader (specs/replay.md §2).
+
+    One loader for both sides: nothing in the archive is unpickled, executed or evaluated
+    (``torch.export.load`` would exec its ``guards_code`` and sympify its sizes).
+    """
     try:
-        program = torch.export.load(io.BytesIO(data))
-    except Exception as exc:  # torch raises many types for a malformed archive
-        raise UnlearningError(f"the run's exported program does not load: {exc}") from None
-    finally:
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
-    return program.module()
+        return ProgramModule(read_program(data))
+    except ProgramError as exc:
+        raise UnlearningError(f"the run's exported program is refused: {exc.args[0]}") from None
 
 
 class _Replayer:
@@ -239,7 +235,10 @@ class _Replayer:
         limits = batch_limits(self.policy.compiled, rules)
         self.optimizer.zero_grad(set_to_none=True)
         torch.default_generator.manual_seed(original["seeds"]["step"])
-        out = self.module(self.inputs[index], self.profiles[index])
+        try:
+            out = self.module(self.inputs[index], self.profiles[index])
+        except ProgramError as exc:
+            raise UnlearningError(f"step {original['step']}: the run's program fails: {exc.args[0]}") from None
         loss_t = self.loss_fn(out, self.labels[index])
         loss = float(loss_t.detach())
         loss_t.backward()

@@ -26,7 +26,7 @@ from gradledger.ledger.errors import VerificationError
 
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
 from .hyperparams import HyperParameterMismatch, check_checkpoint_groups, check_description, check_step, group_kwargs
-from .program import load_program
+from .program import ProgramError, load_program
 
 STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
@@ -124,32 +124,44 @@ class SegmentResult:
 
 @dataclass
 class _Loaded:
-    """Per process: the program module and inputs of the run being replayed (loaded once)."""
+    """One run's program module and inputs, loaded from the bundle being verified."""
 
-    key: tuple[bytes, bytes] = (b"", b"")
-    module: Any = None
-    inputs: Tensor | None = None
-    by_name: dict[str, Tensor] = field(default_factory=dict)
-
-
-_CACHE = _Loaded()
+    module: Any
+    inputs: Tensor
+    by_name: dict[str, Tensor]
 
 
-def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None]) -> _Loaded:
+@dataclass
+class ReplayCache:
+    """What one verification (one ``run_jobs`` call, or one worker's task) has loaded, by digest.
+
+    Never shared across verifications (issue 9): a program or inputs artifact is read from the
+    bundle under verification, every time a new verification starts.
+    """
+
+    loaded: dict[tuple[bytes, bytes], _Loaded] = field(default_factory=dict)
+
+
+def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None], cache: ReplayCache | None) -> _Loaded:
     from safetensors.torch import load
 
-    if _CACHE.key != (ctx.program, ctx.inputs):
-        raw = artifact(ctx.program)
-        if raw is None:
-            raise ReplayError("the model program artifact is not in the bundle", seq=ctx.run_seq)
+    key = (ctx.program, ctx.inputs)
+    if cache is not None and key in cache.loaded:
+        return cache.loaded[key]
+    raw = artifact(ctx.program)
+    if raw is None:
+        raise ReplayError("the model program artifact is not in the bundle", seq=ctx.run_seq)
+    try:
         module = load_program(raw)
-        data = artifact(ctx.inputs)
-        if data is None:
-            raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
-        inputs = load(data)["x"]
-        _CACHE.key, _CACHE.module, _CACHE.inputs = (ctx.program, ctx.inputs), module, inputs
-        _CACHE.by_name = dict(module.named_parameters())
-    return _CACHE
+    except ProgramError as exc:
+        raise ReplayError(f"the model program named by RunStarted is refused: {exc.args[0]}", seq=ctx.run_seq) from None
+    data = artifact(ctx.inputs)
+    if data is None:
+        raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
+    loaded = _Loaded(module, load(data)["x"], dict(module.named_parameters()))
+    if cache is not None:
+        cache.loaded[key] = loaded
+    return loaded
 
 
 def _l2_of_norms(norms: Sequence[Tensor]) -> Tensor:
@@ -238,23 +250,24 @@ def _flatten(module: Any, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
 
 
 def replay_segment(
-    ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], *, exact: bool
+    ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], *, exact: bool,
+    cache: ReplayCache | None = None,
 ) -> SegmentResult:
-    """Replay one segment; never raises for a mismatch, reports it."""
+    """Replay one segment; never raises for a mismatch, reports it. ``cache``: the verification's own."""
     started = time.perf_counter()
     try:
-        dev = _replay(ctx, seg, artifact, exact)
+        dev = _replay(ctx, seg, artifact, exact, cache)
     except (ReplayError, CheckpointError, VerificationError) as exc:
         return SegmentResult(seg.index, False, len(seg.updates), time.perf_counter() - started,
                              str(exc.args[0]), exc.seq, getattr(exc, "step", None))
     return SegmentResult(seg.index, True, len(seg.updates), time.perf_counter() - started, max_deviation=dev)
 
 
-def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool) -> float:
+def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool,
+            cache: ReplayCache | None) -> float:
     settings = ctx.settings
-    loaded = _load(ctx, artifact)
+    loaded = _load(ctx, artifact, cache)
     module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
-    assert inputs is not None
     tensors, scalars = load_checkpoint(artifact(seg.start["artifact"]), seg.start, seg.start_seq)
     opt = _optimizer(ctx, params)
     try:

@@ -19,7 +19,7 @@ from gradledger.ledger import encoding
 from gradledger.ledger.envelope import Sealed
 
 from . import environment
-from .replay import ReplayError, RunContext, Segment, SegmentResult, replay_segment
+from .replay import ReplayCache, ReplayError, RunContext, Segment, SegmentResult, replay_segment
 
 
 def plan_segments(observations: Sequence[Sealed]) -> dict[int, list[Segment]]:
@@ -89,9 +89,10 @@ def run_jobs(
     """Replay every job; results in job order."""
     if workers <= 1 or len(jobs) <= 1:
         results = []
+        cache = ReplayCache()  # this call's own: nothing loaded is reused by another verification
         for ctx, seg in jobs:
             environment.prepare(ctx.environment)
-            result = replay_segment(ctx, seg, artifact, exact=exact)
+            result = replay_segment(ctx, seg, artifact, exact=exact, cache=cache)
             results.append(result)
             if progress:
                 progress(result)

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from . import environment
-from .replay import RunContext, Segment, replay_segment
+from .replay import ReplayCache, RunContext, Segment, replay_segment
 from .segments import _frame, read_frame
 from .sources import open_source
 
@@ -18,11 +18,12 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     source = open_source(task["source"])
+    cache = ReplayCache()  # this task's own
     try:
         for ctx_obj, seg_obj in task["jobs"]:
             ctx, seg = RunContext.from_obj(ctx_obj), Segment.from_obj(seg_obj)
             environment.prepare(ctx.environment)
-            result = replay_segment(ctx, seg, source.artifact, exact=task["exact"])
+            result = replay_segment(ctx, seg, source.artifact, exact=task["exact"], cache=cache)
             sys.stdout.buffer.write(_frame(result.to_obj()))
             sys.stdout.buffer.flush()
     finally:
