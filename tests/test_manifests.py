@@ -205,19 +205,40 @@ def test_not_canonical_or_not_a_pair_is_rejected() -> None:
             parse_manifest(bad)
 
 
-# -- the signer rule and credential validity --------------------------------
+# -- the vote rule and credential validity ----------------------------------
 
 
-def test_signers_allowed_source_authority_root() -> None:
+def one_source_manifest(key: SigningKey, cred: C.Credential = WORLD.source_cred, time: int = 100) -> Any:
+    return label_example(example=EXAMPLE, sources=[source_entry(cred, 1, 0.9)], aggregation="single",
+                         ontology="chest-xray/v3", review="accepted", key=key, time=time)
+
+
+def test_votes_signed_by_their_source_or_an_authority_over_it() -> None:
     reg = registry()
-    for key in (WORLD.source, LF_B, WORLD.authority, WORLD.root):
-        verify_manifest(two_source_manifest(key), reg)
+    # specs/manifests.md §4: the authority and the root above both sources attest both votes...
+    for key in (WORLD.authority, WORLD.root):
+        m = two_source_manifest(key)
+        assert [src["attested_by"] for src in m.manifest["sources"]] == [key.key_id] * 2
+        verify_manifest(m, reg)
+    # ...and a source signs its own vote, with nothing to attest.
+    for key, cred in ((WORLD.source, WORLD.source_cred), (LF_B, LF_B_CRED)):
+        m = one_source_manifest(key, cred)
+        assert "attested_by" not in m.manifest["sources"][0]
+        verify_manifest(m, reg)
+
+
+def test_a_source_may_not_sign_another_sources_vote() -> None:
+    # Issue 10.8: one listed source used to be enough to sign every listed vote.
+    reg = registry()
+    for key, other in ((WORLD.source, "'lf-b'"), (LF_B, "'dr-a'")):
+        with pytest.raises(ManifestError, match=f"the vote of source {other} is signed by"):
+            verify_manifest(two_source_manifest(key), reg)
 
 
 def test_unrelated_authority_source_or_trainer_is_refused() -> None:
     reg = registry()
     for key, who in ((OTHER_AUTHORITY, "'other'"), (LF_C, "'lf-c'"), (WORLD.trainer, "'trainer-1'")):
-        with pytest.raises(ManifestError, match=f"signer {who} .*neither one of its sources"):
+        with pytest.raises(ManifestError, match=f"signed by {who} .*neither that source nor an authority"):
             verify_manifest(two_source_manifest(key), reg)
 
 
@@ -229,9 +250,9 @@ def test_unknown_signer_is_refused() -> None:
 def test_revoked_source_signer_refused_naming_it() -> None:
     reg = registry()
     reg.revoke(WORLD.source_cred.key_id, 50, WORLD.authority.key_id)
-    verify_manifest(two_source_manifest(WORLD.source, time=49), reg)  # signed before revocation
+    verify_manifest(one_source_manifest(WORLD.source, time=49), reg)  # signed before revocation
     with pytest.raises(ManifestError, match="source 'dr-a' .*revoked at time 50"):
-        verify_manifest(two_source_manifest(WORLD.source, time=50), reg)
+        verify_manifest(one_source_manifest(WORLD.source, time=50), reg)
     # Even when someone else signs, a listed source that was revoked is refused.
     with pytest.raises(ManifestError, match="source 'dr-a' .*revoked"):
         verify_manifest(two_source_manifest(WORLD.authority, time=60), reg)

@@ -55,13 +55,25 @@ def test_majority_and_single_rows() -> None:
         verify_manifest(m, reg)
 
 
-def test_lf_keys_sign_with_first_voter_and_verify() -> None:
-    result = run(signer=None, lf_keys=KEYS)
-    signers = [m.signer for m in result.manifests]
-    assert signers == [KEYS[n].key_id for n in ("lf-keyword", "lf-regex", "lf-keyword", "lf-keyword", "lf-length")]
+def test_lf_keys_sign_only_their_own_votes() -> None:
+    # specs/manifests.md §4: a function's key signs its own vote, never another function's.
+    single = np.array([[-1, 2, -1], [-1, -1, -1], [0, -1, -1], [-1, -1, 1]])
+    result = run(L=single, inputs=INPUTS[:4], signer=None, lf_keys=KEYS)
+    assert [m.signer for m in result.manifests] == [KEYS[n].key_id for n in ("lf-regex", "lf-keyword", "lf-length")]
     reg = registry()
     for m in result.manifests:
+        assert "attested_by" not in m.manifest["sources"][0]
         verify_manifest(m, reg)
+    with pytest.raises(DatasetError, match="row 0 lists 3 labeling functions"):
+        run(signer=None, lf_keys=KEYS)
+    with pytest.raises(DatasetError, match="row 0 lists 3 labeling functions"):
+        run(L=single, inputs=INPUTS[:4], signer=None, lf_keys=KEYS, include_abstains=True)
+
+
+def test_the_authority_attests_every_functions_vote() -> None:
+    result = run(include_abstains=True)
+    for m in result.manifests:
+        assert [src["attested_by"] for src in m.manifest["sources"]] == [WORLD.authority.key_id] * len(NAMES)
 
 
 def test_confidence_weights_break_majorities() -> None:

@@ -2,8 +2,10 @@
 
 A manifest says which example (by the digest of its input bytes) carries which label, which
 credentialed sources voted for it and how their votes were aggregated. It is signed with the
-``manifest`` purpose by a source, by an authority above a source, or by the root above them.
-specs/manifests.md is the normative twin of this module; the verifier reimplements it from there.
+``manifest`` purpose. Every vote in it is signed by its own source, or by an authority (or the
+root) above that source acting on its behalf, which a version-2 manifest records in the entry's
+``attested_by`` (specs/manifests.md §4). specs/manifests.md is the normative twin of this
+module; the verifier reimplements it from there.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from gradledger.ledger.keys import SigningKey, verify_signature
 
 from .errors import DatasetError, ManifestError
 
-MANIFEST_VERSION = 1
+#: Version 2 records, per source entry, the authority that signs its vote on its behalf.
+#: Version 1 (no such field) is still read, and held to the same rule (specs/manifests.md §4).
+MANIFEST_VERSION = 2
+MANIFEST_VERSIONS = (1, 2)
 ABSTAIN = -1
 AGGREGATIONS = ("single", "majority", "label-model")
 REVIEW_STATES = ("accepted", "fixed", "rejected", "pending")
@@ -71,24 +76,33 @@ def _short_text(limit: int) -> s.Check:
     return check
 
 
-SOURCE_SCHEMA = s.record("source", source=s.name, key_id=s.digest, vote=_vote, confidence=_unit)
+_SOURCE_FIELDS: dict[str, Any] = dict(source=s.name, key_id=s.digest, vote=_vote, confidence=_unit)
+SOURCE_SCHEMA_V1 = s.record("source", **_SOURCE_FIELDS)
+SOURCE_SCHEMA = s.record("source", **_SOURCE_FIELDS, attested_by=(s.digest, False))
 PRELABEL_SCHEMA = s.record("prelabel", run=_short_text(255), checkpoint=s.digest)
-MANIFEST_SCHEMA = s.record(
-    "manifest",
-    v=s.one_of(MANIFEST_VERSION),
-    example=s.digest,
-    label=_class_index,
-    sources=s.array(SOURCE_SCHEMA, max_items=MAX_SOURCES, min_items=1),
-    aggregation=s.one_of(*AGGREGATIONS),
-    consensus=_unit,
-    confidence=_unit,
-    ontology=_short_text(MAX_ONTOLOGY),
-    review=s.one_of(*REVIEW_STATES),
-    prelabel=(PRELABEL_SCHEMA, False),
-    probs=(s.array(_unit, max_items=MAX_CLASSES, min_items=1), False),
-    signer=s.digest,
-    time=s.uint,
-)
+
+
+def _manifest_schema(version: int, source: s.Schema) -> s.Schema:
+    return s.record(
+        "manifest",
+        v=s.one_of(version),
+        example=s.digest,
+        label=_class_index,
+        sources=s.array(source, max_items=MAX_SOURCES, min_items=1),
+        aggregation=s.one_of(*AGGREGATIONS),
+        consensus=_unit,
+        confidence=_unit,
+        ontology=_short_text(MAX_ONTOLOGY),
+        review=s.one_of(*REVIEW_STATES),
+        prelabel=(PRELABEL_SCHEMA, False),
+        probs=(s.array(_unit, max_items=MAX_CLASSES, min_items=1), False),
+        signer=s.digest,
+        time=s.uint,
+    )
+
+
+MANIFEST_SCHEMAS = {1: _manifest_schema(1, SOURCE_SCHEMA_V1), 2: _manifest_schema(2, SOURCE_SCHEMA)}
+MANIFEST_SCHEMA = MANIFEST_SCHEMAS[MANIFEST_VERSION]
 
 
 # -- example ids ----------------------------------------------------------
@@ -314,16 +328,21 @@ def source_entry(credential: Credential, vote: int, confidence: float = 1.0) -> 
     return {"source": credential.subject, "key_id": credential.key_id, "vote": int(vote), "confidence": float(confidence)}
 
 
-def _normalized_sources(sources: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _normalized_sources(sources: Sequence[Mapping[str, Any]], signer: bytes) -> list[dict[str, Any]]:
     out = []
     for src in sources:
         vote = src["vote"]
-        out.append({
+        entry = {
             "source": src["source"],
             "key_id": bytes(src["key_id"]),
             "vote": int(vote) if type(vote) is not bool else vote,  # numpy ints in, CBOR ints out
             "confidence": float(src["confidence"]),
-        })
+        }
+        # The signature is the signer's: every vote that is not the signer's own is one it signs
+        # on that source's behalf, and says so. A re-signer (retirement) becomes the attester.
+        if entry["key_id"] != signer:
+            entry["attested_by"] = signer
+        out.append(entry)
     # One content, one encoding: sources are kept in key-id order.
     return sorted(out, key=lambda src: src["key_id"])
 
@@ -343,12 +362,17 @@ def sign_manifest(
     prelabel: Mapping[str, Any] | None = None,
     probs: Sequence[float] | None = None,
 ) -> SignedManifest:
-    """Build, check and sign a manifest. Refuses fields that ``parse_manifest`` would refuse."""
+    """Build, check and sign a version-2 manifest. Refuses fields that ``parse_manifest`` would refuse.
+
+    Each source entry other than the signer's own gets ``attested_by`` = the signer's key id:
+    the signer signs that vote on the source's behalf, and ``verify_manifest`` accepts that only
+    from an authority or root above the source.
+    """
     body: dict[str, Any] = {
         "v": MANIFEST_VERSION,
         "example": bytes(example),
         "label": int(label),
-        "sources": _normalized_sources(sources),
+        "sources": _normalized_sources(sources, key.key_id),
         "aggregation": aggregation,
         "consensus": float(consensus),
         "confidence": float(confidence),
@@ -391,10 +415,27 @@ def label_example(
 
 def _validate(body: Any) -> None:
     try:
-        MANIFEST_SCHEMA.validate(body)
+        version = body.get("v") if type(body) is dict else None
+        if type(version) is not int or version not in MANIFEST_SCHEMAS:
+            raise SchemaError(f"manifest.v: expected one of {list(MANIFEST_VERSIONS)}, got {version!r}")
+        MANIFEST_SCHEMAS[version].validate(body)
     except SchemaError as exc:
         raise ManifestError(f"malformed manifest: {exc}") from None
     check_consistent(body)
+    if body["v"] >= 2:
+        check_attestations(body)
+
+
+def check_attestations(m: Mapping[str, Any]) -> None:
+    """Version 2 (specs/manifests.md §1): an entry carries ``attested_by`` iff its key is not the
+    signer's, and then it names the signer, the only key whose signature the manifest carries."""
+    for src in m["sources"]:
+        own = src["key_id"] == m["signer"]
+        if own and "attested_by" in src:
+            raise ManifestError(f"source {src['source']!r} is the signer: its entry must not carry attested_by")
+        if not own and src.get("attested_by") != m["signer"]:
+            raise ManifestError(
+                f"source {src['source']!r} is not the signer, so its entry must name the signer in attested_by")
 
 
 def parse_manifest(signed: bytes) -> SignedManifest:
@@ -430,12 +471,13 @@ def _chain_above(registry: CredentialRegistry, cred: Credential) -> list[bytes]:
 
 
 def verify_manifest(m: SignedManifest, registry: CredentialRegistry) -> None:
-    """Raise ``ManifestError`` unless ``m`` is validly signed by a permitted, valid signer.
+    """Raise ``ManifestError`` unless ``m`` is validly signed and every vote in it is attested.
 
-    The signer must be one of the manifest's sources, or an authority or root on the issuer
-    chain of one of its sources. At the manifest's ``time`` the signer's credential and every
-    source's credential (with their issuer chains) must be in window and unrevoked, and each
-    source's name must be its credential's subject.
+    specs/manifests.md §4: each source's vote is signed by that source itself (it is the
+    signer) or by an authority or root on the issuer chain of that source's credential, acting
+    on its behalf (recorded in ``attested_by`` from version 2 on). At the manifest's ``time``
+    the signer's credential and every source's credential (with their issuer chains) must be in
+    window and unrevoked, and each source's name must be its credential's subject.
     """
     body, at = m.manifest, m.manifest["time"]
     where = f"manifest for example {_short(body['example'])}"
@@ -448,7 +490,6 @@ def verify_manifest(m: SignedManifest, registry: CredentialRegistry) -> None:
     except SignatureError:
         raise ManifestError(f"{where}: signature does not verify for signer {signer.subject!r}") from None
 
-    may_sign = False
     for src in body["sources"]:
         name = src["source"]
         try:
@@ -457,12 +498,11 @@ def verify_manifest(m: SignedManifest, registry: CredentialRegistry) -> None:
             raise ManifestError(f"{where}: source {name!r} is not valid at time {at}: {exc}") from None
         if cred.subject != name:
             raise ManifestError(f"{where}: source {name!r} uses the key credentialed to {cred.subject!r}")
-        may_sign = may_sign or signer.key_id == cred.key_id or signer.key_id in _chain_above(registry, cred)
-    if not may_sign:
-        raise ManifestError(
-            f"{where}: signer {signer.subject!r} ({signer.role} at {signer.path}) is neither one of its "
-            f"sources nor an authority or root above one of them"
-        )
+        if signer.key_id != cred.key_id and signer.key_id not in _chain_above(registry, cred):
+            raise ManifestError(
+                f"{where}: the vote of source {name!r} is signed by {signer.subject!r} ({signer.role} at "
+                f"{signer.path}), which is neither that source nor an authority or root above it"
+            )
     try:
         registry.check(signer.key_id, at, (signer.role,), what="sign manifests")
     except CredentialError as exc:

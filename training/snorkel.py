@@ -58,9 +58,12 @@ def import_label_matrix(
 
     - Examples: ``inputs`` (n arrays, tensors or byte strings, hashed with ``example_id``)
       or ``example_ids`` (n precomputed 32-byte ids), exactly one.
-    - Signing: ``signer`` signs every manifest (typically the authority that owns the
-      labeling functions), or ``lf_keys`` gives each function's key and a row is signed by
-      its first voting function in column order. Exactly one.
+    - Signing: ``signer`` signs every manifest (the authority that issued the labeling
+      functions' credentials, or one above it), attesting each function's vote on its behalf
+      (``attested_by``, specs/manifests.md §4); or ``lf_keys`` gives each function's key and a
+      row is signed by its one listed function. Exactly one. A vote must be signed by its own
+      source or by an authority over it, so with ``lf_keys`` a row that lists several functions
+      (several votes, or abstentions with ``include_abstains``) is refused.
     - Aggregation: with ``probs`` (n x k label-model probabilities) every manifest uses
       ``label-model`` and carries its row of ``probs``; otherwise ``single`` for a row with
       one vote and ``majority`` for more, each vote weighted by ``lf_confidence`` (per
@@ -88,6 +91,11 @@ def import_label_matrix(
             result.unlabeled.append(Unlabeled(i, ids[i]))
             continue
         columns = range(m) if include_abstains else voters
+        if lf_keys is not None and len(columns) != 1:
+            # One function's key may sign only its own vote (specs/manifests.md §4).
+            raise DatasetError(
+                f"row {i} lists {len(columns)} labeling functions; each vote must be signed by its own function "
+                "or by an authority over them: give signer= (the functions' authority) instead of lf_keys=")
         sources = [
             {"source": names[j], "key_id": creds[j].key_id, "vote": row[j], "confidence": conf[j]} for j in columns
         ]
@@ -95,7 +103,7 @@ def import_label_matrix(
         result.manifests.append(
             label_example(
                 example=ids[i], sources=sources, aggregation=rule, ontology=ontology, review=review,
-                key=keys[voters[0]], time=time, probs=P[i] if P is not None else None,
+                key=keys[columns[0]], time=time, probs=P[i] if P is not None else None,
             )
         )
         result.rows.append(i)

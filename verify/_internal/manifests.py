@@ -1,8 +1,8 @@
 """Label manifests and dataset commitments, re-implemented from specs/manifests.md.
 
 The verifier never imports the training package: this module is a second implementation
-of the manifest format (§1), example ids (§2), aggregation and consistency (§3), the signer
-rule (§4), the dataset commitment (§5) and re-aggregation without a source (§6). The tests
+of the manifest format (§1, versions 1 and 2), example ids (§2), aggregation and consistency
+(§3), the vote attestation rule (§4), the dataset commitment (§5) and re-aggregation without a source (§6). The tests
 check that it agrees with the trainer's; agreement of two implementations is the evidence.
 """
 
@@ -62,24 +62,29 @@ def _text(limit: int) -> s.Check:
     return check
 
 
-_SOURCE = s.record("source", source=s.name, key_id=s.digest, vote=_int_in(ABSTAIN, MAX_CLASS), confidence=_unit)
+_VOTE = dict(source=s.name, key_id=s.digest, vote=_int_in(ABSTAIN, MAX_CLASS), confidence=_unit)
+#: Version 1 entries have no attestation field; version 2 entries name the attesting signer.
+_SOURCE = {1: s.record("source", **_VOTE), 2: s.record("source", **_VOTE, attested_by=(s.digest, False))}
 _PRELABEL = s.record("prelabel", run=_text(255), checkpoint=s.digest)
-_MANIFEST = s.record(
-    "manifest",
-    v=s.one_of(1),
-    example=s.digest,
-    label=_int_in(0, MAX_CLASS),
-    sources=s.array(_SOURCE, max_items=4096, min_items=1),
-    aggregation=s.one_of(*AGGREGATIONS),
-    consensus=_unit,
-    confidence=_unit,
-    ontology=_text(128),
-    review=s.one_of(*REVIEWS),
-    prelabel=(_PRELABEL, False),
-    probs=(s.array(_unit, max_items=65536, min_items=1), False),
-    signer=s.digest,
-    time=s.uint,
-)
+_MANIFEST = {
+    v: s.record(
+        "manifest",
+        v=s.one_of(v),
+        example=s.digest,
+        label=_int_in(0, MAX_CLASS),
+        sources=s.array(_SOURCE[v], max_items=4096, min_items=1),
+        aggregation=s.one_of(*AGGREGATIONS),
+        consensus=_unit,
+        confidence=_unit,
+        ontology=_text(128),
+        review=s.one_of(*REVIEWS),
+        prelabel=(_PRELABEL, False),
+        probs=(s.array(_unit, max_items=65536, min_items=1), False),
+        signer=s.digest,
+        time=s.uint,
+    )
+    for v in (1, 2)
+}
 
 
 @dataclass(frozen=True)
@@ -116,14 +121,26 @@ def _pair(signed: bytes, what: str, max_size: int) -> tuple[bytes, bytes]:
 
 
 def parse_manifest(signed: bytes) -> Manifest:
-    """Strict decode (both layers), schema, and consistency (§3); not the signature."""
+    """Strict decode (both layers), schema of its version, consistency (§3) and, from version 2
+    on, the attestation fields (§1); not the signature."""
     try:
         body, signature = _pair(signed, "manifest", MAX_SIGNED)
         fields = encoding.decode(body, max_size=MAX_SIGNED)
-        _MANIFEST.validate(fields)
+        schema = _MANIFEST.get(fields.get("v")) if type(fields) is dict and type(fields.get("v")) is int else None
+        if schema is None:
+            raise SchemaError("manifest.v is not a version this verifier implements (1 or 2)")
+        schema.validate(fields)
     except (EncodingError, SchemaError) as exc:
         raise ManifestInvalid(f"malformed manifest: {exc}") from None
     check_consistent(fields)
+    if fields["v"] == 2:
+        for src in fields["sources"]:
+            # §1: the one signature is the signer's; every other source's vote is one it attests.
+            want = None if src["key_id"] == fields["signer"] else fields["signer"]
+            if src.get("attested_by") != want:
+                raise ManifestInvalid(
+                    f"source {src['source']!r}: attested_by must be "
+                    f"{'absent (it is the signer)' if want is None else 'the signer'}")
     return Manifest(fields, bytes(signed), body, signature)
 
 
@@ -245,8 +262,9 @@ def _issuers_above(registry: CredentialRegistry, cred: Credential) -> set[bytes]
 
 
 def verify_manifest(m: Manifest, registry: CredentialRegistry) -> None:
-    """§4: signature by ``signer``; every source credentialed, named and valid at ``time``; the
-    signer a listed source or an issuer above one; the signer's chain valid at ``time``."""
+    """§4: signature by ``signer``; every source credentialed, named and valid at ``time``; every
+    source's vote signed by that source or by an issuer above it (on its behalf); the signer's
+    chain valid at ``time``. Versions 1 and 2 are held to the same rule."""
     f, at = m.fields, m.fields["time"]
     try:
         signer = registry.get(f["signer"])
@@ -256,7 +274,6 @@ def verify_manifest(m: Manifest, registry: CredentialRegistry) -> None:
         verify_signature(signer.public_key, "manifest", m.body, m.signature)
     except SignatureError:
         raise ManifestInvalid(f"signature does not verify under signer {signer.subject!r}") from None
-    may_sign = False
     for src in f["sources"]:
         try:
             cred = registry.check(src["key_id"], at, ("source",), what="be a label source")
@@ -264,9 +281,10 @@ def verify_manifest(m: Manifest, registry: CredentialRegistry) -> None:
             raise ManifestInvalid(f"source {src['source']!r} is not valid at time {at}: {exc}") from None
         if cred.subject != src["source"]:
             raise ManifestInvalid(f"source {src['source']!r} uses the key credentialed to {cred.subject!r}")
-        may_sign = may_sign or signer.key_id == cred.key_id or signer.key_id in _issuers_above(registry, cred)
-    if not may_sign:
-        raise ManifestInvalid(f"signer {signer.subject!r} is neither a listed source nor an issuer above one")
+        if signer.key_id != cred.key_id and signer.key_id not in _issuers_above(registry, cred):
+            raise ManifestInvalid(
+                f"source {src['source']!r}: its vote is signed by {signer.subject!r}, neither that source nor an "
+                "issuer above it")
     try:
         registry.check(signer.key_id, at, (signer.role,), what="sign manifests")
     except CredentialError as exc:
