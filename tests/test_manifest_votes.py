@@ -10,6 +10,8 @@ a bundle that a hostile trainer rebuilt around a worker-signed manifest.
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,7 +201,8 @@ def test_trainer_and_verifier_agree_with_the_rule(
 
 
 def _crowd_index() -> int:
-    return next(i for i, m in enumerate(MANIFESTS) if {s["source"] for s in m.manifest["sources"]} == {"worker-0", "worker-1"})
+    crowd = {"worker-0", "worker-1"}
+    return next(i for i, m in enumerate(MANIFESTS) if {s["source"] for s in m.manifest["sources"]} == crowd)
 
 
 def _forged_bundle(honest: ListSource, forged: bytes, i: int) -> tuple[ListSource, int]:
@@ -252,3 +255,43 @@ def test_the_crowd_authority_signing_for_its_workers_verifies(honest: ListSource
     report, structure = verify(source)
     assert structure is not None and report.first_failure is None, report.render()
     assert encode_manifests(MANIFESTS) == encoding.encode([m.signed for m in MANIFESTS])
+
+
+# -- the shared vectors: both implementations walk specs/vectors/manifests-v2.json ------------------
+
+VECTORS = Path(__file__).resolve().parent.parent / "specs" / "vectors" / "manifests-v2.json"
+
+
+def _vector_registry(vectors: dict[str, Any]) -> CredentialRegistry:
+    creds = [bytes.fromhex(c["signed"]) for c in vectors["credentials"]]
+    root = C.parse(creds[0])
+    reg = CredentialRegistry(trusted_roots=frozenset({root.public_key}))
+    for signed in creds:
+        reg.add(signed, 0)
+    return reg
+
+
+def test_the_vector_file_is_current_and_both_implementations_agree_with_it() -> None:
+    import subprocess
+    import sys
+
+    generator = VECTORS.parent / "generate_manifests.py"
+    assert subprocess.run([sys.executable, str(generator), "--check"], capture_output=True).returncode == 0
+    vectors = json.loads(VECTORS.read_text())
+    reg = _vector_registry(vectors)
+    assert len(vectors["cases"]) >= 10
+    for case in vectors["cases"]:
+        signed = bytes.fromhex(case["signed"])
+        assert hashlib.sha256(signed).hexdigest() == case["digest"]
+        for parse, check, errors in ((TM.parse_manifest, TM.verify_manifest, ManifestError),
+                                     (VM.parse_manifest, VM.verify_manifest, VM.ManifestInvalid)):
+            stage = "parse"
+            try:
+                m = parse(signed)
+                stage = "verify"
+                check(m, reg)
+            except errors as exc:
+                assert not case["valid"], (case["desc"], str(exc))
+                assert stage == case["stage"] and case["names"] in str(exc), (case["desc"], stage, str(exc))
+            else:
+                assert case["valid"], case["desc"]

@@ -65,7 +65,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ListSource]:
 
 
 def verify(source: ListSource) -> Report:
-    return Verifier([WORLD.root.public_key], VerificationPolicy(replay="full"))._verify(source, "", False)  # type: ignore[arg-type]
+    verifier = Verifier([WORLD.root.public_key], VerificationPolicy(replay="full"))
+    return verifier._verify(source, "", False)  # type: ignore[arg-type]
 
 
 def _edit(items: list[Item], k: int, change: Callable[[dict[str, Any]], None]) -> None:

@@ -1,9 +1,10 @@
 """Label manifests and dataset commitments, re-implemented from specs/manifests.md.
 
 The verifier never imports the training package: this module is a second implementation
-of the manifest format (§1, versions 1 and 2), example ids (§2), aggregation and consistency
-(§3), the vote attestation rule (§4), the dataset commitment (§5) and re-aggregation without a source (§6). The tests
-check that it agrees with the trainer's; agreement of two implementations is the evidence.
+of the manifest format (§1, versions 1 and 2, §7), example ids (§2), aggregation and
+consistency (§3), the vote attestation rule (§4), the dataset commitment (§5) and
+re-aggregation without a source (§6). The tests check that it agrees with the trainer's and
+with specs/vectors/manifests-v2.json; agreement of two implementations is the evidence.
 """
 
 from __future__ import annotations
