@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .archive import MAX_MODEL_JSON, open_archive
 from .errors import ProgramError
+from .exprs import Guard, holds
 from .graph import Graph
 from .interpret import After, run
 from .parse import Parsed, TensorMeta, parse_model
@@ -49,6 +50,7 @@ class Program:
     inputs: Mapping[str, TensorMeta]
     ranges: Mapping[str, tuple[int, int | None]]
     persistent: frozenset[str]
+    guards: tuple[Guard, ...]
     state: Mapping[str, Tensor]
     params: frozenset[str]
     requires_grad: frozenset[str]  # parameters stored with requires_grad
@@ -69,14 +71,14 @@ def load_program(data: bytes) -> Program:
         if is_param != (target in params):
             raise ProgramError(f"model program stores {target!r} as {'a' if is_param else 'no'} parameter, "
                                "its signature says otherwise")
-    return Program(parsed.graph, parsed.inputs, parsed.ranges, parsed.persistent,
+    return Program(parsed.graph, parsed.inputs, parsed.ranges, parsed.persistent, parsed.guards,
                    {n: t for n, (t, _, _) in loaded.items()}, params,
                    frozenset(n for n, (_, m, _) in loaded.items() if m.requires_grad))
 
 
 def check_inputs(program: Program, inputs: Mapping[str, Tensor]) -> None:
-    """The checks ``guards_code`` would make, from the inputs' stored metadata: dtype, rank, every
-    static size, a symbol the same size wherever it appears and within its range."""
+    """The checks ``torch.export``'s module would make, by our own code: dtype, rank, every static
+    size, a symbol the same size wherever it appears and within its range, and the parsed guards."""
     seen: dict[str, int] = {}
     for name, meta in program.inputs.items():
         t = inputs.get(name)
@@ -95,6 +97,10 @@ def check_inputs(program: Program, inputs: Mapping[str, Tensor]) -> None:
         lo, hi = program.ranges.get(sym, (0, None))
         if size < lo or (hi is not None and size > hi):
             raise ProgramError(f"model program size {sym!r} = {size} is outside [{lo}, {hi}]")
+    shapes = {n: tuple(inputs[n].shape) for n in program.inputs}
+    for guard in program.guards:
+        if not holds(guard, shapes):
+            raise ProgramError(f"model program inputs fail the guard {guard}")
 
 
 def _owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:

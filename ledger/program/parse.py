@@ -20,6 +20,7 @@ import torch
 
 from . import ops
 from .errors import ProgramError
+from .exprs import Guard, check_all_exprs, check_expr, parse_guard
 from .graph import Graph, InputSpec, Node, OutputSpec, Ref
 
 SCHEMA_MAJOR = 8
@@ -63,6 +64,7 @@ class Parsed:
     inputs: Mapping[str, TensorMeta]  # user inputs
     ranges: Mapping[str, tuple[int, int | None]]  # symbol -> (min, max)
     persistent: frozenset[str]  # persistent buffers' targets
+    guards: tuple[Guard, ...]
 
 
 def _fail(what: str) -> ProgramError:
@@ -429,7 +431,10 @@ def parse_model(text: bytes) -> Parsed:
     verifiers = doc.get("verifiers", [])
     if verifiers not in ([], ["TRAINING"], ["ATEN"]):
         raise _fail("the program is not an ATen or training-IR export")
-    # guards_code: ignored, never executed (specs/replay.md §2.2); its checks are re-derived below.
+    # Never evaluated (specs/replay.md §2.2): symbolic sizes are checked by grammar, guards parsed
+    # as size comparisons that check_inputs enforces itself.
+    check_all_exprs(doc)
+    guards = tuple(parse_guard(g) for g in _list(doc.get("guards_code", []), "guards_code"))
     gm = _obj(doc.get("graph_module"), "graph_module")
     g = _obj(gm.get("graph"), "graph")
     sig = _obj(gm.get("signature"), "signature")
@@ -470,6 +475,8 @@ def parse_model(text: bytes) -> Parsed:
     symbols = {s for m in metas.values() for s in m.sizes if isinstance(s, str)}
     ranges: dict[str, tuple[int, int | None]] = {}
     rc = _obj(doc.get("range_constraints", {}), "range_constraints")
+    for key in rc:
+        check_expr(key)
     for sym in symbols:
         r = _obj(rc.get(sym, {"min_val": 0, "max_val": None}), f"range of {sym}")
         lo, hi = r.get("min_val"), r.get("max_val")
@@ -477,4 +484,8 @@ def parse_model(text: bytes) -> Parsed:
             raise _fail(f"the range of {sym} is not two integers")
         ranges[sym] = (lo, hi)
     graph = Graph(tuple(inputs), nodes, outputs)
-    return Parsed(graph, MappingProxyType(metas), MappingProxyType(ranges), frozenset(persistent))
+    for guard in guards:
+        for side in (guard.left, guard.right):
+            if not isinstance(side, int) and (side[0] not in metas or side[1] >= len(metas[side[0]].sizes)):
+                raise _fail(f"a guard names input {side[0]!r} dim {side[1]}, which the program does not take")
+    return Parsed(graph, MappingProxyType(metas), MappingProxyType(ranges), frozenset(persistent), guards)
