@@ -272,3 +272,17 @@ def test_the_trainer_refuses_an_unrecordable_group_key(tmp_path: Path) -> None:
     finally:
         led.close()
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"reduction": "sum"}, "reduction"),
+    ({"ignore_index": 3}, "ignore_index"),
+    ({"label_smoothing": 2.0}, "label_smoothing"),
+])
+def test_loss_settings_outside_the_registry_fail(runs: dict[str, ListSource], change: dict[str, Any], field: str) -> None:
+    source = runs["adam"]
+    items = items_of(source.recs)
+    k = next(j for j, it in enumerate(items) if it.type == "RunStarted" and "loss" in it.body["settings"])
+    _edit(items, k, lambda b: b["settings"]["loss"]["settings"].update(change))
+    name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
+    assert (name, seq) == ("replay", k) and "settings.loss.settings" in detail and field in detail

@@ -163,6 +163,33 @@ def check_checkpoint_groups(run: Mapping[str, Any], tensors: Mapping[str, Tensor
                 raise HyperParameterMismatch(f"checkpoint lacks 'optim.group.{g}.{key}', which the record states")
 
 
+#: specs/training.md §6: the loss settings a run may record (every one changes the loss).
+LOSS_SETTINGS: dict[str, frozenset[str]] = {
+    "cross_entropy": frozenset({"reduction", "label_smoothing"}),
+    "nll_loss": frozenset({"reduction"}),
+}
+
+
+def check_loss(loss: Any) -> None:
+    """``settings.loss`` is ``{"name", "settings"}`` with a registered name, reduction ``"mean"`` (the
+    gate's 1/B weights assume it) and no setting the registry does not define."""
+    if not isinstance(loss, dict) or set(loss) != {"name", "settings"} or not isinstance(loss["settings"], dict):
+        raise HyperParameterMismatch("RunStarted settings.loss is not {name, settings}")
+    name, settings = loss["name"], loss["settings"]
+    if name not in LOSS_SETTINGS:
+        raise HyperParameterMismatch(f"RunStarted settings.loss.name {name!r} is not a loss the spec defines")
+    extra = sorted(set(settings) - LOSS_SETTINGS[name])
+    if extra:
+        raise HyperParameterMismatch(f"RunStarted settings.loss.settings states {', '.join(extra)}, which {name} "
+                                     "does not have in the registry")
+    if settings.get("reduction") != "mean":
+        raise HyperParameterMismatch(
+            f"RunStarted settings.loss.settings.reduction is {settings.get('reduction')!r}, not 'mean'")
+    smoothing = settings.get("label_smoothing", 0.0)
+    if type(smoothing) is not float or not 0.0 <= smoothing <= 1.0:
+        raise HyperParameterMismatch(f"RunStarted settings.loss.settings.label_smoothing {smoothing!r} is not in [0, 1]")
+
+
 def group_kwargs(run: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Constructor arguments per group, from the record alone (``betas`` as a tuple)."""
     return [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in run["groups"]]

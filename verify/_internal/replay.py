@@ -25,7 +25,9 @@ from gradledger.ledger import encoding
 from gradledger.ledger.errors import VerificationError
 
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
-from .hyperparams import HyperParameterMismatch, check_checkpoint_groups, check_description, check_step, group_kwargs
+from .hyperparams import (
+    HyperParameterMismatch, check_checkpoint_groups, check_description, check_loss, check_step, group_kwargs,
+)
 from .program import ProgramError, load_program
 
 STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
@@ -280,9 +282,11 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     flat = [p for ps in bands for p in ps]
     sizes = [len(ps) for ps in bands]
     loss_spec = settings["loss"]
-    loss_fn = LOSSES.get(loss_spec["name"])
-    if loss_fn is None:
-        raise ReplayError(f"loss {loss_spec['name']!r} is not one the spec defines", seq=ctx.run_seq)
+    try:  # specs/training.md §6: a registered loss, only its settings, reduction "mean"
+        check_loss(loss_spec)
+    except HyperParameterMismatch as exc:
+        raise ReplayError(str(exc), seq=ctx.run_seq) from None
+    loss_fn = LOSSES[loss_spec["name"]]
     loss_kw = dict(loss_spec["settings"])
     labels_all = torch.tensor(ctx.labels, dtype=torch.int64)
     run_seed = settings["seed"]
