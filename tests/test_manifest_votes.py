@@ -208,10 +208,14 @@ def _crowd_index() -> int:
 def _forged_bundle(honest: ListSource, forged: bytes, i: int) -> tuple[ListSource, int]:
     """Manifest ``i`` replaced; the artifact, root, DatasetCommitted and RunStarted rebuilt and
     every record re-signed with the keys that signed them (the trainer's, for these)."""
-    items = items_of(honest.recs)
-    k = seq_of(items, "DatasetCommitted")
     signed = [m.signed for m in MANIFESTS]
     signed[i] = forged
+    return _rebuilt(honest, signed)
+
+
+def _rebuilt(honest: ListSource, signed: list[bytes]) -> tuple[ListSource, int]:
+    items = items_of(honest.recs)
+    k = seq_of(items, "DatasetCommitted")
     artifact = encoding.encode(signed)
     digest = hashlib.sha256(artifact).digest()
     root = root_of([leaf_hash(x) for x in signed])
@@ -295,3 +299,22 @@ def test_the_vector_file_is_current_and_both_implementations_agree_with_it() -> 
                 assert stage == case["stage"] and case["names"] in str(exc), (case["desc"], stage, str(exc))
             else:
                 assert case["valid"], case["desc"]
+
+
+def test_an_old_ledger_of_version_1_manifests_still_verifies(honest: ListSource) -> None:
+    # The same dataset as the reference trainer wrote it before version 2: no attested_by, v 1,
+    # signed by the same keys (the radiologist for its own labels, the crowd authority for two
+    # workers). specs/manifests.md §7: these stay valid.
+    keys = {k.key_id: k for k in (WORLD.source, CROWD_KEY)}
+    old = []
+    for m in MANIFESTS:
+        body = encoding.decode(m.body)
+        body["v"] = 1
+        for src in body["sources"]:
+            src.pop("attested_by", None)
+        old.append(_signed(body, keys[m.signer]))
+    source, _ = _rebuilt(honest, old)
+    report, structure = verify(source)
+    assert structure is not None and report.first_failure is None, report.render()
+    dataset = structure.datasets[seq_of(items_of(source.recs), "DatasetCommitted")]
+    assert all(m.fields["v"] == 1 for m in dataset.manifests)

@@ -279,7 +279,9 @@ def test_the_trainer_refuses_an_unrecordable_group_key(tmp_path: Path) -> None:
     ({"ignore_index": 3}, "ignore_index"),
     ({"label_smoothing": 2.0}, "label_smoothing"),
 ])
-def test_loss_settings_outside_the_registry_fail(runs: dict[str, ListSource], change: dict[str, Any], field: str) -> None:
+def test_loss_settings_outside_the_registry_fail(
+    runs: dict[str, ListSource], change: dict[str, Any], field: str
+) -> None:
     source = runs["adam"]
     items = items_of(source.recs)
     k = next(j for j, it in enumerate(items) if it.type == "RunStarted" and "loss" in it.body["settings"])

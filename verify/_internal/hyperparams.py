@@ -187,7 +187,8 @@ def check_loss(loss: Any) -> None:
             f"RunStarted settings.loss.settings.reduction is {settings.get('reduction')!r}, not 'mean'")
     smoothing = settings.get("label_smoothing", 0.0)
     if type(smoothing) is not float or not 0.0 <= smoothing <= 1.0:
-        raise HyperParameterMismatch(f"RunStarted settings.loss.settings.label_smoothing {smoothing!r} is not in [0, 1]")
+        raise HyperParameterMismatch(
+            f"RunStarted settings.loss.settings.label_smoothing {smoothing!r} is not in [0, 1]")
 
 
 def group_kwargs(run: Mapping[str, Any]) -> list[dict[str, Any]]:
