@@ -108,6 +108,7 @@ def overload(op: str) -> torch._ops.OpOverload:
         raise ProgramError(f"model program calls {op!r}, which this torch does not provide") from None
 
 
+@functools.lru_cache(maxsize=None)
 def returns_one(op: str) -> bool:
     """Whether the overload returns a single value (not a tuple and not a list)."""
     rets = overload(op)._schema.returns
