@@ -27,11 +27,14 @@ from gradledger.training.errors import GovernanceError
 from gradledger.training.trainer import Trainer
 from gradledger.verify import Verifier, VerificationPolicy
 from gradledger.verify._internal.hyperparams import HyperParameterMismatch, check_step
+from gradledger.verify._internal.segments import iter_jobs, plan_segments, run_jobs
 from gradledger.verify.report import Report
 from test_trainer import MANIFESTS, WORLD, X, Y, engine_for, make_model, new_ledger
+from test_verify_replay import _tampered, contexts_of, run
 from test_verify_structure import Item, ListSource, items_of, reseal
 from torch.utils.data import DataLoader, TensorDataset
 
+__all__ = ["run"]  # test_verify_replay's honest run, used as a fixture here
 STEPS, EVERY = 4, 2
 Factory = Callable[[Any], torch.optim.Optimizer]
 
@@ -148,7 +151,9 @@ def test_the_issue_case_with_the_learning_rate_left_out_of_the_steps_fails(runs:
             del b["optimizer"]["groups"][0]["lr"]
         _edit(items, k, change)
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
-    assert (name, step) == ("replay", 0) and "lr" in detail
+    # The records contradict each other, so the structural check sees it, in every replay mode.
+    first = _seqs(items, "GovernedUpdate")[0]
+    assert (name, seq, step) == ("runs", first, 0) and "optimizer.groups[0] does not state lr" in detail
 
 
 def test_one_step_that_states_another_value_fails_at_that_step(runs: dict[str, ListSource]) -> None:
@@ -157,7 +162,7 @@ def test_one_step_that_states_another_value_fails_at_that_step(runs: dict[str, L
     k = _seqs(items, "GovernedUpdate")[3]
     _edit(items, k, lambda b: b["optimizer"]["groups"][0].__setitem__("nesterov", False))
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
-    assert (name, seq, step) == ("replay", k, 3) and "optimizer.groups[0].nesterov" in detail
+    assert (name, seq, step) == ("runs", k, 3) and "optimizer.groups[0].nesterov" in detail
 
 
 def test_a_top_level_lr_that_is_not_the_groups_fails(runs: dict[str, ListSource]) -> None:
@@ -166,7 +171,7 @@ def test_a_top_level_lr_that_is_not_the_groups_fails(runs: dict[str, ListSource]
     k = _seqs(items, "GovernedUpdate")[1]
     _edit(items, k, lambda b: b.__setitem__("lr", 0.01))
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
-    assert (name, seq, step) == ("replay", k, 1) and "lr is 0.01" in detail
+    assert (name, seq, step) == ("runs", k, 1) and "lr is 0.01" in detail
 
 
 def _rewrite_group_state(items: list[Item], arts: dict[bytes, bytes], key: str, value: float) -> None:
@@ -288,3 +293,17 @@ def test_loss_settings_outside_the_registry_fail(
     _edit(items, k, lambda b: b["settings"]["loss"]["settings"].update(change))
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
     assert (name, seq) == ("replay", k) and "settings.loss.settings" in detail and field in detail
+
+
+def test_replay_itself_refuses_a_step_that_states_other_values(run: Any) -> None:
+    # Defence in depth: the structural `runs` check sees this first; replay (workers, a caller
+    # that skips structure) must not rely on it.
+    led, obs = run
+    seq = led.by_type("GovernedUpdate")[4]
+    groups = [dict(g) for g in obs[seq].body["optimizer"]["groups"]]
+    groups[0]["lr"] = groups[0]["lr"] / 5
+    bad = _tampered(obs, seq, {"optimizer": {"name": "sgd", "groups": groups}, "lr": groups[0]["lr"]})
+    results = run_jobs(iter_jobs(contexts_of(bad, led), plan_segments(bad)), str(led.path), led.artifact, exact=True)
+    failed = [r for r in results if not r.ok]
+    assert len(failed) == 1 and (failed[0].seq, failed[0].step) == (seq, 4)
+    assert "optimizer.groups[0].lr" in failed[0].reason

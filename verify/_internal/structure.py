@@ -27,6 +27,7 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, VerificationError
 
 from ..report import Report
+from .hyperparams import HyperParameterMismatch, check_description, check_step
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -385,6 +386,12 @@ def _check_runs(observations: list[Sealed], out: dict[int, Run]) -> tuple[str, s
                 # every example, so its steps only increase.
                 raise _Failed(f"GovernedUpdate {seq} has step {body['step']}, not after the previous step of "
                               f"unlearning branch {run.run_id!r} (RunStarted {run.seq})", seq=seq, step=body["step"])
+            try:  # specs/replay.md §3.1: every step states the run's hyper-parameters, in every mode
+                if len(run.updates) == 0:
+                    check_description(run.settings.get("optimizer"), "RunStarted settings.optimizer")
+                check_step(run.settings["optimizer"], body)
+            except HyperParameterMismatch as exc:
+                raise _Failed(f"GovernedUpdate {seq} (step {body['step']}): {exc}", seq=seq, step=body["step"]) from None
             run.updates.append(seq)
         elif sealed.type == "Checkpoint" and run is not None:
             run.checkpoints.append(seq)
