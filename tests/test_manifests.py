@@ -1,4 +1,4 @@
-"""Manifests: aggregation properties, signing round trips, tampering and the signer rule."""
+"""Manifests: aggregation properties, signing round trips, tampering and the vote rule (specs/manifests.md §4)."""
 
 from __future__ import annotations
 

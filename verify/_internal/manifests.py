@@ -249,7 +249,7 @@ def check_consistent(fields: Mapping[str, Any]) -> None:
         )
 
 
-# -- §4 signer rule and credential validity ------------------------------------------------
+# -- §4 every vote signed by its source or on its behalf; credential validity ------------------
 
 
 def _issuers_above(registry: CredentialRegistry, cred: Credential) -> set[bytes]:
