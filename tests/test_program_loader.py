@@ -336,6 +336,21 @@ def test_mutated_model_json_never_runs_code_nor_raises_anything_else(
     assert not marker.exists()
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=4))
+def test_flipped_archive_bytes_never_raise_anything_but_program_error(
+    world: dict[str, Any], flips: list[tuple[int, int]]
+) -> None:
+    data = bytearray(world["program"])
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    try:
+        module = ProgramModule(load_program(bytes(data)))
+        module(torch.zeros(4, 64), torch.ones(4, 3))
+    except ProgramError:
+        pass
+
+
 # -- bit for bit what torch.export's module() computes -------------------------------------------
 
 
