@@ -206,6 +206,34 @@ def test_unlearns_loader_refuses_a_hostile_program(world: dict[str, Any], tmp_pa
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["guards_code", "sympify", "pickle_member"])
+def test_unlearn_refuses_a_run_whose_program_is_hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      kind: str) -> None:
+    # A trainer whose export carries the payload; `gradledger unlearn` then reads the program back.
+    import test_unlearning as U
+    from gradledger.training.retirement import retire
+    from gradledger.training.trainer import Governance
+    from gradledger.training.unlearning import unlearn
+    from helpers import CROWD_KEY
+
+    marker = tmp_path / "pwned"
+    honest_export = Governance._export
+    monkeypatch.setattr(Governance, "_export",
+                        lambda self, model, probe: hostile(kind, honest_export(self, model, probe), marker, {}))
+    before = torch.are_deterministic_algorithms_enabled()
+    led, ds = U.new_ledger(tmp_path / "ledger", U.MANIFESTS, U.X)
+    try:
+        U.governed_run(led, ds, U.X)
+        retire(led, U.FAULTY, CROWD_KEY, "swaps 3 and 8")
+        size = led.size
+        with pytest.raises(UnlearningError, match="program"):
+            unlearn(led, U.FAULTY, U.WORLD.trainer)
+        assert led.size == size and not marker.exists()
+    finally:
+        led.close()
+        torch.use_deterministic_algorithms(before)
+
+
 def _peak_rss_mb(program: Path) -> tuple[float, str]:
     code = ("import resource, sys\n"
             "from gradledger.verify._internal.program import load_program, ProgramError\n"
