@@ -295,6 +295,16 @@ def test_an_in_place_op_on_a_parameter_is_refused(world: dict[str, Any]) -> None
         load_program(rebuild(world["program"], model=edit))
 
 
+def test_a_size_argument_beyond_the_bound_is_refused_before_the_call(world: dict[str, Any]) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        node = next(n for n in doc["graph_module"]["graph"]["nodes"] if n["target"] == "torch.ops.aten.reshape.default")
+        node["inputs"][1]["arg"] = {"as_sym_ints": [{"as_int": 1 << 20}, {"as_int": 1 << 20}]}
+
+    module = ProgramModule(load_program(rebuild(world["program"], model=edit)))
+    with pytest.raises(ProgramError, match="more than"):
+        module(torch.zeros(4, 64), torch.ones(4, 3))
+
+
 def test_the_dtype_table_is_torchs() -> None:
     from torch._export.serde.schema import ScalarType
 

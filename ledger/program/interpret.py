@@ -20,9 +20,12 @@ from .graph import Graph, Node, Ref
 
 After = Callable[[Node, Any], Any]
 
-#: Factory ops whose size argument is checked before allocation (elements).
-MAX_FACTORY_ELEMENTS = 1 << 31
-_FACTORIES = {"aten.zeros.default", "aten.ones.default", "aten.full.default"}
+#: Ops whose size argument (the first list argument) makes a tensor of that many elements, or a
+#: view later ops materialize: checked before the call (a first bound; the replay worker's memory
+#: limit is the second).
+MAX_ELEMENTS = 1 << 31
+_SIZED = {"aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.expand.default",
+          "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
 
 
 def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
@@ -33,15 +36,15 @@ def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
     return value
 
 
-def _check_factory(node: Node, args: list[Any]) -> None:
-    size = args[0] if args else node.kwargs.get("size")
+def _check_size(node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+    size = next((a for a in args if isinstance(a, list)), kwargs.get("size"))
     n = 1
     for s in size if isinstance(size, list) else []:
-        if type(s) is not int or s < 0:
-            raise ProgramError(f"model program node {node.name!r}: a factory size is not a non-negative int")
-        n *= s
-        if n > MAX_FACTORY_ELEMENTS:
-            raise ProgramError(f"model program node {node.name!r} would allocate more than {MAX_FACTORY_ELEMENTS} elements")
+        if type(s) is not int:
+            raise ProgramError(f"model program node {node.name!r}: a size is not an int")
+        n *= max(s, 1)  # -1 (inferred) and 0 add nothing beyond the input's own elements
+        if n > MAX_ELEMENTS:
+            raise ProgramError(f"model program node {node.name!r} would make more than {MAX_ELEMENTS} elements")
 
 
 def run(graph: Graph, inputs: Mapping[str, Tensor], state: Mapping[str, Tensor], *,
@@ -68,8 +71,8 @@ def run(graph: Graph, inputs: Mapping[str, Tensor], state: Mapping[str, Tensor],
                 one = True
             else:
                 name = node.op.removeprefix("aten.")
-                if node.op in _FACTORIES:
-                    _check_factory(node, args)
+                if node.op in _SIZED:
+                    _check_size(node, args, kwargs)
                 value = ops.overload(name)(*args, **kwargs)
                 one = ops.returns_one(name)
         except ProgramError:
