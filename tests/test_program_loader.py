@@ -455,6 +455,22 @@ def test_the_interpreter_matches_torch_export_module_bit_for_bit(kind: str) -> N
         assert int(ours.state_dict()["bn.num_batches_tracked"]) == 3
 
 
+def test_buffer_mutation_outputs_update_the_buffers_like_torch_export() -> None:
+    # ATen IR (run_decompositions) returns BatchNorm's new statistics as buffer_mutation outputs.
+    torch.manual_seed(3)
+    x = torch.randn(4, 1, 8, 8)
+    ep = torch.export.export(ConvBN(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    data = _save(ep.run_decompositions())
+    assert any(o.kind == "buffer_mutation" for o in parse_program(data).outputs)
+    ours, theirs = ProgramModule(load_program(data)), torch.export.load(io.BytesIO(data)).module()
+    with torch.no_grad():  # this IR's saved statistics are then overwritten: torch refuses its backward too
+        for batch in (x, torch.randn(5, 1, 8, 8)):
+            assert torch.equal(ours(batch), theirs(batch))
+            sa, sb = ours.state_dict(), theirs.state_dict()
+            assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert int(ours.state_dict()["bn.num_batches_tracked"]) == 2
+
+
 def test_inputs_outside_the_programs_guards_are_refused() -> None:
     data, (x, p), _ = _case("gated_mlp")
     module = ProgramModule(load_program(data))

@@ -36,7 +36,7 @@ ATEN_OPS: frozenset[str] = frozenset({
     "_native_batch_norm_legit.no_stats", "_native_batch_norm_legit_no_training.default",
     "_native_batch_norm_legit_functional.default",
     # embeddings, convolution, pooling, attention
-    "embedding.default", "conv1d.default", "conv2d.default", "max_pool2d.default",
+    "embedding.default", "conv1d.default", "conv2d.default", "convolution.default", "max_pool2d.default",
     "max_pool2d_with_indices.default", "avg_pool2d.default", "adaptive_avg_pool1d.default",
     "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default", "scaled_dot_product_attention.default",
     # shapes and views
