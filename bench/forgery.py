@@ -8,7 +8,8 @@ then, for every field of every record type present and every artifact kind, appl
 that the trainer's key can sign (tests/forging.py ``catalogue``: the value changed, dependents
 re-derived, every trainer record re-signed, the chain and tree heads rebuilt, the bundle
 re-framed) and runs the verifier in-process with ``--replay full`` (one ``Verifier`` reused).
-A second demo trained at lr 0.05 supplies the disguised-learning-rate forgeries (issue 10.6).
+A second demo trained at lr 0.05 supplies the disguised-learning-rate forgeries (issue 10.6), a third
+trained and exported with the gate switched off (honest routing records) the ungated one (10.1).
 
 The attacker holds the trainer key only; the root, authorities and sources sign again only their
 own unchanged statements (see tests/forging.py). Progress goes to stderr; the last stdout line
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         base_dir = Path(args.keep) if args.keep else Path(tmp)
         print(f"building the honest demo bundle ({args.steps} steps) ...", file=sys.stderr, flush=True)
         demos = {"main": F.build_demo(base_dir / "main", steps=args.steps),
-                 "lr": F.build_demo(base_dir / "lr", steps=args.steps, lr=0.05)}
+                 "lr": F.build_demo(base_dir / "lr", steps=args.steps, lr=0.05),
+                 "ungated": F.build_demo(base_dir / "ungated", steps=args.steps, ungated=True)}
         forges = {k: F.Forge.from_bundle(d.bundle) for k, d in demos.items()}
         verifiers = {k: Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full")) for k, d in demos.items()}
         for k, d in demos.items():
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if honest.verdict != "accepted":
                 print(f"the honest {k} bundle rebuilt by the forger does not verify: {honest.detail}", file=sys.stderr)
                 return 2
-        forgeries = F.catalogue(forges["main"]) + F.lr_catalogue(forges["lr"])
+        forgeries = F.catalogue(forges["main"]) + F.lr_catalogue(forges["lr"]) + F.ungated_catalogue(forges["ungated"])
         if args.quick:
             forgeries = F.quick(forgeries)
         outcomes = []

@@ -333,10 +333,25 @@ class Demo:
 
 
 def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hidden: int = 32, seed: int = 7,
-               lr: float = 0.01) -> Demo:
+               lr: float = 0.01, ungated: bool = False) -> Demo:
     """The demo's own stages (training/demo.py), without its verifier subprocess and report: taxonomy
     and keys, labels, policy, governed training, retirement of worker-4, exact unlearning, export
-    with data."""
+    with data.
+
+    ``ungated``: the hostile trainer of issue 10.1 switches the gate off (every example's gradient
+    reaches every band, in training and in the exported program) and its self-check, while every
+    record it writes (rules, limits, authority_writes) stays what the policy says."""
+    if ungated:
+        from unittest import mock
+
+        from gradledger.training import gate, trainer
+
+        def no_gate(profiles: Any) -> Any:
+            return profiles * 0.0 + 1.0
+
+        with mock.patch.object(gate, "routing_ratios", no_gate), mock.patch.object(trainer, "routing_ratios", no_gate), \
+                mock.patch.object(trainer, "check_routing", lambda *a, **k: None):
+            return build_demo(out, steps=steps, checkpoint_every=checkpoint_every, hidden=hidden, seed=seed, lr=lr)
     import time
 
     import torch
@@ -377,6 +392,7 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
 #: Issue 10's list and issue 9's findings: the forgeries the issues report as verifying on the
 #: main of the time they were filed. Each entry names the item. Tests mark exactly these xfail.
 KNOWN_ACCEPTED = {
+    "10.1": "the gate is whatever the bundle says it is (an ungated program, honest routing records)",
     "10.2": "a Checkpoint record whose artifact is not the state it describes",
     "10.3": "a bundle without inputs: replay silently skipped",
     "10.4": "the bundle's environment forces tolerance mode",
@@ -745,6 +761,12 @@ def lr_catalogue(f: Forge) -> list[Forgery]:
             Forgery("trained at lr 0.05, the steps' lr and optimizer say 0.01", "GovernedUpdate", steps_only, base="lr")]
 
 
+def ungated_catalogue(f: Forge) -> list[Forgery]:
+    """Issue 10.1: the bundle of a run trained with the gate off (``build_demo(ungated=True)``), as exported."""
+    return [Forgery("an ungated program and training, every routing record honest", "artifact:program",
+                    lambda g: None, issue="10.1", base="ungated")]
+
+
 def _all_lr(lr: float) -> Callable[[dict[str, Any]], None]:
     def change(b: dict[str, Any]) -> None:
         b["lr"] = lr
@@ -951,6 +973,7 @@ QUICK_NAMES = (
     "RunStarted.environment.torch changed and final weights fine-tuned",
     "header.root",
     "trained at lr 0.05, every recorded lr (settings, steps, checkpoints) says 0.01",
+    "an ungated program and training, every routing record honest",
 )
 
 
