@@ -36,7 +36,7 @@ from gradledger.ledger.program import (
     parse_program,
     run,
 )
-from gradledger.ledger.program.parse import DTYPES
+from gradledger.ledger.program.values import DTYPES
 from gradledger.training.bands import sequential_bands, transformer_bands
 from gradledger.training.gate import GatedModel, export_gated
 from gradledger.training.unlearning import UnlearningError
