@@ -586,8 +586,12 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("Checkpoint.artifact: another checkpoint's artifact", "Checkpoint",
         lambda g: g.set(mid, ("artifact",), f.body(ckpts[-1])["artifact"]))
     first_tensor = sorted(cbody["tensors"])[0]
-    add(f"Checkpoint.tensors.{first_tensor}", "Checkpoint",
-        lambda g: g.set(mid, ("tensors", first_tensor), other(cbody["tensors"][first_tensor])))
+    for name in sorted(cbody["tensors"]):
+        add(f"Checkpoint.tensors.{name}", "Checkpoint",
+            lambda g, n=name: g.set(mid, ("tensors", n), other(cbody["tensors"][n])))
+        if not name.startswith("optim.group."):
+            add(f"artifact: checkpoint tensor {name} changed alone, digests re-derived", "artifact:checkpoint",
+                lambda g, n=name: rewrite_checkpoint(g, mid, _perturb(1e-3, n)))
     add("Checkpoint.tensors: an entry removed", "Checkpoint", lambda g: g.delete(mid, ("tensors", first_tensor)))
     add("Checkpoint.tensors: an entry added", "Checkpoint", lambda g: g.set(mid, ("tensors", "model.extra"), bytes(32)))
     add("Checkpoint: a middle checkpoint record deleted", "Checkpoint", lambda g: g.recs.pop(mid))
