@@ -173,9 +173,33 @@ class Forge:
         return self.edit(k, change)
 
     def insert(self, k: int, rec: Rec) -> "Forge":
-        """Insert ``rec`` at position ``k`` (later records move up by one)."""
+        """Insert ``rec`` at position ``k``; later records move up by one, and every seq a record
+        names (a run's dataset, policy, branch origin, rewind, retirement) follows them."""
         self.recs.insert(k, rec)
+        self._shift_seqs(k, +1, skip=k)
         return self
+
+    def remove(self, k: int) -> Rec:
+        """Remove record ``k``; later records move down by one and seq references follow."""
+        rec = self.recs.pop(k)
+        self._shift_seqs(k, -1)
+        return rec
+
+    #: Where a body names another record by its seq (specs/training.md §5, specs/unlearning.md).
+    SEQ_FIELDS = (("settings", "dataset", "seq"), ("settings", "policy_seq"), ("settings", "branch", "of"),
+                  ("settings", "branch", "rewind"), ("settings", "branch", "retired"))
+
+    def _shift_seqs(self, at: int, delta: int, skip: int = -1) -> None:
+        for i, r in enumerate(self.recs):
+            if r.type != "RunStarted" or i == skip:
+                continue
+            for path in self.SEQ_FIELDS:
+                try:
+                    value = get(r.body, path)
+                except (KeyError, TypeError):
+                    continue
+                if type(value) is int and value >= at:
+                    self.set(i, path, value + delta)
 
     def new_record(self, type_name: str, body: dict[str, Any], time: int, signer: bytes | None = None) -> Rec:
         """A record the trainer makes (or, with ``signer``, one it claims someone else signed)."""
@@ -566,11 +590,24 @@ def catalogue(f: Forge) -> list[Forgery]:
     for opt in ("sources", "optimizer", "seeds", "routing"):
         if opt in body:
             add(f"GovernedUpdate.{opt}: field removed", "GovernedUpdate", lambda g, o=opt: g.delete(k, (o,)))
-    add("GovernedUpdate: a step deleted", "GovernedUpdate", lambda g: g.recs.pop(updates[1]))
+    add("GovernedUpdate: a step deleted", "GovernedUpdate", lambda g: g.remove(updates[1]) and None)
+
+    def drop_and_renumber(g: Forge) -> None:
+        g.remove(updates[1])
+        for u in g.seqs("GovernedUpdate", lo=updates[1], hi=branch_run - 1):
+            g.set(u, ("step",), g.body(u)["step"] - 1)
+        for c in g.seqs("Checkpoint", lo=updates[1], hi=branch_run - 1):
+            g.set(c, ("step",), g.body(c)["step"] - 1)
+    add("GovernedUpdate: a step deleted, later steps and checkpoints renumbered", "GovernedUpdate", drop_and_renumber)
     add("GovernedUpdate: a step recorded twice", "GovernedUpdate",
         lambda g: g.insert(updates[1] + 1, copy.deepcopy(g.recs[updates[1]])))
-    add("GovernedUpdate: two steps' records swapped", "GovernedUpdate",
-        lambda g: g.recs.__setitem__(slice(updates[0], updates[0] + 2), [g.recs[updates[0] + 1], g.recs[updates[0]]]))
+    def swap_steps(g: Forge) -> None:
+        a, b = updates[0], updates[1]
+        body_a, body_b = copy.deepcopy(g.body(a)), copy.deepcopy(g.body(b))
+        g.edit(a, lambda x: x.update({**body_b, "step": body_a["step"]}))
+        g.edit(b, lambda x: x.update({**body_a, "step": body_b["step"]}))
+    add("GovernedUpdate: two steps trained in the other order (records swapped, step numbers kept)",
+        "GovernedUpdate", swap_steps)
     add("GovernedUpdate: every step's loss rewritten lower", "GovernedUpdate",
         lambda g: [g.set(u, ("loss",), g.body(u)["loss"] / 2) for u in g.seqs("GovernedUpdate")])
     add("GovernedUpdate: every step's lr rewritten (0.02)", "GovernedUpdate",
@@ -594,7 +631,7 @@ def catalogue(f: Forge) -> list[Forgery]:
                 lambda g, n=name: rewrite_checkpoint(g, mid, _perturb(1e-3, n)))
     add("Checkpoint.tensors: an entry removed", "Checkpoint", lambda g: g.delete(mid, ("tensors", first_tensor)))
     add("Checkpoint.tensors: an entry added", "Checkpoint", lambda g: g.set(mid, ("tensors", "model.extra"), bytes(32)))
-    add("Checkpoint: a middle checkpoint record deleted", "Checkpoint", lambda g: g.recs.pop(mid))
+    add("Checkpoint: a middle checkpoint record deleted", "Checkpoint", lambda g: g.remove(mid) and None)
     add("Checkpoint: optimizer lr tensor 0.02, digests re-derived", "Checkpoint",
         lambda g: rewrite_checkpoint(g, mid, _set_tensor("optim.group.0.lr", 0.02)))
     for label, seqs_ in (("", ckpts), ("branch ", branch_ckpts)):
@@ -682,7 +719,7 @@ def catalogue(f: Forge) -> list[Forgery]:
             lambda g, n=field_name: g.set(retired, (n,), other(rbody[n])))
     add("SourceRetired: signed by the trainer", "SourceRetired", lambda g: _as_trainer(g, retired, lambda _: None))
     add("SourceRetired: deleted (the branch unlearns a source never retired)", "SourceRetired",
-        lambda g: (g.recs.pop(retired), g.set(branch_run - 1, ("settings", "branch", "retired"), retired - 1)) and None)
+        lambda g: g.remove(retired) and None)
 
     # UnlearningCertificate: every field.
     ubody = f.body(cert)
