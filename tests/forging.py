@@ -675,6 +675,11 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("artifact: manifests, a byte flipped in one, root re-derived", "artifact:manifests",
         lambda g: _rewrite_manifests(g, dataset, lambda m: m.__setitem__(3, m[3][:-1] + bytes([m[3][-1] ^ 1]))))
 
+    for version in (2, 1):
+        add(f"artifact: manifests, a v{version} manifest signed by worker-1 claiming two other workers' votes "
+            "(a colluding source's key), root re-derived", "artifact:manifests",
+            lambda g, v=version: _colluding_manifest(g, dataset, v))
+
     # PolicyAdopted (root-signed): the trainer cannot re-sign a changed one.
     def new_policy(g: Forge, sign: bool = False) -> None:
         data, signature = encoding.decode(g.body(policy)["policy"])
@@ -868,6 +873,37 @@ def _rewrite_manifests(g: Forge, dataset: int, change: Callable[[list[bytes]], N
         g.set(k, ("settings", "dataset", "count"), len(items))
 
 
+def _colluding_manifest(g: Forge, dataset: int, version: int, signer: str = "worker-1") -> None:
+    """Issue 10.8: one crowd worker's key (the attacker's accomplice) signs a manifest in which two
+    other workers vote with it, for an example no step trains on (so routing and replay are moot:
+    only the votes' signatures can tell). With ``signer="crowd"`` (the authority over the workers,
+    attesting on their behalf) the same manifest is honest: the control."""
+    from gradledger.ledger import credentials as C
+    from gradledger.training.dataset import decode_manifests
+    from gradledger.training.manifests import parse_manifest, sign_manifest, source_entry
+
+    creds = {c.subject: c for c in (C.parse(g.body(k)["credential"]) for k in g.seqs("CredentialIssued"))}
+    trained = {i for k in g.seqs("GovernedUpdate") for i in g.body(k)["batch"]}
+    items = [bytes(m) for m in decode_manifests(g.arts[g.body(dataset)["manifests"]])]
+    i, m = next((i, parse_manifest(raw)) for i, raw in enumerate(items)
+                if i not in trained and "worker-4" not in parse_manifest(raw).source_names
+                and parse_manifest(raw).manifest["signer"] == _subject_key(g, "crowd"))
+    key = next(k for k in g.cosigners.values() if k.label == signer)
+    votes = [source_entry(creds[w], m.label, 0.8) for w in ("worker-1", "worker-2", "worker-3")]
+    forged = sign_manifest(example=m.example, label=m.label, sources=votes, aggregation="majority", consensus=1.0,
+                           confidence=1.0, ontology=m.manifest["ontology"], review="accepted", key=key, time=m.time)
+    signed = forged.signed
+    if version == 1:  # the v1 form: no attested_by, the signer one of the voters
+        body = dict(forged.manifest, v=1, sources=[{k: v for k, v in src.items() if k != "attested_by"}
+                                                   for src in forged.manifest["sources"]])
+        data = encoding.encode(body)
+        signed = encoding.encode([data, key.sign("manifest", data)])
+
+    def swap(ms: list[bytes]) -> None:
+        ms[i] = signed
+    _rewrite_manifests(g, dataset, swap)
+
+
 def _as_trainer(g: Forge, k: int, change: Callable[[Forge], None]) -> None:
     change(g)
     g.recs[k].signer = g.trainer.key_id
@@ -1003,6 +1039,8 @@ QUICK_NAMES = (
     "DatasetCommitted.data removed and the inputs left out, final weights fine-tuned",
     "artifact: inputs, one row changed, digest re-derived",
     "artifact: manifests, two swapped, root re-derived",
+    "artifact: manifests, a v2 manifest signed by worker-1 claiming two other workers' votes "
+    "(a colluding source's key), root re-derived",
     "PolicyAdopted.policy: every rule writes every band, digest re-derived",
     "CredentialIssued: a source credential issued by the trainer",
     "CredentialRevoked: the trainer revokes the crowd authority",

@@ -74,6 +74,15 @@ def test_a_re_signed_honest_change_still_verifies(demo: dict[str, Any]) -> None:
     assert outcome.verdict == "accepted", outcome.detail
 
 
+def test_a_manifest_re_signed_by_the_workers_authority_still_verifies(demo: dict[str, Any]) -> None:
+    """The control of the colluding-source forgery (issue 10.8): the same votes attested by the crowd
+    authority, which may sign on its workers' behalf, verify; so the forgery fails for its signer."""
+    forge = demo["forge"].clone()
+    F._colluding_manifest(forge, forge.first("DatasetCommitted"), 2, signer="crowd")
+    outcome = F.verify_forgery(F.Forgery("control", "all", lambda g: None), forge, demo["verifier"], demo["work"])
+    assert outcome.verdict == "accepted", outcome.detail
+
+
 def test_the_subset_spans_every_record_type_and_artifact_kind(demo: dict[str, Any]) -> None:
     subset = F.quick(list(demo["catalogue"].values()) + F.lr_catalogue(demo["forge"])
                      + F.ungated_catalogue(demo["forge"]))
