@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -39,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import forging as F  # noqa: E402
 
-from gradledger.ledger import encoding  # noqa: E402
 from gradledger.ledger.bundle import Bundle  # noqa: E402
 from gradledger.ledger.errors import GradledgerError  # noqa: E402
 from gradledger.ledger.keys import read_public_keys  # noqa: E402

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -514,9 +516,6 @@ def _set_tensor(name: str, value: float) -> Callable[[dict[str, Any]], None]:
 
 def catalogue(f: Forge) -> list[Forgery]:
     """Every forgery tried on the honest demo bundle ``f`` (found by type, not by position)."""
-    import zipfile
-    import io
-
     out: list[Forgery] = []
 
     def add(name: str, target: str, apply: Callable[[Forge], None], **kw: Any) -> None:
@@ -926,18 +925,12 @@ def _trainer_issued_source(g: Forge) -> Rec:
 
 
 def _members(archive: bytes) -> list[tuple[Any, bytes]]:
-    import io
-    import zipfile
-
     z = zipfile.ZipFile(io.BytesIO(archive))
     return [(info, z.read(info)) for info in z.infolist()]
 
 
 def _edit_member(archive: bytes, name: str, change: Callable[[bytes], bytes]) -> bytes:
     """The archive rewritten with member ``name`` changed (valid CRCs: what a careful forger writes)."""
-    import io
-    import zipfile
-
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as dst:
         for info, data in _members(archive):
@@ -947,9 +940,6 @@ def _edit_member(archive: bytes, name: str, change: Callable[[bytes], bytes]) ->
 
 def _flip_member(archive: bytes, name: str) -> bytes:
     """One byte of member ``name``'s stored data flipped in place (its CRC now wrong)."""
-    import io
-    import zipfile
-
     z = zipfile.ZipFile(io.BytesIO(archive))
     info = z.getinfo(name)
     # local header: 30 bytes + name + extra, then the stored data

@@ -13,7 +13,6 @@ into a failure when the fix lands, telling whoever landed it to remove the mark.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
