@@ -514,29 +514,59 @@ def _set_tensor(name: str, value: float) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in the honest demo bundle (found by type, not by position)."""
+
+    runs: list[int]
+    orig_run: int
+    branch_run: int
+    updates: list[int]
+    branch_updates: list[int]
+    ckpts: list[int]
+    branch_ckpts: list[int]
+    heads: list[int]
+    dataset: int
+    policy: int
+    retired: int
+    cert: int
+    creds: list[int]
+    first_ts: int
+
+    @classmethod
+    def of(cls, f: Forge) -> "Layout":
+        runs = f.seqs("RunStarted")
+        branch_run = runs[-1]
+        (dataset,) = f.seqs("DatasetCommitted")
+        (policy,) = f.seqs("PolicyAdopted")
+        (retired,) = f.seqs("SourceRetired")
+        (cert,) = f.seqs("UnlearningCertificate")
+        return cls(runs, runs[0], branch_run, f.seqs("GovernedUpdate", hi=branch_run),
+                   f.seqs("GovernedUpdate", lo=branch_run), f.seqs("Checkpoint", hi=branch_run),
+                   f.seqs("Checkpoint", lo=branch_run), f.seqs("TreeHead"), dataset, policy, retired, cert,
+                   f.seqs("CredentialIssued"), min(r.time for r in f.recs if r.type == "GovernedUpdate"))
+
+
+Add = Callable[..., None]
+
+
 def catalogue(f: Forge) -> list[Forgery]:
-    """Every forgery tried on the honest demo bundle ``f`` (found by type, not by position)."""
+    """Every forgery tried on the honest demo bundle ``f``, section by section."""
     out: list[Forgery] = []
 
     def add(name: str, target: str, apply: Callable[[Forge], None], **kw: Any) -> None:
         out.append(Forgery(name, target, apply, **kw))
 
-    runs = f.seqs("RunStarted")
-    orig_run, branch_run = runs[0], runs[-1]
-    updates = f.seqs("GovernedUpdate", hi=branch_run)
-    branch_updates = f.seqs("GovernedUpdate", lo=branch_run)
-    ckpts = f.seqs("Checkpoint", hi=branch_run)
-    branch_ckpts = f.seqs("Checkpoint", lo=branch_run)
-    heads = f.seqs("TreeHead")
-    (dataset,) = f.seqs("DatasetCommitted")
-    (policy,) = f.seqs("PolicyAdopted")
-    (retired,) = f.seqs("SourceRetired")
-    (cert,) = f.seqs("UnlearningCertificate")
-    creds = f.seqs("CredentialIssued")
-    first_ts = min(r.time for r in f.recs if r.type == "GovernedUpdate")
+    at = Layout.of(f)
+    for section in SECTIONS:
+        section(f, at, add)
+    return out
 
-    # RunStarted: every settings leaf (in both runs, as a consistent trainer would), every
-    # environment key, the program, the name and the description.
+
+def _run_started(f: Forge, at: Layout, add: Add) -> None:
+    """RunStarted: every settings leaf (in both runs, as a consistent trainer would), every
+    environment key, the program, the name and the description."""
+    orig_run, branch_run = at.orig_run, at.branch_run
     settings = f.body(orig_run)["settings"]
     for path, value in leaves(settings):
         def change_setting(g: Forge, path: tuple[Any, ...] = ("settings", *path), value: Any = value) -> None:
@@ -561,7 +591,10 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("RunStarted.artifacts: program entry removed", "RunStarted",
         lambda g: [g.set(k, ("artifacts",), {}) for k in g.seqs("RunStarted")])
 
-    # GovernedUpdate: every field of one step of the original run and of the branch.
+
+def _governed_updates(f: Forge, at: Layout, add: Add) -> None:
+    """GovernedUpdate: every field of one step of the original run and of the branch."""
+    branch_run, updates, branch_updates, dataset = at.branch_run, at.updates, at.branch_updates, at.dataset
     for label, k in (("", updates[1]), ("(branch)", branch_updates[1])):
         for path, value in leaves(f.body(k)):
             if label and path[0] not in ("step", "batch", "lr", "loss", "band_update_norms", "sources"):
@@ -600,6 +633,7 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("GovernedUpdate: a step deleted, later steps and checkpoints renumbered", "GovernedUpdate", drop_and_renumber)
     add("GovernedUpdate: a step recorded twice", "GovernedUpdate",
         lambda g: g.insert(updates[1] + 1, copy.deepcopy(g.recs[updates[1]])))
+
     def swap_steps(g: Forge) -> None:
         a, b = updates[0], updates[1]
         body_a, body_b = copy.deepcopy(g.body(a)), copy.deepcopy(g.body(b))
@@ -614,7 +648,10 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("GovernedUpdate: the branch trains on the retired source's examples (original batch)", "GovernedUpdate",
         lambda g: g.set(branch_updates[1], ("batch",), list(f.body(updates[1])["batch"])))
 
-    # Checkpoint: every field of a middle checkpoint, and every checkpoint's weights.
+
+def _checkpoints(f: Forge, at: Layout, add: Add) -> None:
+    """Checkpoint: every field of a middle checkpoint, and every checkpoint's weights."""
+    ckpts, branch_ckpts, cert = at.ckpts, at.branch_ckpts, at.cert
     mid = ckpts[1]
     cbody = f.body(mid)
     for field_name in ("step", "digest", "artifact"):
@@ -644,7 +681,10 @@ def catalogue(f: Forge) -> list[Forgery]:
         lambda g: [g.set(branch_ckpts[-1], (n,), f.body(ckpts[-1])[n]) for n in ("digest", "tensors", "artifact")]
         and g.set(cert, ("new_head",), f.body(ckpts[-1])["digest"]))
 
-    # TreeHead: the attacker's own tree heads, left wrong.
+
+def _tree_heads(f: Forge, at: Layout, add: Add) -> None:
+    """TreeHead: the attacker's own tree heads, left wrong."""
+    updates, heads = at.updates, at.heads
     last_head = heads[-1]
     for field_name in ("size", "root", "origin"):
         def bad_head(g: Forge, n: str = field_name) -> None:
@@ -654,7 +694,10 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("TreeHead: a middle head keeps the honest root of a forged log", "TreeHead",
         lambda g: (g.keep_heads.add(heads[1]), g.set(updates[0], ("loss",), 0.5)) and None)
 
-    # DatasetCommitted, its manifests and its inputs.
+
+def _dataset(f: Forge, at: Layout, add: Add) -> None:
+    """DatasetCommitted, its manifests and its inputs."""
+    ckpts, dataset = at.ckpts, at.dataset
     dbody = f.body(dataset)
     for field_name in ("name", "root", "count", "manifests", "data"):
         add(f"DatasetCommitted.{field_name}", "DatasetCommitted",
@@ -679,7 +722,10 @@ def catalogue(f: Forge) -> list[Forgery]:
             "(a colluding source's key), root re-derived", "artifact:manifests",
             lambda g, v=version: _colluding_manifest(g, dataset, v))
 
-    # PolicyAdopted (root-signed): the trainer cannot re-sign a changed one.
+
+def _policy(f: Forge, at: Layout, add: Add) -> None:
+    """PolicyAdopted (root-signed): the trainer cannot re-sign a changed one."""
+    policy = at.policy
     def new_policy(g: Forge, sign: bool = False) -> None:
         data, signature = encoding.decode(g.body(policy)["policy"])
         doc = encoding.decode(data)
@@ -698,7 +744,11 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("PolicyAdopted: a policy the trainer signed, recorded under the trainer's signature", "PolicyAdopted",
         lambda g: _as_trainer(g, policy, lambda g: new_policy(g, sign=True)))
 
-    # Credentials: issued, revoked.
+
+def _credentials(f: Forge, at: Layout, add: Add) -> None:
+    """CredentialIssued and CredentialRevoked: the trainer may record credentials, never issue or
+    revoke one."""
+    dataset, retired, creds = at.dataset, at.retired, at.creds
     source_cred = creds[-1]
     add("CredentialIssued.credential: a byte flipped", "CredentialIssued",
         lambda g: g.set(source_cred, ("credential",), other(g.body(source_cred)["credential"])))
@@ -716,7 +766,10 @@ def catalogue(f: Forge) -> list[Forgery]:
                                                                         "reason": "forged"}, g.recs[retired].time,
                                                  signer=g.recs[retired].signer)))
 
-    # SourceRetired (authority-signed).
+
+def _retirement(f: Forge, at: Layout, add: Add) -> None:
+    """SourceRetired (authority-signed): the trainer cannot change, sign or drop one."""
+    retired = at.retired
     rbody = f.body(retired)
     for field_name in ("source", "key_id", "reason"):
         add(f"SourceRetired.{field_name}", "SourceRetired",
@@ -725,7 +778,10 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("SourceRetired: deleted (the branch unlearns a source never retired)", "SourceRetired",
         lambda g: g.remove(retired) and None)
 
-    # UnlearningCertificate: every field.
+
+def _certificate(f: Forge, at: Layout, add: Add) -> None:
+    """UnlearningCertificate: every field, and the removed and relabeled artifacts."""
+    branch_ckpts, cert = at.branch_ckpts, at.cert
     ubody = f.body(cert)
     for field_name in ("source", "rewind_checkpoint", "original_head", "new_head", "removed", "relabeled"):
         add(f"UnlearningCertificate.{field_name}", "UnlearningCertificate",
@@ -749,7 +805,10 @@ def catalogue(f: Forge) -> list[Forgery]:
         g.replace_artifact(ubody["relabeled"], encoding.encode(pairs))
     add("artifact: unlearning relabeled, a label changed, digest re-derived", "artifact:relabeled", relabel)
 
-    # The program.
+
+def _program(f: Forge, at: Layout, add: Add) -> None:
+    """The model program artifact (specs/replay.md §2)."""
+    orig_run = at.orig_run
     program = f.body(orig_run)["artifacts"]["program"]
     add("artifact: program, a byte flipped in a weight (CRC left), digest re-derived", "artifact:program",
         lambda g: g.replace_artifact(program, _flip_member(g.arts[program], "archive/data/weights/weight_0")))
@@ -761,18 +820,26 @@ def catalogue(f: Forge) -> list[Forgery]:
                                                            lambda b: b.replace(b"aten.relu.default", b"aten.tanh.default", 1))))
     add("artifact: program missing from the bundle", "artifact:program", lambda g: g.arts.pop(program))
 
-    # Runs added or removed.
+
+def _runs(f: Forge, at: Layout, add: Add) -> None:
+    """Runs added: an ungoverned run that ships weights no replay reproduces (issue 10.5)."""
+    orig_run, branch_ckpts = at.orig_run, at.branch_ckpts
     add("Checkpoint: an ungoverned 'packaging' run ships fine-tuned weights", "RunStarted",
         lambda g: _packaging_run(g, orig_run, branch_ckpts[-1]), issue="10.5")
 
-    # Environment plus fine-tuned weights: the bundle choosing tolerance mode (issue 10.4).
+
+def _tolerance(f: Forge, at: Layout, add: Add) -> None:
+    """Environment plus fine-tuned weights: the bundle choosing tolerance mode (issue 10.4)."""
+    ckpts = at.ckpts
     def tolerance(g: Forge) -> None:
         for r in g.seqs("RunStarted"):
             g.set(r, ("environment", "torch"), "2.0.0")
         rewrite_checkpoint(g, ckpts[-1], _perturb(1e-5))
     add("RunStarted.environment.torch changed and final weights fine-tuned", "RunStarted", tolerance, issue="10.4")
 
-    # The header and the framing (a trainer writes the bundle too).
+
+def _bundle(f: Forge, at: Layout, add: Add) -> None:
+    """The header and the framing (a trainer writes the bundle too)."""
     add("header.size", "header", lambda g: g.header_overrides.__setitem__("size", len(g.recs) - 1), issue="9.header")
     add("header.root", "header", lambda g: g.header_overrides.__setitem__("root", bytes(32)), issue="9.header")
     add("header.origin", "header", lambda g: g.header_overrides.__setitem__("origin", "gradledger:forged"),
@@ -780,10 +847,15 @@ def catalogue(f: Forge) -> list[Forgery]:
     add("bundle: an artifact no record names", "artifact:unnamed", lambda g: g.put(b"an unnamed artifact") and None,
         harmless=Harmless("bundle.md", "§4 What a verifier may rely on", "An artifact that no record names is inert."))
 
-    # Timestamps: a record dated before its predecessor.
+
+def _time(f: Forge, at: Layout, add: Add) -> None:
+    """Timestamps: a record dated before its predecessor."""
+    updates, first_ts = at.updates, at.first_ts
     add("envelope.time: a step dated before the one it follows", "GovernedUpdate",
         lambda g: setattr(g.recs[updates[1]], "time", first_ts - 10**9))
-    return out
+
+
+SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement, _certificate, _program, _runs, _tolerance, _bundle, _time)
 
 
 def lr_catalogue(f: Forge) -> list[Forgery]:
