@@ -15,8 +15,10 @@ The attacker holds the trainer key only; the root, authorities and sources sign 
 own unchanged statements (see tests/forging.py). Progress goes to stderr; the last stdout line
 is JSON: ``forgeries_tried``, ``forgeries_accepted`` (target 0; forgeries the spec declares
 harmless are counted apart), ``accepted`` (their names), ``declared_harmless`` (each with the
-spec's file, section and sentence), ``errors`` (the verifier raised instead of reporting) and
-``unbuilt`` (a forgery the library could not build: a bug here, never counted as caught).
+spec's file, section and sentence), ``accepted_by_issue`` and ``accepted_unlisted`` (accepted
+forgeries no issue item reports), ``errors`` (the verifier raised instead of reporting: not
+accepted, but a bug) and ``unbuilt`` (a forgery the library could not build: a bug here, never
+counted as caught).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "forgeries_accepted": len(accepted),
         "accepted": accepted,
         "accepted_by_issue": {n: f.issue for f, o in outcomes if o.verdict == "accepted" and (n := f.name) in accepted},
+        # Accepted, yet no issue item reports them: new findings.
+        "accepted_unlisted": [f.name for f, o in outcomes if o.verdict == "accepted" and f.name in accepted
+                              and f.issue is None],
         "declared_harmless": harmless,
         "errors": [{"name": f.name, "detail": o.detail} for f, o in outcomes if o.verdict == "error"],
         "unbuilt": [{"name": f.name, "detail": o.detail} for f, o in outcomes if o.verdict == "unbuilt"],
