@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradledger.ledger.errors import VerificationError
-from gradledger.ledger.program import ATEN_OPS, Program, ProgramModule, load_program, run
+from gradledger.ledger.program import ATEN_OPS, Program, ProgramModule, load_program
 from gradledger.training.bands import Band, BandLayout, resolve_bands, sequential_bands, transformer_bands
 from gradledger.training.gate import GatedModel, export_gated, routing_ratios
 from gradledger.verify._internal import batch_rows
@@ -40,13 +40,13 @@ from gradledger.verify._internal.batch_rows import RULES, BatchInteraction, chec
 from gradledger.verify._internal.graph_routing import (
     CutError,
     RoutingNotProven,
-    boundary_hook,
     boundary_nodes,
     check_cut,
     mix,
+    plan_routing,
     program_inputs,
     ratios,
-    scale_outputs,
+    routed_forward,
     state_prefix,
 )
 
@@ -89,8 +89,8 @@ def recorded(model: nn.Module, layout: BandLayout) -> tuple[dict[str, Any], list
 
 def prove(program: Program, model: nn.Module, layout: BandLayout, x: torch.Tensor) -> list[list[str]]:
     bands, band_params = recorded(model, layout)
-    b = boundary_nodes(program.graph, bands, band_params)
-    check_cut(program.graph, bands, band_params, b)
+    b = plan_routing(program.graph, {"bands": bands, "band_params": band_params})
+    assert b == boundary_nodes(program.graph, bands, band_params)
     state = ProgramModule(program).live_state()
     check_batch_independent(program.graph, program_inputs(program.graph, x, len(layout)), state, b)
     return b
@@ -306,11 +306,8 @@ def test_mix_is_the_identity_forward_and_scales_the_gradient() -> None:
 def routed_grads(program: Program, boundaries: list[list[str]], x, y, profiles, losses) -> dict[str, torch.Tensor]:
     """The verifier's replay of one step: the program with its own inputs, our mix at the boundaries and outputs."""
     module = ProgramModule(program)
-    state = module.live_state()
-    r = ratios(profiles)
-    inputs = program_inputs(program.graph, x, profiles.shape[1], profiles.dtype)
     torch.manual_seed(7)
-    (out,) = scale_outputs(run(program.graph, inputs, state, after=boundary_hook(boundaries, r)), r)
+    (out,) = routed_forward(program.graph, x, module.live_state(), profiles, boundaries)
     losses(out, y).mean().backward()
     return {n.removeprefix("model."): p.grad for n, p in module.named_parameters() if p.grad is not None}
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gradledger.ledger.errors import VerificationError
-from gradledger.ledger.program import SYM_OPS, Graph, Node, Ref
+from gradledger.ledger.program import SYM_OPS, After, Graph, Node, Ref, run
 
 __all__ = [
     "GATED_PREFIX",
@@ -37,8 +37,10 @@ __all__ = [
     "boundary_nodes",
     "check_cut",
     "mix",
+    "plan_routing",
     "program_inputs",
     "ratios",
+    "routed_forward",
     "scale_outputs",
     "state_prefix",
 ]
@@ -295,7 +297,7 @@ def _mix_floating(value: Any, r: Tensor) -> Any:
     return mix(value, r) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
-def boundary_hook(boundaries: Sequence[Sequence[str]], r: Tensor):  # -> gradledger.ledger.program.After
+def boundary_hook(boundaries: Sequence[Sequence[str]], r: Tensor) -> After:
     """The ``after`` hook of ``gradledger.ledger.program.run`` that mixes each boundary value.
 
     ``r`` is ``ratios(profiles)``; a value of boundary ``k`` is replaced by ``mix(value, r[:, k])``
@@ -339,3 +341,30 @@ def program_inputs(graph: Graph, x: Tensor, n_bands: int, dtype: torch.dtype = t
         return {names[0]: x, "profiles": torch.ones(x.shape[0], n_bands, dtype=dtype)}
     raise RoutingNotProven(f"the program takes inputs {list(names)}: a model program takes one input, "
                            "a gated one takes two, the second 'profiles'")
+
+
+# -- for replay --------------------------------------------------------------------------------
+
+
+def plan_routing(graph: Graph, settings: Mapping[str, Any]) -> list[list[str]]:
+    """Boundary values of a run's program, with the cut proved (§6.1, §6.2), from RunStarted ``settings``.
+
+    Once per program. Batch independence (§6.3) is separate: once per distinct input shape.
+    """
+    bands, band_params = settings.get("bands"), settings.get("band_params")
+    if not isinstance(band_params, (list, tuple)) or not all(isinstance(ns, (list, tuple)) for ns in band_params):
+        raise RoutingNotProven("RunStarted settings.band_params is not a list of parameter-name lists")
+    boundaries = boundary_nodes(graph, bands, band_params)  # type: ignore[arg-type]
+    check_cut(graph, bands, band_params, boundaries)  # type: ignore[arg-type]
+    return boundaries
+
+
+def routed_forward(
+    graph: Graph, x: Tensor, state: Mapping[str, Tensor], profiles: Tensor, boundaries: Sequence[Sequence[str]],
+) -> tuple[Any, ...]:
+    """The user outputs of one routed forward (§6.4): the program with ``x`` (and profiles of ones), the
+    verifier's mix at every boundary value and at the outputs. ``loss.backward()`` then yields the
+    routed gradient in ``state``'s parameters."""
+    r = ratios(profiles)
+    inputs = program_inputs(graph, x, profiles.shape[1], profiles.dtype)
+    return scale_outputs(run(graph, inputs, state, after=boundary_hook(boundaries, r)), r)
