@@ -563,3 +563,48 @@ def test_an_op_without_a_batch_rule_is_refused(monkeypatch: pytest.MonkeyPatch) 
 
 def test_every_allowlisted_op_has_a_batch_rule() -> None:
     assert {f"aten.{op}" for op in ATEN_OPS} <= set(RULES)
+
+
+# ---------------------------------------------------------------- end to end (issue 10.1)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import forging as F
+
+    base = tmp_path_factory.mktemp("routed")
+    return {"honest": F.build_demo(base / "honest", steps=3, checkpoint_every=3),
+            "ungated": F.build_demo(base / "ungated", steps=3, checkpoint_every=3, ungated=True)}
+
+
+def verify_routed(demo: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The verifier with replay running each run's program as a ``RoutedModule`` (the wiring replay adopts)."""
+    from gradledger.ledger.keys import read_public_keys
+    from gradledger.verify import VerificationPolicy, Verifier
+    from gradledger.verify._internal import replay
+    from gradledger.verify._internal.routed import RoutedModule
+
+    original = replay._load
+
+    def load(ctx: Any, artifact: Any, cache: Any) -> Any:
+        plain = original(ctx, artifact, None)
+        module = RoutedModule(plain.module.program, ctx.settings)
+        return replay._Loaded(module, plain.inputs, dict(module.named_parameters()))
+
+    monkeypatch.setattr(replay, "_load", load)
+    return Verifier(read_public_keys(demo.roots), VerificationPolicy(replay="full")).verify(demo.bundle)
+
+
+def test_an_honest_demo_run_verifies_with_the_verifiers_routing(demos, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = verify_routed(demos["honest"], monkeypatch)
+    assert report.verified, report.first_failure
+
+
+def test_an_ungated_demo_run_fails_with_the_verifiers_routing(demos, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10.1: trained and exported with the gate off, every routing record honest, re-signed by
+    the trainer. Replayed with the verifier's routing, the first step's band norms differ."""
+    report = verify_routed(demos["ungated"], monkeypatch)
+    assert not report.verified
+    failure = report.first_failure
+    assert failure.name == "replay" and failure.step == 0, failure  # the first step (steps count from 0)
+    assert "gradient norm" in failure.detail, failure.detail
