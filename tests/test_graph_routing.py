@@ -436,6 +436,48 @@ def test_a_forged_gate_in_the_program_changes_nothing() -> None:
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
 
 
+class DetachBypass(nn.Module):
+    """A hostile program: the head reads the boundary's output plus ``h - h.detach()`` of an activation
+    below it. The forward value is unchanged (the difference is zero), but gradient reaches the deep
+    band without crossing the boundary's mix: restricted examples would write into it unscaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.deep = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.deep(x)
+        return self.head(self.act(h) + (h - h.detach()))
+
+
+def test_a_detach_bypass_that_keeps_every_forward_value_is_refused() -> None:
+    model = DetachBypass()
+    layout = BandLayout([Band("head", ["head"]), Band("deep", ["deep"], "act")])
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    program = export(model, x)
+    bands, band_params = recorded(model, layout)
+    b = boundary_nodes(program.graph, bands, band_params)
+    with pytest.raises(CutError, match=r"parameter 'deep\.(weight|bias)' of band 'deep' reaches the model output "
+                                       r"without crossing boundary 'act'"):
+        check_cut(program.graph, bands, band_params, b)
+    # Why it matters: mixing at the boundary alone would leave a crowd example's deep gradient nonzero.
+    crowd = torch.tensor([[1.0, 0.0]] * 3)
+    got = routed_grads(program, b, x, y, crowd, ce)
+    assert torch.count_nonzero(got["deep.weight"]) > 0
+
+
+def test_the_encoder_layers_route_like_the_eager_gate() -> None:
+    model = Encoder()
+    layout = transformer_bands(model)
+    x, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4,))
+    profiles = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.25]])
+    check_grads(model, layout, x, y, profiles, ce, reference=False)  # dropout: masks differ per example pass
+
+
 # ---------------------------------------------------------------- batch independence
 
 

@@ -251,9 +251,10 @@ def _group_norm(c: _Call) -> Tensor:
     return _fit(_comb(stats, _all(_tensor_owner(c, "weight")), _all(_tensor_owner(c, "bias"))), c.result, c.where())
 
 
-def _batch_norm(training_arg: str | None) -> Rule:
+def _batch_norm(training_arg: str | None, *, batch_stats: bool = False) -> Rule:
+    """``training_arg`` names the flag that selects batch statistics; ``batch_stats``: always uses them."""
     def rule(c: _Call) -> Any:
-        if training_arg is None or c.args.get(training_arg):
+        if batch_stats or (training_arg is not None and c.args.get(training_arg)):
             raise BatchInteraction(
                 f"{c.where()}: batch normalization in training mode normalizes each example with statistics of "
                 "the whole batch (and updates running statistics from it), so examples interact; export the "
@@ -360,9 +361,9 @@ RULES: dict[str, Rule] = {
     "aten.batch_norm.default": _batch_norm("training"),
     "aten.native_batch_norm.default": _batch_norm("training"),
     "aten._native_batch_norm_legit.default": _batch_norm("training"),
-    "aten._native_batch_norm_legit.no_stats": _batch_norm(None),
+    "aten._native_batch_norm_legit.no_stats": _batch_norm(None, batch_stats=True),
     "aten._native_batch_norm_legit_functional.default": _batch_norm("training"),
-    "aten._native_batch_norm_legit_no_training.default": lambda c: _batch_norm("_never")(c),
+    "aten._native_batch_norm_legit_no_training.default": _batch_norm(None),
     "aten.embedding.default": _embedding,
     "aten.conv1d.default": _conv,
     "aten.conv2d.default": _conv,
