@@ -650,3 +650,17 @@ def test_an_ungated_demo_run_fails_with_the_verifiers_routing(demos, monkeypatch
     failure = report.first_failure
     assert failure.name == "replay" and failure.step == 0, failure  # the first step (steps count from 0)
     assert "gradient norm" in failure.detail, failure.detail
+
+
+def test_a_rule_that_cannot_be_applied_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed: an error inside a batch rule is a refusal naming the node, never a crash or a pass."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    program = export(model, torch.randn(4, 4))
+
+    def broken(call: Any) -> Any:
+        raise RuntimeError("shape rule failed")
+
+    monkeypatch.setitem(batch_rows.RULES, "aten.tanh.default", broken)
+    with pytest.raises(BatchInteraction, match=r"node 'tanh' \(aten\.tanh\.default\): its batch rule could not"):
+        check_batch_independent(program.graph, {program.graph.user_inputs[0]: torch.randn(4, 4)},
+                                ProgramModule(program).live_state())

@@ -447,6 +447,16 @@ def check_batch_independent(
     values: dict[str, Any] = {}
 
     def after(node: Node, value: Any) -> Any:
+        try:
+            return interpret(node, value)
+        except BatchInteraction:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            # A rule that cannot be applied proves nothing: refused, never skipped.
+            raise BatchInteraction(f"node {node.name!r} ({node.op}): its batch rule could not be applied: "
+                                   f"{str(exc)[:200]}") from None
+
+    def interpret(node: Node, value: Any) -> Any:
         rule = RULES.get(node.op)
         if node.op in SYM_OPS:
             rule = _size
