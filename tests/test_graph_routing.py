@@ -502,6 +502,9 @@ HOSTILE: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "batch into features": (lambda: Tail(lambda h: (h.reshape(2, 8) @ torch.ones(8, 8)).reshape(4, 4)),
                             r"node 'reshape' \(aten\.reshape\.default\)"),
     "rows transposed": (lambda: Tail(lambda h: h.t().contiguous().reshape(4, 4)), r"rows do not follow the examples"),
+    "attention across the batch": (lambda: Tail(lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0]),
+                                   r"aten\.scaled_dot_product_attention\.default"),
+    "a Gram matrix over the batch": (lambda: Tail(lambda h: h @ (h.t() @ h)), r"node 'matmul' \(aten\.matmul\.default\)"),
 }
 
 
@@ -664,3 +667,39 @@ def test_a_rule_that_cannot_be_applied_refuses(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(BatchInteraction, match=r"node 'tanh' \(aten\.tanh\.default\): its batch rule could not"):
         check_batch_independent(program.graph, {program.graph.user_inputs[0]: torch.randn(4, 4)},
                                 ProgramModule(program).live_state())
+
+
+def test_routed_module_proves_each_batch_shape_before_running_it() -> None:
+    from gradledger.verify._internal.routed import RoutedModule
+
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    layout = sequential_bands(model, 2)
+    settings = dict(zip(("bands", "band_params"), recorded(model, layout)))
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    profiles = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 1.0], [0.0, 0.0]])
+    module = RoutedModule(gated_program(model, layout, x), settings)
+    ce(module(x, profiles), y).mean().backward()
+    want = eager_grads(model, layout, x, y, profiles, ce)
+    for n, p in module.named_parameters():
+        assert torch.equal(p.grad, want[n.removeprefix("model.")])
+    module(x[:3], profiles[:3])
+    assert module._proved == {((4, 4), torch.float64), ((3, 4), torch.float64)}
+    with pytest.raises(RoutingNotProven, match="profiles of shape"):
+        module(x, profiles[:, :1])
+
+    class Leaky(nn.Module):  # mixes the batch after the boundary: refused at the first forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inner(x)
+            return h + h.mean(0)
+
+    leaky = Leaky()
+    leaky_layout = BandLayout([Band("head", ["inner.2"]), Band("deep", ["inner.0"], "inner.1")])
+    leaky_settings = dict(zip(("bands", "band_params"), recorded(leaky, leaky_layout)))
+    routed = RoutedModule(export(leaky, x), leaky_settings)
+    with pytest.raises(BatchInteraction, match="node 'mean'"):
+        routed(x, profiles)
