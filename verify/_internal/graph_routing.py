@@ -302,7 +302,7 @@ def boundary_hook(boundaries: Sequence[Sequence[str]], r: Tensor) -> After:
 
     ``r`` is ``ratios(profiles)``; a value of boundary ``k`` is replaced by ``mix(value, r[:, k])``
     (floating tensors only) before any node uses it. A value that two nested boundaries share is
-    mixed by the inner (longer) one first, the order the eager gate's hooks run in.
+    mixed once per boundary, in band order (specs/routing.md §6.4).
     """
     by_value: dict[str, list[int]] = {}
     for k, values in enumerate(boundaries):
