@@ -116,7 +116,6 @@ def test_a_run_trained_at_another_lr_recorded_as_the_advertised_one_is_refused(d
     assert outcome.verdict == "rejected", outcome.detail
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10.1, fix in progress")
 def test_an_ungated_run_with_honest_routing_records_is_refused(demo: dict[str, Any]) -> None:
     """Issue 10.1: trained and exported with the gate off; crowd examples write into the embedding band."""
     d = F.build_demo(demo["work"] / "ungated", steps=3, checkpoint_every=3, ungated=True)

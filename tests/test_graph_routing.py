@@ -622,33 +622,23 @@ def demos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "ungated": F.build_demo(base / "ungated", steps=3, checkpoint_every=3, ungated=True)}
 
 
-def verify_routed(demo: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The verifier with replay running each run's program as a ``RoutedModule`` (the wiring replay adopts)."""
+def verify_routed(demo: Any) -> Any:
+    """The verifier as shipped: replay runs each run's program as a ``RoutedModule``."""
     from gradledger.ledger.keys import read_public_keys
     from gradledger.verify import VerificationPolicy, Verifier
-    from gradledger.verify._internal import replay
-    from gradledger.verify._internal.routed import RoutedModule
 
-    original = replay._load
-
-    def load(ctx: Any, artifact: Any, cache: Any) -> Any:
-        plain = original(ctx, artifact, None)
-        module = RoutedModule(plain.module.program, ctx.settings)
-        return replay._Loaded(module, plain.inputs, dict(module.named_parameters()))
-
-    monkeypatch.setattr(replay, "_load", load)
     return Verifier(read_public_keys(demo.roots), VerificationPolicy(replay="full")).verify(demo.bundle)
 
 
-def test_an_honest_demo_run_verifies_with_the_verifiers_routing(demos, monkeypatch: pytest.MonkeyPatch) -> None:
-    report = verify_routed(demos["honest"], monkeypatch)
+def test_an_honest_demo_run_verifies_with_the_verifiers_routing(demos) -> None:
+    report = verify_routed(demos["honest"])
     assert report.verified, report.first_failure
 
 
-def test_an_ungated_demo_run_fails_with_the_verifiers_routing(demos, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_ungated_demo_run_fails_with_the_verifiers_routing(demos) -> None:
     """Issue 10.1: trained and exported with the gate off, every routing record honest, re-signed by
     the trainer. Replayed with the verifier's routing, the first step's band norms differ."""
-    report = verify_routed(demos["ungated"], monkeypatch)
+    report = verify_routed(demos["ungated"])
     assert not report.verified
     failure = report.first_failure
     assert failure.name == "replay" and failure.step == 0, failure  # the first step (steps count from 0)

@@ -19,7 +19,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.training.dataset import commit_dataset
 from gradledger.training.trainer import Trainer
 from gradledger.verify._internal import challenge
-from gradledger.verify._internal.program import ProgramError, load_program
+from gradledger.ledger.program import ProgramError, load_program
 from gradledger.verify._internal.replay import RunContext
 from gradledger.verify._internal.segments import iter_jobs, plan_segments, run_jobs
 from gradledger.verify._internal.sources import LedgerSource

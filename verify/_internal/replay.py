@@ -28,7 +28,8 @@ from .checkpoint import CheckpointError, digest_state, load_checkpoint
 from .hyperparams import (
     HyperParameterMismatch, check_checkpoint_groups, check_description, check_loss, check_step, group_kwargs,
 )
-from .program import ProgramError, load_program
+from .graph_routing import RoutingNotProven
+from .program import ProgramError, load_routed
 
 STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
@@ -154,9 +155,14 @@ def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None], cache: Rep
     if raw is None:
         raise ReplayError("the model program artifact is not in the bundle", seq=ctx.run_seq)
     try:
-        module = load_program(raw)
+        # The program is run with the verifier's own routing (specs/routing.md §6): the cut is
+        # proved here, batch independence before the first forward of each batch shape.
+        module = load_routed(raw, ctx.settings)
     except ProgramError as exc:
         raise ReplayError(f"the model program named by RunStarted is refused: {exc.args[0]}", seq=ctx.run_seq) from None
+    except RoutingNotProven as exc:
+        raise ReplayError(f"routing cannot be applied to the model program named by RunStarted: {exc.args[0]}",
+                          seq=ctx.run_seq) from None
     data = artifact(ctx.inputs)
     if data is None:
         raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
@@ -315,7 +321,10 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             raise fail("the recorded routing does not cover the batch")
         opt.zero_grad(set_to_none=True)
         torch.default_generator.manual_seed(u["seeds"]["step"])
-        out = module(x, profiles)
+        try:
+            out = module(x, profiles)
+        except RoutingNotProven as exc:
+            raise fail(f"routing cannot be applied to the model program: {exc.args[0]}") from None
         loss = loss_fn(out, labels, **loss_kw)
         loss.backward()
         loss_value = float(loss.detach())
