@@ -1,8 +1,8 @@
 """RFC 6962 / RFC 9162 conformance: the transparency-dev/merkle vectors and the CT reference tree.
 
-The vectors live outside the checkout (shared/conformance/rfc6962 beside it) or
-wherever GRADLEDGER_CONFORMANCE_DIR points. A missing directory must fail the
-run, never silently collect nothing.
+The vectors are test data in the repository, tests/data/rfc6962 (origin and licence in
+tests/data/NOTICE), or wherever GRADLEDGER_CONFORMANCE_DIR points. A missing directory must
+fail the run, never silently collect nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gradledger.ledger.errors import ProofError
 
 VECTOR_DIR = Path(
     os.environ.get("GRADLEDGER_CONFORMANCE_DIR")
-    or Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc6962"
+    or Path(__file__).resolve().parent / "data" / "rfc6962"
 )
 EXPECTED_CASES = 196
 
