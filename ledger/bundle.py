@@ -18,13 +18,13 @@ import mmap
 import os
 import secrets
 import shutil
-import stat
 from array import array
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import encoding, envelope, schema
 from .errors import BundleError, EncodingError, ProofError, SchemaError, UnusableInput
+from .files import open_regular
 from .keys import SIGNATURE_SIZE
 from .ledger import Ledger
 from .store import exists as ledger_exists
@@ -93,18 +93,17 @@ class Bundle:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "Bundle":
         path = Path(path)
+        # A FIFO or device would block or never end: only a regular file is opened, checked on
+        # the open descriptor (open_regular opens without blocking and fstat()s it).
+        fd = open_regular(path, "bundle", BundleError)
         try:
-            # A FIFO or device would block or never end: only a regular file is opened.
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise BundleError(f"{path}: not a regular file, so not a bundle")
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    raise BundleError(f"{path}: empty file, not a bundle")
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise BundleError(f"{path}: no such bundle file") from None
+            if os.fstat(fd).st_size == 0:
+                raise BundleError(f"{path}: empty file, not a bundle")
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as exc:
             raise BundleError(f"{path}: cannot read bundle: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
         try:
             return cls(path, mm, *_index(path, mm))
         except BaseException:
@@ -220,8 +219,9 @@ def _index(path: Path, mm: mmap.mmap) -> tuple[dict[str, Any], array, bytes, lis
         )
 
     total = 1 + records + artifacts + cosigs
-    bounds = array("Q", [0]) * (total + 1)
-    bounds[1] = pos
+    # Grown item by item, never sized from the header: a sparse file whose header promises
+    # millions of one-byte items must not cost memory before its first item is checked.
+    bounds = array("Q", [0, pos])
     digests = bytearray()
     cosignatures: list[tuple[int, bytes, bytes]] = []
     with memoryview(mm) as view:
@@ -242,7 +242,7 @@ def _index(path: Path, mm: mmap.mmap) -> tuple[dict[str, Any], array, bytes, lis
             if start + length > end:
                 raise BundleError(f"{where}: truncated ({length} bytes declared, {end - start} left)")
             pos = start + length
-            bounds[item + 1] = pos
+            bounds.append(pos)
             if item <= records:
                 continue
             if item <= records + artifacts:

@@ -20,12 +20,17 @@ import nacl.signing
 
 from . import encoding
 from .errors import EncodingError, KeyFileError, SignatureError
+from .files import read_regular
 
 DOMAIN_PREFIX = b"gradledger/v1/"
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 KEY_FILE_KIND = "gradledger-ed25519-private-key"
 PUBLIC_LINE_PREFIX = "ed25519:"
+#: A private key file is one small CBOR map; the decoder's own bound is the same.
+MAX_KEY_FILE_SIZE = 4096
+#: A trust file of public keys: 16 MiB is some 150 000 keys with comments, far beyond any taxonomy.
+MAX_TRUST_FILE_SIZE = 16 << 20
 
 #: Signing purposes; each is a distinct domain (specs/signing.md).
 PURPOSES = frozenset(
@@ -104,9 +109,10 @@ class SigningKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "SigningKey":
         path = Path(path)
+        # A key file is a few dozen bytes: anything else (/dev/zero, a FIFO, a huge file) is refused unread.
+        data = read_regular(path, MAX_KEY_FILE_SIZE, "private key", KeyFileError)
         try:
             mode = path.stat().st_mode
-            data = path.read_bytes()
         except OSError as exc:
             raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -135,9 +141,10 @@ def format_public_key(public_key: bytes, comment: str = "") -> str:
 def read_public_keys(path: str | os.PathLike[str]) -> list[bytes]:
     """Read a trust file: one ``ed25519:<64 hex>`` per line, optional comment after it; '#' lines ignored."""
     path = Path(path)
+    data = read_regular(path, MAX_TRUST_FILE_SIZE, "trusted public keys", KeyFileError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise KeyFileError(f"cannot read public keys from {path}: {exc}") from None
     keys: list[bytes] = []
     for number, raw in enumerate(text.splitlines(), 1):
