@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         forges = {k: F.Forge.from_bundle(d.bundle) for k, d in demos.items()}
         verifiers = {k: Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full")) for k, d in demos.items()}
         for k, d in demos.items():
+            # The forger's round trip gives every bundle back byte for byte, and the honest ones verify
+            # (the ungated one is itself the forgery of issue 10.1), so a forgery fails for its change.
+            if forges[k].clone().bundle_bytes() != d.bundle.read_bytes():
+                print(f"the forger's round trip of the {k} bundle is not byte-identical", file=sys.stderr)
+                return 2
+            if k == "ungated":
+                continue
             honest = F.verify_forgery(F.Forgery("honest round trip", "all", lambda g: None), forges[k], verifiers[k],
                                       Path(tmp))
             if honest.verdict != "accepted":
