@@ -116,8 +116,10 @@ def test_a_checkpoint_trained_one_step_further_fails_replay_at_it(world: dict[st
     items = items_of(world["recs"])
     step4 = next(it.body for it in items_of(further) if it.type == "Checkpoint" and it.body["step"] == 4)
     seq = next(i for i, it in enumerate(items) if it.type == "Checkpoint" and it.body["step"] == 3)
+    old = items[seq].body["artifact"]
     items[seq].body = {**items[seq].body, **{k: step4[k] for k in ("digest", "tensors", "artifact")}}
-    arts = {**world["arts"], step4["artifact"]: further_arts[step4["artifact"]]}
+    # The replaced artifact leaves the bundle (one no record names fails the artifacts check).
+    arts = {**{d: a for d, a in world["arts"].items() if d != old}, step4["artifact"]: further_arts[step4["artifact"]]}
     failure = _failure(world, tmp_path, reseal(items), arts)
     assert failure["name"] == "replay" and failure["seq"] == seq and "checkpoint" in failure["detail"]
 
@@ -152,8 +154,10 @@ def test_a_pickle_payload_in_the_program_is_rejected_without_running(world: dict
         dst.writestr("archive/data/constants/opaque_obj_0", pickle.dumps(_Payload(str(marker))))
     evil = out.getvalue()
     digest = hashlib.sha256(evil).digest()
+    old = items[run].body["artifacts"]["program"]
     items[run].body = {**items[run].body, "artifacts": {"program": digest}}
-    failure = _failure(world, tmp_path, reseal(items), {**world["arts"], digest: evil})
+    arts = {d: a for d, a in world["arts"].items() if d != old}
+    failure = _failure(world, tmp_path, reseal(items), {**arts, digest: evil})
     assert failure["name"] == "replay" and "pickle" in failure["detail"]
     assert not marker.exists()
 

@@ -33,7 +33,7 @@ from test_trainer import CROWD_CRED, MANIFESTS, PATHS, POLICY, POLICY_FIELDS, WO
 
 ROOTS = [WORLD.root.public_key]
 KEYS = {k.key_id: k for k in (WORLD.root, WORLD.trainer, WORLD.authority, WORLD.source, CROWD_KEY, *WORKER_KEYS)}
-CHECKS = ["records", "tree heads", "dataset", "policy", "runs", "routing"]
+CHECKS = ["records", "tree heads", "artifacts", "dataset", "policy", "runs", "routing"]
 
 
 @dataclass
@@ -129,7 +129,7 @@ def test_honest_run_passes_every_check(honest: ListSource) -> None:
         want = route(POLICY, m.manifest, PATHS)
         assert (table[i].rule, table[i].profile, table[i].label) == (want.rule, want.profile, m.label)
         assert set(table[i].sources) == set(m.source_names)
-    assert "committed without inputs" in report.checks[2].detail
+    assert "committed without inputs" in report.checks[3].detail
     # The registry before the dataset commitment lacks nothing the manifests need, and
     # before the crowd authority's issuance lacks the crowd.
     assert CROWD_KEY.key_id not in structure.registry_at(5).by_key_id
@@ -235,10 +235,10 @@ def test_substituted_manifests_artifact_fails_dataset(honest: ListSource) -> Non
     k = seq_of(items, "DatasetCommitted")
     arts = {**honest.arts, items[k].body["manifests"]: _relabeled_artifact()}
     name, seq, detail = first_failure(ListSource(honest.recs, arts))
-    assert (name, seq) == ("dataset", k) and "hash" in detail
+    assert (name, seq) == ("artifacts", k) and "hash" in detail
     del arts[items[k].body["manifests"]]
     name, seq, detail = first_failure(ListSource(honest.recs, arts))
-    assert (name, seq) == ("dataset", k) and "not in the bundle" in detail
+    assert (name, seq) == ("artifacts", k) and "not in the bundle" in detail
 
 
 def test_inputs_artifact_rows_are_checked(tmp_path: Path) -> None:
@@ -251,11 +251,11 @@ def test_inputs_artifact_rows_are_checked(tmp_path: Path) -> None:
     ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
     source = ListSource([r for _, r in led.records()], dict(led.artifacts()))
     report, structure = verify(source)
-    assert report.verified and "inputs checked row by row" in report.checks[2].detail, report.render()
-    # Without the inputs in the bundle the check says so and passes.
+    assert report.verified and "inputs checked row by row" in report.checks[3].detail, report.render()
+    # Without the inputs in the bundle the artifacts check fails, naming the commitment and the digest.
     bare = ListSource(source.recs, {d: a for d, a in source.arts.items() if d != ds.data})
-    report, _ = verify(bare)
-    assert report.verified and "inputs not in the bundle" in report.checks[2].detail
+    name, seq, detail = first_failure(bare)
+    assert (name, seq) == ("artifacts", ds.seq) and ds.data.hex() in detail and "not in the bundle" in detail
     # A changed row under a re-signed commitment fails, naming the row.
     x = X.clone()
     x[17, 5] += 1.0 / 16
@@ -334,7 +334,7 @@ def test_low_confidence_example_let_into_a_deep_band_fails_routing(honest: ListS
     failure = report.first_failure
     assert (failure.name, failure.seq, failure.step) == ("routing", k, step)
     assert f"batch position {where[0]}" in failure.detail and "default" in failure.detail
-    assert [c.status for c in report.checks[:-1]] == ["pass"] * 5
+    assert [c.status for c in report.checks[:-1]] == ["pass"] * 6
 
 
 def test_tampered_writes_limits_sources_and_batch_fail_routing(honest: ListSource) -> None:

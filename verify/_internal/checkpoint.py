@@ -64,7 +64,10 @@ def load_checkpoint(data: bytes | None, body: Mapping[str, Any], seq: int) -> tu
             f"extra {sorted(set(tensors) - set(expected))[:5]}",
             seq=seq,
         )
-    digests, digest = digest_state(tensors)
+    try:
+        digests, digest = digest_state(tensors)
+    except Exception as exc:  # a dtype or layout the digest rule cannot read is a failure, never a crash
+        raise CheckpointError(f"checkpoint tensors cannot be digested: {exc}", seq=seq) from None
     bad = [n for n in digests if digests[n] != expected[n]]
     if bad:
         raise CheckpointError(f"checkpoint tensor {bad[0]!r} does not match its recorded digest", seq=seq)

@@ -5,6 +5,9 @@ Each check appends one named ``Check`` to the report and stops at its own first 
 - ``records``: every record re-admitted from the trusted roots (``check_records``);
 - ``tree heads``: every TreeHead is the log's root at its size, and successive heads are
   consistent by an RFC 9162 consistency proof;
+- ``artifacts``: every artifact a record names is present, hashes to its name and, for a
+  Checkpoint, is the state the record describes; a bundle carries nothing unnamed, its header
+  agrees with the records and its cosignatures are over this log's tree heads (``artifacts.py``);
 - ``dataset``: every DatasetCommitted's manifests artifact, count, root and manifests, and its
   inputs when the bundle carries them;
 - ``policy``: every adopted policy is root-signed, and each run names the one in force;
@@ -27,6 +30,7 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, VerificationError
 
 from ..report import Report
+from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
@@ -151,7 +155,8 @@ def check_structure(
     policies: dict[int, Policy] = {}
     runs: dict[int, Run] = {}
     routing: dict[int, list[ExampleRouting | None]] = {}
-    ok = _run(report, "dataset", lambda: _check_datasets(source, observations, registry, datasets))
+    ok = _run(report, "artifacts", lambda: _check_artifacts(source, observations, registry, root))
+    ok &= _run(report, "dataset", lambda: _check_datasets(source, observations, registry, datasets))
     ok &= _run(report, "policy", lambda: _check_policies(observations, registry, policies))
     ok &= _run(report, "runs", lambda: _check_runs(observations, runs))
     ok &= _run(report, "routing", lambda: _check_routing(observations, registry, datasets, policies, runs, routing))
@@ -255,6 +260,17 @@ def _check_tree_heads(observations: list[Sealed], levels: list[list[bytes]]) -> 
     if not heads:
         return "pass", "no TreeHead recorded"
     return "pass", f"{heads} tree heads, each the log's root at its size; {heads - 1} consistency proofs verify"
+
+
+# -- artifacts -----------------------------------------------------------------------------
+
+
+def _check_artifacts(source: Source, observations: list[Sealed], registry: CredentialRegistry,
+                     root: bytes) -> tuple[str, str]:
+    try:
+        return check_artifacts(source, observations, registry, root)
+    except ArtifactError as exc:
+        raise _Failed(_bare(exc), seq=exc.seq) from None
 
 
 # -- datasets ------------------------------------------------------------------------------
