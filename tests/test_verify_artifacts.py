@@ -177,3 +177,20 @@ def test_no_single_bit_flip_anywhere_verifies(demo: dict[str, Any], position: in
     project's typed errors escapes (``_verdict`` lets any other exception fail the test)."""
     data = demo["data"]
     _verdict(demo, _flip(data, position % len(data), bit), "flipped.glb")
+
+
+def test_cosignatures_not_by_a_witness_or_not_on_a_tree_head_fail(demo: dict[str, Any]) -> None:
+    """specs/verification.md §3 item 5: a bundle's cosignatures are checked as import checks them."""
+    from gradledger.ledger.envelope import unseal
+    from gradledger.ledger.witness import cosign
+
+    base = demo["forge"]
+    head = base.seqs("TreeHead")[-1]
+    sealed = unseal(base.sealed()[head])
+    trainer = base.trainer
+    not_a_head = base.first("GovernedUpdate")
+    for seq, signature in ((head, cosign(sealed, trainer)), (not_a_head, bytes(64)), (len(base.recs), bytes(64))):
+        g = base.clone()
+        g.cosignatures.append((seq, trainer.key_id, signature))
+        name, failure = _verdict(demo, g.bundle_bytes())
+        assert name == "artifacts" and "cosignature 0" in failure.detail, (seq, failure)
