@@ -20,7 +20,6 @@ terminal and in the report, and the demo goes on with what it has.
 
 from __future__ import annotations
 
-import importlib
 import os
 import json
 import shutil
@@ -37,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradledger.ledger import credentials as C
+from gradledger.ledger.bundle import export_bundle
 from gradledger.ledger.errors import UnusableInput
 from gradledger.ledger.keys import SigningKey, write_public_keys
 from gradledger.ledger.ledger import Ledger
@@ -46,8 +46,10 @@ from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
+from .retirement import retire
 from .snorkel import import_label_matrix
 from .trainer import Governance
+from .unlearning import unlearn
 
 ROOT_PATH = "acme"
 #: Authority classes, in the order the report draws them.
@@ -96,8 +98,10 @@ class DemoConfig:
 
 @dataclass
 class Stage:
-    """What one stage did: ``ok``, ``unavailable`` (its module is not installed), ``failed``, or
-    ``skipped`` (a stage it needs did not run)."""
+    """What one stage did: ``ok``, ``failed``, or ``skipped`` (a stage it needs failed).
+
+    Every stage's module is imported with the demo (issue 9): none is optional, so none can be
+    "not there yet" and silently left out."""
 
     name: str
     status: str
@@ -107,23 +111,6 @@ class Stage:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 2)}
-
-
-class Unavailable(Exception):
-    """A stage's implementing module is not there (yet)."""
-
-
-def _module(name: str, attribute: str) -> Callable[..., Any]:
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):
-            raise Unavailable(f"{name} is not installed") from None
-        raise
-    fn = getattr(module, attribute, None)
-    if fn is None:
-        raise Unavailable(f"{name} has no {attribute}()")
-    return fn
 
 
 class Console:
@@ -145,14 +132,13 @@ class Console:
 
 
 def run_stage(console: Console, name: str, work: Callable[[], tuple[str, dict[str, Any]]]) -> Stage:
-    """Run one optional stage: its module missing or its error is reported, never raised."""
+    """Run one stage: its error is reported (and makes the demo fail), never raised, so that the
+    stages after it still show what they can."""
     console.line(f"{name} ...")
     t0 = time.perf_counter()
     try:
         detail, data = work()
         stage = Stage(name, "ok", detail, data=data)
-    except Unavailable as exc:
-        stage = Stage(name, "unavailable", f"not available: {exc}")
     except Exception as exc:  # another module's bug must not hide what the other stages showed
         stage = Stage(name, "failed", f"{type(exc).__name__}: {exc}")
     stage.seconds = time.perf_counter() - t0
@@ -469,12 +455,11 @@ def run_updates(ledger: Ledger) -> list[int]:
     return [s for s in ledger.by_type("GovernedUpdate") if s < end]
 
 
-# -- the optional stages --------------------------------------------------------------------------
+# -- the stages after training --------------------------------------------------------------------------
 
 
 def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[str, Any]]:
     """The crowd authority, which issued the faulty worker's credential, signs its retirement."""
-    retire = _module("gradledger.training.retirement", "retire")
     done = retire(ledger, FAULTY, tax.authorities["crowd"], reason)
     return (f"SourceRetired for {FAULTY} (credential {done.key_id.hex()[:12]}) at seq {done.seq}, signed by the "
             "crowd authority", {"seq": done.seq})
@@ -482,7 +467,6 @@ def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[
 
 def stage_unlearn(ledger: Ledger, tax: Taxonomy, cfg: DemoConfig, console: Console) -> tuple[str, dict[str, Any]]:
     """Exact unlearning from the ledger alone: rewind, replay without the source, certify."""
-    unlearn = _module("gradledger.training.unlearning", "unlearn")
     with console.bar(cfg.steps, "exact unlearning") as bar:
         result = unlearn(ledger, FAULTY, tax.trainer, run_id=RUN_ID, progress=lambda step: bar.update(1),
                          mode="exact")
@@ -505,9 +489,8 @@ def stage_unlearn(ledger: Ledger, tax: Taxonomy, cfg: DemoConfig, console: Conso
 
 def stage_export(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     """The portable bundle, with the dataset's inputs so the verifier can replay."""
-    export = _module("gradledger.ledger.bundle", "export_bundle")
     path = out / "run.glb"
-    export(ledger, path, with_data=True)
+    export_bundle(ledger, path, with_data=True)
     size = path.stat().st_size
     return f"{path} ({size / 1e6:.1f} MB, with data)", {"path": str(path), "bytes": size}
 
@@ -524,7 +507,7 @@ def verifier_command(bundle: Path, roots: Path, replay: str) -> list[str]:
 def stage_verify(out: Path, replay: str, timeout: float = 600.0) -> tuple[str, dict[str, Any]]:
     bundle, roots = out / "run.glb", out / "roots.pub"
     if not bundle.exists():
-        raise Unavailable("there is no bundle to verify (the export stage did not produce one)")
+        raise DemoError("there is no bundle to verify (the export stage did not produce one)")
     cmd = verifier_command(bundle, roots, replay)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -534,8 +517,6 @@ def stage_verify(out: Path, replay: str, timeout: float = 600.0) -> tuple[str, d
         report = None
     if not isinstance(report, dict) or "verified" not in report:
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        if proc.returncode == 2 and "not implemented" in why:
-            raise Unavailable(f"gradledger-verify says: {why}")
         raise DemoError(f"gradledger-verify exited {proc.returncode} without a JSON report: {why}")
     checks = report.get("checks", [])
     passed = sum(1 for c in checks if c.get("status") == "pass")

@@ -3,7 +3,19 @@
 It imports ``gradledger.ledger`` and never ``gradledger.training``, and never unpickles.
 """
 
+from typing import Any
+
 from .report import Check, Report
-from .verifier import VerificationPolicy, Verifier
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use, so that `gradledger-verify` can turn a verifier that fails to import
+    # (a check module missing or broken) into exit 2 with one line, never a traceback.
+    if name in ("VerificationPolicy", "Verifier"):
+        from . import verifier
+
+        return getattr(verifier, name)
+    raise AttributeError(name)
+
 
 __all__ = ["Check", "Report", "VerificationPolicy", "Verifier"]

@@ -14,8 +14,6 @@ from typing import Sequence
 from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError, exit_status
 from gradledger.ledger.keys import read_public_keys
 
-from .verifier import VerificationPolicy, Verifier
-
 EXIT_VERIFIED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 
@@ -48,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonce = bytes.fromhex(args.nonce)
         except ValueError:
             raise UnusableInput("--nonce must be hex") from None
+        try:
+            # Every check module is imported here: one that is missing or broken leaves a
+            # verifier that cannot run all its checks, which is unusable (exit 2), never a skip.
+            from .verifier import VerificationPolicy, Verifier
+        except ImportError as exc:
+            raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
         roots = read_public_keys(args.trust)
         policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce)
         report = Verifier(roots, policy).verify(args.bundle, progress=not args.json)

@@ -21,6 +21,7 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import VerificationError
 
 from ._internal import challenge, environment
+from ._internal.certificates import check_certificates
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
@@ -64,14 +65,11 @@ class Verifier:
             return report
         observations: list[Sealed] = structure.observations
         report.figures["observations"] = len(observations)
-        try:
-            from ._internal.certificates import check_certificates
-        except ImportError:  # lands with the unlearning work
-            check_certificates = None
-        if check_certificates is not None:
-            check_certificates(source, structure, report)
-            if report.first_failure is not None:
-                return report
+        # Every phase is part of every verification (issue 9): a check that cannot be imported
+        # makes the verifier unusable (exit 2), it never silently disappears.
+        check_certificates(source, structure, report)
+        if report.first_failure is not None:
+            return report
         self._replay(source, path, structure, report, progress)
         return report
 
