@@ -43,7 +43,6 @@ def _xfail_if_known(name: str) -> Any:
 
 #: QUICK_NAMES entries that an issue reports as accepted today, with the issue item.
 KNOWN = {
-    "RunStarted.environment.torch": "10.4",
     "DatasetCommitted.data removed and the inputs left out, final weights fine-tuned": "10.3",
     "Checkpoint: an ungoverned 'packaging' run ships fine-tuned weights": "10.5",
 }

@@ -4,6 +4,7 @@ a report names what it verified (exact, tolerance, structure only) or fails."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,116 @@ def test_the_verifier_imports_its_certificate_checks_unconditionally() -> None:
     assert V.check_certificates is check_certificates
     source = Path(V.__file__).read_text(encoding="utf-8")
     assert "except ImportError" not in source and "importlib" not in source
+
+
+# -- a trained run and the forgeries built on it (re-signed with the trainer's key) ---------------
+
+from gradledger.ledger.keys import read_public_keys  # noqa: E402
+from gradledger.verify import VerificationPolicy, Verifier  # noqa: E402
+from gradledger.verify._internal import challenge  # noqa: E402
+from test_verify_cli import _train, run_cli, write_bundle  # noqa: E402
+from test_verify_structure import items_of, reseal  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The honest run (steps 0..7, checkpoints at 0, 3, 6, 8) and the same run trained one step
+    further (checkpoints at 0, 3, 6, 9): its last checkpoint is one extra optimizer step, at the
+    run's recorded learning rate, beyond the honest final weights."""
+    base = tmp_path_factory.mktemp("verdicts")
+    recs, arts, origin = _train(base / "honest", steps=8, every=3)
+    further_recs, further_arts, _ = _train(base / "further", steps=9, every=3)
+    roots = write_public_keys(base / "roots.pub", [(WORLD.root.public_key, "root")])
+    further = [it for it in items_of(further_recs) if it.type == "Checkpoint"][-1]
+    assert further.body["step"] == 9
+    return {"base": base, "recs": recs, "arts": arts, "origin": origin, "roots": roots, "further": further,
+            "further_art": further_arts[further.body["artifact"]]}
+
+
+def _forge(runs: dict[str, Any], *, torch_version: str | None = None, one_step_further: bool = False) -> Path:
+    """Re-sign the honest run as its trainer with the recorded environment and/or the final weights changed."""
+    items = items_of(runs["recs"])
+    arts = dict(runs["arts"])
+    for i, it in enumerate(items):
+        if it.type == "RunStarted" and torch_version is not None:
+            body = {**it.body, "environment": {**it.body["environment"], "torch": torch_version}}
+            items[i] = dataclasses.replace(it, body=body)
+    if one_step_further:
+        k = max(i for i, it in enumerate(items) if it.type == "Checkpoint")
+        old = items[k].body
+        assert old["step"] == 8
+        new = {**old, **{f: runs["further"].body[f] for f in ("digest", "tensors", "artifact")}}
+        items[k] = dataclasses.replace(items[k], body=new)
+        del arts[old["artifact"]]
+        arts[new["artifact"]] = runs["further_art"]
+    name = f"forged-{torch_version}-{one_step_further}.glb"
+    return write_bundle(runs["base"] / name, reseal(items), arts, runs["origin"])
+
+
+def _verify(runs: dict[str, Any], bundle: Path, **policy: Any) -> Any:
+    return Verifier(read_public_keys(runs["roots"]), VerificationPolicy(**policy)).verify(bundle)
+
+
+def test_a_recorded_environment_that_differs_fails_without_tolerance(runs: dict[str, Any]) -> None:
+    """Issue 10.4: the bundle no longer chooses tolerance mode; the difference is named."""
+    for further in (False, True):
+        report = _verify(runs, _forge(runs, torch_version="2.0.0", one_step_further=further))
+        f = report.first_failure
+        assert not report.verified and report.verdict == "failed" and not report.weights_verified
+        assert f is not None and f.name == "environment", report.render()
+        assert "torch: recorded '2.0.0'" in f.detail and "--tolerance" in f.detail
+    code, out = run_cli(_forge(runs, torch_version="2.0.0"), runs["roots"])
+    assert code == 1 and out["verdict"] == "failed" and out["first_failure"]["name"] == "environment"
+
+
+def test_tolerance_is_the_verifiers_choice_and_its_verdict_is_distinct(runs: dict[str, Any]) -> None:
+    """The control: with --tolerance the honest weights under a foreign environment verify, as tolerance."""
+    bundle = _forge(runs, torch_version="2.0.0")
+    report = _verify(runs, bundle, tolerance=True)
+    assert report.verified and report.verdict == "tolerance" and report.replay_mode == "tolerance", report.render()
+    assert report.render().splitlines()[-1].startswith("VERIFIED WITHIN TOLERANCE")
+    assert report.to_json()["verdict"] == "tolerance" and report.weights_verified
+    code, out = run_cli(bundle, runs["roots"], "--tolerance")
+    assert code == 0 and out["verdict"] == "tolerance"
+    # An environment that matches still replays bit for bit, --tolerance or not.
+    honest = write_bundle(runs["base"] / "honest.glb", runs["recs"], runs["arts"], runs["origin"])
+    exact = _verify(runs, honest, tolerance=True)
+    assert exact.verdict == "exact" and exact.render().splitlines()[-1] == "VERIFIED"
+
+
+def test_one_extra_optimizer_step_fails_in_tolerance_mode(runs: dict[str, Any]) -> None:
+    """specs/replay.md §4: the bounds are tight enough that one step further at the run's lr fails."""
+    report = _verify(runs, _forge(runs, torch_version="2.0.0", one_step_further=True), tolerance=True)
+    f = report.first_failure
+    assert not report.verified and f is not None and f.name == "replay", report.render()
+    assert "outside the declared tolerance" in f.detail and f.step == 8
+    # Without the environment forgery (exact mode) the same weights fail bit for bit.
+    exact = _verify(runs, _forge(runs, one_step_further=True))
+    assert exact.first_failure is not None and exact.first_failure.name == "replay"
+
+
+# -- the sample challenge (issue 10.7) ------------------------------------------------------------
+
+
+def test_the_default_nonce_is_fresh_stated_and_reproducible(runs: dict[str, Any]) -> None:
+    honest = write_bundle(runs["base"] / "honest-sample.glb", runs["recs"], runs["arts"], runs["origin"])
+    a = _verify(runs, honest, replay="sample", sample_fraction=0.34)
+    b = _verify(runs, honest, replay="sample", sample_fraction=0.34)
+    for r in (a, b):
+        assert r.verified and len(bytes.fromhex(r.figures["challenge_nonce"])) == challenge.NONCE_BYTES
+        assert r.figures["challenge_nonce"][:16] in r.render()
+    assert a.figures["challenge_nonce"] != b.figures["challenge_nonce"]
+    again = _verify(runs, honest, replay="sample", sample_fraction=0.34,
+                    nonce=bytes.fromhex(a.figures["challenge_nonce"]))
+    assert again.figures["challenge_nonce"] == a.figures["challenge_nonce"]
+    assert again.figures["sample_chosen"] == a.figures["sample_chosen"]
+    code, out = run_cli(honest, runs["roots"], "--replay", "sample", "--sample-fraction", "0.34",
+                        "--nonce", a.figures["challenge_nonce"])
+    assert code == 0 and out["figures"]["sample_chosen"] == a.figures["sample_chosen"]
+
+
+def test_the_chosen_segments_depend_on_the_nonce_not_only_the_root() -> None:
+    root = bytes(range(32))
+    draws = {tuple(challenge.choose(root, 40, 10, bytes([n]) * 32)) for n in range(8)}
+    assert len(draws) > 1  # a trainer regrinding the root cannot fix the draw without the nonce
+    assert challenge.choose(root, 40, 10, b"n") == challenge.choose(root, 40, 10, b"n")

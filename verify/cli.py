@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "branch), only the certified branches, or none (default: full)")
     parser.add_argument("--workers", type=int, default=1, help="replay segments in N worker processes")
     parser.add_argument("--sample-fraction", type=float, default=0.25, help="fraction of segments sampled (default 0.25)")
-    parser.add_argument("--nonce", default="", help="hex nonce mixed into the sample challenge")
+    parser.add_argument("--nonce", default=None, metavar="HEX",
+                        help="hex nonce mixed into the sample challenge (default: 32 fresh random bytes, "
+                        "stated in the report; give the reported one to reproduce a draw)")
+    parser.add_argument("--tolerance", action="store_true",
+                        help="where this machine's environment differs from the recorded one, replay within the "
+                        "bounds of specs/replay.md §4 (verdict 'tolerance') instead of failing")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
 
@@ -43,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 < args.sample_fraction <= 1:
             raise UnusableInput("--sample-fraction must be in (0, 1]")
         try:
-            nonce = bytes.fromhex(args.nonce)
+            nonce = None if args.nonce is None else bytes.fromhex(args.nonce)
         except ValueError:
             raise UnusableInput("--nonce must be hex") from None
         try:
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
         roots = read_public_keys(args.trust)
-        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce)
+        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance)
         report = Verifier(roots, policy).verify(args.bundle, progress=not args.json)
     except VerificationError as exc:  # raised before a report exists: still a failed verification
         if args.json:

@@ -37,8 +37,12 @@ class VerificationPolicy:
     workers: int = 1
     #: Sample mode: the fraction of segments the challenge picks (at least one).
     sample_fraction: float = 0.25
-    #: Mixed into the challenge by a verifier that wants its own draw.
-    nonce: bytes = b""
+    #: Mixed into the sample challenge (specs/replay.md §5). None: a fresh 32-byte nonce from
+    #: os.urandom per verification, which the trainer cannot know; bytes reproduce a draw.
+    nonce: bytes | None = None
+    #: Allow tolerance mode (specs/replay.md §4) where this machine differs from a run's recorded
+    #: environment. Never chosen by the bundle: without it such a difference fails verification.
+    tolerance: bool = False
 
 
 class Verifier:
@@ -56,7 +60,7 @@ class Verifier:
     def _verify(self, source: Source, path: str, progress: bool) -> Report:
         from tqdm import tqdm
 
-        report = Report()
+        report = Report(replay_scope=self.policy.replay)
         started = time.perf_counter()
         with tqdm(desc="structure", unit="obs", disable=None if progress else True, file=sys.stderr) as bar:
             structure = check_structure(source, self.trusted_roots, report, progress=lambda _: bar.update(1))
@@ -112,7 +116,10 @@ class Verifier:
             heads = [o for o in observations if o.type == "TreeHead"]
             root = heads[-1].body["root"] if heads else b""
             count = challenge.sample_size(total, self.policy.sample_fraction)
-            chosen = set(challenge.choose(root, total, count, self.policy.nonce))
+            nonce = self.policy.nonce if self.policy.nonce is not None else os.urandom(challenge.NONCE_BYTES)
+            report.figures["challenge_nonce"] = nonce.hex()
+            chosen = set(challenge.choose(root, total, count, nonce))
+            report.figures["sample_chosen"] = sorted(chosen)
             # A certificate's claim rests on its branch's weights: those segments are always replayed.
             certified = {c["branch_run"] for c in report.certificates if c["status"] == "pass"}
             forced = {i for i, (ctx, _) in enumerate(jobs) if ctx.run_seq in certified} - chosen
@@ -130,16 +137,25 @@ class Verifier:
                 report.add("replay", "skip", "no certified unlearning branch to replay (--replay certificates)")
                 _certificate_replay(report, observations)
                 return
-        recorded_envs = {ctx.run_seq: ctx.environment for ctx in contexts.values()}
-        diffs = {seq: _env_differences(env) for seq, env in recorded_envs.items()}
+        # specs/replay.md §4: exact unless this machine differs from a replayed run's recorded
+        # environment; then tolerance only if the user asked for it, never because the bundle says so.
+        replayed = {ctx.run_seq: ctx for ctx, _ in jobs}
+        diffs = {seq: _env_differences(ctx.environment) for seq, ctx in sorted(replayed.items())}
         exact = not any(diffs.values())
-        report.replay_mode = "exact" if exact else "tolerance"
         if not exact:
-            first = next(d for d in diffs.values() if d)
+            seq, first = next((seq, d) for seq, d in diffs.items() if d)
+            if not self.policy.tolerance:
+                report.add("environment", "fail", f"differs from the one recorded by RunStarted ({'; '.join(first)}): "
+                           "exact replay is not possible on this machine (--tolerance allows replay within the "
+                           "bounds of specs/replay.md §4)", seq=seq)
+                _certificate_replay(report, observations, error=VerificationError("environment", seq=seq))
+                return
             report.add("environment", "pass", f"differs from the recorded one ({'; '.join(first[:3])}): replay in "
-                       f"tolerance mode, rtol {RTOL:g}, atol {ATOL:g} on every loss, band norm and checkpoint tensor")
+                       f"tolerance mode (--tolerance), rtol {RTOL:g}, atol {ATOL:g} on every loss, band norm and "
+                       "checkpoint tensor", seq=seq)
         else:
             report.add("environment", "pass", "matches the recorded one: replay must be bit for bit")
+        report.replay_mode = "exact" if exact else "tolerance"
         steps = sum(len(seg.updates) for _, seg in jobs)
         started = time.perf_counter()
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())

@@ -2,7 +2,8 @@
 
 The trainer signs the final tree head only after every segment is fixed, and the root commits
 to all of them, so it cannot know in advance which segments the challenge will pick without
-finding a SHA-256 preimage. A verifier with its own nonce may mix it in.
+finding a SHA-256 preimage. But it can regrind the root (re-sign a tree head) until a forged
+segment is not drawn, so the verifier mixes in a fresh nonce of its own by default (issue 10.7).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from gradledger.ledger import encoding
 
 CHALLENGE_DOMAIN = "gradledger/challenge/v1"
+#: The size of the verifier's default nonce (os.urandom), drawn per verification.
+NONCE_BYTES = 32
 
 
 def sample_size(total: int, fraction: float) -> int:
