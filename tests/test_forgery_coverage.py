@@ -42,10 +42,7 @@ def _xfail_if_known(name: str) -> Any:
 
 
 #: QUICK_NAMES entries that an issue reports as accepted today, with the issue item.
-KNOWN = {
-    "DatasetCommitted.data removed and the inputs left out, final weights fine-tuned": "10.3",
-    "Checkpoint: an ungoverned 'packaging' run ships fine-tuned weights": "10.5",
-}
+KNOWN: dict[str, str] = {}
 
 
 def test_the_honest_round_trip_is_byte_identical_and_verifies(demo: dict[str, Any]) -> None:

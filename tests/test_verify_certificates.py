@@ -98,7 +98,7 @@ def test_honest_certificate_verifies_end_to_end(unlearned: Any) -> None:
     assert report.verified, report.render()
     (check,) = [c for c in report.checks if c.name == "certificates"]
     assert check.status == "pass" and "1 unlearning certificate(s), 1 exact" in check.detail
-    assert [c.name for c in report.checks][-3:] == ["certificates", "environment", "replay"]
+    assert [c.name for c in report.checks][-4:] == ["certificates", "heads", "environment", "replay"]
     (cert,) = report.to_json()["certificates"]
     assert {k: cert[k] for k in ("seq", "source", "mode", "branch_run", "status", "replay")} == {
         "seq": result.certificate_seq, "source": U.FAULTY, "mode": "exact", "branch_run": result.branch_seq,

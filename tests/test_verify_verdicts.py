@@ -158,3 +158,116 @@ def test_the_chosen_segments_depend_on_the_nonce_not_only_the_root() -> None:
     draws = {tuple(challenge.choose(root, 40, 10, bytes([n]) * 32)) for n in range(8)}
     assert len(draws) > 1  # a trainer regrinding the root cannot fix the draw without the nonce
     assert challenge.choose(root, 40, 10, b"n") == challenge.choose(root, 40, 10, b"n")
+
+
+# -- verdicts on the demo bundle (issues 10.3, 10.5; "a report never says VERIFIED while a check it
+# was asked to run was skipped") ---------------------------------------------------------------
+
+import copy  # noqa: E402
+
+import forging as F  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("verdict-demo")
+    d = F.build_demo(base / "demo", steps=6, checkpoint_every=3)
+    forge = F.Forge.from_bundle(d.bundle)
+    return {"demo": d, "forge": forge, "work": base, "catalogue": {f.name: f for f in F.catalogue(forge)},
+            "roots": read_public_keys(d.roots)}
+
+
+def _demo_verify(demo: dict[str, Any], g: F.Forge | None = None, **policy: Any) -> Any:
+    path = g.write(demo["work"] / "v.glb") if g is not None else demo["demo"].bundle
+    return Verifier(demo["roots"], VerificationPolicy(**policy)).verify(path)
+
+
+def _forged(demo: dict[str, Any], name: str) -> F.Forge:
+    g = demo["forge"].clone()
+    demo["catalogue"][name].apply(g)
+    return g
+
+
+NO_INPUTS = "DatasetCommitted.data removed and the inputs left out, final weights fine-tuned"
+PACKAGING = "Checkpoint: an ungoverned 'packaging' run ships fine-tuned weights"
+
+
+@pytest.mark.parametrize("mode", ["full", "sample", "certificates"])
+def test_asked_to_replay_a_bundle_without_inputs_fails_naming_why(demo: dict[str, Any], mode: str) -> None:
+    """Issue 10.3: replay was silently skipped for lack of inputs and the fine-tuned weights verified."""
+    report = _demo_verify(demo, _forged(demo, NO_INPUTS), replay=mode)
+    f = report.first_failure
+    assert not report.verified and report.verdict == "failed" and not report.weights_verified
+    assert f is not None and f.name == "replay" and "carries no inputs" in f.detail, report.render()
+    assert report.render().splitlines()[-1].startswith("FAILED at replay")
+    # Declining replay is the user's choice: the structure verifies and says the weights were not checked.
+    none = _demo_verify(demo, _forged(demo, NO_INPUTS), replay="none")
+    assert none.verified and none.verdict == "structure only" and not none.weights_verified, none.render()
+
+
+def test_an_ungoverned_packaging_run_fails_as_an_unverifiable_release_claim(demo: dict[str, Any]) -> None:
+    """Issue 10.5: a second run whose only Checkpoint carries fine-tuned weights, in every mode."""
+    for mode in ("full", "none"):
+        report = _demo_verify(demo, _forged(demo, PACKAGING), replay=mode)
+        f = report.first_failure
+        assert f is not None and f.name == "heads" and "not reached by any governed update" in f.detail, report.render()
+        assert "digits-demo-release" in f.detail and not report.verified
+
+
+def test_a_run_whose_checkpoints_no_update_leads_to_fails(demo: dict[str, Any]) -> None:
+    """A governed run with two checkpoints and no update between them: replay would "reproduce" the
+    second from the first, but no governed update leads to either; it is not verified weights."""
+    g = _forged(demo, PACKAGING)
+    ckpt = g.recs[-2]
+    assert ckpt.type == "Checkpoint"
+    g.recs.insert(len(g.recs) - 1, g.new_record("Checkpoint", copy.deepcopy(ckpt.body), ckpt.time + 1))
+    g.recs[-1].time = ckpt.time + 2
+    report = _demo_verify(demo, g, replay="full")
+    f = report.first_failure
+    assert f is not None and f.name == "heads" and not report.verified, report.render()
+
+
+def test_structure_only_says_the_weights_were_not_checked(demo: dict[str, Any]) -> None:
+    report = _demo_verify(demo, replay="none")
+    out = report.to_json()
+    assert report.verified and out["verdict"] == "structure only" and out["weights_verified"] is False
+    assert "weights were NOT checked" in report.render().splitlines()[-1]
+    assert all(h["replayed"] == "not replayed (--replay none)" for h in out["heads"])
+
+
+def test_certificates_mode_says_the_original_weights_were_not_checked(demo: dict[str, Any]) -> None:
+    report = _demo_verify(demo, replay="certificates")
+    out = report.to_json()
+    assert report.verified and out["verdict"] == "exact" and out["weights_verified"] is False, report.render()
+    assert "original run's weights were NOT checked" in report.render().splitlines()[-1]
+    by_branch = {h["branch"]: h["replayed"] for h in out["heads"]}
+    assert by_branch[False].startswith("not replayed") and by_branch[True].startswith("every segment")
+
+
+def test_a_full_verification_names_the_verified_head_of_each_run_and_branch(demo: dict[str, Any]) -> None:
+    report = _demo_verify(demo, replay="full")
+    out = report.to_json()
+    assert report.verified and out["verdict"] == "exact" and out["weights_verified"] is True, report.render()
+    g = demo["forge"]
+    runs = g.seqs("RunStarted")
+    ends = [*runs[1:], len(g.recs)]
+    last = {r: max(g.seqs("Checkpoint", r, end)) for r, end in zip(runs, ends)}
+    assert [(h["run"], h["checkpoint"]) for h in out["heads"]] == sorted(last.items())
+    assert all(h["replayed"].startswith("every segment") for h in out["heads"])
+    assert [h["branch"] for h in out["heads"]] == [False, True]
+    assert out["heads"][0]["digest"] == bytes(g.body(last[runs[0]])["digest"]).hex()
+    assert report.render().splitlines()[-1] == "VERIFIED"
+
+
+def test_export_includes_the_data_by_default(demo: dict[str, Any], tmp_path: Path) -> None:
+    from gradledger.ledger.bundle import Bundle
+    from gradledger.training.cli import main as gradledger
+
+    ledger = demo["demo"].out / "ledger"
+    for flags, expected in (((), True), (("--with-data",), True), (("--without-data",), False)):
+        out = tmp_path / f"{len(flags)}{expected}.glb"
+        assert gradledger(["export", str(ledger), "-o", str(out), "--json", *flags]) == 0
+        with Bundle.open(out) as b:
+            assert b.header["with_data"] is expected
+    with pytest.raises(SystemExit):
+        gradledger(["export", str(ledger), "-o", str(tmp_path / "x.glb"), "--with-data", "--without-data"])

@@ -144,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a ledger as one portable bundle file (.glb)")
     export.add_argument("ledger", help="ledger directory")
     export.add_argument("-o", "--output", required=True, help="bundle file to write (replaced atomically)")
-    export.add_argument("--with-data", action="store_true", help="include the committed datasets' input artifacts")
+    data = export.add_mutually_exclusive_group()
+    # The inputs travel by default: a bundle without them cannot be replayed, and the verifier
+    # then fails (issue 10.3) unless it is asked for the structure only (--replay none).
+    data.add_argument("--without-data", dest="with_data", action="store_false",
+                      help="leave out the committed datasets' input artifacts (the bundle then verifies only with "
+                      "gradledger-verify --replay none: its weights cannot be checked)")
+    data.add_argument("--with-data", dest="with_data", action="store_true",
+                      help="include the committed datasets' input artifacts (the default; accepted for old scripts)")
+    export.set_defaults(with_data=True)
     export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(run=_export)
     import_ = sub.add_parser("import", help="build a new ledger from a bundle, re-admitting every record")

@@ -74,24 +74,35 @@ class Verifier:
         check_certificates(source, structure, report)
         if report.first_failure is not None:
             return report
-        self._replay(source, path, structure, report, progress)
+        heads = _heads(observations, report)
+        if report.first_failure is not None:
+            return report
+        jobs = self._replay(source, path, structure, report, progress)
+        report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
         return report
 
     # -- replay ------------------------------------------------------------------------
 
-    def _replay(self, source: Source, path: str, structure: Structure, report: Report, progress: bool) -> None:
+    def _replay(self, source: Source, path: str, structure: Structure, report: Report,
+                progress: bool) -> dict[int, tuple[int, int]]:
+        """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
+
+        Asked to replay (every mode but ``none``), a verification that cannot (no inputs, no
+        checkpoints, nothing certified to replay) fails naming why; it never skips (issue 10.3).
+        """
         observations = structure.observations
         mode = self.policy.replay
         if mode == "none":
-            report.add("replay", "skip", "not requested (--replay none): weights are not checked against the updates")
+            report.add("replay", "skip", "not requested (--replay none): the weights were NOT checked against the "
+                       "governed updates")
             _certificate_replay(report, observations)
-            return
+            return {}
         try:
             runs = plan_segments(observations)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)
-            return
+            return {}
         contexts, missing = {}, []
         for obs in observations:
             if obs.type == "RunStarted" and obs.seq in runs and runs[obs.seq]:
@@ -100,16 +111,24 @@ class Verifier:
                 except VerificationError as exc:
                     report.add("replay", "fail", str(exc.args[0]), seq=exc.seq or obs.seq)
                     _certificate_replay(report, observations, error=exc)
-                    return
+                    return {}
                 if ctx is None:
-                    missing.append(obs.body["run_id"])
+                    missing.append(obs)
                 else:
                     contexts[obs.seq] = ctx
-        if not contexts:
-            why = f"runs {missing} carry no dataset inputs (export --with-data)" if missing else "no run has checkpoints"
-            report.add("replay", "skip", why)
-            _certificate_replay(report, observations)
-            return
+        if missing or not contexts:
+            if missing:
+                run = missing[0]
+                why = (f"the bundle carries no inputs for run {run.body['run_id']!r} (its DatasetCommitted names "
+                       "none, or the artifact is absent): replay was asked for and cannot run; export with the "
+                       "data (the default), or verify with --replay none for the structure only")
+                seq: int | None = run.seq
+            else:
+                why, seq = "the bundle has no run with checkpoints and updates to replay: replay was asked for and " \
+                    "cannot run", None
+            report.add("replay", "fail", why, seq=seq)
+            _certificate_replay(report, observations, error=VerificationError(why, seq=seq))
+            return {}
         jobs = iter_jobs(contexts, runs)
         total = len(jobs)
         if mode == "sample":
@@ -134,9 +153,10 @@ class Verifier:
             jobs = [job for job in jobs if job[0].run_seq in certified]
             report.figures["certified_branch_segments"] = f"{len(jobs)} of {total}"
             if not jobs:
-                report.add("replay", "skip", "no certified unlearning branch to replay (--replay certificates)")
-                _certificate_replay(report, observations)
-                return
+                why = "no certified unlearning branch to replay (--replay certificates was asked for)"
+                report.add("replay", "fail", why)
+                _certificate_replay(report, observations, error=VerificationError(why))
+                return {}
         # specs/replay.md §4: exact unless this machine differs from a replayed run's recorded
         # environment; then tolerance only if the user asked for it, never because the bundle says so.
         replayed = {ctx.run_seq: ctx for ctx, _ in jobs}
@@ -149,7 +169,7 @@ class Verifier:
                            "exact replay is not possible on this machine (--tolerance allows replay within the "
                            "bounds of specs/replay.md §4)", seq=seq)
                 _certificate_replay(report, observations, error=VerificationError("environment", seq=seq))
-                return
+                return {}
             report.add("environment", "pass", f"differs from the recorded one ({'; '.join(first[:3])}): replay in "
                        f"tolerance mode (--tolerance), rtol {RTOL:g}, atol {ATOL:g} on every loss, band norm and "
                        "checkpoint tensor", seq=seq)
@@ -169,7 +189,7 @@ class Verifier:
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]))
             _certificate_replay(report, observations, error=exc)
-            return
+            return {}
         finally:
             torch.set_num_threads(saved[0])
             torch.use_deterministic_algorithms(saved[1])
@@ -185,6 +205,76 @@ class Verifier:
             worst = max((r.max_deviation for r in results), default=0.0)
             extra = "" if exact else f"; largest relative deviation {worst:.3g}"
             report.add("replay", "pass", label + extra)
+        covered: dict[int, tuple[int, int]] = {}
+        for seq, segs in runs.items():
+            done = sum(1 for ctx, _ in jobs if ctx.run_seq == seq)
+            covered[seq] = (done if failed is None else 0, len(segs))
+        return covered
+
+
+def _heads(observations: list[Sealed], report: Report) -> dict[int, tuple[Sealed, Sealed]]:
+    """Per run with checkpoints, (RunStarted, its head: the last Checkpoint); the ``heads`` check.
+
+    specs/verification.md "Verdicts": a Checkpoint is a claim about weights that only replay of
+    governed updates can support. A run whose checkpoints no GovernedUpdate leads to (only one
+    checkpoint, or none of its updates after its first) makes a release claim no replay
+    reproduces (issue 10.5: an ungoverned "packaging" run carrying fine-tuned weights): it fails,
+    in every replay mode.
+    """
+    heads: dict[int, tuple[Sealed, Sealed]] = {}
+    run: Sealed | None = None
+    first: Sealed | None = None
+    updates_after_first = 0
+
+    def close() -> str | None:
+        if run is None or first is None:
+            return None
+        head = heads[run.seq][1]
+        if updates_after_first == 0:
+            return (f"run {run.body.get('run_id')!r}: its Checkpoint at observation {head.seq} is not reached by any "
+                    "governed update (no GovernedUpdate follows the run's first Checkpoint): a checkpoint no replay "
+                    "reproduces is an unverifiable release claim")
+        return None
+
+    for obs in [*observations, None]:
+        if obs is None or obs.type == "RunStarted":
+            why = close()
+            if why is not None:
+                report.add("heads", "fail", why, seq=heads[run.seq][1].seq)  # type: ignore[union-attr]
+                return heads
+            if obs is None:
+                break
+            run, first, updates_after_first = obs, None, 0
+        elif run is None:
+            continue
+        elif obs.type == "Checkpoint":
+            first = first or obs
+            heads[run.seq] = (run, obs)
+        elif obs.type == "GovernedUpdate" and first is not None:
+            updates_after_first += 1
+    if heads:
+        report.add("heads", "pass", f"{len(heads)} run(s) and branch(es), each head reached by governed updates")
+    return heads
+
+
+def _describe_heads(heads: dict[int, tuple[Sealed, Sealed]], *, runs_of: dict[int, tuple[int, int]],
+                    mode: str) -> list[dict[str, Any]]:
+    """The report's ``heads``: which checkpoint each run's verdict covers, and how much replay covered."""
+    out = []
+    for seq, (run, ckpt) in sorted(heads.items()):
+        done, total = runs_of.get(seq, (0, 0))
+        if mode == "none":
+            replayed = "not replayed (--replay none)"
+        elif done == 0:
+            replayed = "not replayed" + (" (--replay certificates)" if mode == "certificates" else "")
+        elif done == total:
+            replayed = f"every segment ({total})"
+        else:
+            replayed = f"{done} of {total} segments (sample)"
+        out.append({"run": seq, "run_id": run.body.get("run_id"), "branch": "branch" in (run.body.get("settings") or {}),
+                    "checkpoint": ckpt.seq, "step": ckpt.body.get("step"), "digest": bytes(ckpt.body["digest"]).hex(),
+                    "replayed": replayed})
+    return out
 
 
 def _certificate_replay(report: Report, observations: list[Sealed], jobs: Sequence[Any] | None = None,
