@@ -1,9 +1,11 @@
-"""The verifier: structural checks, certificate checks, then replay (specs/verification.md).
+"""The verifier: structural checks, certificates, heads, environment, then replay (specs/verification.md).
 
     report = Verifier(trusted_roots, VerificationPolicy(replay="sample")).verify("run.glb")
 
 It trusts nothing but ``trusted_roots``. Unusable input raises ``UnusableInput`` (exit 2);
-everything that reads but does not check out is a failed ``Check`` in the report (exit 1).
+everything that reads but does not check out is a failed ``Check`` in the report (exit 1). No
+phase is optional, and the only skip is the replay a user declines (``--replay none``): the
+verdicts are specs/verification.md "Verdicts".
 """
 
 from __future__ import annotations
@@ -281,7 +283,8 @@ def _certificate_replay(report: Report, observations: list[Sealed], jobs: Sequen
                         results: Sequence[SegmentResult] = (), *, error: ReplayError | VerificationError | None = None) -> None:
     """Each passing certificate's "replay": pass iff every segment of its branch replayed, fail if one did not.
 
-    "skip" where its branch was not replayed (--replay none, no inputs in the bundle). Where replay
+    "skip" where its branch was not replayed (--replay none, or --replay sample/certificates left it
+    out, which they never do for a passing certificate). Where replay
     stopped on an error before results came back, a certificate is not verified: "fail" when the
     error lies in its branch or names no record, else "skip".
     """
