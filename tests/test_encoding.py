@@ -14,7 +14,6 @@ import enum
 import fractions
 import math
 import struct
-import time
 import tracemalloc
 
 import pytest
@@ -452,10 +451,17 @@ def test_depth_limit_is_the_same_for_encode_and_decode(kind):
 
 @pytest.mark.parametrize("levels", [E.MAX_DEPTH + 1, 1000, 200_000])
 def test_hostile_nesting_fails_cleanly(levels):
-    started = time.perf_counter()
-    rejects(b"\x81" * levels + b"\x00")
-    rejects(b"\xa1\x61k" * levels + b"\x00")
-    assert time.perf_counter() - started < 2.0
+    # Refused at the depth limit, without building the nesting: memory stays small whatever the
+    # declared depth (a bound on work that does not depend on how loaded the machine is).
+    lists, maps = b"\x81" * levels + b"\x00", b"\xa1\x61k" * levels + b"\x00"
+    tracemalloc.start()
+    try:
+        for data in (lists, maps):
+            assert "depth" in str(rejects(data)).lower()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"decoder allocated {peak} bytes refusing {levels} levels"
 
 
 @SETTINGS
@@ -469,10 +475,14 @@ def test_max_size_bound(value):
 def test_input_over_default_max_size_rejected_before_parsing():
     data = b"\x5a" + (E.MAX_ENCODED_SIZE).to_bytes(4, "big") + bytes(E.MAX_ENCODED_SIZE)
     assert len(data) > E.MAX_ENCODED_SIZE
-    started = time.perf_counter()
-    err = rejects(data)
+    tracemalloc.start()
+    try:
+        err = rejects(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert "limit" in str(err)
-    assert time.perf_counter() - started < 2.0
+    assert peak < 1024 * 1024, f"decoder allocated {peak} bytes before refusing an oversized input"
 
 
 def test_empty_input_rejected():
@@ -493,13 +503,10 @@ def test_huge_declared_lengths_fail_fast_without_allocating(hex_):
     data = bytes.fromhex(hex_)
     tracemalloc.start()
     try:
-        started = time.perf_counter()
         rejects(data)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
     assert peak < 8 * 1024 * 1024, f"decoder allocated {peak} bytes for a {len(data)}-byte input"
 
 

@@ -78,15 +78,17 @@ else:
 say("started", led.size)
 
 if mode == "in_txn":
-    # Announce each filled write transaction and linger before it commits, so the parent's
-    # SIGKILL lands inside an open transaction holding dirty (possibly spilled) pages.
+    # Announce each filled write transaction and block before it commits until the parent's
+    # SIGKILL lands inside the open transaction holding dirty (possibly spilled) pages. The
+    # parent never writes to our stdin: waiting on it is an event, not a guess at how long a
+    # loaded machine takes to deliver the kill.
     original_write = store_mod.Store.write
 
     def lingering_write(self, fill):
         def fill_then_wait(txn):
             result = fill(txn)
             say("in-txn")
-            time.sleep(0.3)
+            sys.stdin.readline()
             return result
         return original_write(self, fill_then_wait)
 
@@ -142,7 +144,8 @@ class Child:
         self.stderr = open(stderr_path, "wb")
         args = [str(TESTS_DIR), str(path), str(seed), str(rng_seed), mode, str(group), str(batch_len), str(art_max)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1
+            [sys.executable, "-c", CHILD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            text=True, bufsize=1,
         )
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
@@ -159,7 +162,7 @@ class Child:
             self.eof = True
             self.cond.notify_all()
 
-    def wait_for(self, word: str, start: int, timeout: float = 20.0) -> int:
+    def wait_for(self, word: str, start: int, timeout: float = 300.0) -> int:
         """Index of the first line at or after ``start`` whose first word is ``word``."""
         end = time.monotonic() + timeout
         with self.cond:
@@ -174,8 +177,16 @@ class Child:
                     raise AssertionError(f"no {word!r} from the writer in {timeout} s: {self.describe()}")
                 self.cond.wait(left)
 
+    def release(self) -> None:
+        """Let an in-txn child commit the transaction it is holding open."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.proc.wait(timeout=20)
         self.thread.join(timeout=20)
         self.stderr.close()
@@ -213,12 +224,20 @@ def run_and_kill(path: Path, trial: int, life: int, seed: int, tmp_path: Path) -
         started = child.wait_for("started", 0)
         if mode == "setup":
             time.sleep(rng.uniform(0.0, 0.01))
-        else:
+        elif mode != "in_txn":  # where the kill lands varies with the delay; correctness never depends on it
             time.sleep(rng.uniform(0.05, 0.6 if mode == "random" else 0.3))
-        if mode in ("in_txn", "mid_commit"):
+        if mode == "in_txn":
+            # The child blocks inside each filled transaction until we release it: let a few
+            # commit, then kill inside the next one. Each wait is on the child's own line.
+            at = started
+            for _ in range(rng.randint(0, 4)):
+                at = child.wait_for("in-txn", at) + 1
+                child.release()
+            child.wait_for("in-txn", at)
+        elif mode == "mid_commit":
             with child.cond:
                 mark = len(child.lines)
-            child.wait_for("in-txn" if mode == "in_txn" else "committing", mark)
+            child.wait_for("committing", mark)
         child.kill()
     finally:
         if child.proc.poll() is None:

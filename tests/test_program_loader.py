@@ -164,8 +164,11 @@ def _bundle_naming(world: dict[str, Any], program: bytes, path: Path) -> Path:
     """The honest run re-signed by the trainer with RunStarted naming ``program``."""
     items = items_of(world["recs"])
     digest = hashlib.sha256(program).digest()
+    old = items[world["run_seq"]].body["artifacts"]["program"]
     items[world["run_seq"]].body = {**items[world["run_seq"]].body, "artifacts": {"program": digest}}
-    return write_bundle(path, reseal(items), {**world["arts"], digest: program}, world["origin"])
+    # The replaced program goes: a bundle carrying an artifact no record names fails on that first.
+    arts = {k: v for k, v in world["arts"].items() if k != old}
+    return write_bundle(path, reseal(items), {**arts, digest: program}, world["origin"])
 
 
 # -- the payloads are live: torch.export's own loader runs them ----------------------------------
@@ -236,7 +239,7 @@ def test_unlearn_refuses_a_run_whose_program_is_hostile(tmp_path: Path, monkeypa
 
 def _peak_rss_mb(program: Path) -> tuple[float, str]:
     code = ("import resource, sys\n"
-            "from gradledger.verify._internal.program import load_program, ProgramError\n"
+            "from gradledger.ledger.program import load_program, ProgramError\n"
             "data = open(sys.argv[1], 'rb').read()\n"
             "try:\n    load_program(data); outcome = 'loaded'\n"
             "except ProgramError as exc:\n    outcome = 'refused: ' + str(exc)\n"
