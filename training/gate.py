@@ -118,6 +118,19 @@ def _is_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
+def batch_statistics_module(model: nn.Module) -> str | None:
+    """The name of the first BatchNorm that normalizes by the batch's own statistics, or None.
+
+    Such a layer mixes examples (each example's output depends on the others'), so no per-example
+    routing holds, and the verifier's batch-independence check refuses the program
+    (specs/routing.md §6). It is refused at the step it would run, never recorded.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            return name or type(m).__name__
+    return None
+
+
 class GatedModel(nn.Module):
     """Wrap a model and a band layout; ``forward(x, profiles)`` routes each example's gradient by depth.
 

@@ -35,7 +35,7 @@ from .checkpoints import CheckpointData, make_checkpoint, read_checkpoint, resto
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
-from .gate import GatedModel, _l2_of_norms, check_routing, clip_bands, export_gated, routing_ratios, validate_profiles
+from .gate import GatedModel, _l2_of_norms, batch_statistics_module, check_routing, clip_bands, export_gated, routing_ratios, validate_profiles
 from .manifests import example_id
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
 from .registry import describe_optimizer, loss_function, optimizer_name
@@ -110,6 +110,15 @@ class GovernedModel(GatedModel):
     def __init__(self, model: nn.Module, bands: ResolvedBands, engine: "Governance") -> None:
         super().__init__(model, bands)
         object.__setattr__(self, "_engine", engine)  # not a submodule, not in state_dict
+
+    def train(self, mode: bool = True) -> "GovernedModel":
+        """Training mode puts every module of the model back in the mode the program was exported
+        with (a BatchNorm kept in eval mode stays there): replay runs that program."""
+        super().train(mode)
+        if mode:
+            for name, m in self.model.named_modules():
+                m.training = self._engine._modes.get(name, m.training)
+        return self
 
     def forward(self, x: Any, profiles: Tensor | None = None) -> Any:
         batch = None
@@ -227,6 +236,7 @@ class Governance:
         self._order: tuple[int, list[int]] | None = None
         self._saved: tuple[bool, bool, int] | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
+        self._modes: dict[str, bool] = {}  # module name -> training flag, as exported
 
     # -- setup -----------------------------------------------------------------------
 
@@ -292,6 +302,14 @@ class Governance:
 
     def _prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> GovernedModel:
         optimizer_name(optimizer)  # in the registry, or replay could not rebuild it
+        if (bn := batch_statistics_module(model)) is not None:
+            raise GovernanceError(
+                f"module {bn!r} is a BatchNorm using batch statistics (training mode, or no running stats): "
+                "examples share them, so no routing holds and replay would refuse the program; put it in eval "
+                "mode before make_governed (model.train() then the BatchNorm's .eval()), or use GroupNorm or "
+                "LayerNorm")
+        # The modes the program is exported with (dropout on, BatchNorm off...): every step must run in them.
+        self._modes = {n: m.training for n, m in model.named_modules()}
         verify_policy(self.policy, self.ledger.registry)
         if tuple(self.policy.bands) != self.layout.names:
             raise PolicyError(f"policy bands {list(self.policy.bands)} differ from the layout's {list(self.layout.names)}")
@@ -523,6 +541,15 @@ class Governance:
             raise GovernanceError("a training forward needs a batch drawn from the governed loader")
         if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
+        if self._gated is not None:
+            moved = [n for n, m in self._gated.model.named_modules() if self._modes.get(n, m.training) != m.training]
+            if moved:
+                name = moved[0] or "the model"
+                raise GovernanceError(
+                    f"step {self.step}: module {name!r} is in {'training' if not self._modes[moved[0]] else 'eval'} "
+                    "mode, but the program was exported with it in the other: replay runs the exported program; "
+                    "set every module's mode before make_governed (the governed model's train() restores them); "
+                    "step refused")
         _seed_all(self._step_seed)  # dropout and friends replay from this
         return self._drawn_ratios
 
