@@ -101,7 +101,7 @@ def verdict(verifier: Verifier, path: Path) -> tuple[str, str]:
     except Exception as exc:  # the CLI would print this as a bug: a traceback in the count
         return "traceback", f"{type(exc).__name__}: {exc}"[:200]
     if report.verified:
-        return "accepted", f"VERIFIED ({report.replay_mode})"
+        return "accepted", f"VERIFIED (verdict {report.verdict})"
     f = report.first_failure
     return "rejected", (f"{f.name}: {f.detail}" if f else "not verified")[:200]
 
