@@ -117,7 +117,7 @@ class GovernedModel(GatedModel):
         super().train(mode)
         if mode:
             for name, m in self.model.named_modules():
-                m.training = self._engine._modes.get(name, m.training)
+                m.training = self._engine.exported_modes.get(name, m.training)
         return self
 
     def forward(self, x: Any, profiles: Tensor | None = None) -> Any:
@@ -236,7 +236,8 @@ class Governance:
         self._order: tuple[int, list[int]] | None = None
         self._saved: tuple[bool, bool, int] | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
-        self._modes: dict[str, bool] = {}  # module name -> training flag, as exported
+        #: Module name -> training flag when the program was exported; every step runs in these.
+        self.exported_modes: dict[str, bool] = {}
 
     # -- setup -----------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class Governance:
                 "mode before make_governed (model.train() then the BatchNorm's .eval()), or use GroupNorm or "
                 "LayerNorm")
         # The modes the program is exported with (dropout on, BatchNorm off...): every step must run in them.
-        self._modes = {n: m.training for n, m in model.named_modules()}
+        self.exported_modes = {n: m.training for n, m in model.named_modules()}
         verify_policy(self.policy, self.ledger.registry)
         if tuple(self.policy.bands) != self.layout.names:
             raise PolicyError(f"policy bands {list(self.policy.bands)} differ from the layout's {list(self.layout.names)}")
@@ -542,11 +543,11 @@ class Governance:
         if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
         if self._gated is not None:
-            moved = [n for n, m in self._gated.model.named_modules() if self._modes.get(n, m.training) != m.training]
+            moved = [n for n, m in self._gated.model.named_modules() if self.exported_modes.get(n, m.training) != m.training]
             if moved:
                 name = moved[0] or "the model"
                 raise GovernanceError(
-                    f"step {self.step}: module {name!r} is in {'training' if not self._modes[moved[0]] else 'eval'} "
+                    f"step {self.step}: module {name!r} is in {'training' if not self.exported_modes[moved[0]] else 'eval'} "
                     "mode, but the program was exported with it in the other: replay runs the exported program; "
                     "set every module's mode before make_governed (the governed model's train() restores them); "
                     "step refused")
