@@ -543,11 +543,12 @@ class Governance:
         if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
         if self._gated is not None:
-            moved = [n for n, m in self._gated.model.named_modules() if self.exported_modes.get(n, m.training) != m.training]
+            modes = self.exported_modes
+            moved = [n for n, m in self._gated.model.named_modules() if modes.get(n, m.training) != m.training]
             if moved:
-                name = moved[0] or "the model"
+                name, now = moved[0] or "the model", "eval" if modes[moved[0]] else "training"
                 raise GovernanceError(
-                    f"step {self.step}: module {name!r} is in {'training' if not self.exported_modes[moved[0]] else 'eval'} "
+                    f"step {self.step}: module {name!r} is in {now} "
                     "mode, but the program was exported with it in the other: replay runs the exported program; "
                     "set every module's mode before make_governed (the governed model's train() restores them); "
                     "step refused")
