@@ -249,9 +249,12 @@ def _check_one(source: Source, st: Structure, cert: Sealed, entry: dict[str, Any
             raise fail(f"branch GovernedUpdate {got.seq} (step {step}) trains batch {_diff(g['batch'], kept)}; the "
                        "original batch minus the removed examples, in its order, is required", got.seq, step)
         for field in ("seeds", "optimizer"):
-            if not _same(g[field], u[field]):
-                raise fail(f"branch GovernedUpdate {got.seq} (step {step}) records other {field} than the original "
-                           "step", got.seq, step)
+            # Optional in the schema: a missing field is a difference, never a KeyError (the runs
+            # check has already required each step's seeds, so this only guards a direct call).
+            if field not in g or field not in u or not _same(g[field], u[field]):
+                what = (f"records no {field}" if field not in g else f"records other {field} than the original step"
+                        if field in u else f"records {field} where the original step records none")
+                raise fail(f"branch GovernedUpdate {got.seq} (step {step}) {what}", got.seq, step)
         if s in g["sources"]:
             raise fail(f"branch GovernedUpdate {got.seq} (step {step}) lists the retired source {s!r}", got.seq, step)
         if routing is not None:
