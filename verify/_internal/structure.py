@@ -12,6 +12,8 @@ Each check appends one named ``Check`` to the report and stops at its own first 
   inputs when the bundle carries them;
 - ``policy``: every adopted policy is root-signed, and each run names the one in force;
 - ``runs``: each run names a preceding dataset and policy, and numbers its steps 0, 1, 2, ...;
+  its other settings (seed and step seeds, data order, checkpoint positions, bands, program) are
+  re-derived from its records, policy, dataset and program (``settings.py``);
 - ``routing``: every GovernedUpdate's routing recomputed from manifests and policy.
 
 Nothing here imports the training package: the rules come from specs/.
@@ -32,6 +34,7 @@ from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, Ver
 from ..report import Report
 from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
+from .settings import Programs, RunView, SettingsMismatch, check_run
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -158,7 +161,7 @@ def check_structure(
     ok = _run(report, "artifacts", lambda: _check_artifacts(source, observations, registry, root))
     ok &= _run(report, "dataset", lambda: _check_datasets(source, observations, registry, datasets))
     ok &= _run(report, "policy", lambda: _check_policies(observations, registry, policies))
-    ok &= _run(report, "runs", lambda: _check_runs(observations, runs))
+    ok &= _run(report, "runs", lambda: _check_runs(observations, runs, policies, source))
     ok &= _run(report, "routing", lambda: _check_routing(observations, registry, datasets, policies, runs, routing))
     if not ok:
         return None
@@ -381,7 +384,10 @@ def _check_policies(observations: list[Sealed], registry: CredentialRegistry, ou
 # -- runs -----------------------------------------------------------------------------------
 
 
-def _check_runs(observations: list[Sealed], out: dict[int, Run]) -> tuple[str, str]:
+def _check_runs(
+    observations: list[Sealed], out: dict[int, Run], policies: dict[int, Policy] | None = None,
+    source: Source | None = None,
+) -> tuple[str, str]:
     run: Run | None = None
     for sealed in observations:
         seq, body = sealed.seq, sealed.body
@@ -412,11 +418,31 @@ def _check_runs(observations: list[Sealed], out: dict[int, Run]) -> tuple[str, s
         elif sealed.type == "Checkpoint" and run is not None:
             run.checkpoints.append(seq)
     governed = [r for r in out.values() if r.governed]
+    _check_settings(observations, governed, policies or {}, source)
     branches = sum(r.branch_of is not None for r in governed)
     steps = sum(len(r.updates) for r in governed)
     return "pass", (f"{len(out)} runs ({len(governed)} governed, {branches} of them unlearning branches); {steps} "
                     "steps, numbered from 0 in each run (increasing from the rewind checkpoint in a branch); every "
-                    "governed run names a DatasetCommitted and a PolicyAdopted before it")
+                    "governed run names a DatasetCommitted and a PolicyAdopted before it; its settings (seed, data "
+                    "order, checkpoints, bands, program) re-derived from its records, policy and program")
+
+
+def _check_settings(observations: list[Sealed], governed: list[Run], policies: dict[int, Policy],
+                    source: Source | None) -> None:
+    """specs/verification.md §6, settings: each governed run's RunStarted settings re-derived (settings.py)."""
+    programs = Programs(source.artifact if source is not None else (lambda d: None))
+    for run in governed:
+        ds = observations[run.dataset_seq or 0].body
+        policy = policies.get(run.policy_seq or -1)
+        first = run.checkpoints[0] if run.checkpoints else None
+        view = RunView(run.seq, run.settings, (observations[run.seq].body.get("artifacts") or {}).get("program"),
+                       run.updates, run.checkpoints, run.branch_of is not None, ds["count"],
+                       policy.bands if policy is not None else None, ds.get("data"),
+                       (first, observations[first].body) if first is not None else None)
+        try:
+            check_run(view, observations, programs)
+        except SettingsMismatch as exc:
+            raise _Failed(str(exc.args[0]), seq=exc.seq, step=exc.step) from None
 
 
 def _bind_run(sealed: Sealed, run: Run, observations: list[Sealed]) -> None:

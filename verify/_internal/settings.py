@@ -1,0 +1,369 @@
+"""A governed run's RunStarted settings, re-derived from what the verifier checks itself.
+
+specs/verification.md §6 ("Settings") and specs/training.md §2, §5. Nothing here is taken from
+the bundle on trust: every field of ``RunStarted.settings`` that the structural checks do not
+already compare (dataset, policy, optimizer) is re-derived and compared, so a trainer that
+re-signs a forged setting is refused in every replay mode.
+
+- ``seed`` is a uint64 and ``seed_rule`` the one rule training.md §2 defines; every step's
+  ``seeds`` are ``{"run": seed, "step": step_seed(seed, step)}`` (a step without them fails).
+- ``order``, ``batch_size``, ``drop_last`` and ``steps_per_epoch``: ``steps_per_epoch`` follows from
+  the dataset's count, ``batch_size`` and ``drop_last``, and every step's batch is the one the order
+  rule gives (re-derived from the seed); under ``"explicit"`` the batches repeat every
+  ``steps_per_epoch`` steps.
+- ``checkpoint_every``: the run has a Checkpoint right after every ``checkpoint_every``-th update,
+  each Checkpoint's step counts the updates before it, and no update is left uncheckpointed.
+- ``bands``: the band names are the policy's, head first, and the prefixes resolve against the
+  program's parameters (specs/routing.md §1) to exactly ``band_params``.
+- ``program``: ``format`` and ``inputs`` are the ones training.md §5 fixes and the program's own
+  user inputs; ``x_dtype`` and ``x_shape`` are the program's input ``x`` (as the strict loader
+  reads it) and the committed inputs' rows; the program's stored parameters and persistent
+  buffers are the run's step-0 Checkpoint (training.md §5: "weights as at step 0").
+
+An unlearning branch keeps its original run's settings (the certificate check compares them) and
+its own batches and checkpoints are checked against the original run there; here only its
+steps' seeds are checked.
+
+Nothing here imports the training package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from gradledger.ledger import encoding
+from gradledger.ledger.envelope import Sealed
+from gradledger.ledger.errors import EncodingError, VerificationError
+from gradledger.ledger.program import Program, ProgramError, load_program
+
+from .checkpoint import tensor_digest
+from .graph_routing import GATED_PREFIX
+
+SEED_RULE = "gradledger/step-seed/v1"  # specs/training.md §2
+ORDER_RULE = "gradledger/order/v1"
+ORDERS = (ORDER_RULE, "explicit")
+PROGRAM_FORMAT = "torch.export.save"  # specs/training.md §5
+PROGRAM_INPUTS = ["x", "profiles"]
+
+#: safetensors dtype codes -> torch dtype names (what ``x_dtype`` records).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class SettingsMismatch(VerificationError):
+    """A RunStarted setting disagrees with what the verifier re-derives (or is malformed)."""
+
+    def __init__(self, message: str, *, seq: int | None = None, step: int | None = None) -> None:
+        super().__init__(message, seq=seq)
+        self.step = step
+
+
+def step_seed(seed: int, step: int) -> int:
+    """specs/training.md §2: uint64, big-endian, of the first 8 bytes of SHA-256(CBOR [rule, seed, step])."""
+    return int.from_bytes(hashlib.sha256(encoding.encode([SEED_RULE, seed, step])).digest()[:8], "big")
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
+    """specs/training.md §2: indices 0..count-1 sorted by SHA-256(CBOR [ORDER_RULE, seed, epoch, i])."""
+    keys = [hashlib.sha256(encoding.encode([ORDER_RULE, seed, epoch, i])).digest() for i in range(count)]
+    return sorted(range(count), key=keys.__getitem__)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return encoding.encode(a) == encoding.encode(b)
+    except EncodingError:
+        return False
+
+
+def _uint(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+@dataclass
+class RunView:
+    """What the settings check needs of one run (structure.Run, without importing it)."""
+
+    seq: int
+    settings: Mapping[str, Any]
+    program: Any  # RunStarted artifacts.program (a digest, if well formed)
+    updates: Sequence[int]
+    checkpoints: Sequence[int]
+    branch: bool
+    count: int  # the committed dataset's count
+    policy_bands: Sequence[str] | None  # the adopted policy's band names, when it parsed
+    inputs: bytes | None  # the DatasetCommitted's data digest
+    #: The run's step-0 Checkpoint (seq, body): the program's weights must be its tensors.
+    step0: tuple[int, Mapping[str, Any]] | None = None
+
+
+@dataclass
+class Programs:
+    """Programs loaded in one verification, by digest (never shared across verifications)."""
+
+    artifact: Callable[[bytes], bytes | None]
+    loaded: dict[bytes, Program | str | None] = field(default_factory=dict)
+
+    def get(self, digest: Any) -> Program | str | None:
+        """The program, an error message (the loader refused it) or None (not in the bundle)."""
+        if type(digest) is not bytes:
+            return None
+        if digest not in self.loaded:
+            data = self.artifact(digest)
+            if data is None or hashlib.sha256(data).digest() != digest:
+                self.loaded[digest] = None  # the artifacts check reports it
+            else:
+                try:
+                    self.loaded[digest] = load_program(data)
+                except ProgramError as exc:
+                    self.loaded[digest] = str(exc.args[0])
+        return self.loaded[digest]
+
+
+def check_run(run: RunView, observations: Sequence[Sealed], programs: Programs) -> str:
+    """Check one governed run's settings; a short note, or ``SettingsMismatch`` naming the field."""
+    s, seq = run.settings, run.seq
+
+    def fail(what: str, at: int | None = None, step: int | None = None) -> SettingsMismatch:
+        """``what`` names the field (``settings.x ...``); ``at``: another record the failure is at."""
+        return SettingsMismatch(what if at is not None else f"RunStarted {seq}: {what}",
+                                seq=seq if at is None else at, step=step)
+
+    seed = s.get("seed")
+    if not _uint(seed) or seed >= 1 << 64:
+        raise fail(f"settings.seed {seed!r} is not a uint64")
+    if s.get("seed_rule") != SEED_RULE:
+        raise fail(f"settings.seed_rule {s.get('seed_rule')!r} is not {SEED_RULE!r}, the only rule (specs/training.md §2)")
+    for u in run.updates:
+        body = observations[u].body
+        want = {"run": seed, "step": step_seed(seed, body["step"])}
+        if not _same(body.get("seeds"), want):
+            what = "has no seeds" if "seeds" not in body else f"seeds {body['seeds']!r} are not {want}"
+            raise fail(f"GovernedUpdate {u} (step {body['step']}) {what}: the run's seed rule "
+                       f"{SEED_RULE!r} with settings.seed {seed} (RunStarted {seq}) gives {want}", u, body["step"])
+    if run.branch:
+        return "branch: seeds"
+    _check_order(run, observations, fail)
+    _check_checkpoints(run, observations, fail)
+    _check_bands_named(run, fail)
+    _check_program(run, programs, fail)
+    return "settings re-derived"
+
+
+def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
+    s = run.settings
+    order, size, drop_last, spe = s.get("order"), s.get("batch_size"), s.get("drop_last"), s.get("steps_per_epoch")
+    if order not in ORDERS:
+        raise fail(f"settings.order {order!r} is neither {ORDER_RULE!r} nor 'explicit' (specs/training.md §2)")
+    if type(drop_last) is not bool:
+        raise fail(f"settings.drop_last {drop_last!r} is not a bool")
+    if not _uint(size):
+        raise fail(f"settings.batch_size {size!r} is not a uint")
+    if not _uint(spe) or spe < 1:
+        raise fail(f"settings.steps_per_epoch {spe!r} is not a positive int")
+    steps = [(u, observations[u].body) for u in run.updates]
+    if order == "explicit":
+        # The batches were given: step s trains batch s mod steps_per_epoch (training.md §2).
+        for n, (u, body) in enumerate(steps):
+            if n >= spe and body["batch"] != steps[n - spe][1]["batch"]:
+                raise fail(f"GovernedUpdate {u} (step {body['step']}) trains another batch than step "
+                           f"{steps[n - spe][1]['step']}, though settings.order of RunStarted {run.seq} is 'explicit' "
+                           f"with steps_per_epoch {spe} (specs/training.md §2)", u, body["step"])
+        return
+    if size < 1:
+        raise fail(f"settings.batch_size {size} is not positive under order {ORDER_RULE!r}")
+    want = run.count // size if drop_last else -(-run.count // size)
+    if spe != want:
+        raise fail(f"settings.steps_per_epoch {spe}, batch_size {size} and drop_last {drop_last} disagree: "
+                   f"{run.count} examples in batches of {size} with drop_last {drop_last} give {want} steps per epoch "
+                   "(specs/training.md §2)")
+    order_of: dict[int, list[int]] = {}
+    for u, body in steps:
+        step = body["step"]
+        if not all(_uint(i) and i < run.count for i in body["batch"]):
+            continue  # an index outside the dataset: the routing check fails the step, naming its position
+        epoch, pos = divmod(step, spe)
+        if epoch not in order_of:
+            order_of.clear()  # steps increase: one epoch's order at a time
+            order_of[epoch] = epoch_order(s["seed"], epoch, run.count)
+        batch = order_of[epoch][pos * size:(pos + 1) * size]
+        if body["batch"] != batch:
+            raise fail(f"GovernedUpdate {u} (step {step}) trains batch {_brief(body['batch'])}, but settings.order "
+                       f"{ORDER_RULE!r} with seed {s['seed']}, batch_size {size}, drop_last {drop_last} and "
+                       f"steps_per_epoch {spe} of RunStarted {run.seq} gives {_brief(batch)} (specs/training.md §2)",
+                       u, step)
+
+
+def _brief(batch: Sequence[int]) -> str:
+    return f"[{', '.join(map(str, batch[:4]))}{', ...' if len(batch) > 4 else ''}] ({len(batch)} indices)"
+
+
+def _check_checkpoints(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
+    k = run.settings.get("checkpoint_every")
+    if not _uint(k) or k < 1:
+        raise fail(f"settings.checkpoint_every {k!r} is not a positive int")
+    records = sorted([*((u, "U") for u in run.updates), *((c, "C") for c in run.checkpoints)])
+    done = 0  # updates so far
+    last_ckpt = -1
+    for at, kind in records:
+        body = observations[at].body
+        if kind == "U":
+            if done and done % k == 0 and last_ckpt != done:
+                raise fail(f"GovernedUpdate {at} (step {body['step']}) follows update {done - 1} with no Checkpoint "
+                           f"at step {done}, which settings.checkpoint_every {k} of RunStarted {run.seq} calls for "
+                           "(specs/training.md §1)",
+                           at, body["step"])
+            if last_ckpt < 0:
+                raise fail(f"GovernedUpdate {at} (step {body['step']}) precedes the step-0 Checkpoint of RunStarted "
+                           f"{run.seq}", at,
+                           body["step"])
+            done += 1
+            continue
+        # Its step and state are the heads check's and replay's to compare; here only where it stands.
+        last_ckpt = done
+    if last_ckpt < 0:
+        raise fail(f"RunStarted {run.seq}: no step-0 Checkpoint follows it (specs/training.md §1)", run.seq)
+    if last_ckpt != done:
+        raise fail(f"RunStarted {run.seq}: the run's last {done - last_ckpt} updates are followed by no Checkpoint "
+                   "(a step is on record only once its state is checkpointed, specs/training.md §1)",
+                   run.updates[-1] if run.updates else None)
+
+
+def _bands(s: Mapping[str, Any], fail: Callable[..., SettingsMismatch]) -> list[Mapping[str, Any]]:
+    layout = s.get("bands")
+    bands = layout.get("bands") if isinstance(layout, dict) else None
+    if not isinstance(layout, dict) or set(layout) != {"bands"} or not isinstance(bands, list) or not bands:
+        raise fail("settings.bands is not {\"bands\": [band, ...]} (specs/routing.md §1)")
+    for i, band in enumerate(bands):
+        if not isinstance(band, dict) or set(band) != {"name", "prefixes", "boundary"}:
+            raise fail(f"settings.bands.bands[{i}] is not {{name, prefixes, boundary}}")
+        prefixes = band["prefixes"]
+        if not isinstance(prefixes, list) or not prefixes or not all(
+            isinstance(q, str) and q and not q.startswith(".") and not q.endswith(".") for q in prefixes
+        ):
+            raise fail(f"settings.bands.bands[{i}].prefixes {prefixes!r} is not a non-empty list of dotted paths")
+    return bands
+
+
+def _check_bands_named(run: RunView, fail: Callable[..., SettingsMismatch]) -> None:
+    bands = _bands(run.settings, fail)
+    names = [b["name"] for b in bands]
+    if run.policy_bands is not None:
+        for i, (got, want) in enumerate(zip(names, run.policy_bands)):
+            if got != want:
+                raise fail(f"settings.bands.bands[{i}].name {got!r} is not the policy's band {i}, {want!r} (the policy names "
+                           "the bands, head first: specs/policy.md §1)")
+        if len(names) != len(run.policy_bands):
+            raise fail(f"settings.bands has {len(names)} bands, the policy {len(run.policy_bands)}")
+    band_params = run.settings.get("band_params")
+    if not isinstance(band_params, list) or len(band_params) != len(names):
+        raise fail(f"settings.band_params does not list the parameters of each of the {len(names)} bands")
+
+
+def _matches(prefix: str, name: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _check_program(run: RunView, programs: Programs, fail: Callable[..., SettingsMismatch]) -> None:
+    s = run.settings
+    p = s.get("program")
+    if not isinstance(p, dict) or set(p) != {"format", "inputs", "x_dtype", "x_shape"}:
+        raise fail("settings.program is not {format, inputs, x_dtype, x_shape} (specs/training.md §5)")
+    if p["format"] != PROGRAM_FORMAT:
+        raise fail(f"settings.program.format {p['format']!r} is not {PROGRAM_FORMAT!r}")
+    if p["inputs"] != PROGRAM_INPUTS:
+        raise fail(f"settings.program.inputs {p['inputs']!r} is not {PROGRAM_INPUTS!r}")
+    program = programs.get(run.program)
+    if program is None:
+        return  # not in the bundle: the artifacts check fails it
+    if isinstance(program, str):
+        return  # refused by the strict loader: replay fails the run, naming why (specs/replay.md §2)
+    graph = program.graph
+    if list(graph.user_inputs) != PROGRAM_INPUTS:
+        raise fail(f"settings.program.inputs {p['inputs']!r}, but the program's user inputs are {list(graph.user_inputs)!r}")
+    x = program.inputs.get("x")
+    if x is None:
+        raise fail("settings.program: the model program has no input 'x'")
+    dtype = str(x.dtype).removeprefix("torch.")
+    if p["x_dtype"] != dtype:
+        raise fail(f"settings.program.x_dtype {p['x_dtype']!r}, but the model program's input x is {dtype}")
+    shape = list(x.sizes[1:])
+    if not _same(p["x_shape"], shape) or not all(type(d) is int for d in shape):
+        raise fail(f"settings.program.x_shape {p['x_shape']!r}, but the model program's input x has rows of shape {shape!r}")
+    rows = _inputs_rows(programs.artifact, run.inputs)
+    if rows is not None and rows != (dtype, shape):
+        raise fail(f"settings.program.x_dtype and x_shape ({dtype} {shape}) are not the committed inputs' rows "
+                   f"({rows[0]} {rows[1]})")
+    prefix = _check_prefixes(run, program, fail)
+    _check_weights(run, program, prefix, fail)
+
+
+def _check_prefixes(run: RunView, program: Program, fail: Callable[..., SettingsMismatch]) -> str:
+    """specs/routing.md §1 resolution: the prefixes give exactly ``band_params``; returns the state prefix."""
+    s = run.settings
+    bands, band_params = s["bands"]["bands"], s["band_params"]
+    targets = [i.target for i in program.graph.inputs if i.kind == "parameter" and i.target is not None]
+    recorded = [n for ns in band_params if isinstance(ns, list) for n in ns]
+    fits = [q for q in (GATED_PREFIX, "") if recorded and all(isinstance(n, str) and q + n in targets for n in recorded)]
+    if len(fits) != 1:
+        raise fail("settings.band_params are not the program's parameters (with or without the 'model.' prefix)")
+    prefix = fits[0]
+    names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
+    trainable = {t[len(prefix):] for t in program.requires_grad if t.startswith(prefix)}
+    owner: dict[str, int] = {}
+    for k, band in enumerate(bands):
+        for q in band["prefixes"]:
+            if not any(_matches(q, n) for n in names):
+                raise fail(f"settings.bands.bands[{k}].prefixes: {q!r} matches no parameter of the model program")
+        derived = [n for n in names if n in trainable and any(_matches(q, n) for q in band["prefixes"])]
+        for n in derived:
+            if owner.setdefault(n, k) != k:
+                raise fail(f"settings.bands.bands[{k}].prefixes: parameter {n!r} is also in band {owner[n]}")
+        if not _same(band_params[k], derived):
+            raise fail(f"settings.bands.bands[{k}].prefixes {band['prefixes']!r} resolve to {derived!r} in the model program, "
+                       f"but band_params[{k}] is {band_params[k]!r} (specs/routing.md §1)")
+    missing = sorted(trainable - set(owner))
+    if missing:
+        raise fail(f"settings.bands: trainable parameter {missing[0]!r} of the model program is in no band")
+    return prefix
+
+
+def _check_weights(run: RunView, program: Program, prefix: str, fail: Callable[..., SettingsMismatch]) -> None:
+    """The program's stored parameters and persistent buffers are the step-0 checkpoint's ``model.*`` tensors."""
+    if run.step0 is None or run.step0[1].get("step") != 0:
+        return  # its first Checkpoint is not at step 0: the heads check and replay fail the run
+    ck_seq, ck = run.step0
+    tensors = ck.get("tensors") if isinstance(ck.get("tensors"), dict) else {}
+    stored = [i.target for i in program.graph.inputs if i.target is not None and i.target.startswith(prefix) and (
+        i.kind == "parameter" or (i.kind == "buffer" and i.target in program.persistent))]
+    for target in stored:
+        name = "model." + target[len(prefix):]
+        want = tensors.get(name)
+        if want is None:
+            raise fail(f"artifacts.program: the model program stores {target!r}, which the step-0 Checkpoint "
+                       f"{ck_seq} does not hold ({name!r})")
+        if tensor_digest(program.state[target]) != want:
+            raise fail(f"artifacts.program: the model program's stored {target!r} is not {name!r} of the step-0 "
+                       f"Checkpoint {ck_seq} (the program is exported with the weights as at step 0, "
+                       "specs/training.md §5)")
+
+
+def _inputs_rows(artifact: Callable[[bytes], bytes | None], digest: bytes | None) -> tuple[str, list[int]] | None:
+    """The committed inputs' ``x`` dtype and row shape, from the safetensors header alone (None if unreadable:
+    the dataset and artifacts checks report that)."""
+    if digest is None:
+        return None
+    data = artifact(digest)
+    if data is None or len(data) < 8:
+        return None
+    (size,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + size])
+        x = header["x"]
+        return _ST_DTYPES[x["dtype"]], list(x["shape"][1:])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
