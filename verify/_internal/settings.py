@@ -67,9 +67,16 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(encoding.encode([SEED_RULE, seed, step])).digest()[:8], "big")
 
 
-def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
-    """specs/training.md §2: indices 0..count-1 sorted by SHA-256(CBOR [ORDER_RULE, seed, epoch, i])."""
-    keys = [hashlib.sha256(encoding.encode([ORDER_RULE, seed, epoch, i])).digest() for i in range(count)]
+def epoch_order(seed: int, epoch: int, count: int, items: Sequence[bytes] | None = None) -> list[int]:
+    """specs/training.md §2: indices 0..count-1 sorted by SHA-256(CBOR [ORDER_RULE, seed, epoch, i]).
+
+    ``items``: the CBOR of 0..count-1, when the caller orders several epochs of one dataset.
+    """
+    # The 4-item array's encoding is its header and items in turn; the last item, 0, is one byte.
+    prefix = encoding.encode([ORDER_RULE, seed, epoch, 0])[:-1]
+    items = items if items is not None else [encoding.encode(i) for i in range(count)]
+    sha256 = hashlib.sha256
+    keys = [sha256(prefix + item).digest() for item in items]
     return sorted(range(count), key=keys.__getitem__)
 
 
@@ -182,6 +189,7 @@ def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..
                    f"{run.count} examples in batches of {size} with drop_last {drop_last} give {want} steps per epoch "
                    "(specs/training.md §2)")
     order_of: dict[int, list[int]] = {}
+    items: list[bytes] | None = None
     for u, body in steps:
         step = body["step"]
         if not all(_uint(i) and i < run.count for i in body["batch"]):
@@ -189,7 +197,9 @@ def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..
         epoch, pos = divmod(step, spe)
         if epoch not in order_of:
             order_of.clear()  # steps increase: one epoch's order at a time
-            order_of[epoch] = epoch_order(s["seed"], epoch, run.count)
+            if items is None:
+                items = [encoding.encode(i) for i in range(run.count)]
+            order_of[epoch] = epoch_order(s["seed"], epoch, run.count, items)
         batch = order_of[epoch][pos * size:(pos + 1) * size]
         if body["batch"] != batch:
             raise fail(f"GovernedUpdate {u} (step {step}) trains batch {_brief(body['batch'])}, but settings.order "
