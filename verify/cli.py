@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", action="store_true",
                         help="where this machine's environment differs from the recorded one, replay within the "
                         "bounds of specs/replay.md §4 (verdict 'tolerance') instead of failing")
+    parser.add_argument("--max-memory", type=int, default=8192, metavar="MIB",
+                        help="address-space limit of each sandboxed replay worker, in MiB (default 8192); a worker "
+                        "that needs more fails replay naming its segment")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="replay in workers WITHOUT the sandbox (namespaces, read-only filesystem, no network, "
+                        "seccomp, rlimits; specs/replay.md §7), for machines that cannot set it up; the report "
+                        "says 'sandbox: off'. Only for bundles you trust")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
 
@@ -45,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise UnusableInput("--workers must be at least 1")
+        if args.max_memory < 256:
+            raise UnusableInput("--max-memory must be at least 256 (MiB)")
         if not 0 < args.sample_fraction <= 1:
             raise UnusableInput("--sample-fraction must be in (0, 1]")
         try:
@@ -58,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
         roots = read_public_keys(args.trust)
-        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance)
+        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
+                                    sandbox=not args.no_sandbox, max_memory_mib=args.max_memory)
         report = Verifier(roots, policy).verify(args.bundle, progress=not args.json)
     except VerificationError as exc:  # raised before a report exists: still a failed verification
         if args.json:

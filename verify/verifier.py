@@ -25,6 +25,7 @@ from gradledger.ledger.errors import VerificationError
 from ._internal import challenge, environment
 from ._internal.certificates import check_certificates
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
+from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
 from ._internal.structure import Structure, check_structure
@@ -45,6 +46,11 @@ class VerificationPolicy:
     #: Allow tolerance mode (specs/replay.md §4) where this machine differs from a run's recorded
     #: environment. Never chosen by the bundle: without it such a difference fails verification.
     tolerance: bool = False
+    #: Replay workers run behind the second wall (specs/replay.md §7): namespaces, a read-only
+    #: filesystem, no network, seccomp and rlimits. False is ``--no-sandbox``; the report says so.
+    sandbox: bool = True
+    #: The sandboxed worker's address-space limit (RLIMIT_AS), in MiB (``--max-memory``).
+    max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
 
 
 class Verifier:
@@ -179,6 +185,10 @@ class Verifier:
             report.add("environment", "pass", "matches the recorded one: replay must be bit for bit")
         report.replay_mode = "exact" if exact else "tolerance"
         steps = sum(len(seg.updates) for _, seg in jobs)
+        sandbox = SandboxSpec(self.policy.sandbox, self.policy.max_memory_mib)
+        report.figures["sandbox"] = sandbox.description
+        if sandbox.enabled:
+            report.figures["sandbox_max_memory_mib"] = sandbox.max_memory_mib
         started = time.perf_counter()
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         from tqdm import tqdm
@@ -186,10 +196,11 @@ class Verifier:
         try:
             with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,
                       file=sys.stderr) as bar:
+                # Always in workers (issue 9): a SandboxUnavailable (exit 2) propagates.
                 results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers,
-                                   progress=lambda r: bar.update(r.steps))
+                                   progress=lambda r: bar.update(r.steps), sandbox=sandbox)
         except ReplayError as exc:
-            report.add("replay", "fail", str(exc.args[0]))
+            report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)
             return {}
         finally:

@@ -1,25 +1,28 @@
-"""Cut each run into segments between successive checkpoints and replay them, here or in workers.
+"""Cut each run into segments between successive checkpoints and replay them in workers.
 
-Workers are separate processes (``python -m gradledger.verify._internal.worker``) that receive
-their segments as canonical CBOR on stdin and answer in CBOR on stdout: nothing crosses a
-process boundary as a pickle (multiprocessing would pickle), so "never unpickles" holds for the
-verifier's own traffic too.
+Every replay runs in a worker, behind the sandbox of specs/replay.md §7 unless ``--no-sandbox``:
+a flaw in the program loader is then not a compromise of the machine. Workers are separate
+processes (``python -m gradledger.verify._internal.worker``) that receive their segments as
+canonical CBOR on stdin, ask for artifacts and answer in CBOR on stdout (specs/replay.md §6):
+nothing crosses a process boundary as a pickle (multiprocessing would pickle), so "never
+unpickles" holds for the verifier's own traffic too. What a worker sends is read as hostile.
 """
 
 from __future__ import annotations
 
-import os
-import struct
+import signal
 import subprocess
 import sys
 import threading
 from typing import Any, Callable, Iterable, Sequence
 
-from gradledger.ledger import encoding
 from gradledger.ledger.envelope import Sealed
+from gradledger.ledger.errors import UnusableInput
 
-from . import environment
-from .replay import ReplayCache, ReplayError, RunContext, Segment, SegmentResult, replay_segment
+from .replay import ReplayError, RunContext, Segment, SegmentResult
+from .sandbox import EXIT_NO_SANDBOX, SandboxSpec, worker_env
+from .sources import open_source
+from .worker import FrameError, frame, read_frame
 
 
 def plan_segments(observations: Sequence[Sealed]) -> dict[int, list[Segment]]:
@@ -76,28 +79,44 @@ def _check_steps(start: Sealed, end: Sealed, updates: list[tuple[int, dict[str, 
 Artifacts = Callable[[bytes], "bytes | None"]
 Job = tuple[RunContext, Segment]
 
+#: How much of a worker's stderr the verifier keeps (its tail names why it died).
+STDERR_TAIL = 16 << 10
+#: How long a worker that closed its output has to exit before it is killed.
+EXIT_GRACE_SECONDS = 60
+
+
+class SandboxUnavailable(UnusableInput):
+    """The replay sandbox cannot be set up on this machine: the verifier is unusable (exit 2)."""
+
 
 def run_jobs(
     jobs: Sequence[Job],
     source_path: str,
-    artifact: Artifacts,
+    artifact: Artifacts | None = None,
     *,
     exact: bool,
     workers: int = 1,
     progress: Callable[[SegmentResult], None] | None = None,
+    sandbox: SandboxSpec = SandboxSpec(),
 ) -> list[SegmentResult]:
-    """Replay every job; results in job order."""
-    if workers <= 1 or len(jobs) <= 1:
-        results = []
-        cache = ReplayCache()  # this call's own: nothing loaded is reused by another verification
-        for ctx, seg in jobs:
-            environment.prepare(ctx.environment)
-            result = replay_segment(ctx, seg, artifact, exact=exact, cache=cache)
-            results.append(result)
-            if progress:
-                progress(result)
-        return results
-    return _in_workers(jobs, source_path, exact, min(workers, len(jobs)), progress)
+    """Replay every job in worker processes (at least one, also for ``workers=1``); results in job order.
+
+    Workers run behind ``sandbox`` (specs/replay.md §7) and never open the bundle: they ask this
+    process for each artifact, and get only those their segments name, read with ``artifact``
+    (None: from the source at ``source_path``). A worker that dies or answers out of turn fails
+    replay naming the first segment it left unanswered (ReplayError); a sandbox that cannot be set
+    up raises SandboxUnavailable.
+    """
+    if not jobs:
+        return []
+    n = max(1, min(workers, len(jobs)))
+    if artifact is not None:
+        return _in_workers(jobs, artifact, exact, n, progress, sandbox)
+    source = open_source(source_path)
+    try:
+        return _in_workers(jobs, source.artifact, exact, n, progress, sandbox)
+    finally:
+        source.close()
 
 
 def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
@@ -111,56 +130,166 @@ def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
     return shares
 
 
-def _frame(obj: Any) -> bytes:
-    data = encoding.encode(obj)
-    return struct.pack(">Q", len(data)) + data
+def worker_command(spec: SandboxSpec) -> list[str]:
+    return [sys.executable, "-m", "gradledger.verify._internal.worker", *spec.worker_args()]
 
 
-def read_frame(stream: Any) -> Any | None:
-    head = stream.read(8)
-    if len(head) < 8:
-        return None
-    (size,) = struct.unpack(">Q", head)
-    return encoding.decode(stream.read(size))
+def _named_artifacts(ctx: RunContext, seg: Segment) -> list[Any]:
+    return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact")]
 
 
 def _in_workers(
-    jobs: Sequence[Job], source_path: str, exact: bool, n: int, progress: Callable[[SegmentResult], None] | None
+    jobs: Sequence[Job], artifact: Artifacts, exact: bool, n: int, progress: Callable[[SegmentResult], None] | None,
+    spec: SandboxSpec,
 ) -> list[SegmentResult]:
     results: dict[int, SegmentResult] = {}
     lock = threading.Lock()
-    errors: list[str] = []
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    #: (position in jobs of the first unanswered segment, why) per failed worker.
+    failures: list[tuple[int, str]] = []
+    unavailable: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    command = worker_command(spec)
+    env = worker_env()
+    source_lock = threading.Lock()  # one artifact read at a time: a source is not shared across threads
 
     def drive(share: list[int]) -> None:
-        task = {"source": source_path, "exact": exact, "jobs": [[jobs[i][0].to_obj(), jobs[i][1].to_obj()] for i in share]}
-        proc = subprocess.Popen([sys.executable, "-m", "gradledger.verify._internal.worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(_frame(task))
-        proc.stdin.close()
-        got = 0
-        while (obj := read_frame(proc.stdout)) is not None:
-            result = SegmentResult.from_obj(obj)
-            with lock:
-                results[share[got]] = result
-                if progress:
-                    progress(result)
-            got += 1
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if proc.wait() != 0 or got != len(share):
-            with lock:
-                errors.append(err.strip().splitlines()[-1] if err.strip() else f"worker exited {proc.returncode}")
+        task = {"exact": exact, "jobs": [[jobs[i][0].to_obj(), jobs[i][1].to_obj()] for i in share]}
+        # The only artifacts this worker is given: those its segments name (program, inputs, checkpoints).
+        named = {d for i in share for d in _named_artifacts(*jobs[i]) if isinstance(d, bytes)}
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env)
+        with lock:
+            procs.append(proc)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        tail = bytearray()
+        drain = threading.Thread(target=_drain, args=(proc.stderr, tail), daemon=True)
+        drain.start()
+        got, problem, confined, ended = 0, None, False, False
+        try:
+            try:
+                proc.stdin.write(frame(task))
+                proc.stdin.flush()
+            except OSError:
+                pass  # the worker is gone: what it said (stderr, exit status) tells why
+            hello = read_frame(proc.stdout)
+            if hello is None:
+                problem, ended = "it answered nothing", True
+            elif hello != {"sandbox": spec.description}:
+                problem = f"it did not confirm its sandbox ({spec.description})"
+            else:
+                confined = True
+                while got < len(share):
+                    obj = read_frame(proc.stdout)
+                    if obj is None:
+                        problem, ended = "it stopped answering", True
+                        break
+                    if isinstance(obj, dict) and set(obj) == {"artifact"}:
+                        digest = obj["artifact"]
+                        if not isinstance(digest, bytes) or digest not in named:
+                            problem = "it asked for an artifact its segments do not name"
+                            break
+                        with source_lock:
+                            data = artifact(digest)
+                        try:
+                            proc.stdin.write(frame({"data": data}))
+                            proc.stdin.flush()
+                        except OSError:
+                            pass  # gone: the next read says so
+                        continue
+                    result = _result(obj, jobs[share[got]][1])
+                    with lock:
+                        results[share[got]] = result
+                        if progress:
+                            progress(result)
+                    got += 1
+                if problem is None:
+                    proc.stdin.close()
+                    if read_frame(proc.stdout) is not None:
+                        problem = "it answered more than it was asked"
+        except (FrameError, ValueError, TypeError, KeyError) as exc:
+            problem = f"its answer is malformed ({exc})"
+        except Exception as exc:  # noqa: BLE001 - a broken pipe, an artifact the source cannot read
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None and not ended:
+            proc.kill()  # it broke the protocol: no second chance
+        try:
+            code = proc.wait(timeout=EXIT_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:  # it closed its output but does not exit
+            proc.kill()
+            code = proc.wait()
+        drain.join()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if problem is None and code == 0:
+            return
+        last = _last_line(bytes(tail))
+        with lock:
+            if code == EXIT_NO_SANDBOX and not confined and last.startswith("sandbox: "):
+                unavailable.append(last[len("sandbox: "):])
+            else:
+                why = _death(code, spec) + (f" ({problem})" if problem else "") + (f": {last}" if last else "")
+                failures.append((share[got] if got < len(share) else share[-1], why))
 
     threads = [threading.Thread(target=drive, args=(share,)) for share in _shares(jobs, n) if share]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise ReplayError(f"a replay worker failed: {errors[0]}")
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    if unavailable:
+        raise SandboxUnavailable(f"the replay sandbox cannot be set up on this machine: {unavailable[0]}; "
+                                 "--no-sandbox replays without it (only for bundles you trust)")
+    if failures:
+        position, why = min(failures)
+        seg = jobs[position][1]
+        first_seq, first_step = seg.updates[0] if seg.updates else (seg.end_seq, {"step": seg.end.get("step")})
+        raise ReplayError(f"segment {seg.index} (from the checkpoint at observation {seg.start_seq}): the replay "
+                          f"worker {why}; the segment was not replayed", seq=first_seq, step=first_step.get("step"))
     return [results[i] for i in range(len(jobs))]
+
+
+def _result(obj: Any, seg: Segment) -> SegmentResult:
+    """A worker's answer for ``seg``, checked for shape (it comes from behind the sandbox)."""
+    if not isinstance(obj, dict) or set(obj) != set(SegmentResult.__dataclass_fields__):
+        raise ValueError("not a segment result")
+    result = SegmentResult.from_obj(obj)
+    if result.index != seg.index or type(result.ok) is not bool or type(result.steps) is not int:
+        raise ValueError(f"an answer for segment {result.index!r} where {seg.index} was due")
+    return result
+
+
+def _drain(stream: Any, tail: bytearray) -> None:
+    while chunk := stream.read(1 << 16):
+        tail += chunk
+        del tail[:-STDERR_TAIL]
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = "".join(c if c.isprintable() else "?" for c in lines[-1].strip())
+    return line[:300]
+
+
+def _death(code: int, spec: SandboxSpec) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        extra = f", perhaps at the --max-memory limit of {spec.max_memory_mib} MiB" if spec.enabled else ""
+        return f"was killed by {name}{extra}"
+    if code == 0:
+        return "exited"
+    return f"exited with status {code}"
 
 
 def iter_jobs(contexts: dict[int, RunContext], runs: dict[int, list[Segment]], chosen: Iterable[int] | None = None) -> list[Job]:
