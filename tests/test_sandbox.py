@@ -51,6 +51,15 @@ def test_nothing_outside_can_be_written(tmp_path: Path) -> None:
     assert not any(p.exists() for p in [*targets, private])
 
 
+def test_a_worker_started_in_tmp_cannot_write_there(tmp_path: Path) -> None:
+    """The working directory under the machine's /tmp stays the machine's (read-only), though the
+    private /tmp hides its path."""
+    proc = sandbox.run_python("try:\n    open('escape', 'w')\nexcept OSError as e:\n    print('refused', e.errno)\n",
+                              ON, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "refused 30" and not (tmp_path / "escape").exists()
+
+
 def test_no_network_not_even_loopback() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import re
 import resource
 import signal
 import struct
@@ -282,7 +283,7 @@ def _mountinfo() -> list[dict]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            target = fields[4].encode().decode("unicode_escape")
+            target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 is a space
             fstype = fields[fields.index("-") + 1]
             out.append({"id": fields[0], "target": target, "options": set(fields[5].split(",")), "fstype": fstype})
     return out
@@ -386,14 +387,18 @@ def verify_confined() -> None:
             raise SandboxError(f"capabilities remain ({cap} {status.get(cap)})")
     if os.getpid() != 1:
         raise SandboxError("the worker is not alone in its PID namespace")
-    for probe in ("/", "/var/tmp", "/dev/shm", os.getcwd(), os.path.expanduser("~")):
+    # "." is the working directory the worker was started in, even where the private /tmp now
+    # hides it; a path under /tmp names the private /tmp and is not probed.
+    for probe in ("/", "/var/tmp", "/dev/shm", ".", os.path.expanduser("~")):
+        if probe != "." and (probe + "/").startswith("/tmp/"):
+            continue
+        path = os.path.join(probe, f".gradledger-sandbox-probe-{os.getpid()}")
         try:
-            fd = os.open(os.path.join(probe, f".gradledger-sandbox-probe-{os.getpid()}"),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError:
             continue
-        os.close(fd)
-        raise SandboxError(f"{probe} is writable")
+        os.unlink(path)
+        raise SandboxError(f"{os.path.abspath(probe)} is writable")
     writable = []
     for mount in _mountinfo():
         devices_ok = mount["target"] in {f"/dev/{name}" for name in DEVICES}
@@ -423,8 +428,8 @@ def verify_confined() -> None:
 # The parent's side.
 
 
-def run_python(code: str, spec: SandboxSpec, *, stdin: bytes = b"", timeout: float | None = None
-               ) -> subprocess.CompletedProcess[bytes]:
+def run_python(code: str, spec: SandboxSpec, *, stdin: bytes = b"", timeout: float | None = None,
+               cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``code`` with this machine's Python behind the same walls as a replay worker (for tests).
 
     The snippet runs after ``enter(spec)``, in the confined process; its result is the process's.
@@ -438,7 +443,7 @@ def run_python(code: str, spec: SandboxSpec, *, stdin: bytes = b"", timeout: flo
             "    print(f'sandbox: {exc}', file=sys.stderr); sys.exit(sandbox.EXIT_NO_SANDBOX)\n"
             "del sandbox, spec\n")
     return subprocess.run([sys.executable, "-c", boot + code, *spec.worker_args()], input=stdin,
-                          capture_output=True, timeout=timeout, env=worker_env())
+                          capture_output=True, timeout=timeout, env=worker_env(), cwd=cwd)
 
 
 #: What a worker inherits of the verifier's environment: what Python, torch and its math

@@ -78,6 +78,9 @@ def main(argv: list[str]) -> int:
     except sandbox.SandboxError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return sandbox.EXIT_NO_SANDBOX
+    except Exception as exc:  # noqa: BLE001 - any failure to confine is a sandbox that cannot be set up
+        print(f"sandbox: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return sandbox.EXIT_NO_SANDBOX
     out = sys.stdout.buffer
     out.write(frame({"sandbox": walls}))
     out.flush()
