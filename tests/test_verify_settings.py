@@ -33,15 +33,16 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     roots = read_public_keys(d.roots)
     return {"forge": forge, "roots": roots, "work": base, "layout": F.Layout.of(forge),
             "none": Verifier(roots, VerificationPolicy(replay="none")),
+            "full": Verifier(roots, VerificationPolicy(replay="full")),
             "catalogue": {f.name: f for f in F.catalogue(forge)}}
 
 
-def _verify(demo: dict[str, Any], change: Callable[[F.Forge], Any]) -> Any:
+def _verify(demo: dict[str, Any], change: Callable[[F.Forge], Any], mode: str = "none") -> Any:
     g = demo["forge"].clone()
     change(g)
     path = g.write(demo["work"] / "forged.glb")
     try:
-        return demo["none"].verify(path)
+        return demo[mode].verify(path)
     finally:
         path.unlink(missing_ok=True)
 
@@ -53,10 +54,10 @@ def _every_run(path: tuple[Any, ...], value: Any) -> Callable[[F.Forge], None]:
     return change
 
 
-def _fails(report: Any, seq: int, *words: str, step: int | None = None) -> None:
+def _fails(report: Any, seq: int, *words: str, step: int | None = None, check: str = "runs") -> None:
     f = report.first_failure
     assert f is not None and not report.verified, report.render()
-    assert (f.name, f.seq) == ("runs", seq), report.render()
+    assert (f.name, f.seq) == (check, seq), report.render()
     if step is not None:
         assert f.step == step, report.render()
     for w in words:
@@ -67,18 +68,16 @@ def test_the_honest_bundle_verifies(demo: dict[str, Any]) -> None:
     report = _verify(demo, lambda g: None)
     assert report.verified, report.render()
     runs = next(c for c in report.checks if c.name == "runs")
-    assert "settings (seed, data order, checkpoints, bands, program) re-derived" in runs.detail
+    assert "settings (seed, data order, checkpoints, bands, program inputs) re-derived" in runs.detail
+    assert _verify(demo, lambda g: None, "full").verified
 
 
 #: The catalogue's forgeries the verifier accepted before issue 10's settings check, and the field
-#: each failure must name.
+#: each failure must name: structural (``runs``, every replay mode) ...
 CATALOGUE = {
     "RunStarted.settings.bands.bands[0].name": "settings.bands.bands[0].name",
     "RunStarted.settings.bands.bands[1].name": "settings.bands.bands[1].name",
     "RunStarted.settings.bands.bands[2].name": "settings.bands.bands[2].name",
-    "RunStarted.settings.bands.bands[0].prefixes[0]": "settings.bands.bands[0].prefixes",
-    "RunStarted.settings.bands.bands[1].prefixes[0]": "settings.bands.bands[1].prefixes",
-    "RunStarted.settings.bands.bands[2].prefixes[0]": "settings.bands.bands[2].prefixes",
     "RunStarted.settings.batch_size": "batch_size",
     "RunStarted.settings.drop_last": "drop_last",
     "RunStarted.settings.steps_per_epoch": "settings.steps_per_epoch",
@@ -89,6 +88,12 @@ CATALOGUE = {
     "RunStarted.settings.program.inputs[1]": "settings.program.inputs",
     "RunStarted.settings.program.x_dtype": "settings.program.x_dtype",
     "RunStarted.settings.program.x_shape[0]": "settings.program.x_shape",
+}
+#: ... and what only the program confirms, checked where replay reads it (``replay``).
+CATALOGUE_REPLAY = {
+    "RunStarted.settings.bands.bands[0].prefixes[0]": "settings.bands.bands[0].prefixes",
+    "RunStarted.settings.bands.bands[1].prefixes[0]": "settings.bands.bands[1].prefixes",
+    "RunStarted.settings.bands.bands[2].prefixes[0]": "settings.bands.bands[2].prefixes",
     "artifact: program, a weight changed and the archive rebuilt, digest re-derived": "artifacts.program",
 }
 
@@ -97,6 +102,14 @@ CATALOGUE = {
 def test_a_forged_setting_fails_runs_naming_the_field(demo: dict[str, Any], name: str) -> None:
     report = _verify(demo, demo["catalogue"][name].apply)
     _fails(report, demo["layout"].orig_run, CATALOGUE[name], f"RunStarted {demo['layout'].orig_run}")
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE_REPLAY))
+def test_a_forged_setting_only_the_program_confirms_fails_replay_naming_the_field(demo: dict[str, Any],
+                                                                                   name: str) -> None:
+    report = _verify(demo, demo["catalogue"][name].apply, "full")
+    _fails(report, demo["layout"].orig_run, CATALOGUE_REPLAY[name], f"RunStarted {demo['layout'].orig_run}",
+           check="replay")
 
 
 def test_checkpoint_every_changed_fails_at_the_step_that_lacks_its_checkpoint(demo: dict[str, Any]) -> None:
@@ -201,8 +214,8 @@ def test_bands_swapped_between_names_fail(demo: dict[str, Any]) -> None:
             bands[0]["prefixes"], bands[1]["prefixes"] = bands[1]["prefixes"], bands[0]["prefixes"]
             g.edit(k, lambda b: None)
 
-    report = _verify(demo, change)
-    _fails(report, at.orig_run, "settings.bands.bands[0].prefixes", "band_params[0]")
+    report = _verify(demo, change, "full")
+    _fails(report, at.orig_run, "settings.bands.bands[0].prefixes", "band_params[0]", check="replay")
 
 
 def test_a_parameter_in_two_bands_fails(demo: dict[str, Any]) -> None:
@@ -210,18 +223,50 @@ def test_a_parameter_in_two_bands_fails(demo: dict[str, Any]) -> None:
 
     def change(g: F.Forge) -> None:
         for k in g.seqs("RunStarted"):
-            g.body(k)["settings"]["bands"]["bands"][1]["prefixes"].append("0")
-            g.body(k)["settings"]["band_params"][1] = ["0.weight", "0.bias", "2.weight", "2.bias"]  # program order
+            g.body(k)["settings"]["bands"]["bands"][2]["prefixes"].append("2")  # band_params kept
             g.edit(k, lambda b: None)
 
-    report = _verify(demo, change)
-    _fails(report, at.orig_run, "settings.bands.bands[2].prefixes", "also in band 1")
+    report = _verify(demo, change, "full")
+    _fails(report, at.orig_run, "settings.bands.bands[2].prefixes", "also in band 1", check="replay")
 
 
 def test_x_dtype_of_another_valid_dtype_fails(demo: dict[str, Any]) -> None:
     at = demo["layout"]
     report = _verify(demo, _every_run(("program", "x_dtype"), "float64"))
-    _fails(report, at.orig_run, "settings.program.x_dtype 'float64'", "float32")
+    _fails(report, at.orig_run, "settings.program.x_dtype", "'float64'", "float32")
+
+
+def _program(demo: dict[str, Any]) -> Any:
+    from gradledger.ledger.program import load_program
+
+    g = demo["forge"]
+    return load_program(g.arts[g.body(demo["layout"].orig_run)["artifacts"]["program"]])
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (("program", "x_dtype"), "float64",
+     "settings.program.x_dtype 'float64', but the model program's input x is float32"),
+    (("program", "x_shape"), [8, 8], "settings.program.x_shape [8, 8]"),
+    (("program", "inputs"), ["profiles", "x"], "settings.program.inputs"),
+    (("bands", "bands", 0, "prefixes"), ["4.weight"], "settings.bands.bands[0].prefixes ['4.weight'] resolve to"),
+    (("band_params", 0), ["4.bias", "4.weight"], "band_params[0] is ['4.bias', '4.weight']"),
+])
+def test_what_only_the_program_confirms(demo: dict[str, Any], path: tuple[Any, ...], value: Any, words: str) -> None:
+    """``check_program`` (called where replay reads the program) against the program itself: the
+    committed inputs agree with ``float32 [64]``, the program is what tells ``x`` apart."""
+    at = demo["layout"]
+    settings = copy.deepcopy(demo["forge"].body(at.orig_run)["settings"])
+    program = _program(demo)
+    weights = S.check_program(program, settings, at.orig_run)  # honest: the stored weights' digests
+    assert set(weights) == {n for n in demo["forge"].body(at.ckpts[0])["tensors"] if n.startswith("model.")}
+    S.check_step0(weights, demo["forge"].body(at.ckpts[0]), at.ckpts[0], at.orig_run)
+    with pytest.raises(S.SettingsMismatch) as caught:
+        S.check_step0(weights, demo["forge"].body(at.ckpts[1]), at.ckpts[1], at.orig_run)  # step 3's weights
+    assert "artifacts.program" in str(caught.value.args[0]) and caught.value.seq == at.orig_run
+    F.get(settings, path[:-1])[path[-1]] = value
+    with pytest.raises(S.SettingsMismatch) as caught:
+        S.check_program(program, settings, at.orig_run)
+    assert words in caught.value.args[0] and f"RunStarted {at.orig_run}" in caught.value.args[0]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -30,6 +30,7 @@ from .hyperparams import (
 )
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
+from .settings import SettingsMismatch, check_program, check_step0
 
 STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
@@ -132,6 +133,8 @@ class _Loaded:
     module: Any
     inputs: Tensor
     by_name: dict[str, Tensor]
+    #: Digests of the weights the program stores, by checkpoint name (settings.check_program).
+    weights: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,10 +166,14 @@ def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None], cache: Rep
     except RoutingNotProven as exc:
         raise ReplayError(f"routing cannot be applied to the model program named by RunStarted: {exc.args[0]}",
                           seq=ctx.run_seq) from None
+    try:  # specs/verification.md §6 settings, item 5: what only the program confirms
+        weights = check_program(module.program, ctx.settings, ctx.run_seq)
+    except SettingsMismatch as exc:
+        raise ReplayError(exc.args[0], seq=ctx.run_seq) from None
     data = artifact(ctx.inputs)
     if data is None:
         raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
-    loaded = _Loaded(module, load(data)["x"], dict(module.named_parameters()))
+    loaded = _Loaded(module, load(data)["x"], dict(module.named_parameters()), weights)
     if cache is not None:
         cache.loaded[key] = loaded
     return loaded
@@ -277,6 +284,11 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     loaded = _load(ctx, artifact, cache)
     module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
     tensors, scalars = load_checkpoint(artifact(seg.start["artifact"]), seg.start, seg.start_seq)
+    if seg.start["step"] == 0:  # the program's weights are the step-0 state it was exported with
+        try:
+            check_step0(loaded.weights, seg.start, seg.start_seq, ctx.run_seq)
+        except SettingsMismatch as exc:
+            raise ReplayError(exc.args[0], seq=ctx.run_seq) from None
     opt = _optimizer(ctx, params)
     try:
         _restore(module, opt, tensors, scalars, settings["optimizer"])

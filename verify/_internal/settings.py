@@ -3,7 +3,8 @@
 specs/verification.md §6 ("Settings") and specs/training.md §2, §5. Nothing here is taken from
 the bundle on trust: every field of ``RunStarted.settings`` that the structural checks do not
 already compare (dataset, policy, optimizer) is re-derived and compared, so a trainer that
-re-signs a forged setting is refused in every replay mode.
+re-signs a forged setting is refused: in every replay mode, except what only the program can
+confirm, which replay checks where it reads the program.
 
 - ``seed`` is a uint64 and ``seed_rule`` the one rule training.md §2 defines; every step's
   ``seeds`` are ``{"run": seed, "step": step_seed(seed, step)}`` (a step without them fails).
@@ -11,14 +12,18 @@ re-signs a forged setting is refused in every replay mode.
   the dataset's count, ``batch_size`` and ``drop_last``, and every step's batch is the one the order
   rule gives (re-derived from the seed); under ``"explicit"`` the batches repeat every
   ``steps_per_epoch`` steps.
-- ``checkpoint_every``: the run has a Checkpoint right after every ``checkpoint_every``-th update,
-  each Checkpoint's step counts the updates before it, and no update is left uncheckpointed.
-- ``bands``: the band names are the policy's, head first, and the prefixes resolve against the
-  program's parameters (specs/routing.md §1) to exactly ``band_params``.
-- ``program``: ``format`` and ``inputs`` are the ones training.md §5 fixes and the program's own
-  user inputs; ``x_dtype`` and ``x_shape`` are the program's input ``x`` (as the strict loader
-  reads it) and the committed inputs' rows; the program's stored parameters and persistent
-  buffers are the run's step-0 Checkpoint (training.md §5: "weights as at step 0").
+- ``checkpoint_every``: the run starts with a Checkpoint, has one right after every
+  ``checkpoint_every``-th update, and leaves no update uncheckpointed.
+- ``bands``: well formed, and the band names are the policy's, head first.
+- ``program``: ``format`` and ``inputs`` are the ones training.md §5 fixes, ``x_dtype`` and
+  ``x_shape`` the committed inputs' rows.
+
+Replay's part (``check_program``, ``check_step0``, called where replay loads the program, in the
+replay worker behind its sandbox; the structural checks never read the program): the program's
+user inputs and input ``x`` are ``settings.program``'s, the band prefixes resolve against its
+parameters (specs/routing.md §1) to exactly ``band_params``, and its stored parameters and
+persistent buffers are every step-0 Checkpoint replay restores (training.md §5: "weights as at
+step 0").
 
 An unlearning branch keeps its original run's settings (the certificate check compares them) and
 its own batches and checkpoints are checked against the original run there; here only its
@@ -32,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from gradledger.ledger import encoding
 from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import EncodingError, VerificationError
-from gradledger.ledger.program import Program, ProgramError, load_program
+from gradledger.ledger.program import Program
 
 from .checkpoint import tensor_digest
 from .graph_routing import GATED_PREFIX
@@ -97,41 +102,15 @@ class RunView:
 
     seq: int
     settings: Mapping[str, Any]
-    program: Any  # RunStarted artifacts.program (a digest, if well formed)
     updates: Sequence[int]
     checkpoints: Sequence[int]
     branch: bool
     count: int  # the committed dataset's count
     policy_bands: Sequence[str] | None  # the adopted policy's band names, when it parsed
     inputs: bytes | None  # the DatasetCommitted's data digest
-    #: The run's step-0 Checkpoint (seq, body): the program's weights must be its tensors.
-    step0: tuple[int, Mapping[str, Any]] | None = None
 
 
-@dataclass
-class Programs:
-    """Programs loaded in one verification, by digest (never shared across verifications)."""
-
-    artifact: Callable[[bytes], bytes | None]
-    loaded: dict[bytes, Program | str | None] = field(default_factory=dict)
-
-    def get(self, digest: Any) -> Program | str | None:
-        """The program, an error message (the loader refused it) or None (not in the bundle)."""
-        if type(digest) is not bytes:
-            return None
-        if digest not in self.loaded:
-            data = self.artifact(digest)
-            if data is None or hashlib.sha256(data).digest() != digest:
-                self.loaded[digest] = None  # the artifacts check reports it
-            else:
-                try:
-                    self.loaded[digest] = load_program(data)
-                except ProgramError as exc:
-                    self.loaded[digest] = str(exc.args[0])
-        return self.loaded[digest]
-
-
-def check_run(run: RunView, observations: Sequence[Sealed], programs: Programs) -> str:
+def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[bytes], bytes | None]) -> str:
     """Check one governed run's settings; a short note, or ``SettingsMismatch`` naming the field."""
     s, seq = run.settings, run.seq
 
@@ -144,7 +123,8 @@ def check_run(run: RunView, observations: Sequence[Sealed], programs: Programs) 
     if not _uint(seed) or seed >= 1 << 64:
         raise fail(f"settings.seed {seed!r} is not a uint64")
     if s.get("seed_rule") != SEED_RULE:
-        raise fail(f"settings.seed_rule {s.get('seed_rule')!r} is not {SEED_RULE!r}, the only rule (specs/training.md §2)")
+        raise fail(f"settings.seed_rule {s.get('seed_rule')!r} is not {SEED_RULE!r}, the only rule "
+                   "(specs/training.md §2)")
     for u in run.updates:
         body = observations[u].body
         want = {"run": seed, "step": step_seed(seed, body["step"])}
@@ -157,7 +137,7 @@ def check_run(run: RunView, observations: Sequence[Sealed], programs: Programs) 
     _check_order(run, observations, fail)
     _check_checkpoints(run, observations, fail)
     _check_bands_named(run, fail)
-    _check_program(run, programs, fail)
+    _check_program(run, artifact, fail)
     return "settings re-derived"
 
 
@@ -265,8 +245,8 @@ def _check_bands_named(run: RunView, fail: Callable[..., SettingsMismatch]) -> N
     if run.policy_bands is not None:
         for i, (got, want) in enumerate(zip(names, run.policy_bands)):
             if got != want:
-                raise fail(f"settings.bands.bands[{i}].name {got!r} is not the policy's band {i}, {want!r} (the policy names "
-                           "the bands, head first: specs/policy.md §1)")
+                raise fail(f"settings.bands.bands[{i}].name {got!r} is not the policy's band {i}, {want!r} (the "
+                           "policy names the bands, head first: specs/policy.md §1)")
         if len(names) != len(run.policy_bands):
             raise fail(f"settings.bands has {len(names)} bands, the policy {len(run.policy_bands)}")
     band_params = run.settings.get("band_params")
@@ -278,7 +258,8 @@ def _matches(prefix: str, name: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _check_program(run: RunView, programs: Programs, fail: Callable[..., SettingsMismatch]) -> None:
+def _check_program(run: RunView, artifact: Callable[[bytes], bytes | None],
+                   fail: Callable[..., SettingsMismatch]) -> None:
     s = run.settings
     p = s.get("program")
     if not isinstance(p, dict) or set(p) != {"format", "inputs", "x_dtype", "x_shape"}:
@@ -287,40 +268,85 @@ def _check_program(run: RunView, programs: Programs, fail: Callable[..., Setting
         raise fail(f"settings.program.format {p['format']!r} is not {PROGRAM_FORMAT!r}")
     if p["inputs"] != PROGRAM_INPUTS:
         raise fail(f"settings.program.inputs {p['inputs']!r} is not {PROGRAM_INPUTS!r}")
-    program = programs.get(run.program)
-    if program is None:
-        return  # not in the bundle: the artifacts check fails it
-    if isinstance(program, str):
-        return  # refused by the strict loader: replay fails the run, naming why (specs/replay.md §2)
+    if not isinstance(p["x_dtype"], str) or not isinstance(p["x_shape"], list) or not all(
+        _uint(d) for d in p["x_shape"]
+    ):
+        raise fail(f"settings.program.x_dtype {p['x_dtype']!r} and x_shape {p['x_shape']!r} are not a dtype name and "
+                   "a list of sizes")
+    rows = _inputs_rows(artifact, run.inputs)
+    if rows is not None and (p["x_dtype"], p["x_shape"]) != rows:
+        field_name = "x_dtype" if p["x_dtype"] != rows[0] else "x_shape"
+        raise fail(f"settings.program.{field_name}: x_dtype {p['x_dtype']!r} and x_shape {p['x_shape']!r} are not the "
+                   f"committed inputs' rows ({rows[0]} {rows[1]})")
+
+
+# -- replay's part: what needs the program itself ------------------------------------------------
+#
+# The program is read only where replay reads it (in the replay worker, behind its sandbox,
+# specs/replay.md §7), never by the structural checks.
+
+
+def check_program(program: Program, settings: Mapping[str, Any], run_seq: int) -> dict[str, bytes]:
+    """The settings that only the program can confirm (specs/verification.md §6 settings, item 5):
+    its user inputs and input ``x`` against ``settings.program``, the band prefixes resolved against
+    its parameters to ``band_params``. Returns the digests of the weights it stores (parameters and
+    persistent buffers), under their checkpoint names (``model.<name>``), for ``check_step0``."""
+    def fail(what: str) -> SettingsMismatch:
+        return SettingsMismatch(f"RunStarted {run_seq}: {what}", seq=run_seq)
+
+    p = settings.get("program")
+    if not isinstance(p, dict):
+        raise fail("settings.program is not {format, inputs, x_dtype, x_shape}")
     graph = program.graph
-    if list(graph.user_inputs) != PROGRAM_INPUTS:
-        raise fail(f"settings.program.inputs {p['inputs']!r}, but the program's user inputs are {list(graph.user_inputs)!r}")
+    if list(graph.user_inputs) != PROGRAM_INPUTS or p.get("inputs") != PROGRAM_INPUTS:
+        raise fail(f"settings.program.inputs {p.get('inputs')!r}, but the model program's user inputs are "
+                   f"{list(graph.user_inputs)!r}")
     x = program.inputs.get("x")
     if x is None:
         raise fail("settings.program: the model program has no input 'x'")
     dtype = str(x.dtype).removeprefix("torch.")
-    if p["x_dtype"] != dtype:
-        raise fail(f"settings.program.x_dtype {p['x_dtype']!r}, but the model program's input x is {dtype}")
+    if p.get("x_dtype") != dtype:
+        raise fail(f"settings.program.x_dtype {p.get('x_dtype')!r}, but the model program's input x is {dtype}")
     shape = list(x.sizes[1:])
-    if not _same(p["x_shape"], shape) or not all(type(d) is int for d in shape):
-        raise fail(f"settings.program.x_shape {p['x_shape']!r}, but the model program's input x has rows of shape {shape!r}")
-    rows = _inputs_rows(programs.artifact, run.inputs)
-    if rows is not None and rows != (dtype, shape):
-        raise fail(f"settings.program.x_dtype and x_shape ({dtype} {shape}) are not the committed inputs' rows "
-                   f"({rows[0]} {rows[1]})")
-    prefix = _check_prefixes(run, program, fail)
-    _check_weights(run, program, prefix, fail)
+    if not _same(p.get("x_shape"), shape):
+        raise fail(f"settings.program.x_shape {p.get('x_shape')!r}, but the model program's input x has rows of "
+                   f"shape {shape!r}")
+    prefix = _check_prefixes(settings, program, fail)
+    stored = [i.target for i in graph.inputs if i.target is not None and i.target.startswith(prefix) and (
+        i.kind == "parameter" or (i.kind == "buffer" and i.target in program.persistent))]
+    return {"model." + t[len(prefix):]: tensor_digest(program.state[t]) for t in stored}
 
 
-def _check_prefixes(run: RunView, program: Program, fail: Callable[..., SettingsMismatch]) -> str:
+def check_step0(weights: Mapping[str, bytes], checkpoint: Mapping[str, Any], checkpoint_seq: int,
+                run_seq: int) -> None:
+    """The program's stored weights (``check_program``) are the step-0 Checkpoint's tensors: the program is
+    exported with the weights as at step 0 (specs/training.md §5)."""
+    tensors = checkpoint.get("tensors") if isinstance(checkpoint.get("tensors"), dict) else {}
+    for name, digest in weights.items():
+        if tensors.get(name) != digest:
+            what = "does not hold it" if name not in tensors else "holds other values"
+            raise SettingsMismatch(f"RunStarted {run_seq}: artifacts.program: the model program stores {name!r} as "
+                                   f"its weights at step 0, and the step-0 Checkpoint {checkpoint_seq} {what} "
+                                   "(specs/training.md §5)", seq=run_seq)
+
+
+def _matches(prefix: str, name: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _check_prefixes(s: Mapping[str, Any], program: Program, fail: Callable[[str], SettingsMismatch]) -> str:
     """specs/routing.md §1 resolution: the prefixes give exactly ``band_params``; returns the state prefix."""
-    s = run.settings
-    bands, band_params = s["bands"]["bands"], s["band_params"]
+    bands = _bands(s, fail)
+    band_params = s.get("band_params")
+    if not isinstance(band_params, list) or len(band_params) != len(bands):
+        raise fail(f"settings.band_params does not list the parameters of each of the {len(bands)} bands")
     targets = [i.target for i in program.graph.inputs if i.kind == "parameter" and i.target is not None]
     recorded = [n for ns in band_params if isinstance(ns, list) for n in ns]
-    fits = [q for q in (GATED_PREFIX, "") if recorded and all(isinstance(n, str) and q + n in targets for n in recorded)]
+    fits = [q for q in (GATED_PREFIX, "")
+            if recorded and all(isinstance(n, str) and q + n in targets for n in recorded)]
     if len(fits) != 1:
-        raise fail("settings.band_params are not the program's parameters (with or without the 'model.' prefix)")
+        raise fail("settings.band_params are not the model program's parameters (with or without the 'model.' "
+                   "prefix)")
     prefix = fits[0]
     names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
     trainable = {t[len(prefix):] for t in program.requires_grad if t.startswith(prefix)}
@@ -334,32 +360,12 @@ def _check_prefixes(run: RunView, program: Program, fail: Callable[..., Settings
             if owner.setdefault(n, k) != k:
                 raise fail(f"settings.bands.bands[{k}].prefixes: parameter {n!r} is also in band {owner[n]}")
         if not _same(band_params[k], derived):
-            raise fail(f"settings.bands.bands[{k}].prefixes {band['prefixes']!r} resolve to {derived!r} in the model program, "
-                       f"but band_params[{k}] is {band_params[k]!r} (specs/routing.md §1)")
+            raise fail(f"settings.bands.bands[{k}].prefixes {band['prefixes']!r} resolve to {derived!r} in the model "
+                       f"program, but band_params[{k}] is {band_params[k]!r} (specs/routing.md §1)")
     missing = sorted(trainable - set(owner))
     if missing:
         raise fail(f"settings.bands: trainable parameter {missing[0]!r} of the model program is in no band")
     return prefix
-
-
-def _check_weights(run: RunView, program: Program, prefix: str, fail: Callable[..., SettingsMismatch]) -> None:
-    """The program's stored parameters and persistent buffers are the step-0 checkpoint's ``model.*`` tensors."""
-    if run.step0 is None or run.step0[1].get("step") != 0:
-        return  # its first Checkpoint is not at step 0: the heads check and replay fail the run
-    ck_seq, ck = run.step0
-    tensors = ck.get("tensors") if isinstance(ck.get("tensors"), dict) else {}
-    stored = [i.target for i in program.graph.inputs if i.target is not None and i.target.startswith(prefix) and (
-        i.kind == "parameter" or (i.kind == "buffer" and i.target in program.persistent))]
-    for target in stored:
-        name = "model." + target[len(prefix):]
-        want = tensors.get(name)
-        if want is None:
-            raise fail(f"artifacts.program: the model program stores {target!r}, which the step-0 Checkpoint "
-                       f"{ck_seq} does not hold ({name!r})")
-        if tensor_digest(program.state[target]) != want:
-            raise fail(f"artifacts.program: the model program's stored {target!r} is not {name!r} of the step-0 "
-                       f"Checkpoint {ck_seq} (the program is exported with the weights as at step 0, "
-                       "specs/training.md §5)")
 
 
 def _inputs_rows(artifact: Callable[[bytes], bytes | None], digest: bytes | None) -> tuple[str, list[int]] | None:

@@ -12,8 +12,9 @@ Each check appends one named ``Check`` to the report and stops at its own first 
   inputs when the bundle carries them;
 - ``policy``: every adopted policy is root-signed, and each run names the one in force;
 - ``runs``: each run names a preceding dataset and policy, and numbers its steps 0, 1, 2, ...;
-  its other settings (seed and step seeds, data order, checkpoint positions, bands, program) are
-  re-derived from its records, policy, dataset and program (``settings.py``);
+  its other settings (seed and step seeds, data order, checkpoint positions, band names, program
+  inputs) are re-derived from its records, policy and dataset (``settings.py``; what needs the
+  program itself is checked where replay loads it);
 - ``routing``: every GovernedUpdate's routing recomputed from manifests and policy.
 
 Nothing here imports the training package: the rules come from specs/.
@@ -34,7 +35,7 @@ from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, Ver
 from ..report import Report
 from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
-from .settings import Programs, RunView, SettingsMismatch, check_run
+from .settings import RunView, SettingsMismatch, check_run
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -424,23 +425,20 @@ def _check_runs(
     return "pass", (f"{len(out)} runs ({len(governed)} governed, {branches} of them unlearning branches); {steps} "
                     "steps, numbered from 0 in each run (increasing from the rewind checkpoint in a branch); every "
                     "governed run names a DatasetCommitted and a PolicyAdopted before it; its settings (seed, data "
-                    "order, checkpoints, bands, program) re-derived from its records, policy and program")
+                    "order, checkpoints, bands, program inputs) re-derived from its records, policy and dataset")
 
 
 def _check_settings(observations: list[Sealed], governed: list[Run], policies: dict[int, Policy],
                     source: Source | None) -> None:
     """specs/verification.md §6, settings: each governed run's RunStarted settings re-derived (settings.py)."""
-    programs = Programs(source.artifact if source is not None else (lambda d: None))
+    artifact = source.artifact if source is not None else (lambda d: None)
     for run in governed:
         ds = observations[run.dataset_seq or 0].body
         policy = policies.get(run.policy_seq or -1)
-        first = run.checkpoints[0] if run.checkpoints else None
-        view = RunView(run.seq, run.settings, (observations[run.seq].body.get("artifacts") or {}).get("program"),
-                       run.updates, run.checkpoints, run.branch_of is not None, ds["count"],
-                       policy.bands if policy is not None else None, ds.get("data"),
-                       (first, observations[first].body) if first is not None else None)
+        view = RunView(run.seq, run.settings, run.updates, run.checkpoints, run.branch_of is not None, ds["count"],
+                       policy.bands if policy is not None else None, ds.get("data"))
         try:
-            check_run(view, observations, programs)
+            check_run(view, observations, artifact)
         except SettingsMismatch as exc:
             raise _Failed(str(exc.args[0]), seq=exc.seq, step=exc.step) from None
 
