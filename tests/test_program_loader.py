@@ -528,3 +528,15 @@ def test_honest_bundle_still_verifies(world: dict[str, Any], tmp_path: Path) -> 
     bundle = write_bundle(tmp_path / "ok.glb", world["recs"], world["arts"], world["origin"])
     code, out = run_cli(bundle, world["roots"])
     assert code == 0 and out["verified"], out
+
+
+@pytest.mark.parametrize("field", ["dtype", "layout"])
+@pytest.mark.parametrize("value", [[1], {"a": 1}, "7", 7.0, None])
+def test_a_tensor_meta_with_an_unhashable_or_wrong_typed_code_is_refused(field: str, value: Any) -> None:
+    # Found by the mutation test above: a list as dtype reached a dict lookup and raised TypeError.
+    from gradledger.ledger.program.values import tensor_meta
+
+    meta = {"dtype": 7, "layout": 0, "device": {"type": "cpu", "index": None}, "sizes": [], "strides": [],
+            "storage_offset": {"as_int": 0}, "requires_grad": False, "memory_format": 0}
+    with pytest.raises(ProgramError):
+        tensor_meta({**meta, field: value}, "input 'x'")

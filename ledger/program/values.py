@@ -113,10 +113,12 @@ def _sym_size(v: Any, what: str) -> int | str:
 
 def tensor_meta(v: Any, what: str) -> TensorMeta:
     d = as_dict(v, what)
-    dtype = DTYPES.get(d.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None or type(d.get("dtype")) is not int:
+    # The type first: a bundle's list or dict here is unhashable, and must refuse, not raise TypeError.
+    code, layout = d.get("dtype"), d.get("layout")
+    dtype = DTYPES.get(code) if type(code) is int else None
+    if dtype is None:
         raise fail(f"{what} has a dtype outside the allowed ones")
-    if LAYOUTS.get(d.get("layout")) is None or type(d.get("layout")) is not int:  # type: ignore[arg-type]
+    if type(layout) is not int or LAYOUTS.get(layout) is None:
         raise fail(f"{what} is not a strided tensor")
     dev = as_dict(d.get("device"), f"{what} device")
     if dev.get("type") != "cpu" or dev.get("index") not in (None, 0):
