@@ -576,11 +576,20 @@ def _run_started(f: Forge, at: Layout, add: Add) -> None:
     for path, value in leaves(f.body(branch_run)["settings"]["branch"]):
         add(f"RunStarted(branch).settings.branch.{dotted(path)}", "RunStarted",
             lambda g, p=("settings", "branch", *path), v=value: g.set(branch_run, p, other(v)))
+    # specs/training.md §7: the exact-replay keys are compared with the verifier's machine;
+    # num_threads is what replay runs with; the rest describe the machine and are never evidence.
+    from gradledger.verify._internal.environment import EXACT_KEYS
+
+    described = Harmless("training.md", "§7 Environment", "The other keys are the trainer's description of its "
+                         "machine, reported but never evidence: no check and no verdict relies on them")
+    threads = Harmless("training.md", "§7 Environment", "`num_threads` is taken from the record: the verifier "
+                       "replays with that many threads, so a false value can only make exact replay fail")
     for key, value in sorted(f.body(orig_run)["environment"].items()):
         def change_env(g: Forge, key: str = key, value: Any = value) -> None:
             for k in g.seqs("RunStarted"):
                 g.set(k, ("environment", key), other(value))
-        add(f"RunStarted.environment.{key}", "RunStarted", change_env, issue="10.4")
+        why = threads if key == "num_threads" else None if key in EXACT_KEYS else described
+        add(f"RunStarted.environment.{key}", "RunStarted", change_env, issue="10.4", harmless=why)
     add("RunStarted.environment: a key removed", "RunStarted",
         lambda g: [g.delete(k, ("environment", "torch")) for k in g.seqs("RunStarted")], issue="10.4")
     add("RunStarted.run_id", "RunStarted", lambda g: g.set(orig_run, ("run_id",), "another-run"))
