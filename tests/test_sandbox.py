@@ -4,6 +4,7 @@ cannot be set up; --no-sandbox says so; a worker that dies fails replay naming i
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import socket
@@ -34,12 +35,12 @@ def confined(code: str, spec: SandboxSpec = ON) -> tuple[int, str, str]:
 
 
 def test_nothing_outside_can_be_written(tmp_path: Path) -> None:
-    """Only the worker's private /tmp (a tmpfs that dies with it) is writable: a file written there
-    is not in the machine's /tmp, and nothing else can be created, not even in the test's own
-    temporary directory (hidden under the private /tmp)."""
-    private = Path("/tmp") / f"gradledger-sandbox-{tmp_path.name}"
-    targets = [tmp_path / "escape", Path.cwd() / "escape", Path.home() / "escape", Path("/var/tmp/escape"),
-               Path("/escape")]
+    """Only the worker's private tmpfs (/dev/shm, dying with it) is writable: a file written there is
+    not in the machine's /dev/shm, and nothing else can be created, not even in the test's own
+    temporary directory (visible, read-only) or the machine's /tmp."""
+    private = Path(sandbox.PRIVATE_TMP) / f"gradledger-sandbox-{tmp_path.name}"
+    targets = [tmp_path / "escape", Path("/tmp/escape"), Path.cwd() / "escape", Path.home() / "escape",
+               Path("/var/tmp/escape"), Path("/dev/escape"), Path("/escape")]
     code = (f"for p in {[str(p) for p in targets]!r}:\n"
             "    try:\n        open(p, 'w').write('x')\n    except OSError as e:\n        print('refused')\n"
             "    else:\n        print('WROTE', p)\n"
@@ -51,13 +52,19 @@ def test_nothing_outside_can_be_written(tmp_path: Path) -> None:
     assert not any(p.exists() for p in [*targets, private])
 
 
-def test_a_worker_started_in_tmp_cannot_write_there(tmp_path: Path) -> None:
-    """The working directory under the machine's /tmp stays the machine's (read-only), though the
-    private /tmp hides its path."""
-    proc = sandbox.run_python("try:\n    open('escape', 'w')\nexcept OSError as e:\n    print('refused', e.errno)\n",
-                              ON, timeout=120, cwd=str(tmp_path))
+def test_a_worker_started_in_tmp_reads_there_and_cannot_write(tmp_path: Path) -> None:
+    """A directory under the machine's /tmp is visible and read-only: a verifier installed from a
+    checkout under /tmp can import itself in its workers (a private tmpfs over /tmp hid it)."""
+    (tmp_path / "module_here.py").write_text("VALUE = 42\n")
+    # By its path, as an editable install names it (the working directory stays reachable as "."
+    # whatever is mounted over its path).
+    code = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport module_here\n"
+            "print('imported', module_here.VALUE)\n"
+            "try:\n    open('escape', 'w')\nexcept OSError as e:\n    print('refused', e.errno)\n")
+    proc = sandbox.run_python(code, ON, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().strip() == "refused 30" and not (tmp_path / "escape").exists()
+    assert proc.stdout.decode().split() == ["imported", "42", "refused", "30"]
+    assert not (tmp_path / "escape").exists()
 
 
 def test_no_network_not_even_loopback() -> None:
@@ -116,7 +123,7 @@ def test_no_new_privileges_no_capabilities_alone_in_its_pid_namespace() -> None:
     assert lines[4] == "unshare -1 mount -1"
 
 
-def test_no_device_but_four_and_every_mount_read_only_but_the_private_tmp() -> None:
+def test_no_device_but_four_and_every_mount_read_only_but_the_private_tmpfs() -> None:
     rc, out, err = confined(
         "import os\n"
         "print(sorted(os.listdir('/dev')))\n"
@@ -128,8 +135,8 @@ def test_no_device_but_four_and_every_mount_read_only_but_the_private_tmp() -> N
         "    except OSError as e:\n        print('refused', p)\n")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == "['null', 'random', 'urandom', 'zero']"
-    assert lines[1] == "['/tmp'] ['/dev/null', '/dev/zero', '/dev/random', '/dev/urandom']"  # the private /tmp
+    assert lines[0] == "['null', 'random', 'shm', 'urandom', 'zero']"
+    assert lines[1] == "['/dev/shm'] ['/dev/null', '/dev/zero', '/dev/random', '/dev/urandom']"  # the private tmpfs
     assert lines[2:] == ["refused /proc/sysrq-trigger", "refused /proc/self/oom_score_adj",
                          "refused /sys/kernel/mm/ksm/run", "opened /dev/null"]
 
@@ -166,23 +173,23 @@ def test_no_sandbox_says_so_and_a_machine_without_one_is_unusable(world: dict[st
     """Fail closed: the verifier run inside the sandbox cannot nest one (seccomp refuses unshare):
     exit 2, one line naming the cause and --no-sandbox; with --no-sandbox it verifies, saying so."""
     bundle, roots = _bundle(world, tmp_path).read_bytes(), Path(world["roots"]).read_bytes()
-    # The test's files are not there (the private /tmp hides them): they come on stdin.
+    # The inner verifier's inputs go to the private tmpfs, the one place the outer sandbox lets it write.
     code = ("import subprocess, sys\n"
             "data = sys.stdin.buffer.read()\n"
-            f"open('/tmp/run.glb', 'wb').write(data[:{len(bundle)}])\n"
-            f"open('/tmp/roots.pub', 'wb').write(data[{len(bundle)}:])\n"
-            "args = [sys.executable, '-m', 'gradledger.verify.cli', '/tmp/run.glb', '--trust', '/tmp/roots.pub', '--json']\n"
+            f"open('/dev/shm/run.glb', 'wb').write(data[:{len(bundle)}])\n"
+            f"open('/dev/shm/roots.pub', 'wb').write(data[{len(bundle)}:])\n"
+            "args = [sys.executable, '-m', 'gradledger.verify.cli', '/dev/shm/run.glb', '--trust', '/dev/shm/roots.pub', '--json']\n"
             "for extra in ([], ['--no-sandbox']):\n"
             "    p = subprocess.run(args + extra, capture_output=True, text=True)\n"
             "    print(repr((p.returncode, p.stdout, p.stderr)))\n")
     proc = sandbox.run_python(code, SandboxSpec(True, 8192), stdin=bundle + roots, timeout=300)
     rc, out, err = proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     assert rc == 0, err
-    (rc1, out1, err1), (rc2, out2, err2) = (eval(line) for line in out.splitlines())
+    (rc1, out1, err1), (rc2, out2, err2) = (ast.literal_eval(line) for line in out.splitlines())
     assert rc1 == 2 and out1 == "" and "Traceback" not in err1
     assert len(err1.strip().splitlines()) == 1, err1
     assert "sandbox cannot be set up" in err1 and "unshare" in err1 and "--no-sandbox" in err1
-    assert rc2 == 0, err2
+    assert rc2 == 0, (err2, json.loads(out2)["first_failure"])
     report = json.loads(out2)
     assert report["verdict"] == "exact" and report["figures"]["sandbox"] == "off"
     assert "sandbox_max_memory_mib" not in report["figures"]

@@ -39,7 +39,7 @@ DESCRIPTION = "namespaces+rlimits+seccomp"
 OFF = "off"
 
 DEFAULT_MAX_MEMORY_MIB = 8192
-#: The largest file a worker may write (only in its private /tmp, of TMP_BYTES in all).
+#: The largest file a worker may write (only in its PRIVATE_TMP, of TMP_BYTES in all).
 MAX_FILE_BYTES = 64 << 20
 TMP_BYTES = 64 << 20
 MAX_OPEN_FILES = 256
@@ -87,8 +87,12 @@ _X86_64 = {
         "acct": 163, "syslog": 103,
     },
 }
-#: The only devices a worker can open (a private /dev holds nothing else).
+#: The only devices a worker can open (a private /dev holds nothing else but PRIVATE_TMP).
 DEVICES = ("null", "zero", "random", "urandom")
+#: The one writable place: a private tmpfs inside the private /dev. Not over /tmp: that would
+#: hide whatever lives under the machine's /tmp, a checkout the verifier was installed from
+#: included (the worker could not import it).
+PRIVATE_TMP = "/dev/shm"
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new system calls are unified)
 
 
@@ -238,18 +242,19 @@ def _private_dev(libc: ctypes.CDLL) -> None:
             os.close(os.open(f"/dev/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             _check(libc.mount(f"/proc/self/fd/{fd}".encode(), f"/dev/{name}".encode(), None, MS_BIND, None),
                    f"binding /dev/{name}")
+        os.mkdir(PRIVATE_TMP, 0o700)  # the mount point of _private_tmp, made while /dev is writable
     finally:
         for fd in fds.values():
             os.close(fd)
 
 
 def _private_tmp(libc: ctypes.CDLL) -> None:
-    """/tmp: a small private tmpfs, the only writable place (torch's loader wants a temporary
-    directory), gone with the worker; TMPDIR points there. Its size bounds what a worker can
-    hold outside its address space."""
-    _check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                      f"size={TMP_BYTES},nr_inodes=1024,mode=700".encode()), "mounting a private /tmp")
-    os.environ["TMPDIR"] = "/tmp"
+    """PRIVATE_TMP: a small private tmpfs, the only writable place (torch's loader wants a
+    temporary directory), gone with the worker; TMPDIR points there. Its size bounds what a
+    worker can hold outside its address space. The machine's /tmp stays visible, read-only."""
+    _check(libc.mount(b"tmpfs", PRIVATE_TMP.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      f"size={TMP_BYTES},nr_inodes=1024,mode=700".encode()), f"mounting a private {PRIVATE_TMP}")
+    os.environ["TMPDIR"] = PRIVATE_TMP
     import tempfile
 
     tempfile.tempdir = None  # chosen afresh, from TMPDIR
@@ -387,10 +392,9 @@ def verify_confined() -> None:
             raise SandboxError(f"capabilities remain ({cap} {status.get(cap)})")
     if os.getpid() != 1:
         raise SandboxError("the worker is not alone in its PID namespace")
-    # "." is the working directory the worker was started in, even where the private /tmp now
-    # hides it; a path under /tmp names the private /tmp and is not probed.
-    for probe in ("/", "/var/tmp", "/dev/shm", ".", os.path.expanduser("~")):
-        if probe != "." and (probe + "/").startswith("/tmp/"):
+    # "." is the working directory the worker was started in; the private tmpfs is not probed.
+    for probe in ("/", "/tmp", "/var/tmp", "/dev", ".", os.path.expanduser("~")):
+        if os.path.realpath(probe) == PRIVATE_TMP:
             continue
         path = os.path.join(probe, f".gradledger-sandbox-probe-{os.getpid()}")
         try:
@@ -406,11 +410,12 @@ def verify_confined() -> None:
             writable.append(mount)
         if not (devices_ok or "nodev" in mount["options"]):
             raise SandboxError(f"{mount['target']} is mounted without nodev")
-    # One writable mount: the private /tmp (of TMP_BYTES), on top of whatever /tmp was.
-    tmp = os.statvfs("/tmp")
-    if [(m["target"], m["fstype"]) for m in writable] != [("/tmp", "tmpfs")] or tmp.f_blocks * tmp.f_frsize != TMP_BYTES:
+    # One writable mount: the private tmpfs (of TMP_BYTES).
+    tmp = os.statvfs(PRIVATE_TMP)
+    if [(m["target"], m["fstype"]) for m in writable] != [(PRIVATE_TMP, "tmpfs")] or \
+            tmp.f_blocks * tmp.f_frsize != TMP_BYTES:
         raise SandboxError(f"writable mounts: {[m['target'] for m in writable]}")
-    if sorted(os.listdir("/dev")) != sorted(DEVICES):
+    if sorted(os.listdir("/dev")) != sorted([*DEVICES, os.path.basename(PRIVATE_TMP)]):
         raise SandboxError(f"/dev holds {sorted(os.listdir('/dev'))}")
     import socket
 
@@ -447,8 +452,9 @@ def run_python(code: str, spec: SandboxSpec, *, stdin: bytes = b"", timeout: flo
 
 
 #: What a worker inherits of the verifier's environment: what Python, torch and its math
-#: libraries read, nothing else (no credentials, tokens or proxies for a worker to see).
-ENV_NAMES = ("PATH", "HOME", "LANG", "TZ", "VIRTUAL_ENV", "LD_LIBRARY_PATH")
+#: libraries read, nothing else (no credentials, tokens or proxies for a worker to see). TMPDIR
+#: and its kin matter to a --no-sandbox worker only: a sandboxed one points TMPDIR at its own.
+ENV_NAMES = ("PATH", "HOME", "LANG", "TZ", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "TMPDIR", "TEMP", "TMP")
 ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "DNNL_", "ONEDNN_", "TORCH_",
                 "ATEN_", "PYTORCH_", "CUBLAS_", "CUDA_")
 
