@@ -22,7 +22,8 @@ from gradledger.ledger.errors import EncodingError
 
 from ..report import Report
 from .manifests import relabel_without
-from .structure import Structure, _same, _short
+from .settings import same_cbor
+from .structure import Structure, _short
 
 
 class Source(Protocol):
@@ -133,10 +134,10 @@ def _check_one(source: Source, st: Structure, cert: Sealed, entry: dict[str, Any
     if branch.run_id != want_id:
         raise fail(f"its branch is run {branch.run_id!r} (RunStarted {b_seq}), not {want_id!r}", b_seq)
     rest = {k: v for k, v in b_body["settings"].items() if k != "branch"}
-    if not _same(rest, o_body["settings"]):
+    if not same_cbor(rest, o_body["settings"]):
         raise fail(f"the settings of branch RunStarted {b_seq}, without branch, differ from those of its original "
                    f"run (RunStarted {o_seq})", b_seq)
-    if not _same(b_body["artifacts"].get("program"), o_body["artifacts"].get("program")):
+    if not same_cbor(b_body["artifacts"].get("program"), o_body["artifacts"].get("program")):
         raise fail(f"branch RunStarted {b_seq} names another model program than its original run (RunStarted "
                    f"{o_seq})", b_seq)
 
@@ -251,7 +252,7 @@ def _check_one(source: Source, st: Structure, cert: Sealed, entry: dict[str, Any
         for field in ("seeds", "optimizer"):
             # Optional in the schema: a missing field is a difference, never a KeyError (the runs
             # check has already required each step's seeds, so this only guards a direct call).
-            if field not in g or field not in u or not _same(g[field], u[field]):
+            if field not in g or field not in u or not same_cbor(g[field], u[field]):
                 what = (f"records no {field}" if field not in g else f"records other {field} than the original step"
                         if field in u else f"records {field} where the original step records none")
                 raise fail(f"branch GovernedUpdate {got.seq} (step {step}) {what}", got.seq, step)
@@ -259,7 +260,7 @@ def _check_one(source: Source, st: Structure, cert: Sealed, entry: dict[str, Any
             raise fail(f"branch GovernedUpdate {got.seq} (step {step}) lists the retired source {s!r}", got.seq, step)
         if routing is not None:
             rules = [routing[i].rule if routing[i] is not None else None for i in kept]
-            if not _same(g["routing"]["rules"], rules):
+            if not same_cbor(g["routing"]["rules"], rules):
                 raise fail(f"branch GovernedUpdate {got.seq} (step {step}) is not routed by the re-aggregated "
                            "manifests", got.seq, step)
     extra = [o for o in records[len(expected):] if o.seq < q]

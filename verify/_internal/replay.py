@@ -11,7 +11,6 @@ This follows specs/training.md and specs/routing.md, not the trainer's code.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradledger.ledger import encoding
 from gradledger.ledger.errors import VerificationError
 
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
@@ -30,9 +28,8 @@ from .hyperparams import (
 )
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
-from .settings import SettingsMismatch, check_program, check_step0
+from .settings import SettingsMismatch, check_program, check_step0, step_seed
 
-STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
 
 #: Tolerance mode: relative bound on each step's loss and band norms, and on every checkpoint
@@ -54,11 +51,6 @@ class ReplayError(VerificationError):
     def __init__(self, message: str, *, seq: int | None = None, step: int | None = None) -> None:
         super().__init__(message, seq=seq)
         self.step = step
-
-
-def step_seed(seed: int, step: int) -> int:
-    digest = hashlib.sha256(encoding.encode([STEP_SEED_DOMAIN, seed, step])).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 @dataclass

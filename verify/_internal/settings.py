@@ -85,7 +85,8 @@ def epoch_order(seed: int, epoch: int, count: int, items: Sequence[bytes] | None
     return sorted(range(count), key=keys.__getitem__)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_cbor(a: Any, b: Any) -> bool:
+    """Equal as canonical CBOR: exact float bits, and 0 is not 0.0."""
     try:
         return encoding.encode(a) == encoding.encode(b)
     except EncodingError:
@@ -128,7 +129,7 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
     for u in run.updates:
         body = observations[u].body
         want = {"run": seed, "step": step_seed(seed, body["step"])}
-        if not _same(body.get("seeds"), want):
+        if not same_cbor(body.get("seeds"), want):
             what = "has no seeds" if "seeds" not in body else f"seeds {body['seeds']!r} are not {want}"
             raise fail(f"GovernedUpdate {u} (step {body['step']}) {what}: the run's seed rule "
                        f"{SEED_RULE!r} with settings.seed {seed} (RunStarted {seq}) gives {want}", u, body["step"])
@@ -308,7 +309,7 @@ def check_program(program: Program, settings: Mapping[str, Any], run_seq: int) -
     if p.get("x_dtype") != dtype:
         raise fail(f"settings.program.x_dtype {p.get('x_dtype')!r}, but the model program's input x is {dtype}")
     shape = list(x.sizes[1:])
-    if not _same(p.get("x_shape"), shape):
+    if not same_cbor(p.get("x_shape"), shape):
         raise fail(f"settings.program.x_shape {p.get('x_shape')!r}, but the model program's input x has rows of "
                    f"shape {shape!r}")
     prefix = _check_prefixes(settings, program, fail)
@@ -359,7 +360,7 @@ def _check_prefixes(s: Mapping[str, Any], program: Program, fail: Callable[[str]
         for n in derived:
             if owner.setdefault(n, k) != k:
                 raise fail(f"settings.bands.bands[{k}].prefixes: parameter {n!r} is also in band {owner[n]}")
-        if not _same(band_params[k], derived):
+        if not same_cbor(band_params[k], derived):
             raise fail(f"settings.bands.bands[{k}].prefixes {band['prefixes']!r} resolve to {derived!r} in the model "
                        f"program, but band_params[{k}] is {band_params[k]!r} (specs/routing.md §1)")
     missing = sorted(trainable - set(owner))

@@ -35,7 +35,7 @@ from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, Ver
 from ..report import Report
 from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
-from .settings import RunView, SettingsMismatch, check_run
+from .settings import RunView, SettingsMismatch, check_run, same_cbor
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -124,14 +124,6 @@ def _registry_at(observations: Sequence[Sealed], final: CredentialRegistry, seq:
 
 def _short(digest: bytes) -> str:
     return digest.hex()[:16]
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as canonical CBOR: exact float bits, and 0 is not 0.0."""
-    try:
-        return encoding.encode(a) == encoding.encode(b)
-    except EncodingError:
-        return False
 
 
 class _Failed(Exception):
@@ -455,7 +447,7 @@ def _bind_run(sealed: Sealed, run: Run, observations: list[Sealed]) -> None:
         raise _Failed(f"RunStarted {seq}: settings.dataset.seq {ds['seq']} is a {target.type}, not a "
                       "DatasetCommitted", seq=seq)
     for key in ("name", "root", "count"):
-        if not _same(ds.get(key), target.body[key]):
+        if not same_cbor(ds.get(key), target.body[key]):
             raise _Failed(f"RunStarted {seq}: settings.dataset.{key} differs from DatasetCommitted {ds['seq']}", seq=seq)
     if type(pseq) is not int or not 0 <= pseq < seq or observations[pseq].type != "PolicyAdopted":
         raise _Failed(f"RunStarted {seq}: settings.policy_seq {pseq!r} is not an earlier PolicyAdopted", seq=seq)
@@ -472,7 +464,7 @@ def _bind_branch(seq: int, settings: dict[str, Any], run: Run, observations: lis
             raise _Failed(f"RunStarted {seq}: settings.branch.{key} {value!r} is not an earlier {kind}", seq=seq)
     original = observations[of].body["settings"]
     if not isinstance(original, dict) or "branch" in original or not all(
-        _same(original.get(k), settings.get(k)) for k in ("dataset", "policy", "policy_seq")
+        same_cbor(original.get(k), settings.get(k)) for k in ("dataset", "policy", "policy_seq")
     ):
         raise _Failed(f"RunStarted {seq}: an unlearning branch must keep the dataset and policy of the governed "
                       f"run it branches from (RunStarted {of})", seq=seq)
@@ -554,20 +546,20 @@ def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[Examp
     if len(recorded["rules"]) != len(rules):
         raise fail(f"records {len(recorded['rules'])} routing rules for a batch of {len(rules)}")
     for j, (i, want, got) in enumerate(zip(batch, rules, recorded["rules"])):
-        if not _same(got, want):
+        if not same_cbor(got, want):
             name = "default" if want == -1 else policy.rules[want].name
             raise fail(f"example at batch position {j} (dataset index {i}): recorded rule {got!r}, but its manifest "
                        f"under policy {policy.name!r} routes by rule {want} ({name}), profile {list(table[i].profile)}")
     limits = list(batch_limits(policy, rules))
-    if not _same(recorded["limits"], limits):
+    if not same_cbor(recorded["limits"], limits):
         raise fail(f"recorded band limits {recorded['limits']}, but the batch's routings give {limits}")
     writes = authority_writes(routings, len(policy.bands))
     got_writes = body["authority_writes"]
     for path in sorted(set(writes) | set(got_writes)):
-        if not _same(got_writes.get(path), writes.get(path)):
+        if not same_cbor(got_writes.get(path), writes.get(path)):
             raise fail(f"authority_writes[{path!r}] is {got_writes.get(path)}, but the batch's routings give "
                        f"{writes.get(path)}")
     sources = sorted({name for r in routings for name in r.sources})
-    if not _same(body.get("sources"), sources):
+    if not same_cbor(body.get("sources"), sources):
         raise fail(f"sources {body.get('sources')} are not the batch's listed sources {sources}")
     return len(batch)
