@@ -113,6 +113,34 @@ def _import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _init(args: argparse.Namespace) -> int:
+    from gradledger.training.project import Project  # no torch: labeling imports it when it runs
+
+    with Project.init(args.dir, args.taxonomy) as project:
+        tax = project.taxonomy
+        policy = project.policy
+        summary = {
+            "path": str(project.path), "ledger": str(project.ledger.path), "trust": str(project.trust_file),
+            "keys": str(project.path / "keys"), "root": {"name": tax.root_name, "path": tax.root_path,
+                                                         "public_key": project.root_key.public_key.hex()},
+            "trainer": tax.trainer_name, "authorities": list(tax.authorities), "sources": list(tax.sources),
+            "policy": {"name": policy.policy["name"], "bands": list(policy.bands), "digest": policy.digest.hex(),
+                       "rules": [r["name"] for r in policy.policy["rules"]]},
+            "ledger_size": project.ledger.size,
+        }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"initialized project {summary['path']}: root {tax.root_name} ({tax.root_path}), trainer "
+              f"{tax.trainer_name}, {len(tax.authorities)} authorities, {len(tax.sources)} sources\n"
+              f"  keys      {summary['keys']}/ (each file 0600)\n"
+              f"  trust     {summary['trust']} (gradledger-verify --trust)\n"
+              f"  ledger    {summary['ledger']} ({summary['ledger_size']} genesis records)\n"
+              f"  policy    {policy.policy['name']!r} over bands {', '.join(policy.bands)}, signed by the root "
+              f"and adopted (digest {summary['policy']['digest'][:16]})")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gradledger.training.demo import main as demo_main  # torch and scikit-learn load only here
 
@@ -160,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("ledger", help="new ledger directory (must not exist, or be empty)")
     import_.add_argument("--json", action="store_true", help="machine-readable output")
     import_.set_defaults(run=_import)
+    init = sub.add_parser("init", help="make a project from a taxonomy file: keys, credentials, trust file, a ledger "
+                          "with its genesis records and a root-signed routing policy (specs/project.md)")
+    init.add_argument("dir", help="project directory to make (new, or empty)")
+    init.add_argument("--taxonomy", required=True, help="taxonomy file (TOML; see examples/taxonomy.toml)")
+    init.add_argument("--json", action="store_true", help="machine-readable output")
+    init.set_defaults(run=_init)
     demo = sub.add_parser("demo", help="the whole story on scikit-learn's digits: governed training, retirement of "
                           "a faulty annotator, exact unlearning, export, standalone verification, report.html")
     demo.add_argument("--out", required=True, help="output directory (new or empty)")

@@ -24,3 +24,8 @@ class BandError(GovernanceError):
 
 class DatasetError(UnusableInput):
     """Dataset input is unusable: missing examples, shapes, or a label matrix that does not fit."""
+
+
+class ProjectError(UnusableInput):
+    """A project cannot be made or opened: a bad taxonomy file, an existing directory, missing or
+    mismatched project files, or a name the project does not know. Unusable input: exit 2."""
