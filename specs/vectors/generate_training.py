@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Regenerate specs/vectors/training-v1.json, the vectors of the training rules both twins implement.
+
+    python specs/vectors/generate_training.py            # rewrite the JSON file beside this script
+    python specs/vectors/generate_training.py --check    # exit 1 if the file on disk differs
+
+Why: the trainer (training/) and the verifier (verify/_internal/) implement routing, batch
+limits, aggregation, epoch order, step seeds and tensor/checkpoint digests twice, on purpose.
+One file of ``{desc, inputs, want | wantErr}`` cases (the transparency-dev/merkle layout) that
+both test suites walk (tests/test_training_vectors.py) pins the two to each other and lets a
+third implementation prove itself. The expected values are computed here with training/ (the
+trainer's side); the test never regenerates, it compares both sides to the file.
+
+Deterministic: every input is written out below; no clocks, no randomness.
+``wantErr`` is a substring that the raised error's message must contain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradledger.training import checkpoints as TC
+from gradledger.training import manifests as TM
+from gradledger.training import policy as TP
+from gradledger.training import trainer as TT
+
+OUT = Path(__file__).resolve().parent / "training-v1.json"
+FORMAT = "gradledger-training-vectors/1"
+SIGNER = "00" * 32
+
+# -- route ---------------------------------------------------------------------
+
+BANDS = ["head", "mid", "body"]
+SOURCES = {  # name -> key id (hex) and credential path; both implementations resolve through this
+    "dr-a": {"key_id": "11" * 32, "path": "acme/clinic/radiology"},
+    "dr-b": {"key_id": "12" * 32, "path": "acme/clinic/pathology"},
+    "crowd-1": {"key_id": "21" * 32, "path": "acme/crowd/mturk"},
+    "crowd-2": {"key_id": "22" * 32, "path": "acme/crowd/mturk"},
+    "clinicx": {"key_id": "31" * 32, "path": "acme/clinicx"},
+    "ghost": {"key_id": "41" * 32, "path": None},  # no credential: unroutable
+}
+
+
+def _policy(rules: list[dict[str, Any]], default: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"v": 1, "name": "vectors", "bands": list(BANDS), "rules": rules,
+            "default": default or {"profile": [1.0, 0.0, 0.0], "limits": [1.0, None, None]},
+            "signer": SIGNER, "time": 0}
+
+
+BASE_RULES = [
+    {"name": "expert", "match": {"authority": "acme/clinic", "min_confidence": 0.9},
+     "profile": [1.0, 1.0, 1.0], "limits": [4.0, 2.0, 1.0]},
+    {"name": "crowd-agree", "match": {"authority": "acme/crowd", "min_consensus": 0.75, "aggregation": ["majority"]},
+     "profile": [1.0, 0.5, 0.0], "limits": [2.0, 0.5, None]},
+    {"name": "reviewed", "match": {"review": ["fixed"], "max_confidence": 0.5},
+     "profile": [0.5, 0.25, 0.125], "limits": [None, 3.0, 0.25]},
+]
+
+
+def _manifest(sources: list[str], confidence: float = 0.95, consensus: float = 1.0,
+              review: str = "accepted", aggregation: str = "majority") -> dict[str, Any]:
+    return {"label": 3, "confidence": confidence, "consensus": consensus, "review": review,
+            "aggregation": aggregation,
+            "sources": [{"source": s, "key_id": SOURCES[s]["key_id"], "vote": 3, "confidence": 1.0} for s in sources]}
+
+
+def fields(policy: dict[str, Any]) -> dict[str, Any]:
+    """The policy map as the implementations take it: ``signer`` hex in the file, bytes in CBOR."""
+    return {**policy, "signer": bytes.fromhex(policy["signer"])}
+
+
+def _route_want(policy: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    policy = fields(policy)
+    paths = {n: v["path"] for n, v in SOURCES.items() if v["path"] is not None}
+    r = TP.route(policy, manifest, paths)
+    return {"rule": r.rule, "name": r.name, "profile": list(r.profile),
+            "limits": list(TP.batch_limits(policy, [r.rule]))}
+
+
+def route_cases() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def ok(desc: str, manifest: dict[str, Any], rules: list[dict[str, Any]] = BASE_RULES) -> None:
+        p = _policy(rules)
+        out.append({"desc": desc, "policy": p, "manifest": manifest, "want": _route_want(p, manifest)})
+
+    def err(desc: str, manifest: dict[str, Any], want_err: str, policy: dict[str, Any] | None = None) -> None:
+        p = policy or _policy(BASE_RULES)
+        paths = {n: v["path"] for n, v in SOURCES.items() if v["path"] is not None}
+        try:
+            TP.route(fields(p), manifest, paths)
+        except Exception as exc:  # the generator checks that the trainer's side does raise
+            assert want_err in str(exc), (desc, str(exc))
+        else:
+            raise AssertionError(f"{desc}: trainer did not raise")
+        out.append({"desc": desc, "policy": p, "manifest": manifest, "wantErr": want_err})
+
+    ok("one expert, confident: first rule", _manifest(["dr-a"]))
+    ok("two experts under the same authority", _manifest(["dr-a", "dr-b"]))
+    ok("expert below min_confidence falls through to default", _manifest(["dr-a"], confidence=0.89))
+    ok("confidence exactly min_confidence matches (>=)", _manifest(["dr-a"], confidence=0.9))
+    ok("mixed expert + crowd is not expert (all sources)", _manifest(["dr-a", "crowd-1"], consensus=0.5))
+    ok("path prefix is by component: acme/clinicx is not under acme/clinic", _manifest(["clinicx"]))
+    ok("crowd with consensus 0.75 by majority", _manifest(["crowd-1", "crowd-2"], confidence=0.6, consensus=0.75))
+    ok("crowd with consensus below 0.75: default", _manifest(["crowd-1", "crowd-2"], confidence=0.6, consensus=0.5))
+    ok("crowd by label-model: aggregation not listed, default",
+       _manifest(["crowd-1"], confidence=0.6, aggregation="label-model"))
+    ok("fixed review with low confidence: third rule", _manifest(["crowd-1"], confidence=0.5, review="fixed",
+                                                                  consensus=0.0))
+    ok("fixed review above max_confidence: default", _manifest(["crowd-1"], confidence=0.51, review="fixed",
+                                                               consensus=0.0))
+    ok("no sources prove no authority: falls to a rule without authority",
+       _manifest([], confidence=0.1, review="fixed"))
+    ok("no sources and no authority-free rule matches: default", _manifest([], confidence=0.99))
+    ok("integer confidence is routed as its number", {**_manifest(["dr-a"]), "confidence": 1})
+    ok("empty rule list: default", _manifest(["dr-a"]), rules=[])
+    ok("rule with empty match matches everything", _manifest(["crowd-1"], confidence=0.0),
+       rules=[{"name": "all", "match": {}, "profile": [0.5, 0.5, 0.5], "limits": [None, None, None]}])
+    err("source without a credential path", _manifest(["ghost"]), "has no credential")
+    err("unknown review state", _manifest(["dr-a"], review="maybe"), "review")
+    err("confidence not finite", {**_manifest(["dr-a"]), "confidence": None}, "confidence")
+    err("non-increasing profile violated", _manifest(["dr-a"]), "profile",
+        _policy([{"name": "grows", "match": {}, "profile": [0.5, 1.0, 0.0], "limits": [None, None, None]}]))
+    err("profile length differs from bands", _manifest(["dr-a"]), "one entry per band",
+        _policy([{"name": "short", "match": {}, "profile": [1.0, 1.0], "limits": [None, None]}]))
+    err("min_confidence above max_confidence", _manifest(["dr-a"]), "min_confidence",
+        _policy([{"name": "never", "match": {"min_confidence": 0.8, "max_confidence": 0.2},
+                  "profile": [1.0, 0.0, 0.0], "limits": [None, None, None]}]))
+    err("duplicate rule names", _manifest(["dr-a"]), "name",
+        _policy([{"name": "twice", "match": {}, "profile": [1.0, 0.0, 0.0], "limits": [None, None, None]}] * 2))
+    err("multiplier above 1", _manifest(["dr-a"]), "policy",
+        _policy([{"name": "big", "match": {}, "profile": [1.5, 0.0, 0.0], "limits": [None, None, None]}]))
+    return out
+
+
+def batch_limits_cases() -> list[dict[str, Any]]:
+    p = _policy(BASE_RULES)
+    f = fields(p)
+    out = []
+    for desc, rules in [("default alone", [-1]), ("expert alone", [0]), ("expert and crowd: least per band", [0, 1]),
+                        ("crowd does not write band 2: no limit from it", [1]), ("all rules and default", [0, 1, 2, -1]),
+                        ("repeated rules count once", [1, 1, 1]), ("empty batch: unconstrained", [])]:
+        out.append({"desc": desc, "policy": p, "rules": rules, "want": list(TP.batch_limits(f, rules))})
+    try:
+        TP.batch_limits(f, [7])
+    except Exception as exc:
+        assert "no rule 7" in str(exc)
+    out.append({"desc": "rule index out of range", "policy": p, "rules": [7], "wantErr": "no rule 7"})
+    return out
+
+
+# -- aggregate -----------------------------------------------------------------
+
+
+def _votes(*pairs: tuple[int, float]) -> list[dict[str, Any]]:
+    return [{"vote": v, "confidence": c} for v, c in pairs]
+
+
+def aggregate_cases() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def ok(desc: str, sources: list[dict[str, Any]], rule: str, probs: list[float] | None = None) -> None:
+        label, consensus, confidence = TM.aggregate(sources, rule, probs)
+        out.append({"desc": desc, "sources": sources, "rule": rule, "probs": probs,
+                    "want": {"label": label, "consensus": consensus, "confidence": confidence}})
+
+    def err(desc: str, sources: list[dict[str, Any]], rule: str, want_err: str, probs: list[float] | None = None) -> None:
+        try:
+            TM.aggregate(sources, rule, probs)
+        except Exception as exc:
+            assert want_err in str(exc), (desc, str(exc))
+        else:
+            raise AssertionError(f"{desc}: trainer did not raise")
+        out.append({"desc": desc, "sources": sources, "rule": rule, "probs": probs, "wantErr": want_err})
+
+    ok("single voter", _votes((4, 0.8)), "single")
+    ok("single voter with abstainers", _votes((-1, 1.0), (2, 0.3), (-1, 0.0)), "single")
+    ok("majority by confidence, not count", _votes((1, 0.9), (2, 0.4), (2, 0.4)), "majority")
+    ok("majority tie goes to the smaller class", _votes((5, 0.5), (3, 0.5)), "majority")
+    ok("majority confidence is exact sum ratio (0.1+0.2 of 0.1+0.2+0.3)", _votes((0, 0.1), (0, 0.2), (1, 0.3)),
+       "majority")
+    ok("majority with all confidences 0: count decides, confidence 0", _votes((7, 0.0), (7, 0.0), (1, 0.0)),
+       "majority")
+    ok("majority of one", _votes((9, 0.25)), "majority")
+    ok("majority with abstainers excluded from consensus", _votes((2, 1.0), (-1, 1.0), (3, 0.5), (2, 0.5)),
+       "majority")
+    ok("majority with tiny confidences (subnormal exactness)", _votes((0, 5e-324), (1, 5e-324), (1, 5e-324)),
+       "majority")
+    ok("majority consensus 1/3 rounds correctly", _votes((0, 1.0), (1, 0.1), (2, 0.1)), "majority")
+    ok("label-model: argmax of probs", _votes((0, 1.0), (1, 1.0)), "label-model", [0.1, 0.7, 0.2])
+    ok("label-model: tie goes to the first index", _votes((2, 1.0)), "label-model", [0.4, 0.2, 0.4])
+    err("every source abstains", _votes((-1, 1.0), (-1, 0.5)), "majority", "abstain")
+    err("no sources at all", [], "single", "abstain")
+    err("single with two voters", _votes((1, 1.0), (2, 1.0)), "single", "single")
+    err("unknown rule", _votes((1, 1.0)), "plurality", "plurality")
+    err("label-model without probs", _votes((1, 1.0)), "label-model", "label-model")
+    err("label-model with no probabilities", _votes((1, 1.0)), "label-model", "label-model", [])
+    # The trainer refuses these at aggregate(); the verifier's aggregate() does not (its manifest
+    # schema refuses the first three on parsed manifests; probs are not range-checked).
+    err("probs given to a rule other than label-model", _votes((1, 1.0)), "majority", "label-model", [0.2, 0.8])
+    err("confidence above 1", _votes((1, 1.5)), "majority", "confidence")
+    err("vote below -1", _votes((-2, 1.0)), "majority", "vote")
+    err("label-model probability above 1", _votes((1, 1.0)), "label-model", "label-model", [2.0, 0.1])
+    return out
+
+
+# -- order, steps_per_epoch, step_seed -----------------------------------------
+
+
+def order_cases() -> list[dict[str, Any]]:
+    out = []
+    for desc, seed, epoch, count in [("empty dataset", 0, 0, 0), ("one example", 0, 0, 1), ("seed 0 epoch 0", 0, 0, 10),
+                                     ("seed 0 epoch 1 differs", 0, 1, 10), ("seed 1 epoch 0", 1, 0, 10),
+                                     ("large seed (uint64 max)", 2**64 - 1, 3, 12),
+                                     ("count crosses the 1-byte CBOR uint boundary (24)", 42, 0, 30),
+                                     ("epoch 1000", 7, 1000, 16)]:
+        out.append({"desc": desc, "seed": seed, "epoch": epoch, "count": count,
+                    "want": TT.epoch_order(seed, epoch, count)})
+    return out
+
+
+def steps_per_epoch_cases() -> list[dict[str, Any]]:
+    # specs/training.md §2: N // B with drop_last, else ceil(N / B); 0 steps is refused by both sides.
+    out = []
+    for n, b, drop in [(10, 3, False), (10, 3, True), (9, 3, False), (9, 3, True), (1, 4, False), (4, 4, True),
+                       (1000, 7, False), (1000, 7, True)]:
+        out.append({"desc": f"N={n} B={b} drop_last={drop}", "count": n, "batch_size": b, "drop_last": drop,
+                    "want": n // b if drop else -(-n // b)})
+    return out
+
+
+def step_seed_cases() -> list[dict[str, Any]]:
+    out = []
+    for desc, seed, step in [("seed 0 step 0", 0, 0), ("seed 0 step 1", 0, 1), ("seed 1 step 0", 1, 0),
+                             ("step 23/24 CBOR boundary", 5, 23), ("step 24", 5, 24), ("step 65536", 5, 65536),
+                             ("seed 2^32", 2**32, 9), ("seed uint64 max", 2**64 - 1, 2**64 - 1)]:
+        out.append({"desc": desc, "seed": seed, "step": step, "want": str(TT.step_seed(seed, step))})
+    return out
+
+
+# -- tensor_digest, checkpoint_digest --------------------------------------------
+
+_NP = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1",
+       "bool": "?", "int8": "i1"}
+
+
+def _tensor(dtype: str, shape: list[int], data_hex: str) -> torch.Tensor:
+    raw = bytearray(bytes.fromhex(data_hex))
+    if dtype == "bfloat16":
+        return torch.frombuffer(raw, dtype=torch.bfloat16).reshape(shape) if raw else torch.empty(shape, dtype=torch.bfloat16)
+    return torch.from_numpy(np.frombuffer(bytes(raw), dtype=_NP[dtype]).copy().reshape(shape))
+
+
+TENSORS = [
+    ("float32 scalar 1.0", "float32", [], np.array(1.0, "<f4").tobytes().hex()),
+    ("float32 vector", "float32", [3], np.array([0.5, -2.0, 3.25], "<f4").tobytes().hex()),
+    ("float32 2x2", "float32", [2, 2], np.array([[1, 2], [3, 4]], "<f4").tobytes().hex()),
+    ("float32 -0.0 differs from 0.0 by bits", "float32", [1], "00000080"),
+    ("float32 NaN payload kept", "float32", [1], "0100c07f"),
+    ("float64 vector", "float64", [2], np.array([1e-300, 2.5], "<f8").tobytes().hex()),
+    ("float16", "float16", [2], np.array([1.5, -0.25], "<f2").tobytes().hex()),
+    ("bfloat16", "bfloat16", [2], "803f00c0"),
+    ("int64", "int64", [2], np.array([-1, 2**40], "<i8").tobytes().hex()),
+    ("int32 3x1", "int32", [3, 1], np.array([7, 8, 9], "<i4").tobytes().hex()),
+    ("uint8", "uint8", [4], "00017fff"),
+    ("bool", "bool", [3], "010001"),
+    ("empty float32 (0,)", "float32", [0], ""),
+    ("empty float32 (2,0): shape matters", "float32", [2, 0], ""),
+    ("same bytes, other shape", "float32", [1, 3], np.array([0.5, -2.0, 3.25], "<f4").tobytes().hex()),
+]
+
+
+def tensor_cases() -> list[dict[str, Any]]:
+    return [{"desc": d, "dtype": dt, "shape": sh, "data": h, "want": TC.tensor_digest(_tensor(dt, sh, h)).hex()}
+            for d, dt, sh, h in TENSORS]
+
+
+def checkpoint_cases() -> list[dict[str, Any]]:
+    t = {d: (dt, sh, h) for d, dt, sh, h in TENSORS}
+    groups = [
+        ("empty state", {}),
+        ("one tensor", {"w": t["float32 vector"]}),
+        ("two tensors", {"layer.weight": t["float32 2x2"], "layer.bias": t["float32 vector"]}),
+        ("names sort by canonical CBOR (length first)", {"bb": t["int64"], "a": t["bool"], "c": t["uint8"]}),
+        ("optimizer and scalars", {"model.w": t["float32 scalar 1.0"], "optim.state.0.step": t["int64"],
+                                   "gradledger.x": t["bfloat16"]}),
+    ]
+    out = []
+    for desc, tensors in groups:
+        spec = {name: {"dtype": dt, "shape": sh, "data": h} for name, (dt, sh, h) in tensors.items()}
+        digests = {name: TC.tensor_digest(_tensor(dt, sh, h)) for name, (dt, sh, h) in tensors.items()}
+        out.append({"desc": desc, "tensors": spec, "want": TC.checkpoint_digest(digests).hex()})
+    return out
+
+
+# -- band_norm -------------------------------------------------------------------
+
+
+def band_norm_cases() -> list[dict[str, Any]]:
+    from gradledger.training import gate as TG
+
+    out = []
+    groups = [
+        ("no gradients: 0", []),
+        ("one float32 parameter 3-4-5", [("float32", [2], np.array([3, 4], "<f4").tobytes().hex())]),
+        ("two float32 parameters", [("float32", [2], np.array([3, 4], "<f4").tobytes().hex()),
+                                    ("float32", [1], np.array([12], "<f4").tobytes().hex())]),
+        ("float32 norm rounded before float64 L2", [("float32", [3], np.array([0.1, 0.2, 0.3], "<f4").tobytes().hex()),
+                                                    ("float32", [2, 2], np.array([1e-3, 1, 2, 3], "<f4").tobytes().hex())]),
+        ("mixed float64 and float32", [("float64", [2], np.array([1e-200, 1.0], "<f8").tobytes().hex()),
+                                       ("float32", [1], np.array([2.0], "<f4").tobytes().hex())]),
+        ("zeros", [("float32", [4], "00" * 16)]),
+    ]
+    for desc, grads in groups:
+        params = []
+        for dt, sh, h in grads:
+            g = _tensor(dt, sh, h)
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
+            params.append(p)
+        value = float(TG._band_norm(params))
+        out.append({"desc": desc, "grads": [{"dtype": dt, "shape": sh, "data": h} for dt, sh, h in grads],
+                    "want": np.array(value, ">f8").tobytes().hex()})
+    return out
+
+
+def document() -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "notes": [
+            "Generated by specs/vectors/generate_training.py; walked by tests/test_training_vectors.py "
+            "through training/ and verify/_internal/.",
+            "route: sources resolve by name (trainer) or key_id (verifier) to the path in 'sources'; "
+            "path null means no credential. want.limits is batch_limits of that one rule.",
+            "step_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
+            "tensor data is the little-endian C-order bytes in hex; wantErr is a substring of the message.",
+        ],
+        "bands": BANDS,
+        "sources": SOURCES,
+        "route": route_cases(),
+        "batch_limits": batch_limits_cases(),
+        "aggregate": aggregate_cases(),
+        "order": order_cases(),
+        "steps_per_epoch": steps_per_epoch_cases(),
+        "step_seed": step_seed_cases(),
+        "tensor_digest": tensor_cases(),
+        "checkpoint_digest": checkpoint_cases(),
+        "band_norm": band_norm_cases(),
+    }
+
+
+def render() -> str:
+    return json.dumps(document(), indent=1, sort_keys=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if OUT.read_text(encoding="utf-8") != text:
+            print(f"{OUT} is stale: run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

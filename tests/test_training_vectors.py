@@ -1,0 +1,225 @@
+"""specs/vectors/training-v1.json walked through both twins: the trainer's (training/) and the
+verifier's (verify/_internal/).
+
+Why: the verifier re-implements routing, batch limits, aggregation, epoch order, step seeds,
+tensor/checkpoint digests and band norms on purpose (it must not import the trainer). Each case
+goes through both, and both must give the file's ``want`` or raise with ``wantErr`` in the
+message; the file is never regenerated here (only compared with the generator's output).
+Twin names differ: ``policy.route`` / ``routing.route_example`` (+ ``first_match``),
+``policy.REVIEW_STATES`` / ``routing.REVIEWS``, ``PolicyError``/``ManifestError`` /
+``PolicyInvalid``/``Unroutable``/``ManifestInvalid``, ``gate._band_norm(params)`` /
+``replay._band_norm(grads)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from gradledger.training import checkpoints as TC
+from gradledger.training import gate as TG
+from gradledger.training import manifests as TM
+from gradledger.training import policy as TP
+from gradledger.training import trainer as TT
+from gradledger.verify._internal import checkpoint as VC
+from gradledger.verify._internal import manifests as VM
+from gradledger.verify._internal import replay as VP
+from gradledger.verify._internal import routing as VR
+from gradledger.verify._internal import settings as VS
+
+VECTORS_DIR = Path(__file__).resolve().parents[1] / "specs" / "vectors"
+VECTORS: dict[str, Any] = json.loads((VECTORS_DIR / "training-v1.json").read_text(encoding="utf-8"))
+SOURCES: dict[str, dict[str, Any]] = VECTORS["sources"]
+NP = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1",
+      "bool": "?", "int8": "i1"}
+
+
+def ids(section: str) -> list[str]:
+    return [c["desc"] for c in VECTORS[section]]
+
+
+def cases(section: str) -> list[dict[str, Any]]:
+    return VECTORS[section]
+
+
+def expect(case: dict[str, Any], side: str, call: Callable[[], Any]) -> Any:
+    """``call()``'s value, or None after checking it raised with ``wantErr`` when the case wants one."""
+    if "wantErr" in case:
+        with pytest.raises(Exception) as info:
+            call()
+        assert case["wantErr"] in str(info.value), f"{side}: {info.value!r}"
+        return None
+    return call()
+
+
+def tensor(spec: dict[str, Any]) -> torch.Tensor:
+    raw = bytes.fromhex(spec["data"])
+    if spec["dtype"] == "bfloat16":
+        if not raw:
+            return torch.empty(spec["shape"], dtype=torch.bfloat16)
+        return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(spec["shape"])
+    return torch.from_numpy(np.frombuffer(raw, dtype=NP[spec["dtype"]]).copy().reshape(spec["shape"]))
+
+
+def policy_fields(policy: dict[str, Any]) -> dict[str, Any]:
+    return {**policy, "signer": bytes.fromhex(policy["signer"])}
+
+
+def test_format() -> None:
+    assert VECTORS["format"] == "gradledger-training-vectors/1"
+    assert all(len(VECTORS[s]) >= 5 for s in ("route", "aggregate", "order", "step_seed", "tensor_digest"))
+
+
+def test_generator_reproduces_the_file() -> None:
+    spec = importlib.util.spec_from_file_location("generate_training", VECTORS_DIR / "generate_training.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.render() == (VECTORS_DIR / "training-v1.json").read_text(encoding="utf-8")
+
+
+# -- route and batch limits ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("route"), ids=ids("route"))
+def test_route_trainer(case: dict[str, Any]) -> None:
+    paths = {name: s["path"] for name, s in SOURCES.items() if s["path"] is not None}
+    fields = policy_fields(case["policy"])
+
+    def run() -> dict[str, Any]:
+        r = TP.route(fields, case["manifest"], paths)
+        return {"rule": r.rule, "name": r.name, "profile": list(r.profile),
+                "limits": list(TP.batch_limits(fields, [r.rule]))}
+
+    got = expect(case, "trainer", run)
+    if "want" in case:
+        assert got == case["want"]
+
+
+@pytest.mark.parametrize("case", cases("route"), ids=ids("route"))
+def test_route_verifier(case: dict[str, Any]) -> None:
+    by_key = {bytes.fromhex(s["key_id"]): s["path"] for s in SOURCES.values() if s["path"] is not None}
+    manifest = {**case["manifest"],
+                "sources": [{**e, "key_id": bytes.fromhex(e["key_id"])} for e in case["manifest"]["sources"]]}
+
+    def run() -> dict[str, Any]:
+        policy = VR.policy_from_fields(policy_fields(case["policy"]))
+        r = VR.route_example(policy, manifest, by_key.__getitem__)
+        name = "default" if r.rule == VR.DEFAULT else policy.rules[r.rule].name
+        return {"rule": r.rule, "name": name, "profile": list(r.profile),
+                "limits": list(VR.batch_limits(policy, [r.rule]))}
+
+    got = expect(case, "verifier", run)
+    if "want" in case:
+        assert got == case["want"]
+
+
+@pytest.mark.parametrize("case", cases("batch_limits"), ids=ids("batch_limits"))
+def test_batch_limits_both(case: dict[str, Any]) -> None:
+    fields = policy_fields(case["policy"])
+    t = expect(case, "trainer", lambda: list(TP.batch_limits(fields, case["rules"])))
+    v = expect(case, "verifier", lambda: list(VR.batch_limits(VR.policy_from_fields(fields), case["rules"])))
+    if "want" in case:
+        assert t == case["want"] and v == case["want"]
+
+
+# -- aggregate -------------------------------------------------------------------------------
+
+
+def _bits(x: float) -> str:
+    return struct.pack(">d", x).hex()
+
+
+# Known disagreement (reported, not fixed here): verify/_internal/manifests.aggregate does not
+# range-check votes, confidences or probs, nor refuse probs under another rule; the verifier
+# relies on its manifest schema for the first two. Strict: a fix on either side shows up here.
+VERIFIER_DIVERGES = {"probs given to a rule other than label-model", "confidence above 1", "vote below -1",
+                     "label-model probability above 1"}
+
+
+def _aggregate_params() -> list[Any]:
+    out = []
+    for case in cases("aggregate"):
+        for side in ("trainer", "verifier"):
+            marks = ([pytest.mark.xfail(strict=True, reason="verifier aggregate() does not refuse this")]
+                     if side == "verifier" and case["desc"] in VERIFIER_DIVERGES else [])
+            out.append(pytest.param(case, side, marks=marks, id=f"{side}-{case['desc']}"))
+    return out
+
+
+@pytest.mark.parametrize(("case", "side"), _aggregate_params())
+def test_aggregate(case: dict[str, Any], side: str) -> None:
+    fn = TM.aggregate if side == "trainer" else VM.aggregate
+    got = expect(case, side, lambda: fn(case["sources"], case["rule"], case["probs"]))
+    if "want" in case:
+        label, consensus, confidence = got
+        want = case["want"]
+        assert label == want["label"]
+        # Exact bits: aggregation is evidence, a last-bit difference would reroute an example.
+        assert _bits(float(consensus)) == _bits(want["consensus"])
+        assert _bits(float(confidence)) == _bits(want["confidence"])
+
+
+# -- order, steps per epoch, step seeds --------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("order"), ids=ids("order"))
+def test_order_both(case: dict[str, Any]) -> None:
+    args = (case["seed"], case["epoch"], case["count"])
+    assert TT.epoch_order(*args) == case["want"]
+    assert VS.epoch_order(*args) == case["want"]
+    assert sorted(case["want"]) == list(range(case["count"]))
+
+
+@pytest.mark.parametrize("case", cases("steps_per_epoch"), ids=ids("steps_per_epoch"))
+def test_steps_per_epoch(case: dict[str, Any]) -> None:
+    # Neither twin exposes this as a function (Trainer's run state; settings' check); the file pins
+    # specs/training.md §2's formula for a third implementation.
+    n, b = case["count"], case["batch_size"]
+    assert case["want"] == (n // b if case["drop_last"] else (n + b - 1) // b)
+
+
+@pytest.mark.parametrize("case", cases("step_seed"), ids=ids("step_seed"))
+def test_step_seed_both(case: dict[str, Any]) -> None:
+    want = int(case["want"])
+    assert 0 <= want < 1 << 64
+    assert TT.step_seed(case["seed"], case["step"]) == want
+    assert VS.step_seed(case["seed"], case["step"]) == want
+
+
+# -- digests and band norms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("tensor_digest"), ids=ids("tensor_digest"))
+def test_tensor_digest_both(case: dict[str, Any]) -> None:
+    t = tensor(case)
+    assert TC.tensor_digest(t).hex() == case["want"]
+    assert VC.tensor_digest(t).hex() == case["want"]
+
+
+@pytest.mark.parametrize("case", cases("checkpoint_digest"), ids=ids("checkpoint_digest"))
+def test_checkpoint_digest_both(case: dict[str, Any]) -> None:
+    tensors = {name: tensor(spec) for name, spec in case["tensors"].items()}
+    trainer = TC.checkpoint_digest({name: TC.tensor_digest(t) for name, t in tensors.items()})
+    _, verifier = VC.digest_state(tensors)
+    assert trainer.hex() == case["want"]
+    assert verifier.hex() == case["want"]
+
+
+@pytest.mark.parametrize("case", cases("band_norm"), ids=ids("band_norm"))
+def test_band_norm_both(case: dict[str, Any]) -> None:
+    grads = [tensor(g) for g in case["grads"]]
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        params.append(p)
+    assert struct.pack(">d", float(TG._band_norm(params))).hex() == case["want"]
+    assert struct.pack(">d", float(VP._band_norm(grads))).hex() == case["want"]
