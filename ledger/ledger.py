@@ -8,6 +8,8 @@ that was committed and leaves nothing half-written (specs/storage.md).
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import hashlib
 import os
@@ -38,6 +40,10 @@ from .store import Store, from_u64, name_key, node_key, u64
 
 LOCK_FILE = "writer.lock"
 DEFAULT_GROUP = 64
+
+
+#: A group size no run reaches: inside ``deferred()`` only an explicit commit writes.
+_NEVER = 1 << 62
 
 
 class Ledger:
@@ -243,6 +249,26 @@ class Ledger:
     def _discard(self) -> None:
         self._pending = []
         self._working = None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator["Ledger"]:
+        """Commit only when told (``commit()``, ``tree_head()``): what is appended inside stays pending.
+
+        The training commit discipline (specs/training.md §1): a run's records between two
+        checkpoints are committed with the next checkpoint's tree head, so a crash leaves the log
+        at a checkpoint. On an exception the pending records are discarded, never half-committed;
+        on a normal exit they stay pending for the caller's next commit. The group size is
+        restored either way.
+        """
+        saved = self.group
+        self.group = _NEVER
+        try:
+            yield self
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            self.group = saved
 
     def tree_head(self, key: SigningKey) -> Sealed:
         """Append and commit a signed tree head for the log as it stands now."""

@@ -133,6 +133,7 @@ TYPES: dict[str, ObservationType] = {
                 optimizer=(any_value, False),
                 seeds=(any_value, False),
                 routing=(any_value, False),
+                recipe=(any_value, False),
             ),
             frozenset({"trainer"}),
             _governed_update_keys,

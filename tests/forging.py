@@ -510,7 +510,9 @@ def _perturb(scale: float, name: str | None = None) -> Callable[[dict[str, Any]]
 
 def _set_tensor(name: str, value: float) -> Callable[[dict[str, Any]], None]:
     def change(tensors: dict[str, Any]) -> None:
-        tensors[name] = tensors[name].new_full((), value)
+        import torch
+
+        tensors[name] = tensors[name].new_full((), value) if name in tensors else torch.tensor(value, dtype=torch.float64)
     return change
 
 
@@ -677,7 +679,9 @@ def _checkpoints(f: Forge, at: Layout, add: Add) -> None:
     add("Checkpoint.tensors: an entry removed", "Checkpoint", lambda g: g.delete(mid, ("tensors", first_tensor)))
     add("Checkpoint.tensors: an entry added", "Checkpoint", lambda g: g.set(mid, ("tensors", "model.extra"), bytes(32)))
     add("Checkpoint: a middle checkpoint record deleted", "Checkpoint", lambda g: g.remove(mid) and None)
-    add("Checkpoint: optimizer lr tensor 0.02, digests re-derived", "Checkpoint",
+    add("Checkpoint: optimizer weight_decay tensor 0.02, digests re-derived", "Checkpoint",
+        lambda g: rewrite_checkpoint(g, mid, _set_tensor("optim.group.0.weight_decay", 0.02)))
+    add("Checkpoint: an lr tensor added (format 2 checkpoints carry none), digests re-derived", "Checkpoint",
         lambda g: rewrite_checkpoint(g, mid, _set_tensor("optim.group.0.lr", 0.02)))
     for label, seqs_ in (("", ckpts), ("branch ", branch_ckpts)):
         for i, c in enumerate(seqs_):
@@ -875,8 +879,7 @@ def lr_catalogue(f: Forge) -> list[Forgery]:
             g.edit(k, lambda b: [grp.__setitem__("lr", 0.01) for grp in b["settings"]["optimizer"]["groups"]])
         for k in g.seqs("GovernedUpdate"):
             g.edit(k, _all_lr(0.01))
-        for k in g.seqs("Checkpoint"):
-            rewrite_checkpoint(g, k, _set_tensor("optim.group.0.lr", 0.01))
+        # Format 2 checkpoints carry no lr (each step records its own): nothing there to rewrite.
 
     def steps_only(g: Forge) -> None:
         for k in g.seqs("GovernedUpdate"):

@@ -224,6 +224,20 @@ def test_unlearn_refuses_a_run_whose_program_is_hostile(tmp_path: Path, monkeypa
     monkeypatch.setattr(Governance, "_export",
                         lambda self, model, probe: hostile(kind, honest_export(self, model, probe), marker, {}))
     before = torch.are_deterministic_algorithms_enabled()
+    from gradledger.training.recorder import StepRefused
+
+    # The trainer reads its own program back with the strict loader at its first step, so it refuses it
+    # there, and nothing of the payload runs.
+    led, ds = U.new_ledger(tmp_path / "refused", U.MANIFESTS, U.X)
+    try:
+        with pytest.raises(StepRefused, match="program"):
+            U.governed_run(led, ds, U.X)
+        assert not marker.exists()
+    finally:
+        led.close()
+        torch.use_deterministic_algorithms(before)
+    # A trainer that skips that check records the run; `gradledger unlearn` must refuse it all the same.
+    monkeypatch.setattr(Governance, "self_check", lambda self, micros, recipe: None)
     led, ds = U.new_ledger(tmp_path / "ledger", U.MANIFESTS, U.X)
     try:
         U.governed_run(led, ds, U.X)

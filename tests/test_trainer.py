@@ -187,7 +187,9 @@ def test_checkpoints_every_k_with_tree_heads(run_a: Ledger) -> None:
         body = led.observation(s).body
         tensors, _ = read_checkpoint(led.artifact(body["artifact"]), body)
         assert body["digest"] == checkpoint_digest({n: tensor_digest(t) for n, t in tensors.items()})
-        assert "model.0.weight" in tensors and "optim.group.0.lr" in tensors
+        # Format 2: the hyper-parameters every step records (lr, momentum) are not checkpointed; fixed ones are.
+        assert "model.0.weight" in tensors and "optim.group.0.nesterov" in tensors
+        assert "optim.group.0.lr" not in tensors and "optim.group.0.momentum" not in tensors
     last = led.observation(seqs[-1]).body
     assert "optim.state.0.momentum_buffer" in last["tensors"]
     assert led.observation(led.size - 1).type == "TreeHead"

@@ -134,6 +134,11 @@ def test_a_value_recorded_everywhere_but_the_checkpoint_fails_naming_it(
     assert _run_settings(items)["optimizer"]["groups"][0][key] == trained
     _record_everywhere(items, key, recorded)
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), source.arts)))
+    if key in ("lr", "momentum"):
+        # Format 2: each step states its own lr and momentum and no checkpoint carries them
+        # (specs/training.md §4): replay uses the recorded value and the first update differs.
+        assert (name, seq, step) == ("replay", _seqs(items, "GovernedUpdate")[0], 0) and "norm" in detail
+        return
     first_checkpoint = _seqs(items, "Checkpoint")[0]
     assert (name, seq, step) == ("replay", first_checkpoint, 0)
     assert f"optim.group.0.{key}" in detail and repr(recorded) in detail and repr(trained) in detail
@@ -192,11 +197,11 @@ def _rewrite_group_state(items: list[Item], arts: dict[bytes, bytes], key: str, 
 
 
 def test_a_forger_who_also_rewrites_the_checkpoints_fails_at_the_first_update(runs: dict[str, ListSource]) -> None:
-    # Every record and every checkpoint now says 0.01; the weights were trained with 0.05.
+    # Every record and every checkpoint now says weight decay 0.0; the weights were trained with 1e-3.
     source = runs["sgd-nesterov"]
     items, arts = items_of(source.recs), dict(source.arts)
-    _record_everywhere(items, "lr", 0.01)
-    _rewrite_group_state(items, arts, "lr", 0.01)
+    _record_everywhere(items, "weight_decay", 0.0)
+    _rewrite_group_state(items, arts, "weight_decay", 0.0)
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), arts)))
     assert (name, seq, step) == ("replay", _seqs(items, "GovernedUpdate")[0], 0) and "update norm" in detail
 
@@ -208,6 +213,16 @@ def test_a_checkpoint_that_carries_an_unrecorded_hyper_parameter_fails(runs: dic
     name, seq, step, detail = _failure(verify(ListSource(reseal(items), arts)))
     assert (name, seq, step) == ("replay", _seqs(items, "Checkpoint")[0], 0)
     assert "optim.group.0.initial_lr" in detail and "does not state" in detail
+
+
+def test_a_checkpoint_that_carries_a_per_step_hyper_parameter_fails(runs: dict[str, ListSource]) -> None:
+    # Format 2 checkpoints leave lr to the steps: one that carries it could steer a resume.
+    source = runs["sgd-nesterov"]
+    items, arts = items_of(source.recs), dict(source.arts)
+    _rewrite_group_state(items, arts, "lr", 0.05)
+    name, seq, step, detail = _failure(verify(ListSource(reseal(items), arts)))
+    assert (name, seq, step) == ("replay", _seqs(items, "Checkpoint")[0], 0)
+    assert "optim.group.0.lr" in detail and "format-2" in detail
 
 
 # -- the record's own consistency, over random edits -------------------------------------------
@@ -238,7 +253,7 @@ def test_any_changed_group_value_is_named(data: st.DataObject) -> None:
 # -- the trainer refuses what it could not record -----------------------------------------------
 
 
-def test_the_trainer_refuses_a_changed_learning_rate_mid_run(tmp_path: Path) -> None:
+def test_the_trainer_refuses_a_changed_fixed_hyper_parameter_mid_run(tmp_path: Path) -> None:
     before = torch.are_deterministic_algorithms_enabled()
     led, ds = new_ledger(tmp_path / "ledger")
     model = make_model()
@@ -249,7 +264,7 @@ def test_the_trainer_refuses_a_changed_learning_rate_mid_run(tmp_path: Path) -> 
         batches = iter(gloader)
         for step in range(2):
             if step == 1:
-                opt.param_groups[0]["lr"] = 0.5
+                opt.param_groups[0]["weight_decay"] = 0.5  # lr may change (a schedule); weight decay may not
             batch = next(batches)
             gopt.zero_grad()
             engine.criterion(gm(batch), batch.labels).backward()
@@ -269,10 +284,11 @@ def test_the_trainer_refuses_an_unrecordable_group_key(tmp_path: Path) -> None:
     led, ds = new_ledger(tmp_path / "ledger")
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # adds initial_lr to every group
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # initial_lr: a scheduler's own, accepted
+    opt.param_groups[0]["mystery"] = 0.5  # a number no record could state
     engine = engine_for(led, ds, model)
     try:
-        with pytest.raises(GovernanceError, match="initial_lr"):
+        with pytest.raises(GovernanceError, match="mystery"):
             engine.make_governed(model, opt, DataLoader(TensorDataset(X, Y), batch_size=32))
     finally:
         led.close()
@@ -301,9 +317,9 @@ def test_replay_itself_refuses_a_step_that_states_other_values(run: Any) -> None
     led, obs = run
     seq = led.by_type("GovernedUpdate")[4]
     groups = [dict(g) for g in obs[seq].body["optimizer"]["groups"]]
-    groups[0]["lr"] = groups[0]["lr"] / 5
-    bad = _tampered(obs, seq, {"optimizer": {"name": "sgd", "groups": groups}, "lr": groups[0]["lr"]})
+    groups[0]["nesterov"] = not groups[0]["nesterov"]  # a fixed one: lr may vary per step in format 2
+    bad = _tampered(obs, seq, {"optimizer": {"name": "sgd", "groups": groups}})
     results = run_jobs(iter_jobs(contexts_of(bad, led), plan_segments(bad)), str(led.path), led.artifact, exact=True)
     failed = [r for r in results if not r.ok]
     assert len(failed) == 1 and (failed[0].seq, failed[0].step) == (seq, 4)
-    assert "optimizer.groups[0].lr" in failed[0].reason
+    assert "optimizer.groups[0].nesterov" in failed[0].reason

@@ -64,7 +64,7 @@ def _scalar_tensor(value: Any) -> tuple[Tensor, str] | None:
 
 
 def flatten_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, copy: bool = True
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, copy: bool = True, skip_group_keys: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Deterministically named tensors of the model and optimizer state, and which were Python scalars.
 
@@ -96,7 +96,7 @@ def flatten_state(
             put(f"optim.state.{index}.{key}", value)
     for g, group in enumerate(state["param_groups"]):
         for key, value in group.items():
-            if key != "params":
+            if key != "params" and key not in skip_group_keys:
                 put(f"optim.group.{g}.{key}", value)
     if not copy:
         _unshare(tensors)
@@ -172,10 +172,11 @@ class CheckpointData:
         return {"step": self.step, "digest": self.digest, "tensors": dict(self.digests), "artifact": artifact}
 
 
-def make_checkpoint(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> CheckpointData:
+def make_checkpoint(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    skip_group_keys: frozenset[str] = frozenset()) -> CheckpointData:
     # The live state is digested and serialized in place (no snapshot copy); the checkpoint's
     # tensors are then read back from the artifact bytes on demand.
-    tensors, scalars = flatten_state(model, optimizer, copy=False)
+    tensors, scalars = flatten_state(model, optimizer, copy=False, skip_group_keys=skip_group_keys)
     digests = {name: tensor_digest(t) for name, t in tensors.items()}
     data = st_save(tensors, metadata={SCALARS_KEY: json.dumps(scalars, sort_keys=True)})
     del tensors

@@ -87,13 +87,19 @@ def routing_ratios(profiles: Tensor) -> Tensor:
 def mix(a: Tensor, r: Tensor) -> Tensor:
     """Per-example gradient scaling with an exact forward: value ``a``, gradient ``r`` times upstream.
 
-    ``r`` has shape [B] and broadcasts over every dim of ``a`` but the first.
+    ``r`` has shape [B] and broadcasts over every dim of ``a`` but the first. The result has the wider
+    dtype of ``a`` and ``r`` (its value is ``a``'s, exactly).
     """
     if a.dim() == 0 or a.shape[0] != r.shape[0]:
         raise BandError(
             f"a routed activation must have the batch as its first dim ({r.shape[0]}), got shape {list(a.shape)}"
         )
-    r = r.to(a.dtype).reshape((r.shape[0],) + (1,) * (a.dim() - 1))
+    # The wider of the two dtypes (specs/routing.md §3.2): a float64 model mixes in float64; under
+    # autocast a bfloat16 value is mixed by a float32 ratio and comes out float32, exactly what the
+    # exported program does, whose traced cast of ``r`` is fixed at the float32 it was traced with.
+    # (Chosen by width in Python: torch.promote_types would be traced into the program as an op.)
+    wide = a.dtype if a.dtype.itemsize >= r.dtype.itemsize else r.dtype
+    r = r.to(wide).reshape((r.shape[0],) + (1,) * (a.dim() - 1))
     d = a.detach()
     return d + r * (a - d)
 
@@ -109,6 +115,9 @@ def _mix_tree(obj: Any, r: Tensor) -> Any:
         return [_mix_tree(o, r) for o in obj]
     if type(obj) is dict:
         return {k: _mix_tree(v, r) for k, v in obj.items()}
+    if isinstance(obj, dict):
+        # A HuggingFace ModelOutput (an OrderedDict subclass that rebuilds from keyword arguments).
+        return type(obj)(**{k: _mix_tree(v, r) for k, v in obj.items()})
     if obj is None or isinstance(obj, (int, float, bool, str)):
         return obj
     raise BandError(f"cannot route a module output of type {type(obj).__name__}")

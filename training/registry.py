@@ -84,19 +84,37 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 IMPLIED: dict[str, dict[str, Any]] = {"adamw": {"decoupled_weight_decay": True}}
 
 
+#: Format 2: the hyper-parameters a step may change (an LR scheduler, a momentum cycle). Each
+#: GovernedUpdate records them and replay sets them before the step; every other one is fixed for
+#: the run (specs/training.md §6).
+VARYING: frozenset[str] = frozenset({"lr", "momentum", "betas"})
+#: What torch's LR schedulers keep in a param group for themselves. ``optimizer.step()`` never reads
+#: them, so they change no arithmetic: neither recorded nor checkpointed.
+SCHEDULER_KEYS: frozenset[str] = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum",
+                                            "base_momentum"})
+
+
+def checkpoint_skips(optimizer: torch.optim.Optimizer) -> frozenset[str]:
+    """The param-group keys a format-2 checkpoint leaves out: the per-step ones and every key the
+    registry does not name for this optimizer (a scheduler's bookkeeping)."""
+    _, keys = OPTIMIZERS[optimizer_name(optimizer)]
+    present = {k for g in optimizer.param_groups for k in g if k != "params"}
+    return frozenset(VARYING | (present - set(keys) - set(IMPLIED.get(optimizer_name(optimizer), {}))))
+
+
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Per parameter group, the registry's hyper-parameters as plain values, in group order.
 
-    A group holding a number, flag or tensor under any other key (a scheduler's ``initial_lr``,
-    a setting of a newer torch) is refused: the checkpoint would carry a hyper-parameter that
-    the record does not state, and the verifier refuses that (specs/replay.md §3).
+    A scheduler's bookkeeping (``SCHEDULER_KEYS``) is left out: the optimizer never reads it. A group
+    holding a number, flag or tensor under any other key (a setting of a newer torch) is refused:
+    it may change the arithmetic, and no record would state it (specs/replay.md §3).
     """
     name = optimizer_name(optimizer)
     _, keys = OPTIMIZERS[name]
     implied = IMPLIED.get(name, {})
     for g, group in enumerate(optimizer.param_groups):
         for k, v in group.items():
-            if k in keys or k == "params" or not isinstance(v, (bool, int, float, Tensor)):
+            if k in keys or k == "params" or k in SCHEDULER_KEYS or not isinstance(v, (bool, int, float, Tensor)):
                 continue
             if k not in implied or _plain(v) != implied[k]:
                 raise GovernanceError(
@@ -132,6 +150,9 @@ def build_optimizer(description: Mapping[str, Any], groups: Iterable[Iterable[nn
 __all__ = [
     "IMPLIED",
     "LOSSES",
+    "SCHEDULER_KEYS",
+    "VARYING",
+    "checkpoint_skips",
     "OPTIMIZERS",
     "build_optimizer",
     "describe_optimizer",

@@ -1,25 +1,31 @@
-"""Governed training: wrap a user's model, optimizer and loader so that every step is routed by the
-signed policy and recorded in the ledger (specs/training.md is the normative twin).
+"""Governed training: the user's model, optimizer and loader, governed so that every optimizer step is
+routed by the signed policy and recorded in the ledger (specs/training.md is the normative twin).
 
-A few lines govern an existing loop, the way Opacus's ``make_private`` does::
+The user's loop runs as written, the way it does after Opacus's ``make_private``::
 
     engine = Governance(ledger, trainer_key, dataset=ds, policy=sp, layout=layout, run_id="r1")
     model, optimizer, loader = engine.make_governed(model, optimizer, loader)
-    for batch in loader:
+    for x, y in loader:
         optimizer.zero_grad()
-        loss = engine.criterion(model(batch), batch.labels)
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
-        optimizer.step()          # clip per band, step, measure, append one GovernedUpdate
+        optimizer.step()          # the optimizer's own step, observed by hooks: recorded or refused
     engine.close()                # final checkpoint and signed tree head
+
+``optimizer`` is the user's own object (an LR scheduler built on it works); ``model`` routes each
+example's gradient by depth; ``loader`` yields the committed batches as ``(inputs, labels)``, the
+labels being the manifests'. What a step did (its micro-batches, loss scaling, clip, autocast,
+hyper-parameters) is found by ``recorder.StepRecorder``; this module holds the run: its plan
+(data, routing tables), its records and its checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,56 +35,37 @@ from gradledger.ledger import encoding
 from gradledger.ledger.errors import CredentialError
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
+from gradledger.ledger.program import ProgramError, ProgramModule, load_program
 
+from . import clipping
 from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import CheckpointData, make_checkpoint, read_checkpoint, restore
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
-from .gate import GatedModel, _l2_of_norms, batch_statistics_module, check_routing, clip_bands, export_gated, routing_ratios, validate_profiles
+from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
 from .manifests import example_id
+from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
-from .registry import describe_optimizer, loss_function, optimizer_name
+from .recorder import Micro, StepRecorder, StepRefused, autocast, float_leaves
+from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
 
-ORDER_DOMAIN = "gradledger/order/v1"
-STEP_SEED_DOMAIN = "gradledger/step-seed/v1"
-#: Observations stay pending between checkpoints, so a crash leaves the log at a checkpoint.
+#: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
+#: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order.
+FORMAT = 2
+#: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
+#: order, or explicit batches), or the user loader's sampler, recorded step by step.
+ORDERS = (ORDER_DOMAIN, "explicit", "loader")
+#: Kept for unlearning, which takes over the ledger's commit policy the same way.
 _NO_AUTOCOMMIT = 1 << 62
-
-
-# -- the recorded, seeded data order and per-step seeds -------------------------------------
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The torch seed set before step ``step``'s forward: first 8 bytes (big-endian) of
-    SHA-256(CBOR ["gradledger/step-seed/v1", seed, step])."""
-    return int.from_bytes(hashlib.sha256(encoding.encode([STEP_SEED_DOMAIN, seed, step])).digest()[:8], "big")
-
-
-def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
-    """Indices 0..count-1 sorted by SHA-256(CBOR ["gradledger/order/v1", seed, epoch, i]).
-
-    A hash sort rather than torch.randperm: any verifier reproduces it without torch.
-    """
-    prefix = encoding.encode([ORDER_DOMAIN, seed, epoch, 0])[:-1]  # CBOR of the list without its last item
-    sha256 = hashlib.sha256
-    keys = [sha256(prefix + item).digest() for item in _uint_encodings(count)]
-    return sorted(range(count), key=keys.__getitem__)
-
-
-_UINT_CBOR: list[bytes] = []
-
-
-def _uint_encodings(count: int) -> list[bytes]:
-    """CBOR of 0 .. count-1, computed once per index for the process (every epoch needs them)."""
-    if len(_UINT_CBOR) < count:
-        _UINT_CBOR.extend(encoding.encode(i) for i in range(len(_UINT_CBOR), count))
-    return _UINT_CBOR[:count] if len(_UINT_CBOR) > count else _UINT_CBOR
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One governed batch: inputs from the user's dataset, labels and routing from the manifests."""
+    """One governed batch: inputs from the user's dataset, labels and routing from the manifests.
+
+    Unpacks as ``x, y = batch`` (inputs, labels), so a loop written for ``(x, y)`` batches runs as is.
+    """
 
     step: int
     indices: list[int]
@@ -91,105 +78,84 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.inputs, self.labels))
+
 
 def _input_of(item: Any) -> Any:
     # (x, y) pairs are common; the label half is ignored: labels come from the manifests.
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-# -- the wrappers ------------------------------------------------------------------------
+# -- the user's model and loader, governed ---------------------------------------------------
 
 
 class GovernedModel(GatedModel):
-    """The gate, bound to an engine: ``model(batch)`` or ``model(batch.inputs, batch.profiles)``.
+    """The gate around the user's model, bound to a run.
 
-    In training mode a forward needs the batch just drawn from the governed loader, and sets
-    the step's torch seed first so dropout replays. In eval mode it is the plain gate.
+    In training mode each forward must be of the batch the governed loader drew last: ``model(x)``
+    (or ``model(batch)``); the routing profiles come from that batch. In eval mode it is the plain
+    model (``model(x)``) or the gate (``model(x, profiles)``).
     """
 
-    def __init__(self, model: nn.Module, bands: ResolvedBands, engine: "Governance") -> None:
+    def __init__(self, model: nn.Module, bands: ResolvedBands, run: "Governance") -> None:
         super().__init__(model, bands)
-        object.__setattr__(self, "_engine", engine)  # not a submodule, not in state_dict
+        object.__setattr__(self, "run", run)  # not a submodule, not in state_dict
 
     def train(self, mode: bool = True) -> "GovernedModel":
         """Training mode puts every module of the model back in the mode the program was exported
         with (a BatchNorm kept in eval mode stays there): replay runs that program."""
         super().train(mode)
         if mode:
-            for name, m in self.model.named_modules():
-                m.training = self._engine.exported_modes.get(name, m.training)
+            self.run.restore_modes(self.model)
         return self
 
     def forward(self, x: Any, profiles: Tensor | None = None) -> Any:
-        batch = None
-        if isinstance(x, Batch):
-            if profiles is not None:
-                raise GovernanceError("pass either a Batch or (inputs, profiles), not both")
-            batch, x, profiles = x, x.inputs, x.profiles
-        if profiles is None:
-            raise GovernanceError("the governed model needs the batch's routing profiles")
-        if self.training:
-            # The batch's profiles are rows of the table validated at setup (checked equal here),
-            # so the gate takes the precomputed ratio rows instead of validating per forward.
-            ratios = self._engine._before_forward(x, profiles, batch)
-            n = len(self.bands)
-            if profiles.dim() != 2 or profiles.shape[1] != n:
-                raise GovernanceError(f"profiles must have shape [batch, {n}], got {list(profiles.shape)}")
-            out = self._run(x, ratios)
-            self._engine._output = out
-            return out
-        return super().forward(x, profiles)
-
-
-class GovernedOptimizer:
-    """Wraps the user's optimizer; ``step()`` clips per band, steps, measures and records."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, engine: "Governance") -> None:
-        self.original = optimizer
-        self._engine = engine
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.original.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.original.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Callable[[], Any] | None = None) -> None:
-        if closure is not None:
-            # A closure re-evaluates the loss inside step(): one governed step is one forward.
-            raise GovernanceError("governed optimizers take no closure")
-        self._engine._step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.original.state_dict()
+        if not self.training:
+            if isinstance(x, Batch):
+                x, profiles = x.inputs, x.profiles
+            return self.model(x) if profiles is None else super().forward(x, profiles)
+        micro = self.run.forward_of(x, profiles)
+        recorder = self.run.recorder
+        recorder.before_forward(micro)
+        out = self._run(micro.batch.inputs, self.run.ratios_of(micro.batch))
+        return recorder.after_forward(micro, out)
 
 
 class GovernedLoader:
-    """Yields the committed data order as Batches, one epoch per iteration, from the engine's step."""
+    """Yields the run's batches as ``Batch`` (``x, y = batch``), one epoch per iteration."""
 
-    def __init__(self, engine: "Governance") -> None:
-        self._engine = engine
+    def __init__(self, run: "Governance") -> None:
+        self.run = run
 
     def __len__(self) -> int:
-        return self._engine.steps_per_epoch
+        return self.run.steps_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        engine = self._engine
-        epoch = engine.step // engine.steps_per_epoch
-        last: Batch | None = None
-        while not engine.closed and engine.step // engine.steps_per_epoch == epoch:
-            if last is not None and last.step == engine.step:
-                raise GovernanceError(f"batch for step {last.step} drawn twice: call optimizer.step() once per batch")
-            last = engine._draw()
-            yield last
+        run = self.run
+        if run.order == "loader":
+            for indices in run.sampler_epoch():
+                if run.closed:
+                    return
+                yield run.draw(indices)
+            return
+        epoch = run.drawn // run.steps_per_epoch
+        while not run.closed and run.drawn // run.steps_per_epoch == epoch:
+            yield run.draw()
 
 
-# -- the engine --------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------------------
 
 
 class Governance:
-    """Governs one training run in ``ledger`` under ``policy``, signing with the trainer ``key``."""
+    """Governs one training run in ``ledger`` under ``policy``, signing with the trainer ``key``.
+
+    ``loss`` names the loss the run records (specs/training.md §6); the user's loop may compute it
+    any way that gives the same gradient (``F.cross_entropy``, ``nn.CrossEntropyLoss()``, divided
+    by the number of accumulated micro-batches). ``order``: ``"committed"`` (the seeded hash order,
+    fixed before training), ``"loader"`` (the loader's own sampler, e.g. ``shuffle=True``, recorded
+    step by step), or given ``batches``.
+    """
 
     def __init__(
         self,
@@ -206,6 +172,7 @@ class Governance:
         seed: int = 0,
         root_key: SigningKey | None = None,
         batches: Sequence[Sequence[int]] | None = None,
+        order: str = "committed",
         check_examples: bool = True,
         description: str | None = None,
     ) -> None:
@@ -213,29 +180,34 @@ class Governance:
             raise GovernanceError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
         if type(seed) is not int or not 0 <= seed < 1 << 64:
             raise GovernanceError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if order not in ("committed", "loader"):
+            raise GovernanceError(f"order must be 'committed' or 'loader', got {order!r}")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
         self.loss_name = loss
         self.loss_fn, self.loss_settings = loss_function(loss, loss_settings)
+        self.loss_names = tuple(LOSSES)
         self.checkpoint_every, self.seed = checkpoint_every, seed
         self.root_key = root_key
         self.batches = [list(b) for b in batches] if batches is not None else None
+        self.order = "explicit" if batches is not None else ORDER_DOMAIN if order == "committed" else "loader"
         self.check_examples = check_examples
         self.step = 0
+        self.drawn = 0  # batches drawn in the run, micro-batches included
         self.closed = False
         self.started = False
         self.last_checkpoint: CheckpointData | None = None
         self.run_seq: int | None = None
         self.policy_seq: int | None = None
+        self.recorder: StepRecorder | None = None  # set once the run starts
         self._gated: GovernedModel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._drawn: Batch | None = None
-        self._output: Any = None
-        self._loss_value: float | None = None
-        self._order: tuple[int, list[int]] | None = None
-        self._saved: tuple[bool, bool, int] | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
+        self._program: bytes | None = None  # the program artifact's digest
+        self._order: tuple[int, list[int]] | None = None
+        self._sampler: Any = None
+        self._stack = contextlib.ExitStack()
         #: Module name -> training flag when the program was exported; every step runs in these.
         self.exported_modes: dict[str, bool] = {}
 
@@ -243,25 +215,26 @@ class Governance:
 
     def make_governed(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
-    ) -> tuple[GovernedModel, GovernedOptimizer, GovernedLoader]:
-        """Check everything, then record RunStarted and the step-0 checkpoint; return the wrappers.
+    ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
+        """Check everything, then record RunStarted and the step-0 checkpoint; return the governed
+        model, the user's own optimizer (now observed by the run's hooks) and the governed loader.
 
-        Every refusal (policy, bands, dataset, routing) is raised before anything is appended.
+        Every refusal (policy, bands, dataset, routing, export) is raised before anything is appended.
         """
         self._require_fresh()
         gated = self._prepare(model, optimizer, loader)
-        probe = self._batch(0)
+        probe = self._batch(0, self._probe_indices())
         check_routing(gated, probe.inputs)
         adopted = self._adopted_seq()
         program = self._export(model, probe)  # may fail: still before any append
-        self._begin()
+        self._begin(gated, optimizer)
         try:
             self.policy_seq = adopted if adopted is not None else self._adopt()
-            artifact = self.ledger.put_artifact(program)
+            self._program = self.ledger.put_artifact(program)
             body: dict[str, Any] = {
                 "run_id": self.run_id,
                 "environment": environment(),
-                "artifacts": {"program": artifact},
+                "artifacts": {"program": self._program},
                 "settings": self._settings(optimizer, probe),
             }
             self._run_optimizer = body["settings"]["optimizer"]
@@ -272,15 +245,16 @@ class Governance:
         except BaseException:
             self._end()
             raise
-        return gated, GovernedOptimizer(optimizer, self), GovernedLoader(self)
+        return gated, optimizer, GovernedLoader(self)
 
     def resume(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
-    ) -> tuple[GovernedModel, GovernedOptimizer, GovernedLoader]:
+    ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
         """Continue run ``run_id`` from its last Checkpoint: same settings, restored state, same chain."""
         self._require_fresh()
-        run_seq, settings = self._find_run()
-        ckpt_seq = self._last_checkpoint_seq(run_seq)
+        run_seq, run_body = self._find_run()
+        settings = run_body["settings"]
+        ckpt_seq, drawn = self._last_checkpoint_seq(run_seq)
         gated = self._prepare(model, optimizer, loader)
         self._compare_settings(settings, optimizer)
         body = self.ledger.observation(ckpt_seq).body
@@ -289,13 +263,14 @@ class Governance:
             raise GovernanceError(f"checkpoint artifact {body['artifact'].hex()[:16]} is not stored in the ledger")
         tensors, scalars = read_checkpoint(data, body)
         restore(model, optimizer, tensors, scalars)
-        self.step = body["step"]
-        check_routing(gated, self._batch(self.step).inputs)
+        self.step, self.drawn = body["step"], drawn
+        check_routing(gated, self._batch(self.step, self._probe_indices()).inputs)
         self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
         self._run_optimizer = settings["optimizer"]
+        self._program = run_body["artifacts"]["program"]
         self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
-        self._begin()
-        return gated, GovernedOptimizer(optimizer, self), GovernedLoader(self)
+        self._begin(gated, optimizer)
+        return gated, optimizer, GovernedLoader(self)
 
     def _require_fresh(self) -> None:
         if self.started or self.closed:
@@ -307,7 +282,7 @@ class Governance:
             raise GovernanceError(
                 f"module {bn!r} is a BatchNorm using batch statistics (training mode, or no running stats): "
                 "examples share them, so no routing holds and replay would refuse the program; put it in eval "
-                "mode before make_governed (model.train() then the BatchNorm's .eval()), or use GroupNorm or "
+                "mode before governing (model.train() then the BatchNorm's .eval()), or use GroupNorm or "
                 "LayerNorm")
         # The modes the program is exported with (dropout on, BatchNorm off...): every step must run in them.
         self.exported_modes = {n: m.training for n, m in model.named_modules()}
@@ -324,8 +299,7 @@ class Governance:
         self._route_all()
         self._gated = GovernedModel(model, bands, self)
         self._optimizer = optimizer
-        self._flat_params = [p for ps in bands.params for p in ps]
-        self._band_sizes = [len(ps) for ps in bands.params]
+        self._names = {id(p): n for n, p in model.named_parameters()}
         return self._gated
 
     def _check_commitment(self) -> None:
@@ -354,11 +328,17 @@ class Governance:
                 raise GovernanceError("explicit batches must be non-empty")
             self.batches = [check_batch(self.dataset, b) for b in self.batches]
             self.steps_per_epoch = len(self.batches)
+        elif self.order == "loader":
+            self._sampler = getattr(loader, "batch_sampler", None)
+            if self._sampler is None:
+                raise GovernanceError("order='loader' needs a DataLoader with a batch_sampler (a batch_size)")
+            self.steps_per_epoch = len(self._sampler)
         else:
             n, b = self.dataset.count, self.batch_size
             self.steps_per_epoch = n // b if self.drop_last else -(-n // b)
-            if self.steps_per_epoch == 0:
-                raise GovernanceError(f"batch size {b} with drop_last leaves no batch of {n} examples")
+        if self.steps_per_epoch == 0:
+            raise GovernanceError(f"batch size {self.batch_size} with drop_last leaves no batch of "
+                                  f"{self.dataset.count} examples")
         if self.check_examples:
             for i, m in enumerate(self.dataset.manifests):
                 if example_id(_input_of(data[i])) != m.example:
@@ -372,7 +352,7 @@ class Governance:
         # unroutable example stops the run before its first step.
         routed = route_examples([m.manifest for m in self.dataset.manifests], self.ledger.registry, self.policy.compiled)
         rules, profiles, paths, names = routed.rules, routed.profiles, routed.paths, routed.names
-        self._rules, self._profiles, self._paths, self._names = rules, profiles, paths, names
+        self._rules, self._sources = rules, names
         n = len(self.layout)
         self._profile_table = profiles_tensor(profiles, n)
         # Validated once here; a batch's profiles and ratios are rows of these tables (row-wise
@@ -382,7 +362,6 @@ class Governance:
         self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)
         # Per index, what the example adds to authority_writes: (its paths, its float64 profile).
         self._writes_of = [(paths[i], tuple(profiles[i])) for i in range(len(profiles))]
-        self._snapshot: list[Tensor] | None = None
 
     def _adopted_seq(self) -> int | None:
         latest = latest_adopted(self.ledger)
@@ -402,7 +381,9 @@ class Governance:
     def _export(self, model: nn.Module, probe: Batch) -> bytes:
         plain = GatedModel(model, self._gated.bands if self._gated else self.layout)
         try:
-            with torch.random.fork_rng(devices=[]):
+            # Traced without autocast: a step under autocast replays the same program under the
+            # recorded autocast state (specs/training.md §3.2).
+            with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
                 program = export_gated(plain, probe.inputs, probe.profiles, dynamic_batch=len(probe) >= 2)
         finally:
             plain.remove_hooks()
@@ -415,9 +396,10 @@ class Governance:
         ds = self.dataset
         x = probe.inputs
         return {
+            "format": FORMAT,
             "seed": self.seed,
             "seed_rule": STEP_SEED_DOMAIN,
-            "order": "explicit" if self.batches is not None else ORDER_DOMAIN,
+            "order": self.order,
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
             "steps_per_epoch": self.steps_per_epoch,
@@ -427,6 +409,7 @@ class Governance:
             "bands": self.layout.to_obj(),
             "band_params": [list(ns) for ns in self._gated.bands.param_names],
             "param_groups": self._group_names(optimizer),
+            "parameters": [n for n, p in self._gated.model.named_parameters() if p.requires_grad],
             "policy": self.policy.digest,
             "policy_seq": self.policy_seq,
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
@@ -444,12 +427,15 @@ class Governance:
         name_of = {id(p): n for n, p in self._gated.model.named_parameters()}
         return [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
-    _COMPARED = ("seed", "seed_rule", "order", "batch_size", "drop_last", "steps_per_epoch", "checkpoint_every",
-                 "loss", "bands", "policy", "dataset")
+    _COMPARED = ("format", "seed", "seed_rule", "order", "batch_size", "drop_last", "steps_per_epoch",
+                 "checkpoint_every", "loss", "bands", "policy", "dataset")
 
     def _compare_settings(self, recorded: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
         assert self._gated is not None
-        now = self._settings(optimizer, self._batch(0))
+        now = self._settings(optimizer, self._batch(0, self._probe_indices()))
+        if recorded.get("format", 1) != FORMAT:
+            raise GovernanceError(f"cannot resume run {self.run_id!r}: it was recorded in training format "
+                                  f"{recorded.get('format', 1)}, this trainer writes format {FORMAT}")
         for key in self._COMPARED:
             if recorded.get(key) != now[key]:
                 raise GovernanceError(f"cannot resume run {self.run_id!r}: {key} was {recorded.get(key)!r}, now {now[key]!r}")
@@ -460,53 +446,57 @@ class Governance:
         for seq in reversed(self.ledger.by_type("RunStarted")):
             body = self.ledger.observation(seq).body
             if body["run_id"] == self.run_id:
-                return seq, body["settings"]
+                return seq, body
         raise GovernanceError(f"no RunStarted for run {self.run_id!r} in the ledger")
 
-    def _last_checkpoint_seq(self, run_seq: int) -> int:
+    def _last_checkpoint_seq(self, run_seq: int) -> tuple[int, int]:
+        """The last checkpoint's seq, and the batches drawn up to it (micro-batches included)."""
         later_runs = [s for s in self.ledger.by_type("RunStarted") if s > run_seq]
         end = later_runs[0] if later_runs else self.ledger.size
         ckpts = [s for s in self.ledger.by_type("Checkpoint") if run_seq < s < end]
         if not ckpts:
             raise GovernanceError(f"run {self.run_id!r} has no checkpoint to resume from")
-        updates = [s for s in self.ledger.by_type("GovernedUpdate") if ckpts[-1] < s < end]
-        if updates:
+        updates = [s for s in self.ledger.by_type("GovernedUpdate") if run_seq < s < end]
+        if any(s > ckpts[-1] for s in updates):
             # Their state was never checkpointed; continuing would fork the recorded chain.
             raise GovernanceError(
-                f"run {self.run_id!r} has {len(updates)} updates after its last checkpoint; it cannot be resumed"
+                f"run {self.run_id!r} has {sum(s > ckpts[-1] for s in updates)} updates after its last checkpoint; "
+                "it cannot be resumed"
             )
-        return ckpts[-1]
+        drawn = sum(len(self.ledger.observation(s).body.get("recipe", {}).get("micro", [0])) for s in updates)
+        return ckpts[-1], drawn
 
-    def _begin(self) -> None:
-        self._saved = (
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-            self.ledger.group,
-        )
-        torch.use_deterministic_algorithms(True)
-        self.ledger.group = _NO_AUTOCOMMIT
+    def _begin(self, gated: GovernedModel, optimizer: torch.optim.Optimizer) -> None:
+        self._stack.enter_context(torch_deterministic())
+        # Between checkpoints nothing is committed: a crash leaves the log at a checkpoint.
+        self._stack.enter_context(self.ledger.deferred())
+        order = [p for p in gated.model.parameters() if p.requires_grad]
+        self.recorder = StepRecorder(self, gated, gated.bands, optimizer, self.loss_fn, order)
+        self._stack.callback(self.recorder.detach)
         self.started = True
 
     def _end(self) -> None:
-        if self._saved is not None:
-            det, warn_only, group = self._saved
-            torch.use_deterministic_algorithms(det, warn_only=warn_only)
-            self.ledger.group = group
-            self._saved = None
+        self._stack.close()
 
     # -- batches ---------------------------------------------------------------------
 
-    def _indices(self, step: int) -> list[int]:
+    def _probe_indices(self) -> list[int]:
+        # Any batch of the run's shape traces the program (its batch size is symbolic): the first
+        # one the order gives, or the first examples when the loader's sampler decides the order.
+        if self.order == "loader":
+            return list(range(min(max(self.batch_size, 2), self.dataset.count)))
+        return self._indices(0)
+
+    def _indices(self, drawn: int) -> list[int]:
         if self.batches is not None:
-            return self.batches[step % len(self.batches)]
-        epoch, pos = divmod(step, self.steps_per_epoch)
+            return self.batches[drawn % len(self.batches)]
+        epoch, pos = divmod(drawn, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.seed, epoch, self.dataset.count))
         b = self.batch_size
         return self._order[1][pos * b : (pos + 1) * b]
 
-    def _batch(self, step: int) -> Batch:
-        indices = self._indices(step)
+    def _batch(self, step: int, indices: Sequence[int]) -> Batch:
         index = torch.tensor(indices, dtype=torch.int64)
         if isinstance(self._data, TensorDataset):
             inputs = self._data.tensors[0][index]  # what default_collate would stack, without per-item calls
@@ -518,95 +508,158 @@ class Governance:
         limits = batch_limits(self.policy.compiled, rules)
         return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
 
-    def _draw(self) -> Batch:
-        if not self.started or self.closed:
+    def sampler_epoch(self) -> Iterator[list[int]]:
+        """One epoch of the user loader's batch sampler (order ``"loader"``), each batch checked."""
+        for indices in self._sampler:
+            yield check_batch(self.dataset, indices)
+
+    def draw(self, indices: Sequence[int] | None = None) -> Batch:
+        """The next batch of the run (the loader's, under order ``"loader"``), told to the recorder."""
+        if not self.started or self.closed or self.recorder is None:
             raise GovernanceError("the run is not active")
-        self._drawn = batch = self._batch(self.step)
-        self._drawn_ratios = self._ratio_table[torch.tensor(batch.indices, dtype=torch.int64)]
-        self._step_seed = step_seed(self.seed, batch.step)
-        self._output, self._loss_value = None, None
+        batch = self._batch(self.step, self._indices(self.drawn) if indices is None else indices)
+        self.recorder.drew(batch)
+        self.drawn += 1
         return batch
 
-    # -- the step ----------------------------------------------------------------------
+    def ratios_of(self, batch: Batch) -> Tensor:
+        """The batch's gate ratios: rows of the table validated at setup."""
+        return self._ratio_table[torch.tensor(batch.indices, dtype=torch.int64)]
 
-    def criterion(self, output: Tensor, labels: Tensor) -> Tensor:
-        """The run's registered loss; its value is what the step records."""
-        loss = self.loss_fn(output, labels)
-        self._loss_value = float(loss.detach())
-        return loss
+    def limits(self, micros: Sequence[Micro]) -> tuple[float | None, ...]:
+        """The step's band limits: the policy's batch limits over every example of the step."""
+        if len(micros) == 1:
+            return micros[0].batch.limits
+        return batch_limits(self.policy.compiled, [r for m in micros for r in m.batch.rules])
 
-    def _before_forward(self, x: Any, profiles: Tensor, batch: Batch | None) -> Tensor:
-        """Check the forward is of the drawn batch, seed the step; return the batch's mixing ratios."""
-        drawn = self._drawn
-        if drawn is None or drawn.step != self.step:
+    def name_of(self, p: Tensor) -> str:
+        return self._names.get(id(p), "?")
+
+    # -- the forward -------------------------------------------------------------------
+
+    def forward_of(self, x: Any, profiles: Tensor | None) -> Micro:
+        """The micro-batch a training forward of ``x`` is, after checking it is the one just drawn."""
+        if self.recorder is None:
             raise GovernanceError("a training forward needs a batch drawn from the governed loader")
-        if (batch is not None and batch is not drawn) or not _same(x, drawn.inputs) or not _same(profiles, drawn.profiles):
+        micro = self.recorder.current()
+        drawn = micro.batch
+        if isinstance(x, Batch):
+            if profiles is not None:
+                raise GovernanceError("pass either a Batch or (inputs, profiles), not both")
+            if x is not drawn:
+                raise GovernanceError(f"the forward's batch is not the one drawn for step {self.step}")
+        elif not _same(x, drawn.inputs) or (profiles is not None and not _same(profiles, drawn.profiles)):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
         if self._gated is not None:
             modes = self.exported_modes
             moved = [n for n, m in self._gated.model.named_modules() if modes.get(n, m.training) != m.training]
             if moved:
                 name, now = moved[0] or "the model", "eval" if modes[moved[0]] else "training"
-                raise GovernanceError(
+                raise StepRefused(
                     f"step {self.step}: module {name!r} is in {now} "
                     "mode, but the program was exported with it in the other: replay runs the exported program; "
                     "set every module's mode before make_governed (the governed model's train() restores them); "
                     "step refused")
-        _seed_all(self._step_seed)  # dropout and friends replay from this
-        return self._drawn_ratios
+        return micro
 
-    def _step(self) -> None:
-        batch, gated, optimizer = self._drawn, self._gated, self._optimizer
-        if batch is None or batch.step != self.step or self._output is None or gated is None or optimizer is None:
-            raise GovernanceError("optimizer.step() needs a forward of the current batch through the governed model")
-        if self._loss_value is None:
-            with torch.no_grad():
-                self._loss_value = float(self.loss_fn(_detach(self._output), batch.labels))
-        loss = self._loss_value
-        grad_norms = clip_bands(gated, gated.bands, batch.limits)  # routed, pre-clip norms
-        if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
-            raise GovernanceError(f"step {self.step}: non-finite loss or band gradient norm; step refused")
-        self._check_hyperparameters(optimizer)
-        params = self._flat_params
-        if self._snapshot is None:
-            # Reused step to step (no allocation, no page faults); dropped at checkpoints.
-            self._snapshot = [torch.empty_like(p) for p in params]
-        update_norms = step_and_measure(optimizer, params, self._snapshot, self._band_sizes)
-        if not all(math.isfinite(n) for n in update_norms):
-            raise GovernanceError(f"step {self.step}: non-finite update; the run cannot continue")
-        self.ledger.append("GovernedUpdate", self._record(batch, loss, grad_norms, update_norms, optimizer), self.key)
-        self.step += 1
-        self._drawn, self._output, self._loss_value = None, None, None
-        if self.step % self.checkpoint_every == 0:
-            self._checkpoint()
+    def restore_modes(self, model: nn.Module) -> None:
+        for name, m in model.named_modules():
+            m.training = self.exported_modes.get(name, m.training)
 
-    def _check_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
-        # specs/training.md §6: a run's hyper-parameters are its RunStarted's; a change mid-run
-        # (a scheduler, a hand edit of param_groups) is refused before the step, not recorded.
+    def criterion(self, output: Tensor, labels: Tensor) -> Tensor:
+        """The run's registered loss of ``output`` and ``labels``."""
+        return self.loss_fn(output, labels)
+
+    # -- the step, as the recorder hands it over -------------------------------------------
+
+    def check_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+        # specs/training.md §6: lr, momentum and betas may change step to step (a scheduler); every
+        # other hyper-parameter is the RunStarted's, and a change is refused before the step.
         recorded = self._run_optimizer
         now = describe_optimizer(optimizer)
-        if recorded is not None and encoding.encode(now) != encoding.encode(recorded):
-            raise GovernanceError(
-                f"step {self.step}: the optimizer's hyper-parameters are {now['groups']}, but the run recorded "
-                f"{recorded['groups']} at RunStarted; they are fixed for a run (specs/training.md §6)")
+        if recorded is None:
+            return
+        fixed = [[{k: v for k, v in g.items() if k not in VARYING} for g in d["groups"]] for d in (now, recorded)]
+        if len(now["groups"]) != len(recorded["groups"]) or encoding.encode(fixed[0]) != encoding.encode(fixed[1]):
+            raise StepRefused(
+                f"step {self.step}: the optimizer's hyper-parameters are {fixed[0]}, but the run recorded "
+                f"{fixed[1]} at RunStarted; only {', '.join(sorted(VARYING))} may change during a run "
+                "(specs/training.md §6)")
 
-    def _record(
-        self, batch: Batch, loss: float, grad_norms: list[float], update_norms: list[float],
-        optimizer: torch.optim.Optimizer,
-    ) -> dict[str, Any]:
-        return update_body(
-            batch.step, batch.indices, batch.rules, batch.limits, policy=self.policy.digest, loss=loss,
+    def self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
+        """Replay this step's gradient from the exported program, as the verifier will, and refuse the step
+        when it differs from what the user's loop produced (specs/training.md §3.3).
+
+        Run whenever a step's recipe is new to the run: it catches what no hook sees (a loss term that
+        does not pass through the model's output, a gradient hook, a model that computes otherwise than
+        its export, an op autocast treats differently in the program).
+        """
+        assert self._gated is not None and self._program is not None
+        data = self.ledger.artifact(self._program)
+        assert data is not None
+        # Read back with the strict loader and run by its interpreter, the verifier's own path: never
+        # torch.export.load, which would execute what the archive carries (specs/replay.md §2).
+        try:
+            module = ProgramModule(load_program(data))
+            module.model.load_state_dict(self._gated.model.state_dict())
+        except ProgramError as exc:
+            raise StepRefused(f"step {self.step}: the run's exported program cannot be replayed: {exc.args[0]}") from None
+        params = dict(module.named_parameters())
+        divisor = recipe.get("loss_divisor", 1)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            for m in micros:
+                torch.default_generator.manual_seed(m.seed)
+                with autocast(m.autocast):
+                    out = module(m.batch.inputs, m.batch.profiles)
+                leaf = float_leaves(out)[recipe.get("output", 0)]
+                with autocast(m.autocast if recipe.get("loss_autocast", True) else None):
+                    loss = self.loss_fn(leaf, m.batch.labels)
+                (loss / divisor if divisor != 1 else loss).backward()
+        if "clip" in recipe:
+            order = [params["model." + n] for n in self._trainable_names() if params["model." + n].grad is not None]
+            clipping.replay_clip(order, recipe["clip"])
+        for name, p in self._gated.named_parameters():
+            mine = params.get(name)
+            want = None if mine is None else mine.grad
+            got = p.grad
+            if (want is None) != (got is None) or (got is not None and not torch.equal(got, want)):
+                raise StepRefused(
+                    f"step {self.step}: replaying this step from the exported program gives another gradient for "
+                    f"{name.removeprefix('model.')!r} than the training loop did: something outside the recorded "
+                    "recipe changed the gradient (a loss term that does not pass through the model's output, a "
+                    "gradient hook, a gradient edit), or the model computes differently than its export "
+                    "(e.g. under autocast); replay could not reproduce the step; step refused")
+
+    def _trainable_names(self) -> list[str]:
+        assert self._gated is not None
+        return [n for n, p in self._gated.model.named_parameters() if p.requires_grad]
+
+    def record_step(self, micros: Sequence[Micro], recipe: Mapping[str, Any], loss: float, grad_norms: list[float],
+                    update_norms: list[float], optimizer: torch.optim.Optimizer) -> None:
+        """Append the step's GovernedUpdate (specs/training.md §3.1) and checkpoint when due."""
+        indices = [i for m in micros for i in m.batch.indices]
+        rules = [r for m in micros for r in m.batch.rules]
+        body = update_body(
+            self.step, indices, rules, self.limits(micros), policy=self.policy.digest, loss=loss,
             grad_norms=grad_norms, update_norms=update_norms, optimizer=describe_optimizer(optimizer),
-            seeds={"run": self.seed, "step": self._step_seed}, writes_of=self._writes_of, names=self._names,
-            n_bands=len(self.layout),
+            seeds={"run": self.seed, "step": step_seed(self.seed, self.step)}, writes_of=self._writes_of,
+            names=self._sources, n_bands=len(self.layout),
         )
+        if recipe:
+            body["recipe"] = dict(recipe)
+        self.ledger.append("GovernedUpdate", body, self.key)
+        self.step += 1
+        if self.step % self.checkpoint_every == 0:
+            self._checkpoint()
 
     # -- checkpoints and close -----------------------------------------------------------
 
     def _checkpoint(self) -> CheckpointData:
         assert self._gated is not None and self._optimizer is not None
-        self._snapshot = None  # not held through the checkpoint's own copies
-        made = make_checkpoint(self.step, self._gated.model, self._optimizer)
+        if self.recorder is not None:
+            self.recorder.drop_snapshot()  # not held through the checkpoint's own copies
+        made = make_checkpoint(self.step, self._gated.model, self._optimizer,
+                               skip_group_keys=checkpoint_skips(self._optimizer))
         artifact = self.ledger.put_artifact(made.data)
         self.ledger.append("Checkpoint", made.body(artifact), self.key)
         self.ledger.tree_head(self.key)  # commits the whole group: the log now ends at this checkpoint
@@ -616,8 +669,20 @@ class Governance:
         self.last_checkpoint = ckpt
         return ckpt
 
+    def __enter__(self) -> "Governance":
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is None:
+            self.close()
+        else:
+            # A failed loop records nothing more: the committed log ends at the last checkpoint, as
+            # after a crash, and the run can be resumed from it.
+            self.closed = True
+            self._end()
+
     def close(self) -> CheckpointData | None:
-        """Final checkpoint (unless the last step was just checkpointed) and tree head; restore torch flags."""
+        """Final checkpoint (unless the last step was just checkpointed) and tree head; remove the hooks."""
         if self.closed:
             return self.last_checkpoint
         try:
@@ -629,6 +694,17 @@ class Governance:
         return self.last_checkpoint
 
 
+@contextlib.contextmanager
+def torch_deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms on, restored as they were on exit: replay is bit for bit."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 class Trainer:
     """The common loop over a governed model, optimizer and loader."""
 
@@ -636,7 +712,8 @@ class Trainer:
         self.engine = engine
 
     def fit(
-        self, model: GovernedModel, optimizer: GovernedOptimizer, loader: GovernedLoader, steps: int, *, close: bool = True
+        self, model: GovernedModel, optimizer: torch.optim.Optimizer, loader: GovernedLoader, steps: int, *,
+        close: bool = True,
     ) -> list[float]:
         """Train until the run has taken ``steps`` steps in all; return this call's losses."""
         engine, losses = self.engine, []
@@ -644,9 +721,9 @@ class Trainer:
         while engine.step < steps:
             if engine.closed:
                 raise GovernanceError("the run is closed")
-            for batch in loader:
+            for x, y in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = engine.criterion(model(batch), batch.labels)
+                loss = engine.criterion(model(x), y)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -690,6 +767,8 @@ def step_and_measure(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], snapshot: list[Tensor], band_sizes: Sequence[int]
 ) -> list[float]:
     """Snapshot ``params`` into ``snapshot``, ``optimizer.step()``, return the per-band update norms."""
+    from .recorder import _delta_norms
+
     with torch.no_grad():
         torch._foreach_copy_(snapshot, list(params))
         optimizer.step()
@@ -741,14 +820,6 @@ def update_body(
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _seed_all(seed: int) -> None:
-    # torch.manual_seed also walks every accelerator backend (about 1 ms a call); the CPU
-    # generator plus any CUDA device already in use is the same effect for a governed step.
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)
-
-
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
@@ -757,37 +828,23 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-def _detach(obj: Any) -> Any:
-    return obj.detach() if isinstance(obj, Tensor) else obj
-
-
-def _delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
-    # The band-norm rule of specs/routing.md §5 applied to (before - after), band by band
-    # (``sizes`` parameters each, in order): per-parameter L2 in the parameter's dtype, then the
-    # L2 of those in float64. ``before`` is overwritten with the differences.
-    if not params:
-        return [0.0] * len(sizes)
-    torch._foreach_sub_(before, list(params))
-    norms = torch._foreach_norm(before, 2)
-    out: list[Tensor] = []
-    pos = 0
-    for size in sizes:
-        out.append(_l2_of_norms(norms[pos : pos + size]) if size else torch.zeros((), dtype=torch.float64))
-        pos += size
-    return torch.stack(out).tolist()
-
-
 __all__ = [
+    "FORMAT",
+    "MICRO_SEED_DOMAIN",
+    "ORDER_DOMAIN",
+    "STEP_SEED_DOMAIN",
     "Batch",
     "Governance",
     "GovernedLoader",
     "GovernedModel",
-    "GovernedOptimizer",
     "RoutedExamples",
+    "StepRefused",
     "Trainer",
     "epoch_order",
+    "micro_seed",
     "route_examples",
     "step_and_measure",
     "step_seed",
+    "torch_deterministic",
     "update_body",
 ]

@@ -29,7 +29,7 @@ from .environment import environment
 from .errors import GovernanceError
 from .gate import clip_bands
 from .policy import batch_limits, load_adopted, profiles_tensor
-from .registry import build_optimizer, loss_function
+from .registry import build_optimizer, checkpoint_skips, loss_function
 from .retirement import Dependents, dependents, relabeled_artifact, removed_artifact, retirements
 from .trainer import _NO_AUTOCOMMIT, route_examples, step_and_measure, update_body
 
@@ -204,6 +204,8 @@ class _Replayer:
         self.sizes = [len(ps) for ps in band_params]
         self.snapshot = [torch.empty_like(p) for p in self.flat]
         self.optimizer = build_optimizer(settings["optimizer"], groups)
+        # Format 2 checkpoints leave out the per-step hyper-parameters (specs/training.md §4).
+        self.skips = checkpoint_skips(self.optimizer) if settings.get("format", 1) >= 2 else frozenset()
         self.loss_fn, _ = loss_function(settings["loss"]["name"], settings["loss"]["settings"])
         self.n_bands = len(layout)
         # The counterfactual dataset: relabeled manifests' labels and routing, the rest unchanged.
@@ -297,6 +299,11 @@ def unlearn(
         raise UnlearningError(f"source {source!r} contributed to no update of run {run.run_id!r}; nothing to unlearn")
     first_step = first[1]["step"]
     rewind_seq, rewind = [(s, b) for s, b in run.checkpoints if b["step"] <= first_step][-1]
+    recipes = [b["step"] for _, b in run.updates if b["step"] >= rewind["step"] and "recipe" in b]
+    if recipes:
+        # specs/training.md §8: the branch replays plain steps only (no accumulation, clip or autocast yet).
+        raise UnlearningError(f"run {run.run_id!r}: step {recipes[0]} records a recipe (accumulation, clip, "
+                              "autocast...), which exact unlearning does not replay yet")
     original_head = run.checkpoints[-1][1]["digest"]
     removed = set(deps.removed)
 
@@ -308,7 +315,7 @@ def unlearn(
         replayer = _Replayer(ledger, run, dataset, deps)
         replayer.restore(ledger, rewind)
         # Digested in place, not serialized: the branch re-records the rewind checkpoint's own artifact.
-        state, _ = flatten_state(replayer.inner, replayer.optimizer, copy=False)
+        state, _ = flatten_state(replayer.inner, replayer.optimizer, copy=False, skip_group_keys=replayer.skips)
         if checkpoint_digest({n: tensor_digest(t) for n, t in state.items()}) != rewind["digest"]:
             raise UnlearningError(f"the rewind checkpoint (seq {rewind_seq}) does not restore to its own digest")
         # Nothing appended before this point; from here on the ledger commits only at tree heads.
@@ -322,7 +329,7 @@ def unlearn(
         branch_seq = ledger.append("RunStarted", body, key).seq
 
         def checkpoint(step: int) -> bytes:
-            made = make_checkpoint(step, replayer.inner, replayer.optimizer)
+            made = make_checkpoint(step, replayer.inner, replayer.optimizer, skip_group_keys=replayer.skips)
             ledger.append("Checkpoint", made.body(ledger.put_artifact(made.data)), key)
             ledger.tree_head(key)
             return made.digest

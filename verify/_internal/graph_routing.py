@@ -280,7 +280,8 @@ def ratios(profiles: Tensor) -> Tensor:
 
 
 def mix(value: Tensor, r: Tensor) -> Tensor:
-    """``d + r' * (value - d)``, ``d = value.detach()``, ``r'`` = ``r`` in value's dtype shaped [B, 1, ..., 1].
+    """``d + r' * (value - d)``, ``d = value.detach()``, ``r'`` = ``r`` in the wider of its and value's dtypes
+    (a bfloat16 value under autocast is mixed in float32), shaped [B, 1, ..., 1].
 
     specs/routing.md §3.2: the forward value is ``value`` bit for bit (up to the sign of zero),
     the gradient into ``value`` is ``r'`` times the incoming one.
@@ -288,7 +289,7 @@ def mix(value: Tensor, r: Tensor) -> Tensor:
     if value.dim() == 0 or value.shape[0] != r.shape[0]:
         raise RoutingNotProven(f"a routed value must have the batch ({r.shape[0]}) as its first dim, "
                                f"got shape {list(value.shape)}")
-    rr = r.to(value.dtype).reshape((r.shape[0],) + (1,) * (value.dim() - 1))
+    rr = r.to(torch.promote_types(r.dtype, value.dtype)).reshape((r.shape[0],) + (1,) * (value.dim() - 1))
     d = value.detach()
     return d + rr * (value - d)
 

@@ -30,6 +30,10 @@ KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 #: need not state them, and a checkpoint that carries them must carry exactly these.
 IMPLIED: dict[str, dict[str, Any]] = {"adamw": {"decoupled_weight_decay": True}}
 
+#: Format 2: the hyper-parameters each step states for itself (an LR scheduler, a momentum cycle) and
+#: replay sets before the step; checkpoints leave them out (specs/training.md §4, §6).
+VARYING = frozenset({"lr", "momentum", "betas"})
+
 _NUMBERS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps"})
 _FLAGS = frozenset({"nesterov", "maximize", "amsgrad", "differentiable", "capturable", "decoupled_weight_decay"})
 _SWITCHES = frozenset({"foreach", "fused"})  # bool, or null for torch's choice
@@ -96,9 +100,10 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def check_step(run: Mapping[str, Any], step: Mapping[str, Any]) -> None:
+def check_step(run: Mapping[str, Any], step: Mapping[str, Any], fmt: int = 1) -> None:
     """One GovernedUpdate states the run's hyper-parameters: ``optimizer`` equal to RunStarted's, field
-    for field, and ``lr`` equal to group 0's learning rate. The message names the first differing field."""
+    for field (in format 2, every field but the ``VARYING`` ones, which need only be valid values), and
+    ``lr`` equal to group 0's learning rate. The message names the first differing field."""
     if "optimizer" not in step:
         raise HyperParameterMismatch("the GovernedUpdate does not record its optimizer")
     check_description(step["optimizer"], "optimizer")
@@ -110,6 +115,8 @@ def check_step(run: Mapping[str, Any], step: Mapping[str, Any]) -> None:
             f"optimizer has {len(desc['groups'])} groups, the run's (RunStarted) has {len(run['groups'])}")
     for g, (mine, theirs) in enumerate(zip(desc["groups"], run["groups"])):
         for key in sorted(set(mine) | set(theirs)):
+            if fmt >= 2 and key in VARYING and key in mine and key in theirs:
+                continue  # stated by the step itself, checked valid by check_description
             if key not in mine or key not in theirs or not same(mine[key], theirs[key]):
                 raise HyperParameterMismatch(
                     f"optimizer.groups[{g}].{key} is {mine.get(key, 'absent')!r}, "
@@ -131,9 +138,10 @@ def _tensor_value(t: Tensor) -> Any:
     return t
 
 
-def check_checkpoint_groups(run: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+def check_checkpoint_groups(run: Mapping[str, Any], tensors: Mapping[str, Tensor], fmt: int = 1) -> None:
     """Every ``optim.group.<g>.<key>`` of a checkpoint is a value the run's record states (or its
-    optimizer name implies), and every number or flag the record states is in the checkpoint.
+    optimizer name implies), and every number or flag the record states is in the checkpoint. In
+    format 2 the ``VARYING`` hyper-parameters are in no checkpoint (each step states its own).
 
     A Python int, float or bool is stored as an int64, float64 or bool 0-d tensor
     (specs/training.md §4); a float-valued tensor (a tensor learning rate) compares by value.
@@ -149,6 +157,9 @@ def check_checkpoint_groups(run: Mapping[str, Any], tensors: Mapping[str, Tensor
             raise HyperParameterMismatch(f"checkpoint tensor {name!r} names no recorded optimizer group")
         g = int(g_text)
         stated = groups[g].get(key, implied.get(key))
+        if fmt >= 2 and key in VARYING:
+            raise HyperParameterMismatch(f"checkpoint carries {name!r}, which a format-2 checkpoint leaves to the "
+                                         "steps' records")
         if key not in groups[g] and key not in implied:
             raise HyperParameterMismatch(f"checkpoint carries {name!r}, which the record does not state")
         got = _tensor_value(t)
@@ -159,7 +170,7 @@ def check_checkpoint_groups(run: Mapping[str, Any], tensors: Mapping[str, Tensor
         seen.add((g, key))
     for g, group in enumerate(groups):
         for key, v in group.items():
-            if type(v) in (bool, int, float) and (g, key) not in seen:
+            if type(v) in (bool, int, float) and (g, key) not in seen and not (fmt >= 2 and key in VARYING):
                 raise HyperParameterMismatch(f"checkpoint lacks 'optim.group.{g}.{key}', which the record states")
 
 
@@ -189,6 +200,14 @@ def check_loss(loss: Any) -> None:
     if type(smoothing) is not float or not 0.0 <= smoothing <= 1.0:
         raise HyperParameterMismatch(
             f"RunStarted settings.loss.settings.label_smoothing {smoothing!r} is not in [0, 1]")
+
+
+def apply_step(opt: torch.optim.Optimizer, step: Mapping[str, Any]) -> None:
+    """Format 2: set each group's ``VARYING`` hyper-parameters to the values the step states (checked
+    valid and otherwise equal to the run's by ``check_step``) before replaying it."""
+    for group, stated in zip(opt.param_groups, step["optimizer"]["groups"]):
+        for key in VARYING & set(stated):
+            group[key] = tuple(stated[key]) if key == "betas" else stated[key]
 
 
 def group_kwargs(run: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -24,11 +24,13 @@ from gradledger.ledger.errors import VerificationError
 
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
 from .hyperparams import (
-    HyperParameterMismatch, check_checkpoint_groups, check_description, check_loss, check_step, group_kwargs,
+    VARYING, HyperParameterMismatch, apply_step, check_checkpoint_groups, check_description, check_loss, check_step,
+    group_kwargs,
 )
+from .recipe import RecipeInvalid, check_recipe, micro_sizes
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
-from .settings import SettingsMismatch, check_program, check_step0, step_seed
+from .settings import SettingsMismatch, check_program, check_step0, micro_seed, step_seed, training_format
 
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
 
@@ -211,14 +213,14 @@ def _optimizer(ctx: RunContext, params: Mapping[str, Tensor]) -> torch.optim.Opt
 
 
 def _restore(module: Any, opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], scalars: Mapping[str, str],
-             recorded: Mapping[str, Any]) -> None:
+             recorded: Mapping[str, Any], fmt: int) -> None:
     """Load the model and the optimizer's per-parameter state; the checkpoint's hyper-parameters are
     checked against ``recorded`` (RunStarted ``settings.optimizer``), never loaded (specs/replay.md §3)."""
     def value(name: str) -> Any:
         kind = scalars.get(name)
         return {"bool": bool, "int": int, "float": float}[kind](tensors[name].item()) if kind else tensors[name]
 
-    check_checkpoint_groups(recorded, tensors)
+    check_checkpoint_groups(recorded, tensors, fmt)
     state = {n: value(n) for n in tensors if n.startswith("model.")}
     module.load_state_dict(state, strict=True)
     opt_state: dict[int, dict[str, Any]] = {}
@@ -229,8 +231,10 @@ def _restore(module: Any, opt: torch.optim.Optimizer, tensors: Mapping[str, Tens
     opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
 
 
-def _flatten(module: Any, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+def _flatten(module: Any, opt: torch.optim.Optimizer, fmt: int) -> dict[str, Tensor]:
     # specs/training.md §4 names; the program's state_dict keys already carry the "model." prefix.
+    # Format 2 checkpoints leave out the hyper-parameters each step states.
+    skip = VARYING if fmt >= 2 else frozenset()
     out: dict[str, Tensor] = {}
 
     def put(name: str, v: Any) -> None:
@@ -251,7 +255,7 @@ def _flatten(module: Any, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
             put(f"optim.state.{i}.{k}", v)
     for g, group in enumerate(state["param_groups"]):
         for k, v in group.items():
-            if k != "params":
+            if k != "params" and k not in skip:
                 put(f"optim.group.{g}.{k}", v)
     return out
 
@@ -281,9 +285,10 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             check_step0(loaded.weights, seg.start, seg.start_seq, ctx.run_seq)
         except SettingsMismatch as exc:
             raise ReplayError(exc.args[0], seq=ctx.run_seq) from None
+    fmt = training_format(settings)
     opt = _optimizer(ctx, params)
     try:
-        _restore(module, opt, tensors, scalars, settings["optimizer"])
+        _restore(module, opt, tensors, scalars, settings["optimizer"], fmt)
     except HyperParameterMismatch as exc:
         raise ReplayError(f"Checkpoint for step {seg.start['step']}: {exc}", seq=seg.start_seq,
                           step=seg.start["step"]) from None
@@ -291,6 +296,8 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     bands = [[params["model." + n] for n in ns] for ns in settings["band_params"]]
     flat = [p for ps in bands for p in ps]
     sizes = [len(ps) for ps in bands]
+    # specs/training.md §3.2: a recorded clip walks the model's trainable parameters in its own order.
+    ordered = [params["model." + n] for n in settings.get("parameters", [])] if fmt >= 2 else []
     loss_spec = settings["loss"]
     try:  # specs/training.md §6: a registered loss, only its settings, reduction "mean"
         check_loss(loss_spec)
@@ -310,32 +317,37 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
 
         if u["seeds"]["step"] != step_seed(run_seed, step) or u["seeds"]["run"] != run_seed:
             raise fail("the recorded seed does not follow the run's seed rule")
-        try:  # the optimizer was built from RunStarted; each step must state the same values
-            check_step(settings["optimizer"], u)
-        except HyperParameterMismatch as exc:
+        try:  # the optimizer was built from RunStarted; each step states its values, format 2 its lr too
+            check_step(settings["optimizer"], u, fmt)
+            check_recipe(u, fmt)
+        except (HyperParameterMismatch, RecipeInvalid) as exc:
             raise fail(str(exc)) from None
-        index = torch.tensor(u["batch"], dtype=torch.int64)
-        x = inputs[index]
-        labels = labels_all[index]
+        recipe = u.get("recipe", {})
+        if fmt >= 2:
+            apply_step(opt, u)
         try:
-            profiles = torch.tensor([ctx.rule_profiles[r] for r in u["routing"]["rules"]], dtype=torch.float32)
+            profiles_all = torch.tensor([ctx.rule_profiles[r] for r in u["routing"]["rules"]], dtype=torch.float32)
         except KeyError as exc:
             raise fail(f"routing rule {exc.args[0]} is not in the policy") from None
-        if profiles.shape != (len(u["batch"]), n_bands):
+        if profiles_all.shape != (len(u["batch"]), n_bands):
             raise fail("the recorded routing does not cover the batch")
         opt.zero_grad(set_to_none=True)
-        torch.default_generator.manual_seed(u["seeds"]["step"])
-        try:
-            out = module(x, profiles)
-        except RoutingNotProven as exc:
-            raise fail(f"routing cannot be applied to the model program: {exc.args[0]}") from None
-        loss = loss_fn(out, labels, **loss_kw)
-        loss.backward()
-        loss_value = float(loss.detach())
-        ok, d = _close(loss_value, u["loss"], exact)
+        losses = _forward_backward(module, inputs, labels_all, profiles_all, u, recipe, run_seed, loss_fn, loss_kw,
+                                   fail)
+        recorded = recipe.get("losses", [u["loss"]])
+        for j, (a, b) in enumerate(zip(losses, recorded)):
+            ok, d = _close(a, b, exact)
+            worst = max(worst, d)
+            if not ok:
+                where = f" of micro-batch {j}" if len(losses) > 1 else ""
+                raise fail(f"loss{where} {a!r} replayed, {b!r} recorded")
+        ok, d = _close(math.fsum(losses) / len(losses), u["loss"], exact)
         worst = max(worst, d)
         if not ok:
-            raise fail(f"loss {loss_value!r} replayed, {u['loss']!r} recorded")
+            raise fail(f"loss {math.fsum(losses) / len(losses)!r} replayed (the mean of the micro-batches' losses), "
+                       f"{u['loss']!r} recorded")
+        if "clip" in recipe:
+            worst = max(worst, _clip(ordered, recipe["clip"], exact, fail))
         grads = [[p.grad.detach() for p in ps if p.grad is not None] for ps in bands]
         norms = torch.stack([_band_norm(gs) for gs in grads]).tolist()
         for k, (a, b) in enumerate(zip(norms, u["band_grad_norms"])):
@@ -362,12 +374,65 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             worst = max(worst, d)
             if not ok:
                 raise fail(f"band {k} update norm {a!r} replayed, {b!r} recorded")
-    return max(worst, _compare_end(module, opt, seg, artifact, exact))
+    return max(worst, _compare_end(module, opt, seg, artifact, exact, fmt))
+
+
+def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
+    """The recorded autocast state (specs/training.md §3.2), or autocast off."""
+    ac = recipe.get("autocast")
+    if ac is None or (for_loss and recipe.get("loss_autocast", True) is False):
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(ac["device"], dtype=getattr(torch, ac["dtype"]))
+
+
+def _forward_backward(module: Any, inputs: Tensor, labels_all: Tensor, profiles_all: Tensor, u: Mapping[str, Any],
+                      recipe: Mapping[str, Any], run_seed: int, loss_fn: Callable[..., Tensor],
+                      loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> list[float]:
+    """specs/training.md §3 steps 2-5 for each micro-batch in order: seed, forward through the routed
+    program (under the recorded autocast), the run's loss of the output the recipe names, backward of
+    it (divided by the recorded divisor); gradients add up across micro-batches. Returns the losses."""
+    divisor = recipe.get("loss_divisor", 1)
+    leaf = recipe.get("output", 0)
+    losses, pos = [], 0
+    for j, size in enumerate(micro_sizes(u)):
+        index = torch.tensor(u["batch"][pos:pos + size], dtype=torch.int64)
+        profiles = profiles_all[pos:pos + size]
+        pos += size
+        torch.default_generator.manual_seed(micro_seed(run_seed, u["step"], j))
+        try:
+            with _autocast(recipe):
+                out = module(inputs[index], profiles)
+        except RoutingNotProven as exc:
+            raise fail(f"routing cannot be applied to the model program: {exc.args[0]}") from None
+        leaves = [t for t in (out if isinstance(out, (list, tuple)) else [out])
+                  if isinstance(t, Tensor) and t.is_floating_point()]
+        if leaf >= len(leaves):
+            raise fail(f"recipe.output {leaf} names no floating output of the model program ({len(leaves)})")
+        with _autocast(recipe, for_loss=True):
+            loss = loss_fn(leaves[leaf], labels_all[index], **loss_kw)
+        (loss / divisor if divisor != 1 else loss).backward()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _clip(ordered: Sequence[Tensor], clip: Mapping[str, Any], exact: bool, fail: Callable[[str], ReplayError]) -> float:
+    """The recorded user clip (specs/training.md §3.2), with torch's own function, over the trainable
+    parameters that have a gradient, in the model's order; the norm it returns is compared."""
+    with_grad = [p for p in ordered if p.grad is not None]
+    if clip["kind"] == "value":
+        torch.nn.utils.clip_grad.clip_grad_value_(with_grad, clip["clip_value"], clip["foreach"])
+        return 0.0
+    total = float(torch.nn.utils.clip_grad.clip_grad_norm_(with_grad, clip["max_norm"], clip["norm_type"], False,
+                                                            clip["foreach"]))
+    ok, d = _close(total, clip["total_norm"], exact)
+    if not ok:
+        raise fail(f"clip total norm {total!r} replayed, {clip['total_norm']!r} recorded")
+    return d
 
 
 def _compare_end(module: Any, opt: torch.optim.Optimizer, seg: Segment, artifact: Callable[[bytes], bytes | None],
-                 exact: bool) -> float:
-    state = _flatten(module, opt)
+                 exact: bool, fmt: int) -> float:
+    state = _flatten(module, opt, fmt)
     digests, digest = digest_state(state)
     if digest == seg.end["digest"]:
         return 0.0

@@ -47,10 +47,22 @@ from gradledger.ledger.program import Program
 
 from .checkpoint import tensor_digest
 from .graph_routing import GATED_PREFIX
+from .recipe import micro_sizes
 
 SEED_RULE = "gradledger/step-seed/v1"  # specs/training.md §2
+MICRO_SEED_RULE = "gradledger/micro-seed/v1"  # specs/training.md §2, format 2 accumulation
 ORDER_RULE = "gradledger/order/v1"
 ORDERS = (ORDER_RULE, "explicit")
+#: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
+LOADER_ORDER = "loader"
+#: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
+FORMATS = (1, 2)
+
+
+def training_format(settings: Mapping[str, Any]) -> int:
+    """RunStarted ``settings.format`` (absent: 1). An unknown value reads as 0, which no check accepts."""
+    fmt = settings.get("format", 1) if isinstance(settings, Mapping) else 0
+    return fmt if type(fmt) is int and fmt in FORMATS and ("format" in settings) == (fmt >= 2) else 0
 PROGRAM_FORMAT = "torch.export.save"  # specs/training.md §5
 PROGRAM_INPUTS = ["x", "profiles"]
 
@@ -70,6 +82,14 @@ class SettingsMismatch(VerificationError):
 def step_seed(seed: int, step: int) -> int:
     """specs/training.md §2: uint64, big-endian, of the first 8 bytes of SHA-256(CBOR [rule, seed, step])."""
     return int.from_bytes(hashlib.sha256(encoding.encode([SEED_RULE, seed, step])).digest()[:8], "big")
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """specs/training.md §2: micro-batch 0 takes ``step_seed``; micro-batch j >= 1 the first 8 bytes
+    (big-endian) of SHA-256(CBOR [micro rule, seed, step, j])."""
+    if micro == 0:
+        return step_seed(seed, step)
+    return int.from_bytes(hashlib.sha256(encoding.encode([MICRO_SEED_RULE, seed, step, micro])).digest()[:8], "big")
 
 
 def epoch_order(seed: int, epoch: int, count: int, items: Sequence[bytes] | None = None) -> list[int]:
@@ -120,6 +140,10 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
         return SettingsMismatch(what if at is not None else f"RunStarted {seq}: {what}",
                                 seq=seq if at is None else at, step=step)
 
+    fmt = training_format(s)
+    if fmt == 0:
+        raise fail(f"settings.format {s.get('format')!r} is not a training format this verifier knows "
+                   f"({', '.join(map(str, FORMATS))}; format 1 is written without the key)")
     seed = s.get("seed")
     if not _uint(seed) or seed >= 1 << 64:
         raise fail(f"settings.seed {seed!r} is not a uint64")
@@ -145,8 +169,9 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
 def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
     s = run.settings
     order, size, drop_last, spe = s.get("order"), s.get("batch_size"), s.get("drop_last"), s.get("steps_per_epoch")
-    if order not in ORDERS:
-        raise fail(f"settings.order {order!r} is neither {ORDER_RULE!r} nor 'explicit' (specs/training.md §2)")
+    orders = ORDERS + ((LOADER_ORDER,) if training_format(s) >= 2 else ())
+    if order not in orders:
+        raise fail(f"settings.order {order!r} is not one of {', '.join(map(repr, orders))} (specs/training.md §2)")
     if type(drop_last) is not bool:
         raise fail(f"settings.drop_last {drop_last!r} is not a bool")
     if not _uint(size):
@@ -154,13 +179,22 @@ def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..
     if not _uint(spe) or spe < 1:
         raise fail(f"settings.steps_per_epoch {spe!r} is not a positive int")
     steps = [(u, observations[u].body) for u in run.updates]
+    if order == LOADER_ORDER:
+        return  # chosen by the trainer's loader as it went: each batch is recorded, none was committed before
+    # Every batch drawn, in order: a step's micro-batches (format 2 accumulation), else its batch.
+    draws: list[tuple[int, int, list[int]]] = []
+    for u, body in steps:
+        pos = 0
+        for size_ in micro_sizes(body):
+            draws.append((u, body["step"], body["batch"][pos:pos + size_]))
+            pos += size_
     if order == "explicit":
-        # The batches were given: step s trains batch s mod steps_per_epoch (training.md §2).
-        for n, (u, body) in enumerate(steps):
-            if n >= spe and body["batch"] != steps[n - spe][1]["batch"]:
-                raise fail(f"GovernedUpdate {u} (step {body['step']}) trains another batch than step "
-                           f"{steps[n - spe][1]['step']}, though settings.order of RunStarted {run.seq} is 'explicit' "
-                           f"with steps_per_epoch {spe} (specs/training.md §2)", u, body["step"])
+        # The batches were given: batch c drawn trains given batch c mod steps_per_epoch (training.md §2).
+        for n, (u, step, batch) in enumerate(draws):
+            if n >= spe and batch != draws[n - spe][2]:
+                raise fail(f"GovernedUpdate {u} (step {step}) trains another batch than step "
+                           f"{draws[n - spe][1]}, though settings.order of RunStarted {run.seq} is 'explicit' "
+                           f"with steps_per_epoch {spe} (specs/training.md §2)", u, step)
         return
     if size < 1:
         raise fail(f"settings.batch_size {size} is not positive under order {ORDER_RULE!r}")
@@ -171,19 +205,18 @@ def _check_order(run: RunView, observations: Sequence[Sealed], fail: Callable[..
                    "(specs/training.md §2)")
     order_of: dict[int, list[int]] = {}
     items: list[bytes] | None = None
-    for u, body in steps:
-        step = body["step"]
-        if not all(_uint(i) and i < run.count for i in body["batch"]):
+    for drawn, (u, step, recorded) in enumerate(draws):
+        if not all(_uint(i) and i < run.count for i in recorded):
             continue  # an index outside the dataset: the routing check fails the step, naming its position
-        epoch, pos = divmod(step, spe)
+        epoch, pos = divmod(drawn, spe)
         if epoch not in order_of:
             order_of.clear()  # steps increase: one epoch's order at a time
             if items is None:
                 items = [encoding.encode(i) for i in range(run.count)]
             order_of[epoch] = epoch_order(s["seed"], epoch, run.count, items)
         batch = order_of[epoch][pos * size:(pos + 1) * size]
-        if body["batch"] != batch:
-            raise fail(f"GovernedUpdate {u} (step {step}) trains batch {_brief(body['batch'])}, but settings.order "
+        if recorded != batch:
+            raise fail(f"GovernedUpdate {u} (step {step}) trains batch {_brief(recorded)}, but settings.order "
                        f"{ORDER_RULE!r} with seed {s['seed']}, batch_size {size}, drop_last {drop_last} and "
                        f"steps_per_epoch {spe} of RunStarted {run.seq} gives {_brief(batch)} (specs/training.md §2)",
                        u, step)
@@ -313,9 +346,29 @@ def check_program(program: Program, settings: Mapping[str, Any], run_seq: int) -
         raise fail(f"settings.program.x_shape {p.get('x_shape')!r}, but the model program's input x has rows of "
                    f"shape {shape!r}")
     prefix = _check_prefixes(settings, program, fail)
+    if training_format(settings) >= 2:
+        _check_parameters(settings, program, prefix, fail)
     stored = [i.target for i in graph.inputs if i.target is not None and i.target.startswith(prefix) and (
         i.kind == "parameter" or (i.kind == "buffer" and i.target in program.persistent))]
     return {"model." + t[len(prefix):]: tensor_digest(program.state[t]) for t in stored}
+
+
+def _check_parameters(s: Mapping[str, Any], program: Program, prefix: str,
+                      fail: Callable[[str], SettingsMismatch]) -> None:
+    """Format 2 ``settings.parameters``: the model's trainable parameters in its own order (the order a
+    recorded clip walks them in, specs/training.md §3.2), exactly the program's, in the program's order."""
+    names = s.get("parameters")
+    trainable = [i.target[len(prefix):] for i in program.graph.inputs if i.kind == "parameter" and i.target
+                 is not None and i.target.startswith(prefix) and i.target in program.requires_grad]
+    if not isinstance(names, list) or names != trainable:
+        raise fail(f"settings.parameters {_brief_names(names)} are not the model program's trainable parameters "
+                   f"in its order {_brief_names(trainable)}")
+
+
+def _brief_names(names: Any) -> str:
+    if not isinstance(names, list):
+        return repr(names)[:60]
+    return f"[{', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''}] ({len(names)})"
 
 
 def check_step0(weights: Mapping[str, bytes], checkpoint: Mapping[str, Any], checkpoint_seq: int,

@@ -35,7 +35,8 @@ from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, Ver
 from ..report import Report
 from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
-from .settings import RunView, SettingsMismatch, check_run, same_cbor
+from .recipe import RecipeInvalid, check_recipe
+from .settings import RunView, SettingsMismatch, check_run, same_cbor, training_format
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -401,11 +402,13 @@ def _check_runs(
                 # every example, so its steps only increase.
                 raise _Failed(f"GovernedUpdate {seq} has step {body['step']}, not after the previous step of "
                               f"unlearning branch {run.run_id!r} (RunStarted {run.seq})", seq=seq, step=body["step"])
+            fmt = training_format(run.settings)
             try:  # specs/replay.md §3.1: every step states the run's hyper-parameters, in every mode
                 if len(run.updates) == 0:
                     check_description(run.settings.get("optimizer"), "RunStarted settings.optimizer")
-                check_step(run.settings["optimizer"], body)
-            except HyperParameterMismatch as exc:
+                check_step(run.settings["optimizer"], body, fmt)
+                check_recipe(body, fmt)  # specs/training.md §3.2: what replay will apply, well formed
+            except (HyperParameterMismatch, RecipeInvalid) as exc:
                 raise _Failed(f"GovernedUpdate {seq} (step {body['step']}): {exc}", seq=seq, step=body["step"]) from None
             run.updates.append(seq)
         elif sealed.type == "Checkpoint" and run is not None:
@@ -417,7 +420,19 @@ def _check_runs(
     return "pass", (f"{len(out)} runs ({len(governed)} governed, {branches} of them unlearning branches); {steps} "
                     "steps, numbered from 0 in each run (increasing from the rewind checkpoint in a branch); every "
                     "governed run names a DatasetCommitted and a PolicyAdopted before it; its settings (seed, data "
-                    "order, checkpoints, bands, program inputs) re-derived from its records, policy and dataset")
+                    "order, checkpoints, bands, program inputs) re-derived from its records, policy and dataset; "
+                    f"{_orders(governed)}")
+
+
+def _orders(governed: list[Run]) -> str:
+    """Whether each run's data order was committed before training (specs/training.md §2)."""
+    committed = sum(r.settings.get("order") != "loader" for r in governed if r.branch_of is None)
+    loader = [r.run_id for r in governed if r.branch_of is None and r.settings.get("order") == "loader"]
+    text = f"data order committed before training in {committed} runs"
+    if loader:
+        text += (f"; chosen by the trainer's loader as it went, recorded batch by batch but NOT committed before "
+                 f"training, in {len(loader)} ({', '.join(map(repr, loader[:3]))})")
+    return text
 
 
 def _check_settings(observations: list[Sealed], governed: list[Run], policies: dict[int, Policy],

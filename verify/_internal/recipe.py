@@ -1,0 +1,98 @@
+"""A GovernedUpdate's ``recipe``: what the step did beyond the plain rule (specs/training.md §3.2).
+
+Format 2 lets a step record gradient accumulation (``micro``, ``losses``), a loss divided by the number
+of micro-batches (``loss_divisor``), autocast (``autocast``, ``loss_autocast``), the user's clip
+(``clip``) and which output the loss used (``output``). This module checks the recipe's shape;
+replay (replay.py) applies it and compares what it recomputes. A recipe in a format-1 run, or any
+field this text does not define, fails the step: nothing unrecorded can steer replay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+__all__ = ["RecipeInvalid", "check_recipe", "micro_sizes"]
+
+#: The autocast states replay can apply: CPU bf16 (this verifier's machine), CUDA bf16/fp16 where one is used.
+AUTOCAST = {("cpu", "bfloat16"), ("cuda", "bfloat16"), ("cuda", "float16")}
+FIELDS = frozenset({"micro", "losses", "loss_divisor", "autocast", "loss_autocast", "clip", "output"})
+CLIPS = {
+    "norm": frozenset({"kind", "max_norm", "norm_type", "foreach", "total_norm"}),
+    "value": frozenset({"kind", "clip_value", "foreach"}),
+}
+
+
+class RecipeInvalid(Exception):
+    """The recipe is malformed, or names something its run's format does not allow."""
+
+
+def _float(v: Any, nonneg: bool = True) -> bool:
+    return type(v) is float and math.isfinite(v) and (v >= 0 or not nonneg)
+
+
+def _uint(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def micro_sizes(step: Mapping[str, Any]) -> list[int]:
+    """The sizes of the step's micro-batches, in order (one micro-batch: the whole batch)."""
+    recipe = step.get("recipe")
+    if isinstance(recipe, dict) and "micro" in recipe:
+        return list(recipe["micro"])
+    return [len(step["batch"])]
+
+
+def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
+    """Raise ``RecipeInvalid`` naming the field when the step's recipe is not one specs/training.md §3.2 allows."""
+    if "recipe" not in step:
+        return
+    recipe = step["recipe"]
+    if fmt < 2:
+        raise RecipeInvalid("recipe is recorded, but the run is training format 1, which has none")
+    if not isinstance(recipe, dict) or not recipe:
+        raise RecipeInvalid("recipe is not a non-empty map")
+    extra = sorted(set(recipe) - FIELDS)
+    if extra:
+        raise RecipeInvalid(f"recipe.{extra[0]} is not a field the spec defines")
+    batch = len(step["batch"])
+    k = 1
+    if "micro" in recipe:
+        micro = recipe["micro"]
+        if type(micro) is not list or len(micro) < 2 or not all(_uint(n) and n >= 1 for n in micro):
+            raise RecipeInvalid("recipe.micro is not a list of at least two positive sizes")
+        if sum(micro) != batch:
+            raise RecipeInvalid(f"recipe.micro sizes add up to {sum(micro)}, the batch has {batch} indices")
+        k = len(micro)
+        losses = recipe.get("losses")
+        if type(losses) is not list or len(losses) != k or not all(_float(v) for v in losses):
+            raise RecipeInvalid(f"recipe.losses is not one finite loss per micro-batch ({k})")
+    elif "losses" in recipe:
+        raise RecipeInvalid("recipe.losses without recipe.micro")
+    if "loss_divisor" in recipe and (recipe["loss_divisor"] != k or k < 2 or type(recipe["loss_divisor"]) is not int):
+        raise RecipeInvalid(f"recipe.loss_divisor {recipe['loss_divisor']!r} is not the step's {k} micro-batches")
+    if "autocast" in recipe:
+        ac = recipe["autocast"]
+        if not isinstance(ac, dict) or set(ac) != {"device", "dtype"} or (ac["device"], ac["dtype"]) not in AUTOCAST:
+            raise RecipeInvalid(f"recipe.autocast {ac!r} is not one of {sorted(AUTOCAST)}")
+    if "loss_autocast" in recipe and (recipe["loss_autocast"] is not False or "autocast" not in recipe):
+        raise RecipeInvalid("recipe.loss_autocast is only ever false, and only with recipe.autocast")
+    if "output" in recipe and not (_uint(recipe["output"]) and recipe["output"] >= 1):
+        raise RecipeInvalid("recipe.output is not a positive output index (0 is left out)")
+    if "clip" in recipe:
+        _check_clip(recipe["clip"])
+
+
+def _check_clip(clip: Any) -> None:
+    if not isinstance(clip, dict) or clip.get("kind") not in CLIPS or set(clip) != CLIPS[clip["kind"]]:
+        raise RecipeInvalid(f"recipe.clip {clip!r} is not a clip the spec defines")
+    if clip["foreach"] not in (None, True, False):
+        raise RecipeInvalid("recipe.clip.foreach is not null or a bool")
+    if clip["kind"] == "norm":
+        if not (_float(clip["max_norm"]) and _float(clip["total_norm"])):
+            raise RecipeInvalid("recipe.clip.max_norm and total_norm are not finite numbers >= 0")
+        nt = clip["norm_type"]
+        if type(nt) is not float or not (nt > 0 or nt == -math.inf) or math.isnan(nt):
+            raise RecipeInvalid(f"recipe.clip.norm_type {nt!r} is not a norm order")
+    elif not _float(clip["clip_value"]):
+        raise RecipeInvalid("recipe.clip.clip_value is not a finite number >= 0")
