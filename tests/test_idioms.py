@@ -31,10 +31,13 @@ from gradledger.training.dataset import commit_dataset
 from gradledger.training.recorder import StepRefused
 from gradledger.training.trainer import Governance
 from forging import Forge
+from helpers import CROWD_KEY
 from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, new_ledger
 
 BATCH = 16
-KEYS = [WORLD.root, WORLD.trainer, WORLD.authority, WORLD.source]
+# The co-signers' keys too: the forger (who holds only the trainer's) re-signs their unchanged records
+# at their new chain positions, the strongest attacker the keys allow (tests/forging.py).
+KEYS = [WORLD.root, WORLD.trainer, WORLD.authority, WORLD.source, CROWD_KEY]
 
 
 def make_model() -> nn.Sequential:
@@ -110,6 +113,8 @@ def assert_verified(code: int, report: dict[str, Any]) -> None:
 
 def assert_caught(code: int, report: dict[str, Any], *words: str) -> None:
     assert code == 1, report
+    # Caught by a training check, never by a signature the forger could not make.
+    assert report["first_failure"]["name"] not in ("records", "tree heads"), report["first_failure"]
     failure = json.dumps(report.get("first_failure"))
     assert all(w in failure for w in words), failure
 
@@ -177,8 +182,7 @@ def test_gradient_accumulation_verifies_and_a_lie_about_it_fails(tmp_path: Path)
         assert len(u["batch"]) == 3 * BATCH and len(u["recipe"]["losses"]) == 3
     assert_verified(*verify(led, tmp_path))
     # A hostile trainer claims one big batch: the seeds, the order and the losses no longer replay.
-    code, report = verify(led, tmp_path, lambda f: [f.delete(k, ("recipe",)) for k in f.seqs("GovernedUpdate")])
-    assert code == 1
+    assert_caught(*verify(led, tmp_path, lambda f: [f.delete(k, ("recipe",)) for k in f.seqs("GovernedUpdate")]))
     code, report = verify(led, tmp_path, lambda f: f.set(first_update(f), ("recipe", "micro"), [32, 16]))
     assert_caught(code, report)
 
@@ -361,3 +365,27 @@ def test_shuffle_true_order_is_recorded_and_verifies(tmp_path: Path) -> None:
     assert any("NOT committed before training" in c["detail"] for c in report["checks"] if c["name"] == "runs")
     # A batch swapped after the fact no longer replays.
     assert_caught(*verify(led, tmp_path, lambda f: f.set(first_update(f), ("batch",), ups[1]["batch"])))
+
+
+# -- forging the new settings (a hostile trainer re-signing everything) --------------------------
+
+
+def test_forged_format_and_parameters_fail(tmp_path: Path) -> None:
+    led = governed(tmp_path / "f", clipped(3, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)))
+    run_started = lambda f: f.seqs("RunStarted")[-1]  # noqa: E731
+    # Claimed format 1: its recipes are then not allowed, and its checkpoints would need an lr.
+    assert_caught(*verify(led, tmp_path, lambda f: f.delete(run_started(f), ("settings", "format"))), "recipe")
+    assert_caught(*verify(led, tmp_path, lambda f: f.set(run_started(f), ("settings", "format"), 3)), "format")
+    # The clip's parameter order reversed: the program's order is the evidence.
+    def reverse(f: Forge) -> None:
+        f.edit(run_started(f), lambda b: b["settings"]["parameters"].reverse())
+    assert_caught(*verify(led, tmp_path, reverse), "parameters")
+
+
+def test_a_committed_order_relabelled_as_the_loaders_is_reported_as_such(tmp_path: Path) -> None:
+    # A downgrade of the claim, never an upgrade: the run still verifies, and the report says its
+    # order was not committed before training.
+    led = governed(tmp_path / "o", steps(3, lambda x, y, m, o: F.cross_entropy(m(x), y)))
+    code, report = verify(led, tmp_path, lambda f: f.set(f.seqs("RunStarted")[-1], ("settings", "order"), "loader"))
+    assert_verified(code, report)
+    assert any("NOT committed before training" in c["detail"] for c in report["checks"] if c["name"] == "runs")

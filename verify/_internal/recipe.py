@@ -73,7 +73,8 @@ def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
         raise RecipeInvalid(f"recipe.loss_divisor {recipe['loss_divisor']!r} is not the step's {k} micro-batches")
     if "autocast" in recipe:
         ac = recipe["autocast"]
-        if not isinstance(ac, dict) or set(ac) != {"device", "dtype"} or (ac["device"], ac["dtype"]) not in AUTOCAST:
+        if not isinstance(ac, dict) or set(ac) != {"device", "dtype"} or not all(
+                type(v) is str for v in ac.values()) or (ac["device"], ac["dtype"]) not in AUTOCAST:
             raise RecipeInvalid(f"recipe.autocast {ac!r} is not one of {sorted(AUTOCAST)}")
     if "loss_autocast" in recipe and (recipe["loss_autocast"] is not False or "autocast" not in recipe):
         raise RecipeInvalid("recipe.loss_autocast is only ever false, and only with recipe.autocast")
@@ -84,9 +85,10 @@ def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
 
 
 def _check_clip(clip: Any) -> None:
-    if not isinstance(clip, dict) or clip.get("kind") not in CLIPS or set(clip) != CLIPS[clip["kind"]]:
+    if not isinstance(clip, dict) or type(clip.get("kind")) is not str or clip["kind"] not in CLIPS or \
+            set(clip) != CLIPS[clip["kind"]]:
         raise RecipeInvalid(f"recipe.clip {clip!r} is not a clip the spec defines")
-    if clip["foreach"] not in (None, True, False):
+    if clip["foreach"] is not None and type(clip["foreach"]) is not bool:
         raise RecipeInvalid("recipe.clip.foreach is not null or a bool")
     if clip["kind"] == "norm":
         if not (_float(clip["max_norm"]) and _float(clip["total_norm"])):
