@@ -505,7 +505,16 @@ HOSTILE: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "attention across the batch": (lambda: Tail(lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0]),
                                    r"aten\.scaled_dot_product_attention\.default"),
     "a Gram matrix over the batch": (lambda: Tail(lambda h: h @ (h.t() @ h)), r"node 'matmul' \(aten\.matmul\.default\)"),
+    "gather across the batch": (lambda: _gathered(0), r"node 'gather' \(aten\.gather\.default\)"),
 }
+
+
+def _gathered(dim: int) -> nn.Module:
+    # gather along the batch dim picks other examples' rows; along features it stays in the row.
+    m = Tail(lambda h: h)
+    m.f = lambda h: torch.gather(h, dim, m.perm.reshape(4, 1).expand(4, 4) if dim == 0  # type: ignore[assignment]
+                                 else m.perm.reshape(1, 4).expand(h.shape[0], 4))
+    return m
 
 
 def _perm() -> nn.Module:
@@ -556,7 +565,22 @@ HONEST: dict[str, Callable[[], tuple[nn.Module, BandLayout, torch.Tensor]]] = {
     "transformer": lambda: (make_transformer(1, 2).float(), transformer_bands(make_transformer(1, 2)),
                             torch.randint(0, 7, (4, 5))),
     "encoder layers": lambda: (Encoder(), transformer_bands(Encoder()), torch.randint(0, 11, (4, 6))),
+    "gather within each example": lambda: (_gather_net(), sequential_bands(_gather_net(), 2), torch.randn(4, 4)),
 }
+
+
+def _gather_net() -> nn.Sequential:
+    torch.manual_seed(4)
+
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("perm", torch.tensor([[1, 0, 3, 2, 5, 4]]))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.gather(h, 1, self.perm.expand(h.shape[0], 6))
+
+    return nn.Sequential(nn.Linear(4, 6), Shuffle(), nn.ReLU(), nn.Linear(6, 3))
 
 
 def _seq(model: nn.Sequential) -> tuple[nn.Module, BandLayout, torch.Tensor]:

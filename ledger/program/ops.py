@@ -44,7 +44,7 @@ ATEN_OPS: frozenset[str] = frozenset({
     "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "flatten.using_ints", "unflatten.int",
     "expand.default", "contiguous.default", "clone.default", "detach.default", "alias.default", "slice.Tensor",
     "select.int", "narrow.default", "cat.default", "stack.default", "split.Tensor", "split_with_sizes.default",
-    "chunk.default", "unbind.int", "index_select.default", "sym_size.int",
+    "chunk.default", "unbind.int", "index_select.default", "gather.default", "sym_size.int",
     # reductions
     "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default",
     # comparisons, masks, selection

@@ -312,6 +312,17 @@ def _index_select(c: _Call) -> Tensor:
     return _fit(_comb(line, _all(c.owners["index"])), c.result, c.where())
 
 
+def _gather(c: _Call) -> Tensor:
+    """``out[p] = self[p with its dim coordinate replaced by index[p]]``: conservative like
+    index_select: the whole line along ``dim`` at the same other coordinates, and the index element."""
+    dim = c.args["dim"] % max(c.result.dim(), 1)
+    line = _red(c.owners["self"], [dim])
+    for d in range(line.dim()):
+        if d != dim and line.shape[d] > 1:
+            line = line.narrow(d, 0, c.result.shape[d])  # the other coordinates are the result's own
+    return _fit(_comb(line, c.owners["index"]), c.result, c.where())
+
+
 def _size(c: _Call) -> None:
     return None
 
@@ -376,6 +387,7 @@ RULES: dict[str, Rule] = {
     "aten.adaptive_avg_pool1d.default": _pool(1),
     "aten.scaled_dot_product_attention.default": _attention,
     "aten.index_select.default": _index_select,
+    "aten.gather.default": _gather,
     "aten.mean.dim": _reduction("dim"),
     "aten.mean.default": _reduction(None),
     "aten.sum.dim_IntList": _reduction("dim"),
