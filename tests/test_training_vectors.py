@@ -194,6 +194,16 @@ def test_step_seed_both(case: dict[str, Any]) -> None:
     assert VS.step_seed(case["seed"], case["step"]) == want
 
 
+@pytest.mark.parametrize("case", cases("micro_seed"), ids=ids("micro_seed"))
+def test_micro_seed_both(case: dict[str, Any]) -> None:
+    want = int(case["want"])
+    assert 0 <= want < 1 << 64
+    assert TT.micro_seed(case["seed"], case["step"], case["micro"]) == want
+    assert VS.micro_seed(case["seed"], case["step"], case["micro"]) == want
+    if case["micro"] == 0:
+        assert want == TT.step_seed(case["seed"], case["step"])
+
+
 # -- digests and band norms ------------------------------------------------------------------
 
 

@@ -244,6 +244,17 @@ def step_seed_cases() -> list[dict[str, Any]]:
     return out
 
 
+def micro_seed_cases() -> list[dict[str, Any]]:
+    """Format 2 (specs/training.md §2): micro-batch 0 takes step_seed; j >= 1 the micro-seed rule."""
+    out = []
+    for desc, seed, step, micro in [("micro 0 is the step seed", 7, 3, 0), ("micro 1", 7, 3, 1), ("micro 2", 7, 3, 2),
+                                    ("micro 23/24 CBOR boundary", 7, 3, 23), ("micro 24", 7, 3, 24),
+                                    ("seed uint64 max", 2**64 - 1, 0, 1)]:
+        out.append({"desc": desc, "seed": seed, "step": step, "micro": micro,
+                    "want": str(TT.micro_seed(seed, step, micro))})
+    return out
+
+
 # -- tensor_digest, checkpoint_digest --------------------------------------------
 
 _NP = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1",
@@ -338,7 +349,7 @@ def document() -> dict[str, Any]:
             "through training/ and verify/_internal/.",
             "route: sources resolve by name (trainer) or key_id (verifier) to the path in 'sources'; "
             "path null means no credential. want.limits is batch_limits of that one rule.",
-            "step_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
+            "step_seed and micro_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
             "tensor data is the little-endian C-order bytes in hex; wantErr is a substring of the message.",
         ],
         "bands": BANDS,
@@ -349,6 +360,7 @@ def document() -> dict[str, Any]:
         "order": order_cases(),
         "steps_per_epoch": steps_per_epoch_cases(),
         "step_seed": step_seed_cases(),
+        "micro_seed": micro_seed_cases(),
         "tensor_digest": tensor_cases(),
         "checkpoint_digest": checkpoint_cases(),
         "band_norm": band_norm_cases(),
