@@ -570,11 +570,16 @@ def _run_started(f: Forge, at: Layout, add: Add) -> None:
     environment key, the program, the name and the description."""
     orig_run, branch_run = at.orig_run, at.branch_run
     settings = f.body(orig_run)["settings"]
+    # specs/training.md §6: in format 2 each step states its own lr, momentum and betas.
+    per_step = Harmless("training.md", "§6 Registry", "reported but never evidence, because replay sets each step's "
+                        "own values before replaying it and no check relies on them")
     for path, value in leaves(settings):
         def change_setting(g: Forge, path: tuple[Any, ...] = ("settings", *path), value: Any = value) -> None:
             for k in g.seqs("RunStarted"):
                 g.set(k, path, other(value))
-        add(f"RunStarted.settings.{dotted(path)}", "RunStarted", change_setting)
+        varying = len(path) >= 4 and path[:2] == ("optimizer", "groups") and path[3] in ("lr", "momentum", "betas")
+        add(f"RunStarted.settings.{dotted(path)}", "RunStarted", change_setting,
+            harmless=per_step if varying and settings.get("format", 1) >= 2 else None)
     for path, value in leaves(f.body(branch_run)["settings"]["branch"]):
         add(f"RunStarted(branch).settings.branch.{dotted(path)}", "RunStarted",
             lambda g, p=("settings", "branch", *path), v=value: g.set(branch_run, p, other(v)))
@@ -1090,7 +1095,8 @@ def verify_forgery(forgery: Forgery, base: Forge, verifier: Any, workdir: Path) 
 #: The CI subset (tests/test_forgery_coverage.py, bench/forgery.py --quick): every record type and
 #: artifact kind, and every forgery the issues list as accepted.
 QUICK_NAMES = (
-    "RunStarted.settings.optimizer.groups[0].lr",
+    "RunStarted.settings.optimizer.groups[0].weight_decay",
+    "RunStarted.settings.format",
     "RunStarted.settings.loss.name",
     "RunStarted.settings.seed",
     "RunStarted(branch).settings.branch.rewind",
