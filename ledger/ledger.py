@@ -62,6 +62,9 @@ class Ledger:
         self.group = group
         self._working: LedgerState | None = None
         self._pending: list[Admitted] = []
+        # Background appenders (training's recorder thread): each is stopped before the ledger discards
+        # or commits at close, so none appends after a discard (the crash rule holds for them too).
+        self._appenders: list[Callable[[bool], None]] = []
 
     # -- opening -----------------------------------------------------------
 
@@ -114,7 +117,19 @@ class Ledger:
             raise
         return cls(path, st, state, lock_fd, group)
 
+    def attach_appender(self, stop: Callable[[bool], None]) -> Callable[[], None]:
+        """Register a background appender's ``stop(discard)``, called (joining it) before this ledger discards
+        its pending records (``discard=True``: drop what is queued) or commits them at close (``False``:
+        append what is queued first). Returns the function that detaches it."""
+        self._appenders.append(stop)
+        return lambda: self._appenders.remove(stop) if stop in self._appenders else None
+
+    def _stop_appenders(self, discard: bool) -> None:
+        for stop in list(self._appenders):
+            stop(discard)
+
     def close(self) -> None:
+        self._stop_appenders(False)
         if self._lock_fd is not None:
             self.commit()
         self._store.close()
@@ -127,6 +142,7 @@ class Ledger:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None:
+            self._stop_appenders(True)
             self._discard()
         self.close()
 
@@ -265,6 +281,7 @@ class Ledger:
         try:
             yield self
         except BaseException:
+            self._stop_appenders(True)
             self._discard()
             raise
         finally:

@@ -227,6 +227,7 @@ class StepRecorder:
                               "forward(s) and backward(s) of the batches drawn for it")
         if not self.run.started or self.run.closed:
             raise GovernanceError("the run is not active")
+        self.run.check_recording()  # a record the thread could not append ends the run here, before the step
         micros = self.pending
         if not micros or any(m.output is None for m in micros):
             raise StepRefused(f"step {step}: optimizer.step() needs a forward of the batch drawn for it through "

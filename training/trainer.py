@@ -47,6 +47,7 @@ from .gate import GatedModel, batch_statistics_module, check_routing, export_gat
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
+from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused, autocast, float_leaves
 from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
 
@@ -201,6 +202,7 @@ class Governance:
         self.run_seq: int | None = None
         self.policy_seq: int | None = None
         self.recorder: StepRecorder | None = None  # set once the run starts
+        self._writer: RecordWriter | None = None  # the recorder thread, from the run's start to its end
         self._gated: GovernedModel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
@@ -473,10 +475,24 @@ class Governance:
         order = [p for p in gated.model.parameters() if p.requires_grad]
         self.recorder = StepRecorder(self, gated, gated.bands, optimizer, self.loss_fn, order)
         self._stack.callback(self.recorder.detach)
+        self._writer = RecordWriter(self.ledger, self.key)
+        self._stack.push(self._writer_exit)
         self.started = True
 
-    def _end(self) -> None:
-        self._stack.close()
+    def _writer_exit(self, kind: Any, exc: Any, tb: Any) -> bool:
+        # Joined first at the run's end; on an exception what is still queued is dropped (it is discarded).
+        if self._writer is not None:
+            self._writer.close(discard=kind is not None)
+        return False
+
+    def _end(self, exc: BaseException | None = None) -> None:
+        # Unwinds the recorder thread (joined first: pushed last), the hooks, the ledger's deferred
+        # mode and deterministic algorithms. With ``exc`` the deferred records are discarded.
+        if exc is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            self._stack = contextlib.ExitStack()
 
     # -- batches ---------------------------------------------------------------------
 
@@ -636,26 +652,60 @@ class Governance:
 
     def record_step(self, micros: Sequence[Micro], recipe: Mapping[str, Any], loss: float, grad_norms: list[float],
                     update_norms: list[float], optimizer: torch.optim.Optimizer) -> None:
-        """Append the step's GovernedUpdate (specs/training.md §3.1) and checkpoint when due."""
+        """Hand the step's GovernedUpdate (specs/training.md §3.1) to the recorder thread; checkpoint when due.
+
+        Only plain Python values cross to the thread (the step's indices, rules, limits, norms, the
+        optimizer's settings as they are now: a scheduler may change them before the next step), so
+        the user's loop goes on while the record is built, encoded, signed and admitted.
+        """
+        step = self.step
         indices = [i for m in micros for i in m.batch.indices]
         rules = [r for m in micros for r in m.batch.rules]
-        body = update_body(
-            self.step, indices, rules, self.limits(micros), policy=self.policy.digest, loss=loss,
-            grad_norms=grad_norms, update_norms=update_norms, optimizer=describe_optimizer(optimizer),
-            seeds={"run": self.seed, "step": step_seed(self.seed, self.step)}, writes_of=self._writes_of,
-            names=self._sources, n_bands=len(self.layout),
-        )
-        if recipe:
-            body["recipe"] = dict(recipe)
-        self.ledger.append("GovernedUpdate", body, self.key)
+        limits = self.limits(micros)
+        described = describe_optimizer(optimizer)
+        recipe = dict(recipe)
+
+        def build() -> dict[str, Any]:
+            body = update_body(
+                step, indices, rules, limits, policy=self.policy.digest, loss=loss,
+                grad_norms=grad_norms, update_norms=update_norms, optimizer=described,
+                seeds={"run": self.seed, "step": step_seed(self.seed, step)}, writes_of=self._writes_of,
+                names=self._sources, n_bands=len(self.layout),
+            )
+            if recipe:
+                body["recipe"] = recipe
+            return body
+
+        assert self._writer is not None
+        self._writer.submit(f"the GovernedUpdate of step {step}", "GovernedUpdate", build)
         self.step += 1
         if self.step % self.checkpoint_every == 0:
             self._checkpoint()
+
+    def check_recording(self) -> None:
+        """Raise the recorder thread's failure (at the next optimizer.step()): the run then ends, its
+        uncommitted records discarded, so the committed log ends at its last checkpoint."""
+        writer = self._writer
+        if writer is not None and writer.failed:
+            self._drain()
+
+    def _drain(self) -> None:
+        # Every GovernedUpdate submitted is appended before what follows (a Checkpoint); a failure ends
+        # the run here: nothing after it is committed (the deferred records are discarded).
+        if self._writer is None:
+            return
+        try:
+            self._writer.drain()
+        except RecordingFailed as exc:
+            self.closed = True
+            self._end(exc)
+            raise
 
     # -- checkpoints and close -----------------------------------------------------------
 
     def _checkpoint(self) -> CheckpointData:
         assert self._gated is not None and self._optimizer is not None
+        self._drain()  # the steps before this checkpoint are appended first, in order
         if self.recorder is not None:
             self.recorder.drop_snapshot()  # not held through the checkpoint's own copies
         made = make_checkpoint(self.step, self._gated.model, self._optimizer,
@@ -677,9 +727,11 @@ class Governance:
             self.close()
         else:
             # A failed loop records nothing more: the committed log ends at the last checkpoint, as
-            # after a crash, and the run can be resumed from it.
+            # after a crash, and the run can be resumed from it. The exception reaches the ledger's
+            # deferred() too, which discards the steps since that checkpoint (a later ledger.close()
+            # would otherwise commit them).
             self.closed = True
-            self._end()
+            self._end(exc if isinstance(exc, BaseException) else None)
 
     def close(self) -> CheckpointData | None:
         """Final checkpoint (unless the last step was just checkpointed) and tree head; remove the hooks."""

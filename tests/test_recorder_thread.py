@@ -1,0 +1,155 @@
+"""The recorder thread (training/record_thread.py, issue 11): GovernedUpdates are built, signed and appended
+behind the user's loop, yet in step order, each before its Checkpoint; a failed append reaches the user at
+the next optimizer.step() or at close(), and nothing after it is committed; a crash, also while the thread
+lags behind, leaves the committed log at a checkpoint (specs/training.md §1)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from gradledger.ledger.ledger import Ledger
+from gradledger.training.record_thread import RecordingFailed
+from gradledger.training.trainer import Trainer
+from test_trainer import EVERY, STEPS, bodies, engine_for, new_ledger, parts
+
+
+class Refused(Exception):
+    """The ledger's refusal of one append, simulated."""
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _torch_flags() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def failing_at(led: Ledger, step: int, *, delay: float = 0.0) -> list[tuple[str, int | None]]:
+    """Make ``led`` refuse the GovernedUpdate of ``step`` (slowing each one by ``delay`` s, so the thread
+    lags behind the loop); return the list every append is logged to, (type, step), in order."""
+    real = led.append
+    log: list[tuple[str, int | None]] = []
+
+    def append(type_name: str, body: dict[str, Any], key: Any, **kw: Any) -> Any:
+        if type_name == "GovernedUpdate":
+            time.sleep(delay)
+            if body["step"] == step:
+                raise Refused(f"step {step} refused")
+        log.append((type_name, body.get("step")))
+        return real(type_name, body, key, **kw)
+
+    led.append = append  # type: ignore[method-assign]
+    return log
+
+
+def committed(path: Path) -> tuple[list[int], list[int], str]:
+    """The committed GovernedUpdate steps, Checkpoint steps and last record type of the ledger at ``path``."""
+    led = Ledger.open(path)
+    try:
+        return ([b["step"] for b in bodies(led, "GovernedUpdate")], [b["step"] for b in bodies(led, "Checkpoint")],
+                led.observation(led.size - 1).type)
+    finally:
+        led.close()
+
+
+@pytest.mark.parametrize("fail", [0, 2, 3, 5, 6])
+def test_a_refused_append_reaches_the_user_and_nothing_after_it_is_committed(tmp_path: Path, fail: int) -> None:
+    path = tmp_path / "ledger"
+    led, ds = new_ledger(path)
+    failing_at(led, fail)
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    gm, gopt, gloader = engine.make_governed(model, opt, loader)
+    with pytest.raises(RecordingFailed, match=f"step {fail}") as caught:
+        Trainer(engine).fit(gm, gopt, gloader, STEPS)  # at the next step(), a checkpoint's drain, or close()
+    assert isinstance(caught.value.__cause__, Refused)
+    assert engine.closed  # the run is over: its hooks are gone, nothing more is recorded
+    engine.close()  # the failure was reported once; close records nothing more
+    led.close()  # a plain close commits what is pending: nothing, it was discarded
+    last_ckpt = fail // EVERY * EVERY
+    steps, ckpts, last = committed(path)
+    assert steps == list(range(last_ckpt))
+    assert ckpts == list(range(0, last_ckpt + 1, EVERY))
+    assert last == "TreeHead"
+
+
+def test_a_failure_on_the_last_step_is_raised_by_close(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    led, ds = new_ledger(path)
+    failing_at(led, 4)
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    gm, gopt, gloader = engine.make_governed(model, opt, loader)
+    Trainer(engine).fit(gm, gopt, gloader, 5, close=False)  # no step() after step 4's: nothing to raise at yet
+    with pytest.raises(RecordingFailed, match="step 4"):
+        engine.close()
+    led.close()
+    assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")
+
+
+def test_records_in_step_order_each_update_before_its_checkpoint(tmp_path: Path) -> None:
+    # The thread lags (each append slowed): the checkpoint still waits for it, and the chain equals a run's
+    # whose appends keep up.
+    fast, ds = new_ledger(tmp_path / "fast")
+    model, opt, loader = parts()
+    engine = engine_for(fast, ds, model)
+    Trainer(engine).fit(*engine.make_governed(model, opt, loader), STEPS)
+    slow, ds = new_ledger(tmp_path / "slow")
+    log = failing_at(slow, -1, delay=0.02)
+    model, opt, loader = parts()
+    engine = engine_for(slow, ds, model)
+    Trainer(engine).fit(*engine.make_governed(model, opt, loader), STEPS)
+    run = [entry for entry in log if entry[0] in ("GovernedUpdate", "Checkpoint")]
+    want: list[tuple[str, int | None]] = [("Checkpoint", 0)]
+    for s in range(STEPS):
+        want.append(("GovernedUpdate", s))
+        if (s + 1) % EVERY == 0:
+            want.append(("Checkpoint", s + 1))
+    want.append(("Checkpoint", STEPS))
+    assert run == want
+    kinds = [slow.observation(i).type for i in range(slow.size)]
+    assert kinds[-2:] == ["Checkpoint", "TreeHead"]
+    assert bodies(slow, "GovernedUpdate") == bodies(fast, "GovernedUpdate")
+    assert bodies(slow, "Checkpoint") == bodies(fast, "Checkpoint")
+    slow.close()
+    fast.close()
+
+
+def test_a_crash_while_the_thread_lags_leaves_the_log_at_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    led, ds = new_ledger(path)
+    log = failing_at(led, -1, delay=0.05)
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    with pytest.raises(Crash), led:  # the ledger discards pending records, after stopping the thread
+        gm, gopt, gloader = engine.make_governed(model, opt, loader)
+        Trainer(engine).fit(gm, gopt, gloader, 5, close=False)  # steps 3 and 4 still queued or being appended
+        raise Crash
+    after_exit = list(log)
+    time.sleep(0.3)  # a thread left running would append step 4's record (or more) now
+    assert log == after_exit
+    assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")
+
+
+def test_an_exception_in_the_loop_discards_the_steps_since_the_checkpoint(tmp_path: Path) -> None:
+    # Governance's own with-block: a failed loop records nothing more, even if the ledger is then closed
+    # normally (which commits what is pending).
+    path = tmp_path / "ledger"
+    led, ds = new_ledger(path)
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    with pytest.raises(Crash), engine:
+        gm, gopt, gloader = engine.make_governed(model, opt, loader)
+        Trainer(engine).fit(gm, gopt, gloader, 5, close=False)
+        raise Crash
+    led.close()
+    assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")
