@@ -203,6 +203,8 @@ class Governance:
         self.policy_seq: int | None = None
         self.recorder: StepRecorder | None = None  # set once the run starts
         self._writer: RecordWriter | None = None  # the recorder thread, from the run's start to its end
+        self._described: dict[str, Any] | None = None  # the optimizer as checked before this step
+        self._recorded_fixed: tuple[dict[str, Any], bytes] | None = None
         self._gated: GovernedModel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
@@ -593,10 +595,14 @@ class Governance:
         # other hyper-parameter is the RunStarted's, and a change is refused before the step.
         recorded = self._run_optimizer
         now = describe_optimizer(optimizer)
+        # What this step records (step() changes no hyper-parameter; a scheduler changes them after it).
+        self._described = now
         if recorded is None:
             return
         fixed = [[{k: v for k, v in g.items() if k not in VARYING} for g in d["groups"]] for d in (now, recorded)]
-        if len(now["groups"]) != len(recorded["groups"]) or encoding.encode(fixed[0]) != encoding.encode(fixed[1]):
+        if self._recorded_fixed is None or self._recorded_fixed[0] is not recorded:
+            self._recorded_fixed = (recorded, encoding.encode(fixed[1]))  # the RunStarted's: encoded once
+        if len(now["groups"]) != len(recorded["groups"]) or encoding.encode(fixed[0]) != self._recorded_fixed[1]:
             raise StepRefused(
                 f"step {self.step}: the optimizer's hyper-parameters are {fixed[0]}, but the run recorded "
                 f"{fixed[1]} at RunStarted; only {', '.join(sorted(VARYING))} may change during a run "
@@ -662,7 +668,7 @@ class Governance:
         indices = [i for m in micros for i in m.batch.indices]
         rules = [r for m in micros for r in m.batch.rules]
         limits = self.limits(micros)
-        described = describe_optimizer(optimizer)
+        described, self._described = self._described or describe_optimizer(optimizer), None
         recipe = dict(recipe)
 
         def build() -> dict[str, Any]:
