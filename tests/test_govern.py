@@ -83,6 +83,7 @@ def test_an_exception_in_the_loop_leaves_the_log_at_a_checkpoint(project: Path) 
     model = _bert()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    before = torch.are_deterministic_algorithms_enabled()
     with gradledger.Project.open(project) as p:
         size = p.ledger.size
         with pytest.raises(RuntimeError, match="boom"):
@@ -100,4 +101,4 @@ def test_an_exception_in_the_loop_leaves_the_log_at_a_checkpoint(project: Path) 
         # RunStarted, checkpoint 0, two updates, checkpoint 2: step 2's update was never committed.
         assert tail[-2:] == ["Checkpoint", "TreeHead"]
         assert tail.count("GovernedUpdate") == 2
-        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() == before  # the run's switch undone
