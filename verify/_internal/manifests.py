@@ -173,7 +173,18 @@ def bytes_example_id(data: bytes) -> bytes:
 
 
 def _votes(sources: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
-    return [(src["vote"], src["confidence"]) for src in sources if src["vote"] != ABSTAIN]
+    # The schema already bounds votes and confidences of a parsed manifest; §3's function checks
+    # its own inputs too, so it refuses what the trainer's twin refuses (specs/vectors aggregate).
+    votes = []
+    for i, src in enumerate(sources):
+        vote, conf = src["vote"], src["confidence"]
+        if type(vote) is not int or not ABSTAIN <= vote <= MAX_CLASS:
+            raise ManifestInvalid(f"source {i}: vote {vote!r} is neither a class index nor -1")
+        if not isinstance(conf, float) or not 0.0 <= conf <= 1.0:
+            raise ManifestInvalid(f"source {i}: confidence {conf!r} is not in [0, 1]")
+        if vote != ABSTAIN:
+            votes.append((vote, conf))
+    return votes
 
 
 def _smallest_best(scores: Mapping[int, Any]) -> int:
@@ -193,6 +204,8 @@ def aggregate(
     votes = _votes(sources)
     if not votes:
         raise ManifestInvalid("no source votes: every source abstains")
+    if probs is not None and rule != "label-model":
+        raise ManifestInvalid(f"label-model probabilities given to the {rule!r} rule")
     if rule == "single":
         if len(votes) != 1:
             raise ManifestInvalid(f"'single' needs exactly one vote, got {len(votes)}")
@@ -214,8 +227,8 @@ def aggregate(
             ratio = weight[label] / total
             confidence = ratio.numerator / ratio.denominator  # rounded once, ties to even
     elif rule == "label-model":
-        if not probs:
-            raise ManifestInvalid("'label-model' needs probs")
+        if not probs or not all(isinstance(p, float) and 0.0 <= p <= 1.0 for p in probs):
+            raise ManifestInvalid("'label-model' needs probs, each in [0, 1]")
         label = _smallest_best(dict(enumerate(probs)))
         confidence = probs[label]
     else:
