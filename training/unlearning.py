@@ -31,7 +31,7 @@ from .gate import clip_bands
 from .policy import batch_limits, load_adopted, profiles_tensor
 from .registry import build_optimizer, checkpoint_skips, loss_function
 from .retirement import Dependents, dependents, relabeled_artifact, removed_artifact, retirements
-from .trainer import _NO_AUTOCOMMIT, route_examples, step_and_measure, update_body
+from .trainer import route_examples, step_and_measure, torch_deterministic, update_body
 
 MODES = ("exact",)
 
@@ -308,18 +308,16 @@ def unlearn(
     removed = set(deps.removed)
 
     ledger.commit()  # the caller's pending records are theirs: a failure below discards only the branch's
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             ledger.group)
-    torch.use_deterministic_algorithms(True)
-    try:
+    # The ledger's own commit policy: from here on it commits only at the branch's tree heads, and a
+    # failure discards back to the last one (which follows a checkpoint, or precedes the branch's
+    # RunStarted), so a failed unlearning leaves no half-recorded segment behind.
+    with torch_deterministic(), ledger.deferred():
         replayer = _Replayer(ledger, run, dataset, deps)
         replayer.restore(ledger, rewind)
         # Digested in place, not serialized: the branch re-records the rewind checkpoint's own artifact.
         state, _ = flatten_state(replayer.inner, replayer.optimizer, copy=False, skip_group_keys=replayer.skips)
         if checkpoint_digest({n: tensor_digest(t) for n, t in state.items()}) != rewind["digest"]:
             raise UnlearningError(f"the rewind checkpoint (seq {rewind_seq}) does not restore to its own digest")
-        # Nothing appended before this point; from here on the ledger commits only at tree heads.
-        ledger.group = _NO_AUTOCOMMIT
         removed_digest = ledger.put_artifact(removed_artifact(deps.removed))
         relabeled_digest = ledger.put_artifact(relabeled_artifact(deps.labels()))
         branch = {"of": run.seq, "rewind": rewind_seq, "retired": retired_seq, "removed": removed_digest,
@@ -362,15 +360,6 @@ def unlearn(
                 "new_head": head, "removed": removed_digest, "relabeled": relabeled_digest}
         cert_seq = ledger.append("UnlearningCertificate", cert, key).seq
         ledger.tree_head(key)
-    except BaseException:
-        # Back to the last tree head, which follows a checkpoint (or to before the branch's
-        # RunStarted): a failed unlearning leaves no half-recorded segment behind.
-        ledger._discard()
-        raise
-    finally:
-        det, warn_only, group = saved
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        ledger.group = group
     return UnlearningResult(
         source=source, mode=mode, run_id=run.run_id, branch_run_id=new_id, retired_seq=retired_seq, run_seq=run.seq,
         branch_seq=branch_seq, first_step=first_step, rewind_step=rewind["step"], rewind_seq=rewind_seq,
