@@ -123,6 +123,9 @@ def _mix_tree(obj: Any, r: Tensor) -> Any:
     raise BandError(f"cannot route a module output of type {type(obj).__name__}")
 
 
+_set = object.__setattr__
+
+
 def _is_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
@@ -206,12 +209,14 @@ class GatedModel(nn.Module):
         n = len(self.bands)
         if self._ratios is not None:
             raise BandError("GatedModel.forward is not re-entrant")
-        self._ratios = ratios
-        self._calls = [0] * n
+        # Plain attributes (neither parameters, buffers nor modules): set past nn.Module.__setattr__, whose
+        # checks cost microseconds on every step.
+        _set(self, "_ratios", ratios)
+        _set(self, "_calls", [0] * n)
         try:
             out = self.model(x)
         finally:
-            self._ratios = None
+            _set(self, "_ratios", None)
         for k in range(1, n):
             if self._calls[k] != 1:
                 raise BandError(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from . import clipping
 from .bands import ResolvedBands
 from .errors import GovernanceError
 from .gate import _l2_of_norms, clip_bands
+from .loss_grad import direct_loss_grads
 from .order import micro_seed
 from .registry import LossFn
 
@@ -82,6 +83,9 @@ def _autocast_state() -> tuple[str, str] | None:
 def autocast(state: tuple[str, str] | None) -> Iterator[None]:
     """Run under the recorded autocast state (or with autocast off, when ``state`` is None)."""
     if state is None:
+        if not torch.is_autocast_enabled("cpu"):
+            yield  # already off: entering torch.autocast(enabled=False) would cost a few microseconds a call
+            return
         with torch.autocast("cpu", enabled=False):
             yield
         return
@@ -310,11 +314,21 @@ class StepRecorder:
     def _recognize(self, m: Micro, leaf: int, k: int, step: int, j: int) -> tuple[float, int, bool]:
         """Which recordable loss sent ``m``'s output gradient: (its value, divisor, computed under autocast)."""
         got = m.grads[leaf]
-        out = m.output[leaf].detach().requires_grad_() if m.output else None
-        assert out is not None
+        assert m.output is not None
         labels = m.batch.labels
-        places = [m.autocast, None] if m.autocast is not None else [None]
         divisors = [1, k] if k > 1 else [1]
+        if m.autocast is None:
+            # The plain case without the autograd engine: the same kernels, bit for bit (loss_grad.py).
+            run = self.run
+            direct = direct_loss_grads(run.loss_name, run.loss_settings, m.output[leaf], labels, divisors)
+            if direct is not None:
+                loss, wants = direct
+                for d, want in zip(divisors, wants):
+                    if want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got):
+                        return float(loss), d, False
+                self._refuse_loss(k, step, j)
+        out = m.output[leaf].detach().requires_grad_()
+        places = [m.autocast, None] if m.autocast is not None else [None]
         with torch.enable_grad():
             for place in places:
                 with autocast(place):
@@ -323,6 +337,9 @@ class StepRecorder:
                     (want,) = torch.autograd.grad(loss / d if d != 1 else loss, out, retain_graph=True)
                     if want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got):
                         return float(loss.detach()), d, place is not None
+        self._refuse_loss(k, step, j)
+
+    def _refuse_loss(self, k: int, step: int, j: int) -> NoReturn:
         run = self.run
         scaled = f", nor of it divided by the {k} micro-batches" if k > 1 else ""
         raise StepRefused(

@@ -594,6 +594,16 @@ class Governance:
         # specs/training.md §6: lr, momentum and betas may change step to step (a scheduler); every
         # other hyper-parameter is the RunStarted's, and a change is refused before the step.
         recorded = self._run_optimizer
+        # The param groups' values, cheap to compare: unchanged since the last step that passed, that
+        # step's description and check stand (describing and encoding cost tens of microseconds a step).
+        # Only immutable values are compared so: a tensor lr or a list can change in place under the same
+        # object, and a tuple compares its items by identity first; with one of those it is described anew.
+        key = tuple(tuple((k, _exact(v)) for k, v in g.items() if k != "params") for g in optimizer.param_groups)
+        cacheable = all(_immutable(v) for g in key for _, v in g)
+        last = getattr(self, "_checked_groups", None)
+        if cacheable and last is not None and last[0] is recorded and last[1] == key:
+            self._described = last[2]
+            return
         now = describe_optimizer(optimizer)
         # What this step records (step() changes no hyper-parameter; a scheduler changes them after it).
         self._described = now
@@ -607,6 +617,7 @@ class Governance:
                 f"step {self.step}: the optimizer's hyper-parameters are {fixed[0]}, but the run recorded "
                 f"{fixed[1]} at RunStarted; only {', '.join(sorted(VARYING))} may change during a run "
                 "(specs/training.md §6)")
+        self._checked_groups = (recorded, key, now) if cacheable else None
 
     def self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
         """Replay this step's gradient from the exported program, as the verifier will, and refuse the step
@@ -683,7 +694,13 @@ class Governance:
             return body
 
         assert self._writer is not None
-        self._writer.submit(f"the GovernedUpdate of step {step}", "GovernedUpdate", build)
+        try:
+            self._writer.submit(f"the GovernedUpdate of step {step}", "GovernedUpdate", build)
+        except RecordingFailed as exc:
+            # An earlier record failed since this step's pre-step check: the run ends here, as in _drain.
+            self.closed = True
+            self._end(exc)
+            raise
         self.step += 1
         if self.step % self.checkpoint_every == 0:
             self._checkpoint()
@@ -876,6 +893,22 @@ def update_body(
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _exact(value: Any) -> Any:
+    # Compared exactly: 1 == True == 1.0 and 0.0 == -0.0 in Python, but each records differently.
+    if type(value) is float:
+        return ("float", value.hex())
+    if type(value) is tuple:
+        return tuple(_exact(v) for v in value)
+    return (type(value).__name__, value) if type(value) in (bool, int) else value
+
+
+def _immutable(value: Any) -> bool:
+    # A value that cannot change while the optimizer keeps the same object (check_hyperparameters).
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    return type(value) is tuple and all(_immutable(v) for v in value)
 
 
 def _same(a: Any, b: Any) -> bool:
