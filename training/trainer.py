@@ -50,6 +50,7 @@ from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, pr
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused, autocast, float_leaves
 from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
+from .runtime import no_uninitialized_fill
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order.
@@ -472,6 +473,7 @@ class Governance:
 
     def _begin(self, gated: GovernedModel, optimizer: torch.optim.Optimizer) -> None:
         self._stack.enter_context(torch_deterministic())
+        self._stack.enter_context(no_uninitialized_fill())  # a NaN fill of every allocation: runtime.py
         # Between checkpoints nothing is committed: a crash leaves the log at a checkpoint.
         self._stack.enter_context(self.ledger.deferred())
         order = [p for p in gated.model.parameters() if p.requires_grad]
