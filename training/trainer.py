@@ -58,8 +58,6 @@ FORMAT = 2
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
-#: Kept for unlearning, which takes over the ledger's commit policy the same way.
-_NO_AUTOCOMMIT = 1 << 62
 
 
 @dataclass(frozen=True)
