@@ -9,9 +9,10 @@ Why: bench/overhead.py measures the governance tax on hand-written models driven
 loop unchanged) on the architectures people actually train:
 
 - ``bert``: transformers' ``BertForSequenceClassification`` built from a ``BertConfig`` (4 layers,
-  hidden 128, 4 heads, vocab 1000, seq len 32). The model contract is one input tensor, so the
-  attention mask is derived inside the model from the padding (``BertWithMask``); the synthetic
-  sequences have real padding (lengths 8..32), so the mask changes the logits.
+  hidden 128, 4 heads, vocab 1000, seq len 32), taking ``input_ids`` and ``attention_mask`` as a
+  tokenizer gives them: the dataset's examples are dicts of the two (a model of parts,
+  specs/training.md §5.1) and both loops call ``model(**inputs)``; the synthetic sequences have
+  real padding (lengths 8..32), so the mask changes the logits.
 - ``resnet18``: tests/archs.py's torchvision-named ResNet-18 (10 classes, 32x32 inputs) with its
   BatchNorms in eval mode (running statistics): train-mode BatchNorm is refused by design,
   examples would share batch statistics.
@@ -62,7 +63,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -97,45 +98,60 @@ def log(msg: str) -> None:
 VOCAB, SEQ, PAD = 1000, 32, 0
 
 
-class BertWithMask(nn.Module):
-    """One input tensor (input_ids), as the model contract requires: the attention mask is derived
-    here from the padding, so a padded key position is masked exactly as a two-input model would do.
-
-    It is handed to BERT already in its 4-D additive form ([B, 1, L, L], 0 where attended, the
-    dtype's minimum where padded), which transformers passes through unchanged: its own expansion
-    of a 2-D mask (masking_utils) moves tensors with ``aten.to.device`` / ``to.dtype_layout``, which
-    are not on the program allowlist, so the step-0 self-check refuses that program.
-    """
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-        self.train(bert.training)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        length = input_ids.shape[1]
-        padded = (input_ids == PAD)[:, None, None, :].to(torch.float32)
-        attention_mask = (padded * torch.finfo(torch.float32).min).expand(-1, 1, length, length)
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def bert_model() -> nn.Module:
     assert transformers is not None
     torch.manual_seed(1234)
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                   intermediate_size=512, max_position_embeddings=SEQ, num_labels=CLASSES,
                                   pad_token_id=PAD)
-    return BertWithMask(transformers.BertForSequenceClassification(cfg))
+    return Logits(transformers.BertForSequenceClassification(cfg))
 
 
-def bert_data(n: int) -> tuple[Tensor, Tensor]:
-    """Token sequences of lengths 8..32, right-padded with PAD; the label depends on the real tokens only."""
+class Logits(nn.Module):
+    """The HF model's logits (``.logits`` of its ``ModelOutput``), called as the HF model is: ``**inputs``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.hf = model
+        self.train(model.training)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def bert_data(n: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Token sequences of lengths 8..32, right-padded with PAD, and their attention masks (a tokenizer's
+    two outputs); the label depends on the real tokens only."""
     g = torch.Generator().manual_seed(2024)
     x = torch.randint(1, VOCAB, (n, SEQ), generator=g)
     lengths = torch.randint(8, SEQ + 1, (n,), generator=g)
-    x[torch.arange(SEQ)[None, :] >= lengths[:, None]] = PAD
-    y = ((x * (x != PAD)).sum(1) + lengths) % CLASSES
-    return x.contiguous(), y.to(torch.int64)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).to(torch.int64)
+    x = x * mask + PAD * (1 - mask)
+    y = ((x * mask).sum(1) + lengths) % CLASSES
+    return {"input_ids": x.contiguous(), "attention_mask": mask}, y.to(torch.int64)
+
+
+def rows(x: Any, index: Tensor) -> Any:
+    """Rows ``index`` of the inputs: a tensor, or a dict of part columns."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+
+def call(model: nn.Module, inputs: Any) -> Tensor:
+    """The user's forward: ``model(**inputs)`` for a tokenizer's dict, ``model(inputs)`` for a tensor."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+class Examples(Dataset):
+    """Item i: (example i's inputs, its label); a dict of parts when the inputs are a dict of columns."""
+
+    def __init__(self, x: Any, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Any, Tensor]:
+        return ({k: v[i] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[i]), self.y[i]
 
 
 def resnet_model() -> nn.Module:
@@ -212,23 +228,23 @@ class Plain:
         self.model = MODELS[name]["make"]()
         self.opt = make_optimizer(self.model)
         self.batch = MODELS[name]["batch"]
-        self.per_epoch = -(-len(x) // self.batch)
+        self.per_epoch = -(-len(y) // self.batch)
         self.orders: dict[int, Tensor] = {}
         self.step_no = 0
 
     def prefetch_order(self, upto_step: int) -> None:
         for e in range(upto_step // self.per_epoch + 1):
             if e not in self.orders:
-                self.orders[e] = torch.tensor(epoch_order(SEED, e, len(self.x)), dtype=torch.int64)
+                self.orders[e] = torch.tensor(epoch_order(SEED, e, len(self.y)), dtype=torch.int64)
 
     def steps(self, k: int) -> None:
         model, opt, b = self.model, self.opt, self.batch
         for _ in range(k):
             e, p = divmod(self.step_no, self.per_epoch)
             index = self.orders[e][p * b : (p + 1) * b]
-            inputs, labels = self.x[index], self.y[index]
+            inputs, labels = rows(self.x, index), self.y[index]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), labels)
+            loss = F.cross_entropy(call(model, inputs), labels)
             loss.backward()
             opt.step()
             float(loss.detach())
@@ -244,7 +260,8 @@ class Governed:
             project.label(x, y.tolist(), source="dr-lee", name=name)
         model = MODELS[name]["make"]()
         opt = make_optimizer(model)
-        loader = DataLoader(TensorDataset(x, y), batch_size=MODELS[name]["batch"], shuffle=True)
+        data = Examples(x, y) if isinstance(x, dict) else TensorDataset(x, y)
+        loader = DataLoader(data, batch_size=MODELS[name]["batch"], shuffle=True)
         self.project = gradledger.Project.open(self.path)
         self.model, self.opt, self.loader = gradledger.govern(
             model, opt, loader, project=self.project, dataset=name, run_id=f"bench-{name}",
@@ -261,7 +278,7 @@ class Governed:
                 self._it = iter(self.loader)
                 inputs, labels = next(self._it)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), labels)
+            loss = F.cross_entropy(call(model, inputs), labels)
             loss.backward()
             opt.step()
             float(loss.detach())
@@ -332,7 +349,7 @@ def time_model(name: str, rounds: int, k: int, sub: int, root: Path, replay: boo
     out: dict[str, Any] = {
         "ratio": statistics.median(ratios), "governed_ms": statistics.median(gms), "plain_ms": statistics.median(pms),
         "ratios": [round(v, 4) for v in ratios], "setup_s": setup_s, "steps": steps, "governed_train_s": gov_total,
-        "params": sum(p.numel() for p in plain.model.parameters()), "examples": len(x),
+        "params": sum(p.numel() for p in plain.model.parameters()), "examples": len(y),
     }
     if replay:
         out.update(replay_run(name, gov.path, root, gov_total))
@@ -495,8 +512,7 @@ def main() -> None:
     result["models"] = detail
     if skipped:
         result["skipped"] = skipped
-    result["bert_inputs"] = ("input_ids only; attention_mask derived in-model from padding (input_ids == 0), passed to BERT as its 4-D "
-                            "additive mask: the 2-D path (masking_utils) uses aten.to.device, not on the program allowlist")
+    result["bert_inputs"] = "input_ids and attention_mask, a dict per example (a model of parts), called model(**inputs)"
     result["vit_source"] = ("tests/archs.py re-implementation with timm's module names: timm imports torchvision, "
                             "whose registry build is CUDA-only and breaks the CPU torch here")
     result["config"] = {

@@ -54,6 +54,7 @@ def govern(
     seed: int = 0,
     root_key: SigningKey | None = None,
     description: str | None = None,
+    call: str = "spread",
 ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
     """Govern the user's three objects; return them ready for the user's own loop.
 
@@ -63,7 +64,9 @@ def govern(
     default bands (``layouts.default_layout``) named as the policy's bands. ``loss`` is the loss the
     run records; the loop may compute it any way with the same gradient. ``order="loader"`` records
     the loader's own order (``shuffle=True`` included); ``"committed"`` uses the seeded order fixed
-    before training. The run is ``model.run`` (also ``loader.run``): ``model.run.close()`` at the end.
+    before training. A dataset whose inputs are dicts or tuples of tensors (``input_ids``,
+    ``attention_mask``...) is a model of parts: ``call="spread"`` calls the model as ``model(**x)`` /
+    ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run`` (also ``loader.run``): ``model.run.close()`` at the end.
     """
     if project is not None:
         ledger = ledger if ledger is not None else project.ledger
@@ -80,5 +83,5 @@ def govern(
         layout = default_layout(model, n_bands=len(policy.bands), names=tuple(policy.bands))
     run = Governance(ledger, key, dataset=dataset, policy=policy, layout=layout, run_id=run_id, loss=loss,
                      loss_settings=loss_settings, checkpoint_every=checkpoint_every, seed=seed, root_key=root_key,
-                     order=order, description=description)
+                     order=order, description=description, call=call)
     return run.make_governed(model, optimizer, loader)

@@ -8,7 +8,7 @@ authenticated and omission or substitution is detectable (specs/manifests.md §5
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from gradledger.ledger import schema as s
 from gradledger.ledger.credentials import Credential, CredentialRegistry
@@ -18,7 +18,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.merkle import leaf_hash, root_of
 
 from .errors import DatasetError, ManifestError
-from .manifests import SignedManifest, example_id, parse_manifest, verify_manifest
+from .manifests import MAX_PARTS, PART_NAME, SignedManifest, example_id, parse_manifest, verify_manifest
 
 #: Any recorded revocation: every one was recorded before a commit appended now.
 _ANY_TIME = 1 << 64
@@ -184,24 +184,75 @@ def _check(registry: CredentialRegistry, i: int, m: SignedManifest, committed_at
 
 
 DATA_TENSOR = "x"
+#: A structured example's part ``name`` is stored as tensor ``x.<name>`` (specs/manifests.md §5).
+PART_PREFIX = "x."
+
+
+def input_columns(inputs: Any) -> Any:
+    """The committed inputs as stored: one tensor (row ``i`` = example ``i``), or, for examples made of
+    parts, a dict part name -> tensor of rows. Accepts a tensor or array, a dict of such columns
+    (a tokenizer's output, say), or a list of examples (tensors, or dicts or tuples of tensors)."""
+    import torch
+
+    if isinstance(inputs, Mapping):
+        cols = {str(k): torch.as_tensor(v) for k, v in inputs.items()}
+    elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (Mapping, list, tuple)):
+        first = inputs[0]
+        names = [str(k) for k in first] if isinstance(first, Mapping) else [str(i) for i in range(len(first))]
+        try:
+            cols = {n: torch.stack([torch.as_tensor(_part(x, n)) for x in inputs]) for n in names}
+        except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise DatasetError(f"the examples' parts cannot be stored as one tensor each (row i = example i): "
+                               f"{exc}") from None
+    elif isinstance(inputs, (list, tuple)):
+        try:
+            return torch.stack([torch.as_tensor(x) for x in inputs]).detach().cpu().contiguous()
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise DatasetError(f"the examples cannot be stored as one tensor (row i = example i): {exc}") from None
+    else:
+        return torch.as_tensor(inputs).detach().cpu().contiguous()
+    if not cols or len(cols) > MAX_PARTS or not all(PART_NAME.match(n) for n in cols):
+        raise DatasetError(f"input parts {sorted(cols)[:4]}: 1 to {MAX_PARTS} parts, each named by 1 to 64 of "
+                           "A-Z a-z 0-9 _")
+    return {n: c.detach().cpu().contiguous() for n, c in cols.items()}
+
+
+def _part(x: Any, name: str) -> Any:
+    return x[name] if isinstance(x, Mapping) else x[int(name)]
+
+
+def example_rows(columns: Any, n: int) -> list[Any]:
+    """Example ``i`` of stored ``columns`` (a tensor, or a dict of part columns), for ``example_id``."""
+    if isinstance(columns, Mapping):
+        return [{k: c[i] for k, c in columns.items()} for i in range(n)]
+    return [columns[i] for i in range(n)]
+
+
+def _rows_of(columns: Any) -> int | None:
+    cols = list(columns.values()) if isinstance(columns, Mapping) else [columns]
+    rows = {c.shape[0] if c.dim() >= 1 else -1 for c in cols}
+    return rows.pop() if len(rows) == 1 and -1 not in rows else None
 
 
 def encode_inputs(inputs: Any, manifests: Sequence[SignedManifest]) -> bytes:
-    """The inputs artifact: safetensors with one tensor ``x`` whose row ``i`` is example ``i``.
+    """The inputs artifact: safetensors with one tensor ``x`` whose row ``i`` is example ``i`` or, for
+    examples made of parts, one tensor ``x.<name>`` per part (specs/manifests.md §5).
 
     Every row must be the example its manifest names, so the artifact is bound to the
-    commitment through the manifests' example ids (specs/manifests.md §5).
+    commitment through the manifests' example ids.
     """
-    import torch
     from safetensors.torch import save
 
-    x = torch.as_tensor(inputs).detach().cpu().contiguous()
-    if x.dim() < 1 or x.shape[0] != len(manifests):
-        raise DatasetError(f"inputs must have one row per manifest ({len(manifests)}), got shape {list(x.shape)}")
-    for i, m in enumerate(manifests):
-        if example_id(x[i]) != m.example:
+    cols = input_columns(inputs)
+    if _rows_of(cols) != len(manifests):
+        shapes = {k: list(c.shape) for k, c in cols.items()} if isinstance(cols, Mapping) else list(cols.shape)
+        raise DatasetError(f"inputs must have one row per manifest ({len(manifests)}), got shape {shapes}")
+    for i, (row, m) in enumerate(zip(example_rows(cols, len(manifests)), manifests)):
+        if example_id(row) != m.example:
             raise ManifestError(f"input row {i} is not the example manifest {i} names ({m.example.hex()[:16]})")
-    return save({DATA_TENSOR: x})
+    if isinstance(cols, Mapping):
+        return save({PART_PREFIX + k: c for k, c in cols.items()})
+    return save({DATA_TENSOR: cols})
 
 
 def commit_dataset(
@@ -209,7 +260,8 @@ def commit_dataset(
 ) -> CommittedDataset:
     """Verify every manifest, store them as one artifact and record a DatasetCommitted (trainer key).
 
-    With ``inputs`` (a tensor or array, row ``i`` = example ``i``), the inputs are stored too, so
+    With ``inputs`` (a tensor or array, row ``i`` = example ``i``; or a dict of part columns, see
+    ``input_columns``), the inputs are stored too, so
     that unlearning and an export ``--with-data`` can replay from the ledger alone.
     """
     try:
@@ -236,7 +288,8 @@ def commit_dataset(
 
 
 def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
-    """The stored inputs tensor of ``dataset``, each row checked against its manifest's example id."""
+    """The stored inputs of ``dataset`` (a tensor, or a dict part name -> tensor), each row checked against its
+    manifest's example id."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -249,13 +302,20 @@ def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
         tensors = load(raw)
     except SafetensorError as exc:
         raise DatasetError(f"inputs artifact is not safetensors: {exc}") from None
-    x = tensors.get(DATA_TENSOR)
-    if set(tensors) != {DATA_TENSOR} or x is None or x.dim() < 1 or x.shape[0] != dataset.count:
-        raise DatasetError(f"inputs artifact of dataset {dataset.name!r} is not one tensor 'x' of {dataset.count} rows")
-    for i, m in enumerate(dataset.manifests):
-        if example_id(x[i]) != m.example:
+    if set(tensors) == {DATA_TENSOR}:
+        cols: Any = tensors[DATA_TENSOR]
+    elif tensors and all(k.startswith(PART_PREFIX) and PART_NAME.match(k[len(PART_PREFIX):]) for k in tensors) \
+            and len(tensors) <= MAX_PARTS:
+        cols = {k[len(PART_PREFIX):]: t for k, t in tensors.items()}
+    else:
+        raise DatasetError(f"inputs artifact of dataset {dataset.name!r} holds {sorted(tensors)[:4]}: neither one "
+                           "tensor 'x' nor tensors 'x.<part>'")
+    if _rows_of(cols) != dataset.count:
+        raise DatasetError(f"inputs artifact of dataset {dataset.name!r} does not hold {dataset.count} rows")
+    for i, (row, m) in enumerate(zip(example_rows(cols, dataset.count), dataset.manifests)):
+        if example_id(row) != m.example:
             raise DatasetError(f"stored input row {i} is not the example manifest {i} names")
-    return x
+    return cols
 
 
 def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedDataset:

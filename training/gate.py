@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradledger.training.bands import BandLayout, ResolvedBands, resolve_bands
 from gradledger.training.errors import BandError, GovernanceError
+from gradledger.training.inputs import InputStructure
 
 __all__ = [
     "GatedModel",
@@ -162,9 +163,12 @@ class GatedModel(nn.Module):
     have the batch as their first dim.
     """
 
-    def __init__(self, model: nn.Module, layout: BandLayout | ResolvedBands, *, validate: bool = True) -> None:
+    def __init__(self, model: nn.Module, layout: BandLayout | ResolvedBands, *, validate: bool = True,
+                 inputs: InputStructure = InputStructure("tensor")) -> None:
         super().__init__()
         self.model = model
+        #: How the wrapped model takes ``x``: one tensor, or parts it is called with (specs/training.md §5.1).
+        self.inputs = inputs
         self.bands: ResolvedBands = layout if isinstance(layout, ResolvedBands) else resolve_bands(model, layout)
         self.validate = validate
         # The current call's ratios; set only while forward runs so the hooks
@@ -199,7 +203,8 @@ class GatedModel(nn.Module):
         if profiles.dim() != 2 or profiles.shape[1] != n:
             raise GovernanceError(f"profiles must have shape [batch, {n}], got {list(profiles.shape)}")
         if self.validate and not _is_tracing():
-            validate_profiles(profiles, n, batch=x.shape[0] if isinstance(x, Tensor) else None)
+            first = x if isinstance(x, Tensor) else self.inputs.flatten(x)[0] if self.inputs.structured else None
+            validate_profiles(profiles, n, batch=first.shape[0] if isinstance(first, Tensor) else None)
         # Ratios stay in the profiles' dtype; mix() casts to each activation's
         # dtype, so float64 profiles give float64 ratios for float64 models.
         return self._run(x, routing_ratios(profiles))
@@ -214,7 +219,7 @@ class GatedModel(nn.Module):
         _set(self, "_ratios", ratios)
         _set(self, "_calls", [0] * n)
         try:
-            out = self.model(x)
+            out = self.inputs.call_model(self.model, x)
         finally:
             _set(self, "_ratios", None)
         for k in range(1, n):
@@ -347,8 +352,8 @@ def check_routing(gated: GatedModel, x: Any, *, rtol: float = 1e-5, atol: float 
                 )
                 return list(torch.autograd.grad(total, params, allow_unused=True))
 
-            base = grads(gated.model(x))
-            batch = x.shape[0] if isinstance(x, Tensor) else _float_leaves(x)[0].shape[0]
+            base = grads(gated.inputs.call_model(gated.model, x))
+            batch = (gated.inputs.flatten(x)[0] if gated.inputs.structured else x).shape[0]
             dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
             for k in range(1, n):
                 ratios = torch.ones(batch, n, dtype=dtype, device=params[0].device)
@@ -374,20 +379,41 @@ def check_routing(gated: GatedModel, x: Any, *, rtol: float = 1e-5, atol: float 
         gated.train(was_training)
 
 
+class _PartsGate(nn.Module):
+    """The gate as the program exports it for a model of parts: ``forward(x, profiles)`` with ``x`` the
+    tuple of parts in canonical order, so the program's user inputs are ``x_0 .. x_{n-1}, profiles``
+    (specs/training.md §5.1). It shares the gate's ``model`` (state names stay ``model.*``) and hooks."""
+
+    def __init__(self, gated: GatedModel) -> None:
+        super().__init__()
+        self.model = gated.model
+        _set(self, "gate", gated)  # not a submodule: its state is ``model``, already registered
+
+    def forward(self, x: tuple[Tensor, ...], profiles: Tensor) -> Any:
+        return self.gate(self.gate.inputs.rebuild(x), profiles)
+
+
 def export_gated(
-    gated: GatedModel, x: Tensor, profiles: Tensor, *, dynamic_batch: bool = True, strict: bool = False
+    gated: GatedModel, x: Any, profiles: Tensor, *, dynamic_batch: bool = True, strict: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` the gate with ``(x, profiles)`` as inputs, batch size symbolic by default.
 
     The hooks are traced into the graph, so the exported program carries the
-    routing: its ``module()`` routes gradients exactly like the eager gate.
+    routing: its ``module()`` routes gradients exactly like the eager gate. For a model of parts
+    (``gated.inputs`` structured), ``x`` is the tuple of parts in canonical order.
     """
+    structured = gated.inputs.structured
+    parts = gated.inputs.flatten(x) if structured else [x]
     dynamic_shapes = None
     if dynamic_batch:
-        if x.shape[0] < 2:
+        if parts[0].shape[0] < 2:
             # torch.export specializes sizes 0 and 1, so a batch-of-one example
             # cannot yield a program with a symbolic batch.
             raise GovernanceError("export_gated needs an example batch of at least 2 for a dynamic batch size")
         batch = torch.export.Dim("batch")
-        dynamic_shapes = {"x": {0: batch}, "profiles": {0: batch}}
+        spec_x: Any = tuple({0: batch} for _ in parts) if structured else {0: batch}
+        dynamic_shapes = {"x": spec_x, "profiles": {0: batch}}
+    if structured:
+        return torch.export.export(_PartsGate(gated), (tuple(parts), profiles), dynamic_shapes=dynamic_shapes,
+                                   strict=strict)
     return torch.export.export(gated, (x, profiles), dynamic_shapes=dynamic_shapes, strict=strict)

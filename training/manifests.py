@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -40,6 +41,11 @@ MAX_ONTOLOGY = 128
 #: 4096 sources or 65536 probabilities fit; anything larger is hostile input.
 MAX_SIGNED_SIZE = 1 << 20
 EXAMPLE_DOMAIN = "gradledger/example/v1"
+#: An example of named parts (a dict or tuple of tensors, specs/manifests.md §2.1).
+PARTS_DOMAIN = "gradledger/example-parts/v1"
+#: A part's name: it also names a stored tensor and a program input.
+PART_NAME = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
+MAX_PARTS = 64
 
 #: The fields a caller supplies; ``v``, ``signer`` and ``time`` come from signing.
 CONTENT_FIELDS = (
@@ -139,7 +145,37 @@ def example_id(value: Any) -> bytes:
         return _hash_tensor(value)
     if isinstance(value, (np.ndarray, np.generic)):
         return _hash_array(np.asarray(value))
-    raise DatasetError(f"cannot derive an example id from a {type(value).__name__}; give an array, tensor or bytes")
+    if isinstance(value, (Mapping, tuple, list)):
+        return parts_id(_named_parts(value))
+    raise DatasetError(f"cannot derive an example id from a {type(value).__name__}; give an array, tensor, bytes, "
+                       "or a dict or tuple of them")
+
+
+def _named_parts(value: Mapping[str, Any] | Sequence[Any]) -> dict[str, bytes]:
+    items = list(value.items()) if isinstance(value, Mapping) else [(str(i), v) for i, v in enumerate(value)]
+    if not items or len(items) > MAX_PARTS:
+        raise DatasetError(f"an example of parts needs 1 to {MAX_PARTS} parts, got {len(items)}")
+    out: dict[str, bytes] = {}
+    for name, part in items:
+        if not isinstance(name, str) or not PART_NAME.match(name):
+            raise DatasetError(f"example part name {name!r} is not 1 to 64 of A-Z a-z 0-9 _")
+        if isinstance(part, (Mapping, tuple, list)):
+            raise DatasetError(f"example part {name!r} is itself a structure: parts are arrays, tensors or bytes")
+        try:
+            out[name] = example_id(part)
+        except DatasetError as exc:
+            raise DatasetError(f"a {type(value).__name__} example, part {name!r}: {exc}") from None
+    return out
+
+
+def parts_id(ids: Mapping[str, bytes]) -> bytes:
+    """specs/manifests.md §2.1: the id of an example made of named parts, from each part's own id.
+
+    SHA-256 of the canonical CBOR ``["gradledger/example-parts/v1", [[name, part_id], ...]]``,
+    the pairs sorted by name, so a dict's key order never changes the id.
+    """
+    pairs = [[name, ids[name]] for name in sorted(ids)]
+    return hashlib.sha256(encoding.encode([PARTS_DOMAIN, pairs])).digest()
 
 
 def _hash_array(array: np.ndarray, dtype_name: str | None = None) -> bytes:

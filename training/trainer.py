@@ -44,6 +44,7 @@ from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
+from .inputs import CALLS, PARTS_FORMAT, InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
@@ -99,7 +100,7 @@ class GovernedModel(GatedModel):
     """
 
     def __init__(self, model: nn.Module, bands: ResolvedBands, run: "Governance") -> None:
-        super().__init__(model, bands)
+        super().__init__(model, bands, inputs=run.inputs)
         object.__setattr__(self, "run", run)  # not a submodule, not in state_dict
 
     def train(self, mode: bool = True) -> "GovernedModel":
@@ -110,11 +111,14 @@ class GovernedModel(GatedModel):
             self.run.restore_modes(self.model)
         return self
 
-    def forward(self, x: Any, profiles: Tensor | None = None) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(x)``, ``model(x, profiles)`` or ``model(batch)``; for a model of parts also the call the
+        model itself takes (``model(**x)``, ``model(*x)``)."""
+        x, profiles = self.run.inputs_of(args, kwargs)
         if not self.training:
             if isinstance(x, Batch):
                 x, profiles = x.inputs, x.profiles
-            return self.model(x) if profiles is None else super().forward(x, profiles)
+            return self.inputs.call_model(self.model, x) if profiles is None else super().forward(x, profiles)
         micro = self.run.forward_of(x, profiles)
         recorder = self.run.recorder
         recorder.before_forward(micro)
@@ -175,6 +179,7 @@ class Governance:
         order: str = "committed",
         check_examples: bool = True,
         description: str | None = None,
+        call: str = "spread",
     ) -> None:
         if type(checkpoint_every) is not int or checkpoint_every < 1:
             raise GovernanceError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
@@ -193,6 +198,11 @@ class Governance:
         self.batches = [list(b) for b in batches] if batches is not None else None
         self.order = "explicit" if batches is not None else ORDER_DOMAIN if order == "committed" else "loader"
         self.check_examples = check_examples
+        if call not in CALLS:
+            raise GovernanceError(f"call must be one of {CALLS}, got {call!r}")
+        self.call = call
+        #: How the user's model takes a batch's inputs (set from the dataset's first item).
+        self.inputs = InputStructure("tensor")
         self.step = 0
         self.drawn = 0  # batches drawn in the run, micro-batches included
         self.closed = False
@@ -324,6 +334,10 @@ class Governance:
                 f"has {self.dataset.count} manifests"
             )
         self._data = data
+        self.inputs = InputStructure.of(_input_of(data[0]), self.call) if len(data) else InputStructure("tensor")
+        if self.inputs.kind == "dict" and self.inputs.call == "spread" and "profiles" in self.inputs.names:
+            raise GovernanceError("an input part named 'profiles' would be taken for the gate's routing profiles; "
+                                  "rename it")
         self.batch_size = int(batch_size) if batch_size else 0
         self.drop_last = bool(getattr(loader, "drop_last", False))
         if self.batches is not None:
@@ -382,7 +396,7 @@ class Governance:
         return adopt_policy(self.ledger, self.policy, self.root_key)
 
     def _export(self, model: nn.Module, probe: Batch) -> bytes:
-        plain = GatedModel(model, self._gated.bands if self._gated else self.layout)
+        plain = GatedModel(model, self._gated.bands if self._gated else self.layout, inputs=self.inputs)
         try:
             # Traced without autocast: a step under autocast replays the same program under the
             # recorded autocast state (specs/training.md §3.2).
@@ -397,9 +411,8 @@ class Governance:
     def _settings(self, optimizer: torch.optim.Optimizer, probe: Batch) -> dict[str, Any]:
         assert self._gated is not None
         ds = self.dataset
-        x = probe.inputs
         return {
-            "format": FORMAT,
+            "format": PARTS_FORMAT if self.inputs.structured else FORMAT,
             "seed": self.seed,
             "seed_rule": STEP_SEED_DOMAIN,
             "order": self.order,
@@ -416,12 +429,7 @@ class Governance:
             "policy": self.policy.digest,
             "policy_seq": self.policy_seq,
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
-            "program": {
-                "format": "torch.export.save",
-                "inputs": ["x", "profiles"],
-                "x_dtype": str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else None,
-                "x_shape": list(x.shape[1:]) if isinstance(x, Tensor) else None,
-            },
+            "program": program_settings(self.inputs, probe.inputs),
         }
 
     def _group_names(self, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -555,6 +563,12 @@ class Governance:
 
     # -- the forward -------------------------------------------------------------------
 
+    def inputs_of(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+        """``(x, profiles)`` of a call of the governed model (a ``Batch`` passes through as ``x``)."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], Batch):
+            return args[0], None
+        return self.inputs.split_call(args, kwargs)
+
     def forward_of(self, x: Any, profiles: Tensor | None) -> Micro:
         """The micro-batch a training forward of ``x`` is, after checking it is the one just drawn."""
         if self.recorder is None:
@@ -643,7 +657,7 @@ class Governance:
             for m in micros:
                 torch.default_generator.manual_seed(m.seed)
                 with autocast(m.autocast):
-                    out = module(m.batch.inputs, m.batch.profiles)
+                    out = module(*self.inputs.flatten(m.batch.inputs), m.batch.profiles)
                 leaf = float_leaves(out)[recipe.get("output", 0)]
                 with autocast(m.autocast if recipe.get("loss_autocast", True) else None):
                     loss = self.loss_fn(leaf, m.batch.labels)
@@ -916,6 +930,10 @@ def _same(a: Any, b: Any) -> bool:
         return True
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
     return False
 
 

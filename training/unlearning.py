@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
@@ -238,7 +238,7 @@ class _Replayer:
         self.optimizer.zero_grad(set_to_none=True)
         torch.default_generator.manual_seed(original["seeds"]["step"])
         try:
-            out = self.module(self.inputs[index], self.profiles[index])
+            out = self.module(*_rows(self.inputs, index), self.profiles[index])
         except ProgramError as exc:
             raise UnlearningError(f"step {original['step']}: the run's program fails: {exc.args[0]}") from None
         loss_t = self.loss_fn(out, self.labels[index])
@@ -369,3 +369,11 @@ def unlearn(
 
 
 __all__ = ["MODES", "UnlearningError", "UnlearningResult", "branch_id", "first_affected_update", "load_program", "unlearn"]
+
+
+def _rows(inputs: Any, index: Tensor) -> list[Tensor]:
+    """The program's inputs for the rows ``index`` of the stored inputs: ``x``, or the parts in canonical
+    (sorted) order, as the program takes them (specs/training.md §5.1)."""
+    if isinstance(inputs, Mapping):
+        return [inputs[name][index] for name in sorted(inputs)]
+    return [inputs[index]]

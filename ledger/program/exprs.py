@@ -77,7 +77,10 @@ class Guard:
     right: tuple[str, int] | int
 
 
-_SIDE = r"(?:L\['([A-Za-z_][A-Za-z0-9_]{0,63})'\]\.size\(\)\[([0-9]{1,2})\]|(-?[0-9]{1,19}))"
+# ``L['x'][i]`` is element ``i`` of a tuple input ``x``, which torch.export names ``x_i`` among the
+# program's user inputs (a model of parts, specs/training.md §5.1).
+_SIDE = (r"(?:L\['([A-Za-z_][A-Za-z0-9_]{0,63})'\](?:\[([0-9]{1,2})\])?\.size\(\)\[([0-9]{1,2})\]"
+         r"|(-?[0-9]{1,19}))")
 _GUARD = re.compile(_SIDE + r" (==|!=|<=|>=|<|>) " + _SIDE)
 
 
@@ -88,10 +91,14 @@ def parse_guard(s: Any) -> Guard:
     m = _GUARD.fullmatch(s)
     if m is None:
         raise ProgramError(f"model program: guard {s[:80]!r} is not a comparison of input sizes; refused, never run")
-    a_name, a_dim, a_int, op, b_name, b_dim, b_int = m.groups()
-    left = (a_name, int(a_dim)) if a_name else int(a_int)
-    right = (b_name, int(b_dim)) if b_name else int(b_int)
-    return Guard(left, op, right)
+    a_name, a_item, a_dim, a_int, op, b_name, b_item, b_dim, b_int = m.groups()
+    return Guard(_side(a_name, a_item, a_dim, a_int), op, _side(b_name, b_item, b_dim, b_int))
+
+
+def _side(name: str | None, item: str | None, dim: str | None, value: str | None) -> tuple[str, int] | int:
+    if name is None:
+        return int(value)  # type: ignore[arg-type]
+    return (name if item is None else f"{name}_{int(item)}", int(dim))  # type: ignore[arg-type]
 
 
 def holds(guard: Guard, sizes: dict[str, tuple[int, ...]]) -> bool:

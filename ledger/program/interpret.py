@@ -24,7 +24,8 @@ After = Callable[[Node, Any], Any]
 #: view later ops materialize: checked before the call (a first bound; the replay worker's memory
 #: limit is the second).
 MAX_ELEMENTS = 1 << 31
-_SIZED = {"aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.expand.default",
+_SIZED = {"aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.new_zeros.default",
+          "aten.new_ones.default", "aten.expand.default",
           "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
 
 

@@ -44,17 +44,19 @@ ATEN_OPS: frozenset[str] = frozenset({
     "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "flatten.using_ints", "unflatten.int",
     "expand.default", "contiguous.default", "clone.default", "detach.default", "alias.default", "slice.Tensor",
     "select.int", "narrow.default", "cat.default", "stack.default", "split.Tensor", "split_with_sizes.default",
-    "chunk.default", "unbind.int", "index_select.default", "gather.default", "sym_size.int",
+    "chunk.default", "unbind.int", "index_select.default", "gather.default", "index.Tensor", "sym_size.int",
     # reductions
     "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default",
     # comparisons, masks, selection
     "where.self", "gt.Scalar", "gt.Tensor", "lt.Scalar", "lt.Tensor", "ge.Scalar", "ge.Tensor", "le.Scalar",
     "le.Tensor", "eq.Scalar", "eq.Tensor", "ne.Scalar", "ne.Tensor", "logical_not.default", "bitwise_not.default",
+    "__and__.Tensor",
     "masked_fill.Scalar", "masked_fill.Tensor", "tril.default", "triu.default",
     # factories and casts (CPU only: every device argument is checked to be the CPU)
     "zeros_like.default", "ones_like.default", "full_like.default", "zeros.default", "ones.default",
-    "full.default", "arange.default", "arange.start", "arange.start_step", "lift_fresh_copy.default",
-    "_to_copy.default", "to.dtype", "to.dtype_layout", "type_as.default", "_assert_tensor_metadata.default",
+    "full.default", "new_zeros.default", "new_ones.default", "arange.default", "arange.start", "arange.start_step", "lift_fresh_copy.default",
+    "_to_copy.default", "to.dtype", "to.dtype_layout", "to.device", "type_as.default",
+    "_assert_tensor_metadata.default",
     # in place: only on a buffer (BatchNorm's num_batches_tracked += 1), checked by the parser
     "add_.Tensor",
 })

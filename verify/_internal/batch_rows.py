@@ -323,6 +323,24 @@ def _gather(c: _Call) -> Tensor:
     return _fit(_comb(line, c.owners["index"]), c.result, c.where())
 
 
+def _index(c: _Call) -> Tensor:
+    """``self[indices]`` (advanced indexing, ``index.Tensor``). The op applied to the owners of ``self``
+    gives each result element's source element exactly (the index values are the real ones). The index
+    values' own owners join at the element's position when every index is a tensor (they broadcast
+    together, then over ``self``'s remaining dims); with a ``None`` slice among them, all of them join."""
+    gathered = torch.ops.aten.index.Tensor(_full(c.owners["self"], c.args["self"]), c.args["indices"])
+    owners = [o for o in (c.owners.get("indices") or []) if isinstance(o, Tensor)]
+    if owners and not all(bool((o == FREE).all()) for o in owners):
+        if all(i is not None for i in c.args["indices"]):
+            idx = _comb(*owners)  # broadcasts like the indices themselves (right-aligned)
+            lead = gathered.dim() - (c.args["self"].dim() - len(c.args["indices"])) - idx.dim()
+            idx = idx.reshape((1,) * lead + tuple(idx.shape) + (1,) * (gathered.dim() - lead - idx.dim()))
+            gathered = _comb(gathered, idx)
+        else:
+            gathered = _comb(gathered, *[_all(o) for o in owners])
+    return _fit(_compress(gathered), c.result, c.where())
+
+
 def _size(c: _Call) -> None:
     return None
 
@@ -338,7 +356,7 @@ rsub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode clamp.de
 dropout.default feature_dropout.default where.self gt.Scalar gt.Tensor lt.Scalar lt.Tensor ge.Scalar ge.Tensor
 le.Scalar le.Tensor eq.Scalar eq.Tensor ne.Scalar ne.Tensor logical_not.default bitwise_not.default
 masked_fill.Scalar masked_fill.Tensor tril.default triu.default contiguous.default clone.default detach.default
-alias.default lift_fresh_copy.default _to_copy.default to.dtype to.dtype_layout""".split()
+alias.default lift_fresh_copy.default _to_copy.default to.dtype to.dtype_layout to.device __and__.Tensor""".split()
 
 _VIEWS = """view.default reshape.default _unsafe_view.default permute.default transpose.int t.default
 unsqueeze.default squeeze.dim squeeze.dims squeeze.default flatten.using_ints unflatten.int expand.default
@@ -353,8 +371,8 @@ RULES: dict[str, Rule] = {
     "aten.type_as.default": _first,
     "aten.add_.Tensor": _pointwise,  # in place on a buffer: the update must stay FREE (checked)
     **{f"aten.{n}": _factory for n in ("zeros_like.default", "ones_like.default", "full_like.default",
-                                       "zeros.default", "ones.default", "full.default", "arange.default",
-                                       "arange.start", "arange.start_step")},
+                                       "zeros.default", "ones.default", "full.default", "new_zeros.default",
+                                       "new_ones.default", "arange.default", "arange.start", "arange.start_step")},
     "aten.linear.default": _linear,
     "aten.mm.default": _mm("self", "mat2"),
     "aten.matmul.default": _mm("self", "other"),
@@ -388,6 +406,7 @@ RULES: dict[str, Rule] = {
     "aten.scaled_dot_product_attention.default": _attention,
     "aten.index_select.default": _index_select,
     "aten.gather.default": _gather,
+    "aten.index.Tensor": _index,
     "aten.mean.dim": _reduction("dim"),
     "aten.mean.default": _reduction(None),
     "aten.sum.dim_IntList": _reduction("dim"),

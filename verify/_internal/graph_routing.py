@@ -329,19 +329,24 @@ def scale_outputs(outputs: Sequence[Any], r: Tensor) -> tuple[Any, ...]:
     return tuple(_mix_floating(o, r[:, 0]) for o in outputs)
 
 
-def program_inputs(graph: Graph, x: Tensor, n_bands: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """The program's user inputs for a batch ``x``: ``x`` and, for a gated program, ``profiles`` of ones.
+def program_inputs(graph: Graph, x: Tensor | tuple[Tensor, ...], n_bands: int,
+                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """The program's user inputs for a batch ``x`` (one tensor, or a model's parts in canonical order,
+    specs/training.md §5.1): ``x`` and, for a gated program, ``profiles`` of ones.
 
     Ones make an honest gate's ratios exactly 1, so its mix is the identity in value and
     gradient and the verifier's own mix is the only routing; a forged gate sees a constant.
     """
     names = graph.user_inputs
-    if len(names) == 1:
-        return {names[0]: x}
-    if len(names) == 2 and names[1] == "profiles":
-        return {names[0]: x, "profiles": torch.ones(x.shape[0], n_bands, dtype=dtype)}
-    raise RoutingNotProven(f"the program takes inputs {list(names)}: a model program takes one input, "
-                           "a gated one takes two, the second 'profiles'")
+    parts = list(x) if isinstance(x, tuple) else [x]
+    if len(names) == len(parts):
+        return dict(zip(names, parts))
+    if len(names) == len(parts) + 1 and names[-1] == "profiles":
+        out = dict(zip(names, parts))
+        out["profiles"] = torch.ones(parts[0].shape[0], n_bands, dtype=dtype)
+        return out
+    raise RoutingNotProven(f"the program takes inputs {list(names)}: a model program takes its {len(parts)} "
+                           "input(s), a gated one those and last 'profiles'")
 
 
 # -- for replay --------------------------------------------------------------------------------
@@ -361,7 +366,8 @@ def plan_routing(graph: Graph, settings: Mapping[str, Any]) -> list[list[str]]:
 
 
 def routed_forward(
-    graph: Graph, x: Tensor, state: Mapping[str, Tensor], profiles: Tensor, boundaries: Sequence[Sequence[str]],
+    graph: Graph, x: Tensor | tuple[Tensor, ...], state: Mapping[str, Tensor], profiles: Tensor,
+    boundaries: Sequence[Sequence[str]],
 ) -> tuple[Any, ...]:
     """The user outputs of one routed forward (§6.4): the program with ``x`` (and profiles of ones), the
     verifier's mix at every boundary value and at the outputs. ``loss.backward()`` then yields the

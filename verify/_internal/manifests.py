@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
@@ -30,6 +31,11 @@ MAX_SIGNED = 1 << 20
 AGGREGATIONS = ("single", "majority", "label-model")
 REVIEWS = ("accepted", "fixed", "rejected", "pending")
 EXAMPLE_DOMAIN = "gradledger/example/v1"
+#: §2.1 an example of named parts; each part's name also names its stored tensor ``x.<name>``.
+PARTS_DOMAIN = "gradledger/example-parts/v1"
+PART_NAME = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
+MAX_PARTS = 64
+PART_PREFIX = "x."
 #: The manifest fields a re-signer supplies (everything but v, signer and time).
 CONTENT_FIELDS = (
     "example", "label", "sources", "aggregation", "consensus", "confidence",
@@ -167,6 +173,11 @@ def example_id(array: np.ndarray, dtype_name: str | None = None) -> bytes:
 
 def bytes_example_id(data: bytes) -> bytes:
     return hashlib.sha256(encoding.encode([EXAMPLE_DOMAIN, "bytes", [len(data)], data])).digest()
+
+
+def parts_id(ids: Mapping[str, bytes]) -> bytes:
+    """§2.1: SHA-256 of ``["gradledger/example-parts/v1", [[name, part_id], ...]]``, pairs sorted by name."""
+    return hashlib.sha256(encoding.encode([PARTS_DOMAIN, [[n, ids[n]] for n in sorted(ids)]])).digest()
 
 
 # -- §3 aggregation and consistency ------------------------------------------------------
@@ -336,49 +347,85 @@ def dataset_root(items: Sequence[bytes]) -> bytes:
     return merkle.root_of([merkle.leaf_hash(item) for item in items])
 
 
-def _safetensors_rows(data: bytes) -> tuple[np.ndarray, str | None]:
-    """The one tensor ``x`` of an inputs artifact, and a dtype override for bfloat16."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+#: safetensors dtype codes this reader accepts -> (dtype name, numpy little-endian dtype).
+_ST = {"F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"), "BF16": ("bfloat16", "<u2"),
+       "I64": ("int64", "<i8"), "I32": ("int32", "<i4"), "I16": ("int16", "<i2"), "I8": ("int8", "i1"),
+       "U8": ("uint8", "u1"), "BOOL": ("bool", "?")}
 
+
+def read_safetensors(data: bytes) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file as ``(array, dtype name)``, read by this module's own parser:
+    bounds checked against the file before any slice (bfloat16 arrives as its raw 2-byte elements, which
+    numpy cannot name). Tensors must tile the data area exactly, as the format requires."""
     try:
-        tensors = load(data)
-        override = None
-    except KeyError:
-        # numpy has no bfloat16: safetensors' numpy loader refuses it, so read the
-        # file's 2-byte elements as they are and name the dtype ourselves.
-        tensors, override = _bf16_tensors(data), "bfloat16"
-    except (SafetensorError, ValueError, OverflowError) as exc:
-        raise ManifestInvalid(f"inputs artifact is not a safetensors file: {exc}") from None
-    if set(tensors) != {"x"}:
-        raise ManifestInvalid(f"inputs artifact holds {sorted(tensors)}, not exactly one tensor 'x'")
-    return tensors["x"], override
-
-
-def _bf16_tensors(data: bytes) -> dict[str, np.ndarray]:
-    try:
+        if len(data) < 8:
+            raise ValueError("shorter than its header length")
         n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
+        if n > len(data) - 8:
+            raise ValueError(f"header of {n} bytes in a file of {len(data)}")
+        header = json.loads(data[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
         header.pop("__metadata__", None)
-        out = {}
+        body = len(data) - 8 - n
+        out, spans = {}, []
         for name, info in header.items():
-            begin, end = info["data_offsets"]
-            if info["dtype"] != "BF16":
-                raise ValueError(f"mixed dtypes with bfloat16 ({info['dtype']})")
-            raw = data[8 + n + begin : 8 + n + end]
-            out[name] = np.frombuffer(raw, dtype="<u2").reshape(info["shape"])
+            if not isinstance(info, dict) or info.get("dtype") not in _ST:
+                raise ValueError(f"tensor {name!r}: dtype {info.get('dtype') if isinstance(info, dict) else None!r}")
+            dname, np_dtype = _ST[info["dtype"]]
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 16:
+                raise ValueError(f"tensor {name!r}: shape {shape!r}")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+                raise ValueError(f"tensor {name!r}: data_offsets {offsets!r}")
+            begin, end = offsets
+            size = math.prod(shape) * np.dtype(np_dtype).itemsize
+            if not 0 <= begin <= end <= body or end - begin != size:
+                raise ValueError(f"tensor {name!r}: data_offsets {offsets} do not hold shape {shape}")
+            spans.append((begin, end))
+            raw = np.frombuffer(data, dtype=np_dtype, count=math.prod(shape), offset=8 + n + begin)
+            out[name] = (raw.reshape(shape), dname)
+        pos = 0
+        for begin, end in sorted(spans):
+            if begin != pos:
+                raise ValueError("tensors overlap or leave gaps in the data area")
+            pos = end
+        if pos != body:
+            raise ValueError("the data area holds bytes no tensor names")
         return out
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ManifestInvalid(f"inputs artifact is not a readable safetensors file: {exc}") from None
 
 
+def input_parts(names: Sequence[str]) -> list[str] | None:
+    """The part names of an inputs artifact's tensors in canonical order, or None when it is one tensor
+    ``x`` (§5): tensors ``x.<part>``, 1 to ``MAX_PARTS`` of them, each part named by §2.1."""
+    if list(names) == ["x"]:
+        return None
+    parts = sorted(n[len(PART_PREFIX):] for n in names if n.startswith(PART_PREFIX))
+    if not 1 <= len(parts) == len(names) <= MAX_PARTS or not all(PART_NAME.match(p) for p in parts):
+        raise ManifestInvalid(f"inputs artifact holds {sorted(names)[:4]}: neither exactly one tensor 'x' nor "
+                              f"1 to {MAX_PARTS} tensors 'x.<part>'")
+    return parts
+
+
 def check_inputs(data: bytes, examples: Sequence[bytes]) -> None:
-    """§5 Inputs: one tensor ``x`` of ``len(examples)`` rows, row i with example id ``examples[i]``."""
-    x, override = _safetensors_rows(data)
-    if x.ndim < 1 or x.shape[0] != len(examples):
-        raise ManifestInvalid(f"inputs tensor x has shape {list(x.shape)}, not {len(examples)} rows")
+    """§5 Inputs: one tensor ``x``, or tensors ``x.<part>``, each of ``len(examples)`` rows; example i's
+    id (§2, or §2.1 from its parts' rows) is ``examples[i]``."""
+    tensors = read_safetensors(data)
+    parts = input_parts(list(tensors))
+    columns = [("x", None)] if parts is None else [(PART_PREFIX + p, p) for p in parts]
+    for name, _ in columns:
+        x = tensors[name][0]
+        if x.ndim < 1 or x.shape[0] != len(examples):
+            raise ManifestInvalid(f"inputs tensor {name} has shape {list(x.shape)}, not {len(examples)} rows")
     for i, want in enumerate(examples):
-        if example_id(x[i], override) != want:
+        if parts is None:
+            x, dtype = tensors["x"]
+            got = example_id(x[i], dtype)
+        else:
+            got = parts_id({p: example_id(tensors[name][0][i], tensors[name][1]) for name, p in columns})
+        if got != want:
             raise ManifestInvalid(f"input row {i} is not the example its manifest names ({want.hex()[:16]})")
 
 

@@ -30,7 +30,8 @@ from .hyperparams import (
 from .recipe import RecipeInvalid, check_recipe, micro_sizes
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
-from .settings import SettingsMismatch, check_program, check_step0, micro_seed, step_seed, training_format
+from .settings import (SettingsMismatch, check_program, check_step0, micro_seed, program_columns, step_seed,
+                       training_format)
 
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
 
@@ -125,7 +126,8 @@ class _Loaded:
     """One run's program module and inputs, loaded from the bundle being verified."""
 
     module: Any
-    inputs: Tensor
+    #: The program's inputs for every committed example: ``x``, or the parts in canonical order.
+    inputs: list[Tensor]
     by_name: dict[str, Tensor]
     #: Digests of the weights the program stores, by checkpoint name (settings.check_program).
     weights: dict[str, bytes] = field(default_factory=dict)
@@ -167,7 +169,15 @@ def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None], cache: Rep
     data = artifact(ctx.inputs)
     if data is None:
         raise ReplayError("the dataset inputs are not in the bundle (export it --with-data)", seq=ctx.run_seq)
-    loaded = _Loaded(module, load(data)["x"], dict(module.named_parameters()), weights)
+    try:
+        cols = program_columns(ctx.settings)
+    except ValueError as exc:
+        raise ReplayError(f"RunStarted {ctx.run_seq}: {exc}", seq=ctx.run_seq) from None
+    tensors = load(data)
+    if set(tensors) != {c.tensor for c in cols}:
+        raise ReplayError(f"the dataset inputs hold {sorted(tensors)[:4]}, the program takes "
+                          f"{[c.tensor for c in cols]}", seq=ctx.run_seq)
+    loaded = _Loaded(module, [tensors[c.tensor] for c in cols], dict(module.named_parameters()), weights)
     if cache is not None:
         cache.loaded[key] = loaded
     return loaded
@@ -385,7 +395,7 @@ def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
     return torch.autocast(ac["device"], dtype=getattr(torch, ac["dtype"]))
 
 
-def _forward_backward(module: Any, inputs: Tensor, labels_all: Tensor, profiles_all: Tensor, u: Mapping[str, Any],
+def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor, profiles_all: Tensor, u: Mapping[str, Any],
                       recipe: Mapping[str, Any], run_seed: int, loss_fn: Callable[..., Tensor],
                       loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> list[float]:
     """specs/training.md §3 steps 2-5 for each micro-batch in order: seed, forward through the routed
@@ -401,7 +411,7 @@ def _forward_backward(module: Any, inputs: Tensor, labels_all: Tensor, profiles_
         torch.default_generator.manual_seed(micro_seed(run_seed, u["step"], j))
         try:
             with _autocast(recipe):
-                out = module(inputs[index], profiles)
+                out = module(inputs[0][index] if len(inputs) == 1 else tuple(t[index] for t in inputs), profiles)
         except RoutingNotProven as exc:
             raise fail(f"routing cannot be applied to the model program: {exc.args[0]}") from None
         leaves = [t for t in (out if isinstance(out, (list, tuple)) else [out])

@@ -32,17 +32,21 @@ class RoutedModule(ProgramModule):
         super().__init__(program)
         self.boundaries = plan_routing(program.graph, settings)
         self.n_bands = len(self.boundaries)
-        self._proved: set[tuple[tuple[int, ...], Any]] = set()
+        self._proved: set[Any] = set()
 
-    def forward(self, x: Tensor, profiles: Tensor) -> Any:  # type: ignore[override]
+    def forward(self, x: Tensor | tuple[Tensor, ...], profiles: Tensor) -> Any:  # type: ignore[override]
+        """``x``: the batch's input, or its parts in canonical order (specs/training.md §5.1)."""
         graph = self.program.graph
-        if profiles.dim() != 2 or profiles.shape[1] != self.n_bands or profiles.shape[0] != x.shape[0]:
-            raise RoutingNotProven(f"profiles of shape {list(profiles.shape)} for a batch of {x.shape[0]} "
+        parts = x if isinstance(x, tuple) else (x,)
+        batch = parts[0].shape[0] if parts and parts[0].dim() else -1
+        if profiles.dim() != 2 or profiles.shape[1] != self.n_bands or profiles.shape[0] != batch:
+            raise RoutingNotProven(f"profiles of shape {list(profiles.shape)} for a batch of {batch} "
                                    f"and {self.n_bands} bands")
         state = self.live_state()
         inputs = program_inputs(graph, x, self.n_bands, profiles.dtype)
         check_inputs(self.program, inputs)  # what the exported module would check, by our own code
-        key = (tuple(x.shape), x.dtype)
+        keys = tuple((tuple(t.shape), t.dtype) for t in parts)
+        key = keys[0] if len(keys) == 1 else keys  # one tensor: its (shape, dtype); parts: one per part
         if key not in self._proved:
             check_batch_independent(graph, inputs, state, self.boundaries)
             self._proved.add(key)

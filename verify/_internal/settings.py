@@ -47,6 +47,7 @@ from gradledger.ledger.program import Program
 
 from .checkpoint import tensor_digest
 from .graph_routing import GATED_PREFIX
+from .manifests import MAX_PARTS, PART_NAME
 from .recipe import micro_sizes
 
 SEED_RULE = "gradledger/step-seed/v1"  # specs/training.md §2
@@ -56,7 +57,9 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2)
+FORMATS = (1, 2, 3)
+#: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
+PARTS_FORMAT = 3
 
 
 def training_format(settings: Mapping[str, Any]) -> int:
@@ -292,26 +295,80 @@ def _matches(prefix: str, name: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+@dataclass(frozen=True)
+class Column:
+    """One input of a run's program: its program input name, the inputs artifact's tensor that feeds it,
+    and the dtype and row shape ``settings.program`` states for it."""
+
+    input: str
+    tensor: str
+    dtype: str
+    shape: list[int]
+
+
+def program_columns(settings: Mapping[str, Any]) -> list[Column]:
+    """``settings.program``'s inputs (specs/training.md §5, §5.1), checked for form: format <= 2, one input
+    ``x``; format 3, inputs ``x_0 .. x_{n-1}`` fed by the parts, named and sorted as manifests.md §2.1 says.
+    Raises ``ValueError`` naming what is wrong (callers turn it into their own failure)."""
+    p = settings.get("program")
+    parts = training_format(settings) == PARTS_FORMAT
+    keys = {"format", "inputs", "parts"} if parts else {"format", "inputs", "x_dtype", "x_shape"}
+    if not isinstance(p, dict) or set(p) != keys:
+        raise ValueError(f"settings.program is not {{{', '.join(sorted(keys))}}} (specs/training.md §5)")
+    if p["format"] != PROGRAM_FORMAT:
+        raise ValueError(f"settings.program.format {p['format']!r} is not {PROGRAM_FORMAT!r}")
+    if not parts:
+        if p["inputs"] != PROGRAM_INPUTS:
+            raise ValueError(f"settings.program.inputs {p['inputs']!r} is not {PROGRAM_INPUTS!r}")
+        _dtype_shape(p["x_dtype"], p["x_shape"], "x")
+        return [Column("x", "x", p["x_dtype"], p["x_shape"])]
+    items = p["parts"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PARTS:
+        raise ValueError(f"settings.program.parts is not a list of 1 to {MAX_PARTS} parts")
+    cols = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"name", "dtype", "shape"} or not isinstance(item["name"], str) \
+                or not PART_NAME.match(item["name"]):
+            raise ValueError(f"settings.program.parts[{i}] is not {{name, dtype, shape}} with a part name")
+        _dtype_shape(item["dtype"], item["shape"], f"parts[{i}]")
+        cols.append(Column(f"x_{i}", "x." + item["name"], item["dtype"], item["shape"]))
+    names = [item["name"] for item in items]
+    if names != sorted(set(names)):
+        raise ValueError(f"settings.program.parts {names} are not distinct and in canonical (sorted) order")
+    want = [c.input for c in cols] + ["profiles"]
+    if p["inputs"] != want:
+        raise ValueError(f"settings.program.inputs {p['inputs']!r} is not {want!r}")
+    return cols
+
+
+def _dtype_shape(dtype: Any, shape: Any, what: str) -> None:
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_uint(d) for d in shape):
+        raise ValueError(f"settings.program {what}: dtype {dtype!r} and shape {shape!r} are not a dtype name and a "
+                         "list of sizes")
+
+
 def _check_program(run: RunView, artifact: Callable[[bytes], bytes | None],
                    fail: Callable[..., SettingsMismatch]) -> None:
-    s = run.settings
-    p = s.get("program")
-    if not isinstance(p, dict) or set(p) != {"format", "inputs", "x_dtype", "x_shape"}:
-        raise fail("settings.program is not {format, inputs, x_dtype, x_shape} (specs/training.md §5)")
-    if p["format"] != PROGRAM_FORMAT:
-        raise fail(f"settings.program.format {p['format']!r} is not {PROGRAM_FORMAT!r}")
-    if p["inputs"] != PROGRAM_INPUTS:
-        raise fail(f"settings.program.inputs {p['inputs']!r} is not {PROGRAM_INPUTS!r}")
-    if not isinstance(p["x_dtype"], str) or not isinstance(p["x_shape"], list) or not all(
-        _uint(d) for d in p["x_shape"]
-    ):
-        raise fail(f"settings.program.x_dtype {p['x_dtype']!r} and x_shape {p['x_shape']!r} are not a dtype name and "
-                   "a list of sizes")
+    try:
+        cols = program_columns(run.settings)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     rows = _inputs_rows(artifact, run.inputs)
-    if rows is not None and (p["x_dtype"], p["x_shape"]) != rows:
-        field_name = "x_dtype" if p["x_dtype"] != rows[0] else "x_shape"
-        raise fail(f"settings.program.{field_name}: x_dtype {p['x_dtype']!r} and x_shape {p['x_shape']!r} are not the "
-                   f"committed inputs' rows ({rows[0]} {rows[1]})")
+    if rows is None:
+        return
+    if set(rows) != {c.tensor for c in cols}:
+        raise fail(f"settings.program names inputs {[c.tensor for c in cols]}, the committed inputs hold "
+                   f"{sorted(rows)}")
+    for c in cols:
+        got = rows[c.tensor]
+        if (c.dtype, c.shape) == got:
+            continue
+        if c.tensor == "x":
+            what = "x_dtype" if c.dtype != got[0] else "x_shape"
+            raise fail(f"settings.program.{what}: x_dtype {c.dtype!r} and x_shape {c.shape!r} are not the committed "
+                       f"inputs' rows ({got[0]} {got[1]})")
+        raise fail(f"settings.program.parts {c.tensor[2:]!r}: dtype {c.dtype!r} and shape {c.shape!r} are not the "
+                   f"committed inputs' rows ({got[0]} {got[1]})")
 
 
 # -- replay's part: what needs the program itself ------------------------------------------------
@@ -328,23 +385,28 @@ def check_program(program: Program, settings: Mapping[str, Any], run_seq: int) -
     def fail(what: str) -> SettingsMismatch:
         return SettingsMismatch(f"RunStarted {run_seq}: {what}", seq=run_seq)
 
-    p = settings.get("program")
-    if not isinstance(p, dict):
-        raise fail("settings.program is not {format, inputs, x_dtype, x_shape}")
+    try:
+        cols = program_columns(settings)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     graph = program.graph
-    if list(graph.user_inputs) != PROGRAM_INPUTS or p.get("inputs") != PROGRAM_INPUTS:
-        raise fail(f"settings.program.inputs {p.get('inputs')!r}, but the model program's user inputs are "
+    want = [c.input for c in cols] + ["profiles"]
+    if list(graph.user_inputs) != want:
+        raise fail(f"settings.program.inputs {want!r}, but the model program's user inputs are "
                    f"{list(graph.user_inputs)!r}")
-    x = program.inputs.get("x")
-    if x is None:
-        raise fail("settings.program: the model program has no input 'x'")
-    dtype = str(x.dtype).removeprefix("torch.")
-    if p.get("x_dtype") != dtype:
-        raise fail(f"settings.program.x_dtype {p.get('x_dtype')!r}, but the model program's input x is {dtype}")
-    shape = list(x.sizes[1:])
-    if not same_cbor(p.get("x_shape"), shape):
-        raise fail(f"settings.program.x_shape {p.get('x_shape')!r}, but the model program's input x has rows of "
-                   f"shape {shape!r}")
+    for c in cols:
+        x = program.inputs.get(c.input)
+        if x is None:
+            raise fail(f"settings.program: the model program has no input {c.input!r}")
+        dtype = str(x.dtype).removeprefix("torch.")
+        what = "x_dtype" if c.input == "x" else f"parts {c.tensor[2:]!r} dtype"
+        if c.dtype != dtype:
+            raise fail(f"settings.program.{what} {c.dtype!r}, but the model program's input {c.input} is {dtype}")
+        shape = list(x.sizes[1:])
+        if not same_cbor(c.shape, shape):
+            what = "x_shape" if c.input == "x" else f"parts {c.tensor[2:]!r} shape"
+            raise fail(f"settings.program.{what} {c.shape!r}, but the model program's input {c.input} has rows of "
+                       f"shape {shape!r}")
     prefix = _check_prefixes(settings, program, fail)
     if training_format(settings) >= 2:
         _check_parameters(settings, program, prefix, fail)
@@ -422,9 +484,9 @@ def _check_prefixes(s: Mapping[str, Any], program: Program, fail: Callable[[str]
     return prefix
 
 
-def _inputs_rows(artifact: Callable[[bytes], bytes | None], digest: bytes | None) -> tuple[str, list[int]] | None:
-    """The committed inputs' ``x`` dtype and row shape, from the safetensors header alone (None if unreadable:
-    the dataset and artifacts checks report that)."""
+def _inputs_rows(artifact: Callable[[bytes], bytes | None], digest: bytes | None) -> dict[str, tuple[str, list[int]]] | None:
+    """The committed inputs' tensors, each with its dtype and row shape, from the safetensors header alone
+    (None if unreadable: the dataset and artifacts checks report that)."""
     if digest is None:
         return None
     data = artifact(digest)
@@ -433,7 +495,7 @@ def _inputs_rows(artifact: Callable[[bytes], bytes | None], digest: bytes | None
     (size,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + size])
-        x = header["x"]
-        return _ST_DTYPES[x["dtype"]], list(x["shape"][1:])
-    except (ValueError, KeyError, TypeError, IndexError):
+        header.pop("__metadata__", None)
+        return {name: (_ST_DTYPES[x["dtype"]], list(x["shape"][1:])) for name, x in header.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
