@@ -506,7 +506,30 @@ HOSTILE: dict[str, tuple[Callable[[], nn.Module], str]] = {
                                    r"aten\.scaled_dot_product_attention\.default"),
     "a Gram matrix over the batch": (lambda: Tail(lambda h: h @ (h.t() @ h)), r"node 'matmul' \(aten\.matmul\.default\)"),
     "gather across the batch": (lambda: _gathered(0), r"node 'gather' \(aten\.gather\.default\)"),
+    "advanced index across the batch": (lambda: _indexed(lambda h, p: h[p]), r"value 'index', whose rows do not follow"),
+    "index of rows by another row's values": (
+        lambda: _indexed(lambda h, p: h[torch.arange(4)[:, None], (h[0] > 0).long()[None, :] * p[None, :]]),
+        r"aten\.index\.Tensor"),
 }
+
+
+def _indexed(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> nn.Module:
+    m = Tail(lambda h: h)
+    m.f = lambda h: f(h, m.perm)  # type: ignore[assignment]
+    return m
+
+
+@pytest.mark.parametrize("f", [
+    lambda h, p: h[:, p],  # within each row
+    lambda h, p: h[torch.arange(h.shape[0])[:, None, None], torch.arange(4)[None, None, :]],  # HF's mask lookup
+    lambda h, p: h[torch.arange(h.shape[0]), p[: h.shape[0]]],  # one element per row, chosen by a constant
+])
+def test_advanced_indexing_that_keeps_each_row_is_proved(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                                                        ) -> None:
+    x = torch.randn(4, 4)
+    program = export(_indexed(f), x)
+    state = ProgramModule(program).live_state()
+    check_batch_independent(program.graph, {program.graph.user_inputs[0]: x}, state)
 
 
 def _gathered(dim: int) -> nn.Module:
