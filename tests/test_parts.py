@@ -338,3 +338,24 @@ def test_a_huggingface_bert_with_an_attention_mask_verifies(project: Path, tmp_p
     code, report = _verify(bundle, project)
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact"
+
+
+def test_unlearning_a_source_of_a_parts_run_verifies(tmp_path: Path) -> None:
+    """Exact unlearning replays the branch from the stored parts; its certificate verifies."""
+    from gradledger.training.retirement import retire
+    from gradledger.training.unlearning import unlearn
+
+    ids, mask, y = _tokens()
+    sources = ["worker-1" if i % 4 == 0 else "dr-lee" for i in range(N)]
+    with gradledger.Project.init(tmp_path / "p", TAXONOMY) as p:
+        p.label({"input_ids": ids, "attention_mask": mask}, y.tolist(), source=sources, name="tokens")
+    torch.manual_seed(4)
+    _run(tmp_path / "p", tmp_path / "run", MaskedBag(), Tokens(ids, mask, y), "tokens", lambda m, x: m(**x))
+    with gradledger.Project.open(tmp_path / "p") as p:
+        retire(p.ledger, "worker-1", p.root_key, "test: a retired annotator")
+        result = unlearn(p.ledger, "worker-1", p.trainer_key)
+        assert result.certificate_seq is not None
+        export_bundle(p.ledger, tmp_path / "unlearned.glb", with_data=True)
+    code, report = _verify(tmp_path / "unlearned.glb", tmp_path / "p")
+    assert code == 0, report.get("first_failure")
+    assert report["verdict"] == "exact"
