@@ -51,7 +51,7 @@ from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, pr
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused, autocast, float_leaves
 from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
-from .runtime import no_uninitialized_fill
+from .runtime import no_uninitialized_fill, release_setup_memory
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order.
@@ -258,6 +258,7 @@ class Governance:
         except BaseException:
             self._end()
             raise
+        release_setup_memory()  # the export's garbage, before training's peak (runtime.py says why)
         return gated, optimizer, GovernedLoader(self)
 
     def resume(
@@ -634,6 +635,14 @@ class Governance:
         self._checked_groups = (recorded, key, now) if cacheable else None
 
     def self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
+        """``_self_check``, then its program copy and replayed graph handed back to the OS: it runs once per
+        new recipe, so without that the process would carry them through training (runtime.py)."""
+        try:
+            self._self_check(micros, recipe)
+        finally:
+            release_setup_memory()
+
+    def _self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
         """Replay this step's gradient from the exported program, as the verifier will, and refuse the step
         when it differs from what the user's loop produced (specs/training.md §3.3).
 
