@@ -95,7 +95,7 @@ def read_artifact(stream: BinaryIO, limit: int | None = None) -> bytes | None:
     size = head["size"]
     if size is None:
         return None
-    if type(size) is not int or size > limit:
+    if type(size) is not int or not 0 <= size <= limit:
         raise FrameError(f"an artifact of {size!r} bytes exceeds the bound of {limit} bytes")
     data = stream.read(size)  # one allocation of the bounded size, filled in place (BufferedReader)
     if len(data) < size:
