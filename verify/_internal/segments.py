@@ -22,7 +22,7 @@ from gradledger.ledger.errors import UnusableInput
 from .replay import ReplayError, RunContext, Segment, SegmentResult
 from .sandbox import EXIT_NO_SANDBOX, SandboxSpec, worker_env
 from .sources import open_source
-from .worker import FrameError, frame, read_frame
+from .worker import MAX_ARTIFACT, FrameError, artifact_reply, frame, read_frame
 
 
 def plan_segments(observations: Sequence[Sealed]) -> dict[int, list[Segment]]:
@@ -190,8 +190,13 @@ def _in_workers(
                             break
                         with source_lock:
                             data = artifact(digest)
-                        try:
-                            proc.stdin.write(frame({"data": data}))
+                        if data is not None and len(data) > MAX_ARTIFACT:  # a ledger source has no bound of its own
+                            problem = (f"it asked for artifact {digest.hex()[:16]}, of {len(data)} bytes, above the "
+                                       f"{MAX_ARTIFACT} bytes a worker is served")
+                            break
+                        try:  # raw bytes after a size frame: artifacts are never CBOR items (§6)
+                            for piece in artifact_reply(data):
+                                proc.stdin.write(piece)
                             proc.stdin.flush()
                         except OSError:
                             pass  # gone: the next read says so

@@ -1,7 +1,10 @@
 """A replay worker process: confine itself, then a CBOR task on stdin, one CBOR frame per result on stdout.
 
 It asks the verifier for each artifact it needs (a ``{"artifact": digest}`` frame on stdout,
-answered ``{"data": bytes or null}`` on stdin) and is given only those its segments name.
+answered on stdin by a ``{"size": n}`` frame followed by the artifact's n raw bytes, or
+``{"size": null}`` for one the bundle lacks) and is given only those its segments name.
+Artifacts are never CBOR items (specs/encoding.md §4): a checkpoint of a model of millions of
+parameters with its Adam state is larger than the 64 MiB bound of one CBOR item.
 
     python -m gradledger.verify._internal.worker --sandbox --max-memory MIB   (or --no-sandbox)
 
@@ -23,11 +26,16 @@ from typing import Any, BinaryIO
 
 from . import sandbox
 
-#: The largest frame the verifier reads from a worker (a segment's result is a few hundred bytes):
-#: a hostile worker cannot make the verifier allocate more than this for one frame.
+#: The largest frame the verifier reads from a worker: a segment's result or an artifact request,
+#: a few hundred bytes; a worker never sends state (weights, checkpoints) back. A hostile worker
+#: cannot make the verifier allocate more than this for one frame.
 MAX_RESULT_FRAME = 64 << 20
-#: The largest task or artifact a worker reads (they come from the verifier).
+#: The largest task a worker reads (it comes from the verifier).
 MAX_TASK_FRAME = 16 << 30
+#: The largest artifact the verifier serves a worker: the bound a bundle puts on each artifact
+#: (``ledger.bundle.MAX_ARTIFACT_SIZE``, not imported here: it would pull numpy in before the
+#: sandbox is entered). The header of an artifact reply above it is refused before a byte is read.
+MAX_ARTIFACT = 4 << 30
 
 
 class FrameError(Exception):
@@ -41,8 +49,14 @@ def frame(obj: Any) -> bytes:
     return struct.pack(">Q", len(data)) + data
 
 
-def read_frame(stream: BinaryIO, limit: int = MAX_RESULT_FRAME) -> Any | None:
-    """The next frame's value; None at a clean end of stream. The size is checked before any read."""
+def read_frame(stream: BinaryIO, limit: int | None = None) -> Any | None:
+    """The next frame's value; None at a clean end of stream. The size is checked before any read.
+
+    ``limit`` (default ``MAX_RESULT_FRAME``, looked up when called) is the frame's whole bound: the
+    decoder is given it too, so a task frame is not cut at the decoder's own 64 MiB default.
+    """
+    if limit is None:
+        limit = MAX_RESULT_FRAME
     head = _read_exactly(stream, 8, allow_eof=True)
     if head is None:
         return None
@@ -54,9 +68,41 @@ def read_frame(stream: BinaryIO, limit: int = MAX_RESULT_FRAME) -> Any | None:
     from gradledger.ledger import encoding
 
     try:
-        return encoding.decode(data)
+        return encoding.decode(data, max_size=limit)
     except Exception as exc:  # noqa: BLE001 - whatever the decoder refuses, the frame is bad
         raise FrameError(f"a frame is not canonical CBOR: {exc}") from None
+
+
+def artifact_reply(data: bytes | None) -> list[bytes]:
+    """The verifier's answer to an artifact request, in pieces to write in order (the artifact's
+    bytes are not copied into a frame): ``{"size": n}`` then the n raw bytes, or ``{"size": null}``."""
+    if data is None:
+        return [frame({"size": None})]
+    if len(data) > MAX_ARTIFACT:
+        raise FrameError(f"an artifact of {len(data)} bytes exceeds the bound of {MAX_ARTIFACT} bytes")
+    return [frame({"size": len(data)}), data]
+
+
+def read_artifact(stream: BinaryIO, limit: int | None = None) -> bytes | None:
+    """An artifact reply (``artifact_reply``): its bytes, or None for an artifact the bundle lacks.
+    The size, from the header frame, is checked against ``limit`` (default ``MAX_ARTIFACT``)
+    before the bytes are read."""
+    if limit is None:
+        limit = MAX_ARTIFACT
+    head = read_frame(stream, 64)
+    if not isinstance(head, dict) or set(head) != {"size"}:
+        raise FrameError("the verifier sent no artifact")
+    size = head["size"]
+    if size is None:
+        return None
+    if type(size) is not int or not 0 <= size <= limit:
+        raise FrameError(f"an artifact of {size!r} bytes exceeds the bound of {limit} bytes")
+    data = stream.read(size)  # one allocation of the bounded size, filled in place (BufferedReader)
+    if len(data) < size:
+        rest = _read_exactly(stream, size - len(data), allow_eof=False)
+        assert rest is not None
+        data += rest
+    return data
 
 
 def _read_exactly(stream: BinaryIO, size: int, *, allow_eof: bool) -> bytes | None:
@@ -97,10 +143,7 @@ def main(argv: list[str]) -> int:
         # The verifier serves it: this process never opens the bundle (it could not write to it anyway).
         out.write(frame({"artifact": digest}))
         out.flush()
-        reply = read_frame(sys.stdin.buffer, MAX_TASK_FRAME)
-        if not isinstance(reply, dict) or set(reply) != {"data"}:
-            raise FrameError("the verifier sent no artifact")
-        return reply["data"]
+        return read_artifact(sys.stdin.buffer)
 
     torch.set_num_threads(1)
     cache = ReplayCache()  # this task's own
