@@ -66,7 +66,8 @@ def govern(
     the loader's own order (``shuffle=True`` included); ``"committed"`` uses the seeded order fixed
     before training. A dataset whose inputs are dicts or tuples of tensors (``input_ids``,
     ``attention_mask``...) is a model of parts: ``call="spread"`` calls the model as ``model(**x)`` /
-    ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run`` (also ``loader.run``): ``model.run.close()`` at the end.
+    ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run``
+    (also ``loader.run``): ``model.run.close()`` at the end.
     """
     if project is not None:
         ledger = ledger if ledger is not None else project.ledger

@@ -18,7 +18,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.merkle import leaf_hash, root_of
 
 from .errors import DatasetError, ManifestError
-from .manifests import MAX_PARTS, PART_NAME, SignedManifest, example_id, parse_manifest, verify_manifest
+from .manifests import SignedManifest, example_id, parse_manifest, part_names_problem, verify_manifest
 
 #: Any recorded revocation: every one was recorded before a commit appended now.
 _ANY_TIME = 1 << 64
@@ -211,9 +211,9 @@ def input_columns(inputs: Any) -> Any:
             raise DatasetError(f"the examples cannot be stored as one tensor (row i = example i): {exc}") from None
     else:
         return torch.as_tensor(inputs).detach().cpu().contiguous()
-    if not cols or len(cols) > MAX_PARTS or not all(PART_NAME.match(n) for n in cols):
-        raise DatasetError(f"input parts {sorted(cols)[:4]}: 1 to {MAX_PARTS} parts, each named by 1 to 64 of "
-                           "A-Z a-z 0-9 _")
+    problem = part_names_problem(list(cols))
+    if problem is not None:
+        raise DatasetError(f"input parts: {problem}")
     return {n: c.detach().cpu().contiguous() for n, c in cols.items()}
 
 
@@ -228,7 +228,9 @@ def example_rows(columns: Any, n: int) -> list[Any]:
     return [columns[i] for i in range(n)]
 
 
-def _rows_of(columns: Any) -> int | None:
+def rows_of(columns: Any) -> int | None:
+    """The number of rows of stored ``columns`` (a tensor, or a dict of part columns); None when they are
+    not all batch-first with one number of rows."""
     cols = list(columns.values()) if isinstance(columns, Mapping) else [columns]
     rows = {c.shape[0] if c.dim() >= 1 else -1 for c in cols}
     return rows.pop() if len(rows) == 1 and -1 not in rows else None
@@ -244,7 +246,7 @@ def encode_inputs(inputs: Any, manifests: Sequence[SignedManifest]) -> bytes:
     from safetensors.torch import save
 
     cols = input_columns(inputs)
-    if _rows_of(cols) != len(manifests):
+    if rows_of(cols) != len(manifests):
         shapes = {k: list(c.shape) for k, c in cols.items()} if isinstance(cols, Mapping) else list(cols.shape)
         raise DatasetError(f"inputs must have one row per manifest ({len(manifests)}), got shape {shapes}")
     for i, (row, m) in enumerate(zip(example_rows(cols, len(manifests)), manifests)):
@@ -304,13 +306,13 @@ def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
         raise DatasetError(f"inputs artifact is not safetensors: {exc}") from None
     if set(tensors) == {DATA_TENSOR}:
         cols: Any = tensors[DATA_TENSOR]
-    elif tensors and all(k.startswith(PART_PREFIX) and PART_NAME.match(k[len(PART_PREFIX):]) for k in tensors) \
-            and len(tensors) <= MAX_PARTS:
+    elif all(k.startswith(PART_PREFIX) for k in tensors) and part_names_problem(
+            [k[len(PART_PREFIX):] for k in tensors]) is None:
         cols = {k[len(PART_PREFIX):]: t for k, t in tensors.items()}
     else:
         raise DatasetError(f"inputs artifact of dataset {dataset.name!r} holds {sorted(tensors)[:4]}: neither one "
                            "tensor 'x' nor tensors 'x.<part>'")
-    if _rows_of(cols) != dataset.count:
+    if rows_of(cols) != dataset.count:
         raise DatasetError(f"inputs artifact of dataset {dataset.name!r} does not hold {dataset.count} rows")
     for i, (row, m) in enumerate(zip(example_rows(cols, dataset.count), dataset.manifests)):
         if example_id(row) != m.example:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor, nn
 
 from .errors import GovernanceError
-from .manifests import MAX_PARTS, PART_NAME
+from .manifests import part_names_problem
 
 __all__ = ["CALLS", "PARTS_FORMAT", "InputStructure", "program_settings"]
 
@@ -52,12 +52,9 @@ class InputStructure:
         else:
             raise GovernanceError(
                 f"model inputs of type {type(x).__name__}: give a tensor, or a dict or tuple of tensors")
-        if not names or len(names) > MAX_PARTS:
-            raise GovernanceError(f"a structured input needs 1 to {MAX_PARTS} parts, got {len(names)}")
-        bad = [n for n in names if not isinstance(n, str) or not PART_NAME.match(n)]
-        if bad:
-            raise GovernanceError(f"input part name {bad[0]!r} is not 1 to 64 of A-Z a-z 0-9 _ "
-                                  "(it names a stored tensor and a program input)")
+        problem = part_names_problem(names)
+        if problem is not None:
+            raise GovernanceError(f"model inputs: {problem}")
         parts = x.values() if isinstance(x, Mapping) else x
         if not all(isinstance(p, Tensor) for p in parts):
             raise GovernanceError("every part of a structured input must be a tensor")
@@ -126,9 +123,7 @@ class InputStructure:
         return args[0], args[1] if len(args) == 2 else profiles
 
     def describe(self) -> str:
-        if not self.structured:
-            return "model(x)"
-        if self.call == "whole":
+        if not self.structured or self.call == "whole":
             return "model(x)"
         return "model(**x)" if self.kind == "dict" else "model(*x)"
 

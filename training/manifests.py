@@ -47,6 +47,17 @@ PARTS_DOMAIN = "gradledger/example-parts/v1"
 PART_NAME = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
 MAX_PARTS = 64
 
+
+def part_names_problem(names: Sequence[Any]) -> str | None:
+    """What is wrong with ``names`` as an example's part names (§2.1), or None: 1 to ``MAX_PARTS`` of
+    them, each 1 to 64 of A-Z a-z 0-9 _. The one check every reader of parts uses."""
+    if not names or len(names) > MAX_PARTS:
+        return f"an example of parts needs 1 to {MAX_PARTS} parts, got {len(names)}"
+    bad = next((n for n in names if not isinstance(n, str) or not PART_NAME.match(n)), None)
+    if bad is not None:
+        return f"part name {bad!r} is not 1 to 64 of A-Z a-z 0-9 _ (it names a stored tensor and a program input)"
+    return None
+
 #: The fields a caller supplies; ``v``, ``signer`` and ``time`` come from signing.
 CONTENT_FIELDS = (
     "example", "label", "sources", "aggregation", "consensus", "confidence",
@@ -153,12 +164,11 @@ def example_id(value: Any) -> bytes:
 
 def _named_parts(value: Mapping[str, Any] | Sequence[Any]) -> dict[str, bytes]:
     items = list(value.items()) if isinstance(value, Mapping) else [(str(i), v) for i, v in enumerate(value)]
-    if not items or len(items) > MAX_PARTS:
-        raise DatasetError(f"an example of parts needs 1 to {MAX_PARTS} parts, got {len(items)}")
+    problem = part_names_problem([name for name, _ in items])
+    if problem is not None:
+        raise DatasetError(problem)
     out: dict[str, bytes] = {}
     for name, part in items:
-        if not isinstance(name, str) or not PART_NAME.match(name):
-            raise DatasetError(f"example part name {name!r} is not 1 to 64 of A-Z a-z 0-9 _")
         if isinstance(part, (Mapping, tuple, list)):
             raise DatasetError(f"example part {name!r} is itself a structure: parts are arrays, tensors or bytes")
         try:

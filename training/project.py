@@ -32,7 +32,7 @@ from gradledger.ledger.files import read_regular
 from gradledger.ledger.keys import SigningKey, read_public_keys, write_public_keys
 from gradledger.ledger.ledger import Ledger
 
-from .dataset import CommittedDataset, commit_dataset, example_rows, input_columns, load_dataset
+from .dataset import CommittedDataset, commit_dataset, example_rows, input_columns, load_dataset, rows_of
 from .errors import DatasetError, ManifestError, ProjectError
 from .manifests import MAX_CLASS, SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, adopt_policy, load_adopted, sign_policy
@@ -348,8 +348,8 @@ class Project:
         ``inputs``: a tensor or array whose row ``i`` is example ``i``; a dict of such columns, one per
         input part (a tokenizer's ``input_ids``, ``attention_mask``...); or a map-style torch Dataset
         whose item ``i`` is ``x`` or ``(x, y)`` (the example is ``x``, as the trainer reads it; a dict or
-        tuple of tensors is an example of parts). ``labels``: one class index per example (or class name, when the taxonomy's ontology
-        names its classes). ``source``: one source name, or one per example. ``confidence``
+        tuple of tensors is an example of parts). ``labels``: one class index per example (or class
+        name, when the taxonomy's ontology names its classes). ``source``: one source name, or one per example. ``confidence``
         defaults to the source's (specs/project.md §2.3). ``ontology`` defaults to the taxonomy's.
         """
         xs = _examples(inputs)
@@ -435,7 +435,10 @@ def _examples(inputs: Any) -> list[Any]:
     """The examples of ``inputs``, each as the trainer will hash it."""
     if isinstance(inputs, Mapping):  # columns of named parts (a tokenizer's output): example i is row i of each
         cols = input_columns(inputs)
-        return example_rows(cols, _rows(cols))
+        rows = rows_of(cols)
+        if rows is None:
+            raise ProjectError(f"input parts {sorted(cols)} do not all have the same number of rows")
+        return example_rows(cols, rows)
     if hasattr(inputs, "shape") and hasattr(inputs, "__getitem__"):  # a tensor or an array: its rows
         if len(inputs.shape) < 1:
             raise ProjectError("inputs must have one row per example, got a 0-d value")
@@ -444,13 +447,6 @@ def _examples(inputs: Any) -> list[Any]:
         return [_input_of(inputs[i]) for i in range(len(inputs))]
     raise ProjectError(
         f"inputs must be a tensor, an array or a map-style Dataset (with len), got {type(inputs).__name__}")
-
-
-def _rows(cols: Mapping[str, Any]) -> int:
-    rows = {c.shape[0] if c.dim() else -1 for c in cols.values()}
-    if len(rows) != 1 or -1 in rows:
-        raise ProjectError(f"input parts {sorted(cols)} do not all have the same number of rows")
-    return rows.pop()
 
 
 def _read_record(path: Path) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
-from .inputs import CALLS, PARTS_FORMAT, InputStructure, program_settings
+from .inputs import PARTS_FORMAT, InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
@@ -198,9 +198,7 @@ class Governance:
         self.batches = [list(b) for b in batches] if batches is not None else None
         self.order = "explicit" if batches is not None else ORDER_DOMAIN if order == "committed" else "loader"
         self.check_examples = check_examples
-        if call not in CALLS:
-            raise GovernanceError(f"call must be one of {CALLS}, got {call!r}")
-        self.call = call
+        self.call = call  # checked by InputStructure.of, when the loader's data is bound
         #: How the user's model takes a batch's inputs (set from the dataset's first item).
         self.inputs = InputStructure("tensor")
         self.step = 0

@@ -54,7 +54,8 @@ ATEN_OPS: frozenset[str] = frozenset({
     "masked_fill.Scalar", "masked_fill.Tensor", "tril.default", "triu.default",
     # factories and casts (CPU only: every device argument is checked to be the CPU)
     "zeros_like.default", "ones_like.default", "full_like.default", "zeros.default", "ones.default",
-    "full.default", "new_zeros.default", "new_ones.default", "arange.default", "arange.start", "arange.start_step", "lift_fresh_copy.default",
+    "full.default", "new_zeros.default", "new_ones.default", "arange.default", "arange.start", "arange.start_step",
+    "lift_fresh_copy.default",
     "_to_copy.default", "to.dtype", "to.dtype_layout", "to.device", "type_as.default",
     "_assert_tensor_metadata.default",
     # in place: only on a buffer (BatchNorm's num_batches_tracked += 1), checked by the parser
