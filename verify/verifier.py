@@ -205,7 +205,7 @@ class Verifier:
             return {}
         finally:
             torch.set_num_threads(saved[0])
-            torch.use_deterministic_algorithms(saved[1])
+            environment.set_deterministic(saved[1])
         seconds = time.perf_counter() - started
         report.figures["replay_seconds"] = round(seconds, 3)
         report.figures["replayed_steps"] = steps

@@ -31,12 +31,27 @@ def _library_versions() -> tuple[str | None, str | None]:
     return mkl, onednn
 
 
+def set_deterministic(mode: bool) -> None:
+    """ATen's deterministic-algorithms flag, what ``torch.are_deterministic_algorithms_enabled`` reads.
+
+    Why not ``torch.use_deterministic_algorithms``: it also sets ``torch._inductor.config.deterministic``,
+    and importing that imports inductor and dynamo (about 2 s and 100 MB here, once per process: in a
+    replay worker it was a third of a short run's replay time, and code no replay uses). Replay runs
+    the program's ATen calls, never compiled code, so ATen's flag is the one that decides its bits.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch without the private setter: the public call, at its cost
+        torch.use_deterministic_algorithms(mode)
+    else:
+        setter(mode, warn_only=False)
+
+
 def prepare(recorded: Mapping[str, Any]) -> None:
     """Match what the verifier controls: threads as recorded, deterministic algorithms on."""
     threads = recorded.get("num_threads")
     if type(threads) is int and 1 <= threads <= 1024 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    set_deterministic(True)
 
 
 def current() -> dict[str, Any]:
