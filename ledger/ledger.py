@@ -119,8 +119,9 @@ class Ledger:
 
     def attach_appender(self, stop: Callable[[bool], None]) -> Callable[[], None]:
         """Register a background appender's ``stop(discard)``, called (joining it) before this ledger discards
-        its pending records (``discard=True``: drop what is queued) or commits them at close (``False``:
-        append what is queued first). Returns the function that detaches it."""
+        its pending records (``discard=True``: drop what is queued, but for what it must finish to commit
+        a state it already holds, such as a checkpoint) or commits them at close (``False``: append what
+        is queued first). Returns the function that detaches it."""
         self._appenders.append(stop)
         return lambda: self._appenders.remove(stop) if stop in self._appenders else None
 

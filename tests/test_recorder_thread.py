@@ -5,6 +5,7 @@ lags behind, leaves the committed log at a checkpoint (specs/training.md §1).""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from gradledger.ledger.ledger import Ledger
-from gradledger.training.record_thread import RecordingFailed
+from gradledger.training.record_thread import RecordingFailed, RecordWriter
 from gradledger.training.trainer import Trainer
 from test_trainer import EVERY, STEPS, bodies, engine_for, new_ledger, parts
 
@@ -150,6 +151,42 @@ def test_an_exception_in_the_loop_discards_the_steps_since_the_checkpoint(tmp_pa
     with pytest.raises(Crash), engine:
         gm, gopt, gloader = engine.make_governed(model, opt, loader)
         Trainer(engine).fit(gm, gopt, gloader, 5, close=False)
+        raise Crash
+    led.close()
+    assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")
+
+
+def test_a_checkpoint_still_being_stored_when_the_loop_fails_is_committed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checkpoint of step 3 is a copy taken at step 3; the thread stores it while the loop goes on.
+    # Here the thread is held in that store until the run's end begins: the loop has failed by then with
+    # steps 3 and 4 queued behind the checkpoint. The checkpoint the loop reached is committed; the
+    # steps after it are not (specs/training.md §1).
+    path = tmp_path / "ledger"
+    led, ds = new_ledger(path)
+    release = threading.Event()
+    real_append = led.append
+
+    def append(type_name: str, body: dict[str, Any], key: Any, **kw: Any) -> Any:
+        if type_name == "Checkpoint" and body["step"] == 3:
+            release.wait()
+        return real_append(type_name, body, key, **kw)
+
+    led.append = append  # type: ignore[method-assign]
+    real_close = RecordWriter.close
+
+    def close(self: RecordWriter, discard: bool = False) -> None:
+        release.set()
+        real_close(self, discard)
+
+    monkeypatch.setattr(RecordWriter, "close", close)
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    with pytest.raises(Crash), engine:
+        gm, gopt, gloader = engine.make_governed(model, opt, loader)
+        Trainer(engine).fit(gm, gopt, gloader, 5, close=False)
+        held = [led.observation(i).body["step"] for i in range(led.size) if led.observation(i).type == "Checkpoint"]
+        assert not release.is_set() and held == [0]  # the checkpoint of step 3 is still queued
         raise Crash
     led.close()
     assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")

@@ -8,14 +8,18 @@ trainer hands over plain Python values and goes on with the next step while this
 
 What keeps the commit discipline (specs/training.md §1):
 
-- one thread, one FIFO queue: records are appended in the order they were submitted (step order),
-  and the trainer drains the queue before it appends a Checkpoint, so each GovernedUpdate precedes
+- one thread, one FIFO queue: records are appended in the order they were submitted (step order).
+  A checkpoint is a job on the same queue (``submit_commit``: digest and store the state copy the
+  trainer made, append the Checkpoint, commit with a tree head), so each GovernedUpdate precedes
   its Checkpoint and the checkpoint's tree head commits exactly the steps before it;
-- nothing is committed here: the ledger is in ``deferred()`` mode, so only the trainer's tree
-  head at a checkpoint commits, after ``drain()``; a crash loses only uncommitted steps;
+- nothing is committed but by a checkpoint job: the ledger is in ``deferred()`` mode; a crash
+  (the process killed) loses only uncommitted steps, the log ends at a checkpoint;
+- a loop that fails (``close(discard=True)``) still gets the checkpoints it had reached: the
+  jobs up to the last queued checkpoint run, those after it are dropped (and the ledger discards
+  what they would have left uncommitted);
 - the first failure (the ledger refusing an append, say) stops the thread from appending
   anything more; it is kept and raised by ``check()`` (the next ``optimizer.step()``), ``drain()``
-  (a checkpoint) or ``close()``, never lost.
+  or ``close()``, never lost.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ class RecordWriter:
     def __init__(self, ledger: Ledger, key: SigningKey) -> None:
         self.ledger, self.key = ledger, key
         self._jobs: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._failed_at: str | None = None
         self._discard = False
+        self._commits = 0  # checkpoint jobs queued and not yet run (a discard keeps those)
         # The ledger stops (joins) this thread before it discards or commits at close: a loop that dies
         # with the ledger's own ``with`` block must not have a record appended after the discard.
         self._detach = ledger.attach_appender(self.close)
@@ -57,7 +63,15 @@ class RecordWriter:
     def submit(self, what: str, type_name: str, build: Callable[[], dict[str, Any]]) -> None:
         """Queue one record: ``build()`` gives its body (run on the thread); ``what`` names it in errors."""
         self.check()
-        self._jobs.put((what, type_name, build))
+        ledger, key = self.ledger, self.key
+        self._jobs.put((what, False, lambda: ledger.append(type_name, build(), key)))
+
+    def submit_commit(self, what: str, run: Callable[[], None]) -> None:
+        """Queue a job that appends and commits (a checkpoint): run on the thread after every job before it."""
+        self.check()
+        with self._lock:
+            self._commits += 1
+        self._jobs.put((what, True, run))
 
     def _work(self) -> None:
         while True:
@@ -65,11 +79,17 @@ class RecordWriter:
             try:
                 if job is _STOP:
                     return
-                if self._error is not None or self._discard:
-                    continue  # after a failure (or a discard) nothing more is appended
-                what, type_name, build = job
+                what, commits, run = job
+                with self._lock:
+                    # After a failure nothing more is appended; after a discard only what leads to, and
+                    # includes, the last queued commit.
+                    skip = self._error is not None or (self._discard and self._commits == 0)
+                    if commits:
+                        self._commits -= 1
+                if skip:
+                    continue
                 try:
-                    self.ledger.append(type_name, build(), self.key)
+                    run()
                 except BaseException as exc:  # kept for the trainer's thread: it must reach the user
                     self._error, self._failed_at = exc, what
             finally:
@@ -91,8 +111,8 @@ class RecordWriter:
         self.check()
 
     def close(self, discard: bool = False) -> None:
-        """Stop and join the thread; records still queued are appended first unless ``discard``. Does not
-        raise (a failure stays for ``check()``)."""
+        """Stop and join the thread; jobs still queued run first (with ``discard``, only up to the last
+        queued commit). Does not raise (a failure stays for ``check()``)."""
         if discard:
             self._discard = True
         if self._thread.is_alive() and threading.current_thread() is not self._thread:

@@ -39,7 +39,7 @@ from gradledger.ledger.program import ProgramError, ProgramModule, load_program
 
 from . import clipping
 from .bands import BandLayout, ResolvedBands, resolve_bands
-from .checkpoints import CheckpointData, make_checkpoint, read_checkpoint, restore
+from .checkpoints import CheckpointData, read_checkpoint, restore, start_checkpoint
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -206,6 +206,7 @@ class Governance:
         self.closed = False
         self.started = False
         self.last_checkpoint: CheckpointData | None = None
+        self._checkpointed: int | None = None  # the step of the last checkpoint taken (maybe not yet stored)
         self.run_seq: int | None = None
         self.policy_seq: int | None = None
         self.recorder: StepRecorder | None = None  # set once the run starts
@@ -253,6 +254,7 @@ class Governance:
                 body["description"] = self.description
             self.run_seq = self.ledger.append("RunStarted", body, self.key).seq
             self._checkpoint()
+            self._drain()  # the run's start is committed before the loop runs
         except BaseException:
             self._end()
             raise
@@ -281,6 +283,7 @@ class Governance:
         self._run_optimizer = settings["optimizer"]
         self._program = run_body["artifacts"]["program"]
         self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
+        self._checkpointed = body["step"]
         self._begin(gated, optimizer)
         return gated, optimizer, GovernedLoader(self)
 
@@ -734,8 +737,8 @@ class Governance:
             self._drain()
 
     def _drain(self) -> None:
-        # Every GovernedUpdate submitted is appended before what follows (a Checkpoint); a failure ends
-        # the run here: nothing after it is committed (the deferred records are discarded).
+        # Wait for every job submitted (records, checkpoints) to be appended and committed; a failure
+        # ends the run here: nothing after it is committed (the deferred records are discarded).
         if self._writer is None:
             return
         try:
@@ -747,21 +750,33 @@ class Governance:
 
     # -- checkpoints and close -----------------------------------------------------------
 
-    def _checkpoint(self) -> CheckpointData:
-        assert self._gated is not None and self._optimizer is not None
-        self._drain()  # the steps before this checkpoint are appended first, in order
+    def _checkpoint(self) -> None:
+        """Copy the state now (the only part on the step's path); hash, store and commit it on the
+        recorder thread, after the updates before it and while training goes on (specs/training.md §1:
+        the checkpoint's tree head commits exactly the steps before it)."""
+        assert self._gated is not None and self._optimizer is not None and self._writer is not None
         if self.recorder is not None:
-            self.recorder.drop_snapshot()  # not held through the checkpoint's own copies
-        made = make_checkpoint(self.step, self._gated.model, self._optimizer,
-                               skip_group_keys=checkpoint_skips(self._optimizer))
-        artifact = self.ledger.put_artifact(made.data)
-        self.ledger.append("Checkpoint", made.body(artifact), self.key)
-        self.ledger.tree_head(self.key)  # commits the whole group: the log now ends at this checkpoint
-        # Its bytes are in the ledger now; the run keeps only a way to read them back.
-        ledger = self.ledger
-        ckpt = CheckpointData(made.step, None, made.digests, made.digest, lambda: ledger.artifact(artifact))
-        self.last_checkpoint = ckpt
-        return ckpt
+            self.recorder.drop_snapshot()  # not held beside the checkpoint's copy of the state
+        pending = start_checkpoint(self.step, self._gated.model, self._optimizer,
+                                   skip_group_keys=checkpoint_skips(self._optimizer))
+        self._checkpointed = self.step
+        ledger, key = self.ledger, self.key
+
+        def store() -> None:
+            made = pending.finish()
+            artifact = ledger.put_artifact(made.data)
+            ledger.append("Checkpoint", made.body(artifact), key)
+            ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
+            pending.data = b""  # the copy is in the ledger now; the run keeps only a way to read it back
+            self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,
+                                                  lambda: ledger.artifact(artifact))
+
+        try:
+            self._writer.submit_commit(f"the Checkpoint of step {self.step}", store)
+        except RecordingFailed as exc:
+            self.closed = True
+            self._end(exc)
+            raise
 
     def __enter__(self) -> "Governance":
         return self
@@ -782,8 +797,9 @@ class Governance:
         if self.closed:
             return self.last_checkpoint
         try:
-            if self.started and (self.last_checkpoint is None or self.last_checkpoint.step != self.step):
+            if self.started and self._checkpointed != self.step:
                 self._checkpoint()
+            self._drain()  # the last checkpoint is committed before close returns it
         finally:
             self.closed = True
             self._end()
