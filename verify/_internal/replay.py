@@ -319,6 +319,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     run_seed = settings["seed"]
     n_bands = len(bands)
     worst = 0.0  # the program was exported in training mode (dropout active); it has no train()
+    before: list[Tensor] | None = None
     for seq, u in seg.updates:
         step = u["step"]
 
@@ -371,9 +372,15 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
                 if coef < 1.0:
                     torch._foreach_mul_(gs, coef)
         with torch.no_grad():
-            before = [p.detach().clone() for p in flat]
+            # One buffer per parameter, reused step after step (as the trainer's snapshot is), rather than
+            # a fresh clone of every parameter at every step; the difference and its norms are the same.
+            if before is None:
+                before = [torch.empty_like(p) for p in flat]
+            if before:
+                torch._foreach_copy_(before, flat)
             opt.step()
-            torch._foreach_sub_(before, flat)
+            if before:
+                torch._foreach_sub_(before, flat)
             per = torch._foreach_norm(before, 2) if before else []
             updates, pos = [], 0
             for size in sizes:
