@@ -21,6 +21,9 @@ from gradledger.training.trainer import Trainer
 from gradledger.verify._internal import challenge
 from gradledger.ledger.program import ProgramError, load_program
 from gradledger.verify._internal.replay import RunContext
+from gradledger.verify._internal import segments
+from gradledger.verify._internal.pool import WorkerPool
+from gradledger.verify._internal.sandbox import SandboxSpec
 from gradledger.verify._internal.segments import iter_jobs, plan_segments, run_jobs
 from gradledger.verify._internal.sources import LedgerSource
 from test_trainer import MANIFESTS, POLICY, STEPS, WORLD, X, engine_for, new_ledger, parts
@@ -64,6 +67,29 @@ def test_honest_run_replays_bit_for_bit(run: tuple[Ledger, list[Sealed]]) -> Non
     results = run_jobs(jobs, str(led.path), led.artifact, exact=True)
     assert [r.ok for r in results] == [True] * 3, [r.reason for r in results]
     assert sum(r.steps for r in results) == STEPS
+
+
+def test_workers_started_ahead_are_the_ones_that_replay(run: tuple[Ledger, list[Sealed]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # gradledger-verify starts its workers first (pool.py): replay then uses those, behind the same
+    # sandbox, and starts none of its own; a pool behind another sandbox is not used.
+    led, obs = run
+    jobs = iter_jobs(contexts_of(obs, led), plan_segments(obs))
+    spec = SandboxSpec()
+    with WorkerPool(spec, 2) as pool:
+        assert pool.take(SandboxSpec(enabled=False)) is None  # another sandbox: never handed out
+
+        def no_new_worker(*args: Any) -> Any:
+            raise AssertionError("replay started a worker although the pool had one")
+
+        monkeypatch.setattr(segments, "start_worker", no_new_worker)
+        results = run_jobs(jobs, str(led.path), led.artifact, exact=True, workers=2, sandbox=spec, pool=pool)
+        assert [r.ok for r in results] == [True] * 3, [r.reason for r in results]
+        assert pool.take(spec) is None  # both were used
+    idle = WorkerPool(spec, 1)
+    procs = list(idle._idle)
+    idle.close()  # one never taken: ended, not left behind
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_two_worker_processes_agree(run: tuple[Ledger, list[Sealed]]) -> None:

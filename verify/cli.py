@@ -14,6 +14,9 @@ from typing import Sequence
 from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError, exit_status
 from gradledger.ledger.keys import read_public_keys
 
+from ._internal.pool import WorkerPool
+from ._internal.sandbox import SandboxSpec
+
 EXIT_VERIFIED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 
@@ -60,16 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonce = None if args.nonce is None else bytes.fromhex(args.nonce)
         except ValueError:
             raise UnusableInput("--nonce must be hex") from None
-        try:
-            # Every check module is imported here: one that is missing or broken leaves a
-            # verifier that cannot run all its checks, which is unusable (exit 2), never a skip.
-            from .verifier import VerificationPolicy, Verifier
-        except ImportError as exc:
-            raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
         roots = read_public_keys(args.trust)
-        policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
-                                    sandbox=not args.no_sandbox, max_memory_mib=args.max_memory)
-        report = Verifier(roots, policy).verify(args.bundle, progress=not args.json)
+        # Replay workers start first: their imports overlap the verifier's own (pool.py says why).
+        spec = SandboxSpec(not args.no_sandbox, args.max_memory)
+        with WorkerPool(spec, args.workers if args.replay != "none" else 0) as pool:
+            try:
+                # Every check module is imported here: one that is missing or broken leaves a
+                # verifier that cannot run all its checks, which is unusable (exit 2), never a skip.
+                from .verifier import VerificationPolicy, Verifier
+            except ImportError as exc:
+                raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
+            policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
+                                        sandbox=not args.no_sandbox, max_memory_mib=args.max_memory)
+            report = Verifier(roots, policy).verify(args.bundle, progress=not args.json, pool=pool)
     except VerificationError as exc:  # raised before a report exists: still a failed verification
         if args.json:
             print(json.dumps({"verified": False, "checks": [], "first_failure": {"name": "input", "detail": str(exc)}}))

@@ -26,6 +26,7 @@ from ._internal import challenge, environment
 from ._internal.certificates import check_certificates
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
+from ._internal.pool import WorkerPool
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
 from ._internal.structure import Structure, check_structure
@@ -58,14 +59,17 @@ class Verifier:
         self.trusted_roots = list(trusted_roots)
         self.policy = policy or VerificationPolicy()
 
-    def verify(self, path: str | os.PathLike[str], *, progress: bool = False) -> Report:
+    def verify(self, path: str | os.PathLike[str], *, progress: bool = False, pool: WorkerPool | None = None) -> Report:
+        """Verify the bundle or ledger at ``path``. ``pool``: replay workers already started (the command
+        line starts them first, so that their start overlaps this one's); used if their sandbox is
+        the policy's, else new ones are started."""
         source = open_source(path)
         try:
-            return self._verify(source, os.fspath(path), progress)
+            return self._verify(source, os.fspath(path), progress, pool)
         finally:
             source.close()
 
-    def _verify(self, source: Source, path: str, progress: bool) -> Report:
+    def _verify(self, source: Source, path: str, progress: bool, pool: WorkerPool | None) -> Report:
         from tqdm import tqdm
 
         report = Report(replay_scope=self.policy.replay)
@@ -85,14 +89,14 @@ class Verifier:
         heads = _heads(observations, report)
         if report.first_failure is not None:
             return report
-        jobs = self._replay(source, path, structure, report, progress)
+        jobs = self._replay(source, path, structure, report, progress, pool)
         report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
         return report
 
     # -- replay ------------------------------------------------------------------------
 
     def _replay(self, source: Source, path: str, structure: Structure, report: Report,
-                progress: bool) -> dict[int, tuple[int, int]]:
+                progress: bool, pool: WorkerPool | None = None) -> dict[int, tuple[int, int]]:
         """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
 
         Asked to replay (every mode but ``none``), a verification that cannot (no inputs, no
@@ -198,7 +202,7 @@ class Verifier:
                       file=sys.stderr) as bar:
                 # Always in workers (issue 9): a SandboxUnavailable (exit 2) propagates.
                 results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers,
-                                   progress=lambda r: bar.update(r.steps), sandbox=sandbox)
+                                   progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from typing import Any, Callable, Iterable, Sequence
 
@@ -20,7 +19,8 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import UnusableInput
 
 from .replay import ReplayError, RunContext, Segment, SegmentResult
-from .sandbox import EXIT_NO_SANDBOX, SandboxSpec, worker_env
+from .pool import WorkerPool, start_worker, worker_command
+from .sandbox import EXIT_NO_SANDBOX, SandboxSpec
 from .sources import open_source
 from .worker import MAX_ARTIFACT, FrameError, artifact_reply, frame, read_frame
 
@@ -98,6 +98,7 @@ def run_jobs(
     workers: int = 1,
     progress: Callable[[SegmentResult], None] | None = None,
     sandbox: SandboxSpec = SandboxSpec(),
+    pool: WorkerPool | None = None,
 ) -> list[SegmentResult]:
     """Replay every job in worker processes (at least one, also for ``workers=1``); results in job order.
 
@@ -105,16 +106,17 @@ def run_jobs(
     process for each artifact, and get only those their segments name, read with ``artifact``
     (None: from the source at ``source_path``). A worker that dies or answers out of turn fails
     replay naming the first segment it left unanswered (ReplayError); a sandbox that cannot be set
-    up raises SandboxUnavailable.
+    up raises SandboxUnavailable. Workers already started in ``pool`` (behind the same sandbox) are
+    used first.
     """
     if not jobs:
         return []
     n = max(1, min(workers, len(jobs)))
     if artifact is not None:
-        return _in_workers(jobs, artifact, exact, n, progress, sandbox)
+        return _in_workers(jobs, artifact, exact, n, progress, sandbox, pool)
     source = open_source(source_path)
     try:
-        return _in_workers(jobs, source.artifact, exact, n, progress, sandbox)
+        return _in_workers(jobs, source.artifact, exact, n, progress, sandbox, pool)
     finally:
         source.close()
 
@@ -130,17 +132,13 @@ def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
     return shares
 
 
-def worker_command(spec: SandboxSpec) -> list[str]:
-    return [sys.executable, "-m", "gradledger.verify._internal.worker", *spec.worker_args()]
-
-
 def _named_artifacts(ctx: RunContext, seg: Segment) -> list[Any]:
     return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact")]
 
 
 def _in_workers(
     jobs: Sequence[Job], artifact: Artifacts, exact: bool, n: int, progress: Callable[[SegmentResult], None] | None,
-    spec: SandboxSpec,
+    spec: SandboxSpec, pool: WorkerPool | None,
 ) -> list[SegmentResult]:
     results: dict[int, SegmentResult] = {}
     lock = threading.Lock()
@@ -148,16 +146,16 @@ def _in_workers(
     failures: list[tuple[int, str]] = []
     unavailable: list[str] = []
     procs: list[subprocess.Popen[bytes]] = []
-    command = worker_command(spec)
-    env = worker_env()
+    command = worker_command(spec)  # looked up here: a test may replace it
     source_lock = threading.Lock()  # one artifact read at a time: a source is not shared across threads
 
     def drive(share: list[int]) -> None:
         task = {"exact": exact, "jobs": [[jobs[i][0].to_obj(), jobs[i][1].to_obj()] for i in share]}
         # The only artifacts this worker is given: those its segments name (program, inputs, checkpoints).
         named = {d for i in share for d in _named_artifacts(*jobs[i]) if isinstance(d, bytes)}
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env)
+        with lock:
+            started = pool.take(spec) if pool is not None else None
+        proc = started or start_worker(spec, command)
         with lock:
             procs.append(proc)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None

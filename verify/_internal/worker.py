@@ -130,14 +130,18 @@ def main(argv: list[str]) -> int:
     out = sys.stdout.buffer
     out.write(frame({"sandbox": walls}))
     out.flush()
-    task = read_frame(sys.stdin.buffer, MAX_TASK_FRAME)
-    if task is None:
-        return 2
-
+    # Warm up before the task is read: a worker may be started ahead of need (pool.py), so its imports
+    # overlap the verifier's own work. Building an optimizer imports what torch's optimizers pull in
+    # on first use (dynamo, ~2 s here), which replay would otherwise pay inside its first segment.
     import torch
 
     from . import environment
     from .replay import ReplayCache, RunContext, Segment, replay_segment
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    task = read_frame(sys.stdin.buffer, MAX_TASK_FRAME)
+    if task is None:
+        return 2
 
     def artifact(digest: bytes) -> bytes | None:
         # The verifier serves it: this process never opens the bundle (it could not write to it anyway).
