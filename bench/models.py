@@ -40,7 +40,9 @@ same loss (``F.cross_entropy``) and optimizer (AdamW lr 1e-3, wd 0.01).
   --trust roots.pub --replay full --workers 1 --json`` in a separate process (same thread count:
   the worker replays on the recorded one); the ratio is the report's ``figures.replay_seconds``
   over the governed training seconds of the same steps (the governed blocks' summed time);
-  bit-exact is ``verdict == "exact"``.
+  bit-exact is ``verdict == "exact"``. ``<model>_segments_vs_train``: the same over
+  ``figures.replay_segment_seconds``, the segments' own time in the worker, without its start
+  (a short run's replay is mostly the worker's imports: about 2 s of torch here).
 - ``lines_added``: the lines of examples/govern.py marked ``# gradledger``.
 
 Progress goes to stderr; the last stdout line is one JSON object.
@@ -380,12 +382,14 @@ def replay_run(name: str, project: Path, root: Path, train_s: float) -> dict[str
     figures = report.get("figures", {})
     # No replay figure when the verifier failed before finishing replay: null in the JSON, never NaN.
     seconds = float(figures["replay_seconds"]) if "replay_seconds" in figures else None
+    segments = float(figures["replay_segment_seconds"]) if "replay_segment_seconds" in figures else None
     log(f"{name}: verify exit {proc.returncode}, verdict {report.get('verdict')!r}, replay {seconds} s "
         f"({figures.get('replayed_steps')} steps), verifier wall {wall:.1f} s, governed training {train_s:.1f} s")
     return {
         "replay_seconds": seconds, "verify_wall_s": wall, "verdict": report.get("verdict"),
         "verify_exit": proc.returncode, "replayed_steps": figures.get("replayed_steps"), "sandbox": sandbox,
         "replay_vs_train": None if seconds is None else seconds / train_s, "bundle_mb": bundle.stat().st_size / 1e6,
+        "replay_segment_seconds": segments, "segments_vs_train": None if segments is None else segments / train_s,
         "first_failure": report.get("first_failure"),
     }
 
@@ -490,6 +494,8 @@ def main() -> None:
                 rvt = t["replay_vs_train"]
                 result[f"{name}_replay_vs_train"] = None if rvt is None else round(rvt, 4)
                 result[f"{name}_bit_exact"] = t["verdict"] == "exact"
+                svt = t["segments_vs_train"]
+                result[f"{name}_segments_vs_train"] = None if svt is None else round(svt, 4)
             detail[name] = {
                 "governed_ms_per_step": round(t["governed_ms"], 2), "plain_ms_per_step": round(t["plain_ms"], 2),
                 "round_ratios": t["ratios"], "params": t["params"], "examples": t["examples"],
@@ -500,7 +506,8 @@ def main() -> None:
             if "replay_vs_train" in t:
                 detail[name].update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()
                                      if k in ("replay_seconds", "verify_wall_s", "verdict", "verify_exit",
-                                              "replayed_steps", "sandbox", "bundle_mb", "first_failure")})
+                                              "replayed_steps", "sandbox", "bundle_mb", "first_failure",
+                                              "replay_segment_seconds")})
             if m is not None:
                 detail[name].update({"governed_peak_mb": round(m["governed_mb"], 1),
                                      "plain_peak_mb": round(m["plain_mb"], 1),
@@ -527,6 +534,9 @@ def main() -> None:
         "mem_ratio": "training-phase VmHWM, HWM reset after setup, fresh subprocess per variant",
         "replay_vs_train": "gradledger-verify --replay full --workers 1 figures.replay_seconds / summed governed "
                            "step time of the same steps (warm-up included)",
+        "segments_vs_train": "the same over figures.replay_segment_seconds: the segments' own time in the worker "
+                             "(program load, proofs, restore, steps, final comparison), without the worker's start "
+                             "(Python and torch imports), as the governed time is without the training process's",
     }
     result["load_before"] = load_before
     result["load_after"] = load_average()

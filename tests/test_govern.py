@@ -76,6 +76,55 @@ def test_a_huggingface_bert_governed_by_one_call_verifies(project: Path, tmp_pat
     code, report = _verify(bundle, project / "roots.pub")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] == N // 8
+    # One worker: its segments' own time is part of the replay's, which also holds the worker's start.
+    assert 0 < report["figures"]["replay_segment_seconds"] <= report["figures"]["replay_seconds"]
+
+
+def test_a_run_that_ends_before_its_first_checkpoint_records_nothing(tmp_path: Path) -> None:
+    # A run is committed with its first checkpoint after an update (specs/training.md §1): one closed
+    # before its first step, or failing before that checkpoint, leaves no RunStarted and no lone step-0
+    # Checkpoint, which the verifier's heads check would refuse (a checkpoint no update reaches) and
+    # with it the whole ledger. A run after them verifies.
+    path = tmp_path / "project"
+    x, y = _tokens()
+    with gradledger.Project.init(path, TAXONOMY) as p:
+        p.label(x, y.tolist(), source="dr-lee", name="tokens")
+    with gradledger.Project.open(path) as p:
+        size = p.ledger.size
+        bert = _bert()
+        model, optimizer, loader = gradledger.govern(
+            bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
+            project=p, dataset="tokens", run_id="closed-at-once")
+        assert model.run.close() is None
+        with pytest.raises(RuntimeError, match="boom"):
+            bert = _bert()
+            model, optimizer, loader = gradledger.govern(
+                bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
+                project=p, dataset="tokens", run_id="fails-early", checkpoint_every=4)
+            with model.run:
+                for step, (inputs, labels) in enumerate(loader):
+                    optimizer.zero_grad()
+                    F.cross_entropy(model(inputs).logits, labels).backward()
+                    optimizer.step()
+                    if step == 1:
+                        raise RuntimeError("boom")
+        assert p.ledger.size == size  # neither run left a record
+        bert = _bert()
+        model, optimizer, loader = gradledger.govern(
+            bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
+            project=p, dataset="tokens", run_id="trains", checkpoint_every=2)
+        for step, (inputs, labels) in enumerate(loader):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs).logits, labels).backward()
+            optimizer.step()
+            if step == 2:
+                break
+        model.run.close()
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    code, report = _verify(bundle, path / "roots.pub")
+    assert code == 0, report.get("first_failure")
+    assert report["figures"]["replayed_steps"] == 3
 
 
 def test_an_exception_in_the_loop_leaves_the_log_at_a_checkpoint(project: Path) -> None:

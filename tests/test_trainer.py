@@ -182,7 +182,9 @@ def test_checkpoints_every_k_with_tree_heads(run_a: Ledger) -> None:
     led = run_a
     seqs = led.by_type("Checkpoint")
     assert [led.observation(s).body["step"] for s in seqs] == [0, 3, 6, 8]
-    for s in seqs:
+    # The run is committed with its first checkpoint after an update: none follows the step-0 one.
+    assert led.observation(seqs[0] + 1).type == "GovernedUpdate"
+    for s in seqs[1:]:
         assert led.observation(s + 1).type == "TreeHead"
         body = led.observation(s).body
         tensors, _ = read_checkpoint(led.artifact(body["artifact"]), body)

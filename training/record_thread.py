@@ -62,9 +62,13 @@ class RecordWriter:
 
     def submit(self, what: str, type_name: str, build: Callable[[], dict[str, Any]]) -> None:
         """Queue one record: ``build()`` gives its body (run on the thread); ``what`` names it in errors."""
-        self.check()
         ledger, key = self.ledger, self.key
-        self._jobs.put((what, False, lambda: ledger.append(type_name, build(), key)))
+        self.submit_call(what, lambda: ledger.append(type_name, build(), key))
+
+    def submit_call(self, what: str, run: Callable[[], None]) -> None:
+        """Queue a job that appends without committing: run on the thread after every job before it."""
+        self.check()
+        self._jobs.put((what, False, run))
 
     def submit_commit(self, what: str, run: Callable[[], None]) -> None:
         """Queue a job that appends and commits (a checkpoint): run on the thread after every job before it."""

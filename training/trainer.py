@@ -254,8 +254,10 @@ class Governance:
             if self.description is not None:
                 body["description"] = self.description
             self.run_seq = self.ledger.append("RunStarted", body, self.key).seq
-            self._checkpoint()
-            self._drain()  # the run's start is committed before the loop runs
+            # Appended, not committed: the run is committed with its first checkpoint after an update
+            # (specs/training.md §1), so a run that ends before it leaves nothing, not a lone checkpoint.
+            self._checkpoint(commit=False)
+            self._drain()
         except BaseException:
             self._end()
             raise
@@ -751,10 +753,10 @@ class Governance:
 
     # -- checkpoints and close -----------------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        """Copy the state now (the only part on the step's path); hash, store and commit it on the
-        recorder thread, after the updates before it and while training goes on (specs/training.md §1:
-        the checkpoint's tree head commits exactly the steps before it)."""
+    def _checkpoint(self, *, commit: bool = True) -> None:
+        """Copy the state now (the only part on the step's path); hash, store and (``commit``) commit it
+        on the recorder thread, after the updates before it and while training goes on
+        (specs/training.md §1: the checkpoint's tree head commits exactly the steps before it)."""
         assert self._gated is not None and self._optimizer is not None and self._writer is not None
         if self.recorder is not None:
             self.recorder.drop_snapshot()  # not held beside the checkpoint's copy of the state
@@ -767,13 +769,15 @@ class Governance:
             made = pending.finish()
             artifact = ledger.put_artifact(made.data)
             ledger.append("Checkpoint", made.body(artifact), key)
-            ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
+            if commit:
+                ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
             pending.data = b""  # the copy is in the ledger now; the run keeps only a way to read it back
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,
                                                   lambda: ledger.artifact(artifact))
 
         try:
-            self._writer.submit_commit(f"the Checkpoint of step {self.step}", store)
+            submit = self._writer.submit_commit if commit else self._writer.submit_call
+            submit(f"the Checkpoint of step {self.step}", store)
         except RecordingFailed as exc:
             self.closed = True
             self._end(exc)
@@ -797,6 +801,12 @@ class Governance:
         """Final checkpoint (unless the last step was just checkpointed) and tree head; remove the hooks."""
         if self.closed:
             return self.last_checkpoint
+        if self.started and self.step == 0:
+            # No update was made: nothing of the run is committed, and nothing is (specs/training.md §1).
+            self.closed = True
+            self._end(GovernanceError("the run was closed before its first step; it records nothing"))
+            self.last_checkpoint = None
+            return None
         try:
             if self.started and self._checkpointed != self.step:
                 self._checkpoint()

@@ -212,6 +212,9 @@ class Verifier:
             environment.set_deterministic(saved[1])
         seconds = time.perf_counter() - started
         report.figures["replay_seconds"] = round(seconds, 3)
+        # The segments' own time in their workers (program load, proofs, restore, steps, the final
+        # comparison), summed over workers: replay without the workers' start.
+        report.figures["replay_segment_seconds"] = round(sum(r.seconds for r in results), 3)
         report.figures["replayed_steps"] = steps
         _certificate_replay(report, observations, jobs, results)
         failed = _first_failed(results)
