@@ -27,7 +27,8 @@ from .layouts import default_layout, describe_layout
 from .policy import SignedPolicy, sign_policy
 from .project import Project
 from .recorder import StepRefused
-from .trainer import Governance, Trainer, torch_deterministic
+from .runtime import torch_deterministic
+from .trainer import Governance, Trainer
 
 __all__ = [
     "Band",

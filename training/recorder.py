@@ -37,10 +37,11 @@ from torch.utils.hooks import RemovableHandle
 from . import clipping
 from .bands import ResolvedBands
 from .errors import GovernanceError
-from .gate import _l2_of_norms, clip_bands
+from .gate import clip_bands
 from .loss_grad import direct_loss_grads
 from .order import micro_seed
 from .registry import LossFn
+from .updates import delta_norms
 
 __all__ = ["Micro", "StepRecorder", "StepRefused", "recipe_signature"]
 
@@ -260,7 +261,7 @@ class StepRecorder:
         assert self._measured is not None and self._snapshot is not None
         (facts, grad_norms), self._measured = self._measured, None
         with torch.no_grad():
-            update_norms = _delta_norms(self.flat, self._snapshot, self.sizes)
+            update_norms = delta_norms(self.flat, self._snapshot, self.sizes)
         micros, self.pending, self.clips = self.pending, [], []
         for m in micros:
             for h in m.handles:
@@ -378,19 +379,3 @@ class StepRecorder:
                     "does not record (a hand edit, a hook, or a clip function imported before the run started); "
                     "clip with torch.nn.utils.clip_grad_norm_ / clip_grad_value_ called through torch.nn.utils, or "
                     "leave clipping to the policy's band limits; step refused")
-
-
-def _delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
-    # The band-norm rule of specs/routing.md §5 applied to (before - after), band by band
-    # (``sizes`` parameters each, in order): per-parameter L2 in the parameter's dtype, then the
-    # L2 of those in float64. ``before`` is overwritten with the differences.
-    if not params:
-        return [0.0] * len(sizes)
-    torch._foreach_sub_(before, list(params))
-    norms = torch._foreach_norm(before, 2)
-    out: list[Tensor] = []
-    pos = 0
-    for size in sizes:
-        out.append(_l2_of_norms(norms[pos : pos + size]) if size else torch.zeros((), dtype=torch.float64))
-        pos += size
-    return torch.stack(out).tolist()

@@ -23,9 +23,21 @@ import ctypes.util
 import gc
 from typing import Iterator
 
+import torch
 import torch.utils.deterministic as _deterministic
 
-__all__ = ["no_uninitialized_fill", "release_setup_memory"]
+__all__ = ["no_uninitialized_fill", "release_setup_memory", "torch_deterministic"]
+
+
+@contextlib.contextmanager
+def torch_deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms on, restored as they were on exit: replay is bit for bit."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 @contextlib.contextmanager

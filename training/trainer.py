@@ -15,15 +15,16 @@ The user's loop runs as written, the way it does after Opacus's ``make_private``
 ``optimizer`` is the user's own object (an LR scheduler built on it works); ``model`` routes each
 example's gradient by depth; ``loader`` yields the committed batches as ``(inputs, labels)``, the
 labels being the manifests'. What a step did (its micro-batches, loss scaling, clip, autocast,
-hyper-parameters) is found by ``recorder.StepRecorder``; this module holds the run: its plan
-(data, routing tables), its records and its checkpoints.
+hyper-parameters) is found by ``recorder.StepRecorder``; the first step of each new recipe is
+replayed from the exported program by ``self_check``; the routing tables and the update body,
+which unlearning shares, are in ``updates``. This module holds the run: its plan (data, routing
+tables), its records and its checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -32,12 +33,9 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
 from gradledger.ledger import encoding
-from gradledger.ledger.errors import CredentialError
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
-from gradledger.ledger.program import ProgramError, ProgramModule, load_program
 
-from . import clipping
 from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import CheckpointData, read_checkpoint, restore, start_checkpoint
 from .dataset import CommittedDataset, check_batch
@@ -47,11 +45,13 @@ from .gate import GatedModel, batch_statistics_module, check_routing, export_gat
 from .inputs import PARTS_FORMAT, InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
-from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, route, verify_policy
+from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
-from .recorder import Micro, StepRecorder, StepRefused, autocast, float_leaves
+from .recorder import Micro, StepRecorder, StepRefused
 from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
-from .runtime import no_uninitialized_fill, release_setup_memory
+from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
+from .self_check import replay_gradients
+from .updates import route_examples, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order.
@@ -647,48 +647,11 @@ class Governance:
             release_setup_memory()
 
     def _self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
-        """Replay this step's gradient from the exported program, as the verifier will, and refuse the step
-        when it differs from what the user's loop produced (specs/training.md §3.3).
-
-        Run whenever a step's recipe is new to the run: it catches what no hook sees (a loss term that
-        does not pass through the model's output, a gradient hook, a model that computes otherwise than
-        its export, an op autocast treats differently in the program).
-        """
         assert self._gated is not None and self._program is not None
         data = self.ledger.artifact(self._program)
         assert data is not None
-        # Read back with the strict loader and run by its interpreter, the verifier's own path: never
-        # torch.export.load, which would execute what the archive carries (specs/replay.md §2).
-        try:
-            module = ProgramModule(load_program(data))
-            module.model.load_state_dict(self._gated.model.state_dict())
-        except ProgramError as exc:
-            raise StepRefused(f"step {self.step}: the run's exported program cannot be replayed: {exc.args[0]}") from None
-        params = dict(module.named_parameters())
-        divisor = recipe.get("loss_divisor", 1)
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            for m in micros:
-                torch.default_generator.manual_seed(m.seed)
-                with autocast(m.autocast):
-                    out = module(*self.inputs.flatten(m.batch.inputs), m.batch.profiles)
-                leaf = float_leaves(out)[recipe.get("output", 0)]
-                with autocast(m.autocast if recipe.get("loss_autocast", True) else None):
-                    loss = self.loss_fn(leaf, m.batch.labels)
-                (loss / divisor if divisor != 1 else loss).backward()
-        if "clip" in recipe:
-            order = [params["model." + n] for n in self._trainable_names() if params["model." + n].grad is not None]
-            clipping.replay_clip(order, recipe["clip"])
-        for name, p in self._gated.named_parameters():
-            mine = params.get(name)
-            want = None if mine is None else mine.grad
-            got = p.grad
-            if (want is None) != (got is None) or (got is not None and not torch.equal(got, want)):
-                raise StepRefused(
-                    f"step {self.step}: replaying this step from the exported program gives another gradient for "
-                    f"{name.removeprefix('model.')!r} than the training loop did: something outside the recorded "
-                    "recipe changed the gradient (a loss term that does not pass through the model's output, a "
-                    "gradient hook, a gradient edit), or the model computes differently than its export "
-                    "(e.g. under autocast); replay could not reproduce the step; step refused")
+        replay_gradients(data, self._gated, micros, recipe, step=self.step, inputs=self.inputs,
+                         loss_fn=self.loss_fn, trainable=self._trainable_names())
 
     def _trainable_names(self) -> list[str]:
         assert self._gated is not None
@@ -817,17 +780,6 @@ class Governance:
         return self.last_checkpoint
 
 
-@contextlib.contextmanager
-def torch_deterministic() -> Iterator[None]:
-    """torch's deterministic algorithms on, restored as they were on exit: replay is bit for bit."""
-    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-
-
 class Trainer:
     """The common loop over a governed model, optimizer and loader."""
 
@@ -855,89 +807,6 @@ class Trainer:
         if close:
             engine.close()
         return losses
-
-
-# -- shared with unlearning: routing tables, the step's update, its record -------------------
-
-
-@dataclass(frozen=True)
-class RoutedExamples:
-    """Per dataset index: policy rule, binary64 profile, sorted distinct source paths, source names."""
-
-    rules: list[int]
-    profiles: list[tuple[float, ...]]
-    paths: list[tuple[str, ...]]
-    names: list[tuple[str, ...]]
-
-
-def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> RoutedExamples:
-    """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``."""
-    rules, profiles, paths, names = [], [], [], []
-    for i, m in enumerate(manifests):
-        try:
-            src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m["sources"]}
-        except CredentialError as exc:
-            raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
-        r = route(compiled, m, src_paths)
-        rules.append(r.rule)
-        profiles.append(r.profile)
-        paths.append(tuple(sorted(set(src_paths.values()))))
-        names.append(tuple(src_paths))
-    return RoutedExamples(rules, profiles, paths, names)
-
-
-def step_and_measure(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], snapshot: list[Tensor], band_sizes: Sequence[int]
-) -> list[float]:
-    """Snapshot ``params`` into ``snapshot``, ``optimizer.step()``, return the per-band update norms."""
-    from .recorder import _delta_norms
-
-    with torch.no_grad():
-        torch._foreach_copy_(snapshot, list(params))
-        optimizer.step()
-        return _delta_norms(params, snapshot, band_sizes)
-
-
-def update_body(
-    step: int,
-    indices: Sequence[int],
-    rules: Sequence[int],
-    limits: Sequence[float | None],
-    *,
-    policy: bytes,
-    loss: float,
-    grad_norms: list[float],
-    update_norms: list[float],
-    optimizer: dict[str, Any],
-    seeds: dict[str, int],
-    writes_of: Sequence[tuple[tuple[str, ...], tuple[float, ...]]],
-    names: Sequence[tuple[str, ...]],
-    n_bands: int,
-) -> dict[str, Any]:
-    """The GovernedUpdate body of one step (specs/training.md §3.1); ``optimizer`` as described."""
-    writes: dict[str, list[float]] = {}
-    sources: set[str] = set()
-    zero = (0.0,) * n_bands
-    for i in indices:
-        # The policy's float64 multipliers (not the float32 gate copy), added in batch order.
-        paths, profile = writes_of[i]
-        for path in paths:
-            writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
-        sources.update(names[i])
-    return {
-        "step": step,
-        "batch": list(indices),
-        "policy": policy,
-        "lr": float(optimizer["groups"][0]["lr"]),
-        "loss": loss,
-        "band_grad_norms": grad_norms,
-        "band_update_norms": update_norms,
-        "authority_writes": writes,
-        "sources": sorted(sources),
-        "optimizer": optimizer,
-        "seeds": seeds,
-        "routing": {"rules": list(rules), "limits": list(limits)},
-    }
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -980,14 +849,9 @@ __all__ = [
     "Governance",
     "GovernedLoader",
     "GovernedModel",
-    "RoutedExamples",
     "StepRefused",
     "Trainer",
     "epoch_order",
     "micro_seed",
-    "route_examples",
-    "step_and_measure",
     "step_seed",
-    "torch_deterministic",
-    "update_body",
 ]

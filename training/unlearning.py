@@ -31,7 +31,8 @@ from .gate import clip_bands
 from .policy import batch_limits, load_adopted, profiles_tensor
 from .registry import build_optimizer, checkpoint_skips, loss_function
 from .retirement import Dependents, dependents, relabeled_artifact, removed_artifact, retirements
-from .trainer import route_examples, step_and_measure, torch_deterministic, update_body
+from .runtime import torch_deterministic
+from .updates import route_examples, step_and_measure, update_body
 
 MODES = ("exact",)
 

@@ -1,0 +1,120 @@
+"""A step's update and its record, shared by the trainer and unlearning's replay of a run.
+
+``route_examples``: the routing tables (rule, profile, source paths and names per dataset index);
+``step_and_measure``: the optimizer's step and the per-band update norms it made (specs/routing.md
+§5); ``update_body``: the GovernedUpdate body of a step (specs/training.md §3.1). Unlearning
+re-runs a run's steps (specs/unlearning.md) and must record them exactly as the trainer did: one
+implementation serves both (the verifier keeps its own, as the design's second implementation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradledger.ledger.errors import CredentialError
+
+from .errors import ManifestError
+from .gate import _l2_of_norms
+from .policy import route
+
+
+@dataclass(frozen=True)
+class RoutedExamples:
+    """Per dataset index: policy rule, binary64 profile, sorted distinct source paths, source names."""
+
+    rules: list[int]
+    profiles: list[tuple[float, ...]]
+    paths: list[tuple[str, ...]]
+    names: list[tuple[str, ...]]
+
+
+def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> RoutedExamples:
+    """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``."""
+    rules, profiles, paths, names = [], [], [], []
+    for i, m in enumerate(manifests):
+        try:
+            src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m["sources"]}
+        except CredentialError as exc:
+            raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
+        r = route(compiled, m, src_paths)
+        rules.append(r.rule)
+        profiles.append(r.profile)
+        paths.append(tuple(sorted(set(src_paths.values()))))
+        names.append(tuple(src_paths))
+    return RoutedExamples(rules, profiles, paths, names)
+
+
+def step_and_measure(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], snapshot: list[Tensor], band_sizes: Sequence[int]
+) -> list[float]:
+    """Snapshot ``params`` into ``snapshot``, ``optimizer.step()``, return the per-band update norms."""
+    with torch.no_grad():
+        torch._foreach_copy_(snapshot, list(params))
+        optimizer.step()
+        return delta_norms(params, snapshot, band_sizes)
+
+
+def update_body(
+    step: int,
+    indices: Sequence[int],
+    rules: Sequence[int],
+    limits: Sequence[float | None],
+    *,
+    policy: bytes,
+    loss: float,
+    grad_norms: list[float],
+    update_norms: list[float],
+    optimizer: dict[str, Any],
+    seeds: dict[str, int],
+    writes_of: Sequence[tuple[tuple[str, ...], tuple[float, ...]]],
+    names: Sequence[tuple[str, ...]],
+    n_bands: int,
+) -> dict[str, Any]:
+    """The GovernedUpdate body of one step (specs/training.md §3.1); ``optimizer`` as described."""
+    writes: dict[str, list[float]] = {}
+    sources: set[str] = set()
+    zero = (0.0,) * n_bands
+    for i in indices:
+        # The policy's float64 multipliers (not the float32 gate copy), added in batch order.
+        paths, profile = writes_of[i]
+        for path in paths:
+            writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
+        sources.update(names[i])
+    return {
+        "step": step,
+        "batch": list(indices),
+        "policy": policy,
+        "lr": float(optimizer["groups"][0]["lr"]),
+        "loss": loss,
+        "band_grad_norms": grad_norms,
+        "band_update_norms": update_norms,
+        "authority_writes": writes,
+        "sources": sorted(sources),
+        "optimizer": optimizer,
+        "seeds": seeds,
+        "routing": {"rules": list(rules), "limits": list(limits)},
+    }
+
+
+
+def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
+    # The band-norm rule of specs/routing.md §5 applied to (before - after), band by band
+    # (``sizes`` parameters each, in order): per-parameter L2 in the parameter's dtype, then the
+    # L2 of those in float64. ``before`` is overwritten with the differences.
+    if not params:
+        return [0.0] * len(sizes)
+    torch._foreach_sub_(before, list(params))
+    norms = torch._foreach_norm(before, 2)
+    out: list[Tensor] = []
+    pos = 0
+    for size in sizes:
+        out.append(_l2_of_norms(norms[pos : pos + size]) if size else torch.zeros((), dtype=torch.float64))
+        pos += size
+    return torch.stack(out).tolist()
+
+
+__all__ = ["RoutedExamples", "delta_norms", "route_examples", "step_and_measure", "update_body"]
