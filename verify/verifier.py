@@ -69,7 +69,7 @@ class Verifier:
         finally:
             source.close()
 
-    def _verify(self, source: Source, path: str, progress: bool, pool: WorkerPool | None) -> Report:
+    def _verify(self, source: Source, path: str, progress: bool, pool: WorkerPool | None = None) -> Report:
         from tqdm import tqdm
 
         report = Report(replay_scope=self.policy.replay)
