@@ -279,7 +279,8 @@ def _ascended(source: ListSource, result: UnlearningResult) -> tuple[dict[str, A
         (-torch.nn.functional.cross_entropy(model(U.X[index]), wrong)).backward()
         opt.step()
     made = make_checkpoint(head["step"], model, opt)
-    return made.body(hashlib.sha256(made.data).digest()), made.data
+    data = bytes(made.data)  # the trainer writes a bytearray; a source serves bytes
+    return made.body(hashlib.sha256(data).digest()), data
 
 
 def test_fine_tuned_certificate_fails_replay(unlearned: Any) -> None:
