@@ -4,6 +4,7 @@ verified bit for bit by ``gradledger-verify``; and the run's crash rule through 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -45,6 +46,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with gradledger.Project.init(path, TAXONOMY) as p:
         p.label(x, y.tolist(), source="dr-lee", name="tokens")
     return path
+
+
+def _train(model: Any, optimizer: torch.optim.Optimizer, loader: Any, steps: int) -> None:
+    """The user's loop over a governed HuggingFace model, for ``steps`` steps (no batch drawn beyond)."""
+    for inputs, labels in itertools.islice(loader, steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs).logits, labels).backward()
+        optimizer.step()
+
+
+def _govern_bert(p: gradledger.Project, x: torch.Tensor, y: torch.Tensor, run_id: str, **kw: Any) -> Any:
+    bert = _bert()
+    return gradledger.govern(bert, torch.optim.SGD(bert.parameters(), lr=1e-2),
+                             DataLoader(TensorDataset(x, y), batch_size=8), project=p, dataset="tokens",
+                             run_id=run_id, **kw)
 
 
 def _verify(bundle: Path, roots: Path) -> tuple[int, dict[str, Any]]:
@@ -91,34 +107,16 @@ def test_a_run_that_ends_before_its_first_checkpoint_records_nothing(tmp_path: P
         p.label(x, y.tolist(), source="dr-lee", name="tokens")
     with gradledger.Project.open(path) as p:
         size = p.ledger.size
-        bert = _bert()
-        model, optimizer, loader = gradledger.govern(
-            bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
-            project=p, dataset="tokens", run_id="closed-at-once")
+        model, optimizer, loader = _govern_bert(p, x, y, "closed-at-once")
         assert model.run.close() is None
         with pytest.raises(RuntimeError, match="boom"):
-            bert = _bert()
-            model, optimizer, loader = gradledger.govern(
-                bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
-                project=p, dataset="tokens", run_id="fails-early", checkpoint_every=4)
+            model, optimizer, loader = _govern_bert(p, x, y, "fails-early", checkpoint_every=4)
             with model.run:
-                for step, (inputs, labels) in enumerate(loader):
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(inputs).logits, labels).backward()
-                    optimizer.step()
-                    if step == 1:
-                        raise RuntimeError("boom")
+                _train(model, optimizer, loader, 2)
+                raise RuntimeError("boom")
         assert p.ledger.size == size  # neither run left a record
-        bert = _bert()
-        model, optimizer, loader = gradledger.govern(
-            bert, torch.optim.SGD(bert.parameters(), lr=1e-2), DataLoader(TensorDataset(x, y), batch_size=8),
-            project=p, dataset="tokens", run_id="trains", checkpoint_every=2)
-        for step, (inputs, labels) in enumerate(loader):
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs).logits, labels).backward()
-            optimizer.step()
-            if step == 2:
-                break
+        model, optimizer, loader = _govern_bert(p, x, y, "trains", checkpoint_every=2)
+        _train(model, optimizer, loader, 3)
         model.run.close()
         bundle = tmp_path / "run.glb"
         export_bundle(p.ledger, bundle, with_data=True)
@@ -139,12 +137,8 @@ def test_an_exception_in_the_loop_leaves_the_log_at_a_checkpoint(project: Path) 
             model, optimizer, loader = gradledger.govern(model, optimizer, loader, project=p, dataset="tokens",
                                                          run_id="crash", checkpoint_every=2)
             with model.run:
-                for step, (inputs, labels) in enumerate(loader):
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(inputs).logits, labels).backward()
-                    optimizer.step()
-                    if step == 2:
-                        raise RuntimeError("boom")
+                _train(model, optimizer, loader, 3)
+                raise RuntimeError("boom")
         led = p.ledger
         tail = [led.observation(s).type for s in range(size, led.size)]
         # RunStarted, checkpoint 0, two updates, checkpoint 2: step 2's update was never committed.

@@ -220,9 +220,8 @@ class Governance:
         self._order: tuple[int, list[int]] | None = None
         self._sampler: Any = None
         self._stack = contextlib.ExitStack()
-        #: Module name -> training flag when the program was exported; every step runs in these.
-        self.exported_modes: dict[str, bool] = {}
-        self._moded: list[tuple[str, nn.Module, bool]] = []
+        #: (name, module, training flag) when the program was exported; every step runs in these.
+        self.exported_modes: list[tuple[str, nn.Module, bool]] = []
 
     # -- setup -----------------------------------------------------------------------
 
@@ -303,9 +302,8 @@ class Governance:
                 "mode before governing (model.train() then the BatchNorm's .eval()), or use GroupNorm or "
                 "LayerNorm")
         # The modes the program is exported with (dropout on, BatchNorm off...): every step must run in them.
-        self.exported_modes = {n: m.training for n, m in model.named_modules()}
         # Walked at every forward: a list, not named_modules()'s recursive generator (~0.6 ms a step on a ViT).
-        self._moded = [(n, m, m.training) for n, m in model.named_modules()]
+        self.exported_modes = [(n, m, m.training) for n, m in model.named_modules()]
         verify_policy(self.policy, self.ledger.registry)
         if tuple(self.policy.bands) != self.layout.names:
             raise PolicyError(f"policy bands {list(self.policy.bands)} differ from the layout's {list(self.layout.names)}")
@@ -589,7 +587,7 @@ class Governance:
                 raise GovernanceError(f"the forward's batch is not the one drawn for step {self.step}")
         elif not _same(x, drawn.inputs) or (profiles is not None and not _same(profiles, drawn.profiles)):
             raise GovernanceError(f"the forward's inputs or profiles are not those of the batch for step {self.step}")
-        moved = [(n, want) for n, m, want in self._moded if m.training != want]
+        moved = [(n, want) for n, m, want in self.exported_modes if m.training != want]
         if moved:
             name, want = moved[0]
             raise StepRefused(
@@ -600,8 +598,9 @@ class Governance:
         return micro
 
     def restore_modes(self, model: nn.Module) -> None:
+        modes = {name: training for name, _, training in self.exported_modes}
         for name, m in model.named_modules():
-            m.training = self.exported_modes.get(name, m.training)
+            m.training = modes.get(name, m.training)
 
     def criterion(self, output: Tensor, labels: Tensor) -> Tensor:
         """The run's registered loss of ``output`` and ``labels``."""

@@ -17,7 +17,8 @@ import sys
 
 from .sandbox import SandboxSpec, worker_env
 
-__all__ = ["WorkerPool", "worker_command"]
+__all__ = ["WorkerPool", "start_worker", "worker_command"]
+
 
 def worker_command(spec: SandboxSpec) -> list[str]:
     return [sys.executable, "-m", "gradledger.verify._internal.worker", *spec.worker_args()]
@@ -29,8 +30,8 @@ def start_worker(spec: SandboxSpec, command: list[str] | None = None) -> subproc
 
 
 class WorkerPool:
-    """``count`` workers started now, behind ``spec``; ``take()`` hands each out once; ``close()`` ends
-    those never taken (their input closed: a worker that reads no task exits)."""
+    """``count`` workers started now, behind ``spec``; ``take()`` hands each out once; ``close()`` kills
+    those never taken."""
 
     def __init__(self, spec: SandboxSpec, count: int) -> None:
         self.spec = spec
