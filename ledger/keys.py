@@ -88,6 +88,13 @@ class SigningKey:
     def sign(self, purpose: str, message: bytes) -> bytes:
         return self._key.sign(signing_input(purpose, message)).signature
 
+    def sign_note(self, text: bytes) -> bytes:
+        """Ed25519 over raw C2SP note text (ledger/note.py). Such text never holds a 0x00 byte and
+        every domain-separated signing input does, so the two can never be confused."""
+        if b"\x00" in text:
+            raise ValueError("note text never holds a 0x00 byte")
+        return self._key.sign(text).signature
+
     def __repr__(self) -> str:
         return f"SigningKey(label={self.label!r}, key_id={self.key_id.hex()[:16]}...)"
 

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the verifier replays (default full)")
     demo.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
     demo.set_defaults(run=_demo)
+    from gradledger.training.cli_publish import add_commands
+
+    add_commands(sub)
     return parser
 
 

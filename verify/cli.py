@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gradledger.ledger.errors import GradledgerError, UnusableInput, VerificationError, exit_status
 from gradledger.ledger.keys import read_public_keys
 
 from ._internal.pool import WorkerPool
 from ._internal.sandbox import SandboxSpec
+
+if TYPE_CHECKING:
+    from ._internal.release import ReleaseInputs
 
 EXIT_VERIFIED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -46,8 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replay in workers WITHOUT the sandbox (namespaces, read-only filesystem, no network, "
                         "seccomp, rlimits; specs/replay.md §7), for machines that cannot set it up; the report "
                         "says 'sandbox: off'. Only for bundles you trust")
+    parser.add_argument("--release", metavar="DIR", help="also check a release (gradledger release): model files -> "
+                        "model-signing signature -> provenance -> cosigned checkpoint -> this bundle -> replay")
+    parser.add_argument("--model", metavar="PATH", help="with --release: the model file or directory released")
+    parser.add_argument("--release-key", metavar="PEM", help="with --release: the releaser's public key (PEM)")
+    parser.add_argument("--attest", metavar="FILE", help="write the result as a signed SLSA verification summary "
+                        "(in-toto Statement v1 in DSSE) to FILE")
+    parser.add_argument("--attest-key", metavar="PEM", help="with --attest: the verifier's private key (PEM)")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
+
+
+def _release_inputs(args: argparse.Namespace) -> "ReleaseInputs | None":
+    given = [args.release, args.model, args.release_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UnusableInput("--release needs --model and --release-key")
+    from ._internal.release import ReleaseInputs
+
+    return ReleaseInputs(Path(args.release), Path(args.model), Path(args.release_key))
+
+
+def _policy_json(policy: Any) -> dict[str, Any]:
+    out = {k: v for k, v in vars(policy).items() if k not in ("release", "nonce")}
+    if policy.release is not None:
+        out["release"] = True
+    return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradledger")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonce = None if args.nonce is None else bytes.fromhex(args.nonce)
         except ValueError:
             raise UnusableInput("--nonce must be hex") from None
+        release = _release_inputs(args)
+        if bool(args.attest) != bool(args.attest_key):
+            raise UnusableInput("--attest and --attest-key go together")
         roots = read_public_keys(args.trust)
         # Replay workers start first: their imports overlap the verifier's own (pool.py says why).
         spec = SandboxSpec(not args.no_sandbox, args.max_memory)
@@ -74,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError as exc:
                 raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
             policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
-                                        sandbox=not args.no_sandbox, max_memory_mib=args.max_memory)
+                                        sandbox=not args.no_sandbox, max_memory_mib=args.max_memory, release=release)
             report = Verifier(roots, policy).verify(args.bundle, progress=not args.json, pool=pool)
+        if args.attest:
+            from ._internal.summary import write_summary
+
+            write_summary(Path(args.attest), Path(args.attest_key), report, args.bundle, _policy_json(policy),
+                          _version())
     except VerificationError as exc:  # raised before a report exists: still a failed verification
         if args.json:
             print(json.dumps({"verified": False, "checks": [], "first_failure": {"name": "input", "detail": str(exc)}}))

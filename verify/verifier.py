@@ -24,6 +24,7 @@ from gradledger.ledger.errors import VerificationError
 
 from ._internal import challenge, environment
 from ._internal.certificates import check_certificates
+from ._internal.release import ReleaseInputs, check_release
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
 from ._internal.pool import WorkerPool
@@ -52,6 +53,8 @@ class VerificationPolicy:
     sandbox: bool = True
     #: The sandboxed worker's address-space limit (RLIMIT_AS), in MiB (``--max-memory``).
     max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
+    #: Also check a release's chain to this bundle (``--release``; specs/release.md §6).
+    release: ReleaseInputs | None = None
 
 
 class Verifier:
@@ -86,6 +89,15 @@ class Verifier:
         check_certificates(source, structure, report)
         if report.first_failure is not None:
             return report
+        if self.policy.release is not None:
+            facts = check_release(self.policy.release, structure, report)
+            if facts is None:
+                return report
+            report.figures["release"] = {
+                "files": facts.files, "provenance_sha256": facts.provenance_sha256, "run_id": facts.run_id,
+                "checkpoint_seq": facts.checkpoint_seq, "witnesses": facts.witnesses,
+                "ledger": {"origin": facts.checkpoint.origin, "size": facts.checkpoint.size,
+                           "root": facts.checkpoint.root.hex()}}
         heads = _heads(observations, report)
         if report.first_failure is not None:
             return report
