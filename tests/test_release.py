@@ -234,3 +234,77 @@ def test_release_without_the_extra_or_a_cosignature_is_refused(released: dict[st
     assert _cli("checkpoint", base / "ledger", "--key", released["keys"] / "trainer.key", "-o", tmp_path / "cp") == 0
     assert _cli("release", base / "ledger", "--model", base / "model", "--key", released["keys"] / "release.pem",
                 "--checkpoint", tmp_path / "cp", "-o", tmp_path / "r") == 1
+
+
+def test_a_forged_checkpoint_or_proof_fails_the_chain(released: dict[str, Any], tmp_path: Path) -> None:
+    # A hostile trainer signs a checkpoint of another tree of the same size with its own key (it
+    # cannot get a credentialed witness to cosign it, nor does the bundle hold that tree).
+    release, model = _copy_release(released, tmp_path)
+    note = SignedNote.parse((release / "checkpoint.txt").read_text())
+    cp = Checkpoint.parse(note.text)
+    forged_text = Checkpoint(cp.origin, cp.size, bytes(32)).text()
+    from gradledger.ledger.note import sign
+
+    forged = SignedNote(forged_text, (sign(forged_text, WORLD.trainer, cp.origin),)).with_signature(
+        next(s for s in note.signatures if s.name == WITNESS_NAME))
+    (release / "checkpoint.txt").write_text(forged.render())
+    code, out = verify(released, release, model, "--replay", "none")
+    failure = _failed(out)
+    assert code == 1 and failure["name"] == "release checkpoint" and "not this bundle's tree" in failure["detail"]
+
+    # A proof file whose path was swapped for another leaf's fails, naming the file.
+    release, model = _copy_release(released, tmp_path / "second")
+    proofs = sorted((release / "proofs").iterdir())
+    text = proofs[0].read_text().replace(f"index {proofs[0].stem}", f"index {proofs[1].stem}", 1)
+    proofs[0].write_text(text)
+    code, out = verify(released, release, model, "--replay", "none")
+    failure = _failed(out)
+    assert code == 1 and failure["name"] == "release checkpoint" and proofs[0].name in failure["detail"]
+
+
+def test_a_failed_verification_is_attested_as_failed(released: dict[str, Any], tmp_path: Path) -> None:
+    release, model = _copy_release(released, tmp_path)
+    (model / "config.json").write_text("{}")
+    keys = released["keys"]
+    if not (keys / "verifier2.pem").exists():
+        attest.new_key(keys / "verifier2.pem")
+    code, _ = verify(released, release, model, "--replay", "none", "--attest", str(tmp_path / "vsa.json"),
+                     "--attest-key", str(keys / "verifier2.pem"))
+    assert code == 1
+    vsa = attest.open_statement(tmp_path / "vsa.json", keys / "verifier2.pem.pub", attest.VSA_TYPE)
+    assert vsa["predicate"]["verificationResult"] == "FAILED" and vsa["predicate"]["verifiedLevels"] == ["FAILED"]
+    assert vsa["predicate"]["gradledger"]["firstFailure"]["name"] == "release signature"
+    # A summary signed by another key is refused by the DSSE check.
+    with pytest.raises(Exception, match="does not verify"):
+        attest.open_statement(tmp_path / "vsa.json", keys / "release.pem.pub", attest.VSA_TYPE)
+
+
+def test_witness_verify_command(released: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    base = released["base"]
+    log = (base / "log.vkey").read_text().strip()
+    wkey = f"{WITNESS_NAME}+" + _witness_vkey_tail()
+    assert _cli("witness", "verify", base / "cosigned.txt", "--log-key", log, "--witness-key", wkey) == 0
+    assert WITNESS_NAME in capsys.readouterr().out
+    other = SigningKey.generate()
+    from gradledger.ledger.note import witness_key
+
+    assert _cli("witness", "verify", base / "cosigned.txt", "--log-key", log, "--witness-key",
+                witness_key(WITNESS_NAME, other.public_key).vkey()) == 1
+
+
+def test_a_missing_release_extra_is_unusable_with_the_install_hint(released: dict[str, Any], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "model_signing", None)  # import model_signing now raises ImportError
+    base = released["base"]
+    assert _cli("release", base / "ledger", "--model", base / "model", "--key", released["keys"] / "release.pem",
+                "--checkpoint", base / "cosigned.txt", "-o", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "pip install 'gradledger[release]'" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+    from gradledger.verify.cli import main as verify_main
+
+    code = verify_main([str(base / "run.glb"), "--trust", str(released["roots"]), "--replay", "none", "--release",
+                        str(base / "release"), "--model", str(base / "model"), "--release-key",
+                        str(released["keys"] / "release.pem.pub")])
+    assert code == 2 and "gradledger[release]" in capsys.readouterr().err

@@ -90,7 +90,9 @@ class Verifier:
         if report.first_failure is not None:
             return report
         if self.policy.release is not None:
+            started = time.perf_counter()
             facts = check_release(self.policy.release, structure, report)
+            report.figures["release_seconds"] = round(time.perf_counter() - started, 3)
             if facts is None:
                 return report
             report.figures["release"] = {
