@@ -308,3 +308,26 @@ def test_a_missing_release_extra_is_unusable_with_the_install_hint(released: dic
                         str(base / "release"), "--model", str(base / "model"), "--release-key",
                         str(released["keys"] / "release.pem.pub")])
     assert code == 2 and "gradledger[release]" in capsys.readouterr().err
+
+
+def test_a_project_admits_a_witness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradledger.training.project import Project
+
+    taxonomy = Path(__file__).resolve().parents[1] / "examples" / "taxonomy.toml"
+    Project.init(tmp_path / "p", taxonomy).close()
+    assert _cli("witness", "keygen", tmp_path / "w.key", "--name", "notary.example") == 0
+    public = capsys.readouterr().out.split()[0]
+    assert _cli("witness", "admit", tmp_path / "p", "--name", "notary.example", "--public-key", public) == 0
+    with Project.open(tmp_path / "p") as project:
+        cred = project.ledger.registry.get(SigningKey.load(tmp_path / "w.key").key_id)
+        assert (cred.role, cred.subject, cred.path) == ("witness", "notary.example", "acme/witnesses")
+    # The project's ledger: its trainer key is found without --key.
+    assert _cli("checkpoint", tmp_path / "p" / "ledger", "-o", tmp_path / "cp.txt") == 0
+    note = SignedNote.parse((tmp_path / "cp.txt").read_text())
+    with Project.open(tmp_path / "p") as project:
+        from gradledger.ledger.publish import log_key_of
+
+        assert note.verify(log_key_of(project.ledger)) is None
+    assert _cli("checkpoint", tmp_path / "p" / "ledger", "--old", "0", "-o", tmp_path / "req") == 0
+    assert _cli("witness", "admit", tmp_path / "p", "--name", "two words", "--public-key", public) == 2
+    assert _cli("witness", "admit", tmp_path / "p", "--name", "x", "--public-key", "ed25519:00") == 2

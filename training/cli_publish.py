@@ -8,11 +8,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gradledger.ledger.errors import UnusableInput
 from gradledger.ledger.files import read_regular
 from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.note import MAX_NOTE_SIZE, AddCheckpoint, NoteKey, SignedNote
+
+if TYPE_CHECKING:
+    from gradledger.ledger.keys import SigningKey
 
 EXIT_OK = 0
 
@@ -40,11 +44,24 @@ def merge_notes(paths: list[str]) -> SignedNote:
     return merged
 
 
-def _checkpoint(args: argparse.Namespace) -> int:
+def trainer_key(ledger: str, key: str | None) -> "SigningKey":
+    """``--key``, or the trainer key of the project whose ledger ``ledger`` is."""
     from gradledger.ledger.keys import SigningKey
+    from gradledger.training.project import LEDGER_DIR, PROJECT_FILE, Project
+
+    if key is not None:
+        return SigningKey.load(key)
+    path = Path(ledger).resolve()
+    if path.name != LEDGER_DIR or not (path.parent / PROJECT_FILE).is_file():
+        raise UnusableInput(f"{ledger} is not a project's ledger: give the trainer's key with --key")
+    with Project.open(path.parent, writable=False) as project:
+        return project.trainer_key
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
     from gradledger.ledger.publish import add_checkpoint_request, log_key_of, signed_checkpoint
 
-    key = SigningKey.load(args.key)
+    key = trainer_key(args.ledger, args.key)
     with Ledger.open(args.ledger) as ledger:
         if args.vkey:
             _write(log_key_of(ledger, args.size).vkey() + "\n", args.output)
@@ -73,6 +90,34 @@ def _witness_key(args: argparse.Namespace) -> int:
     from gradledger.ledger.note import witness_key
 
     print(witness_key(args.name, SigningKey.load(args.key).public_key).vkey())
+    return EXIT_OK
+
+
+def _witness_keygen(args: argparse.Namespace) -> int:
+    from gradledger.ledger.keys import SigningKey, format_public_key
+    from gradledger.ledger.note import check_key_name, witness_key
+
+    check_key_name(args.name)
+    key = SigningKey.generate(args.name)
+    key.save(args.output)
+    print(f"{format_public_key(key.public_key, args.name)}\n{witness_key(args.name, key.public_key).vkey()}")
+    return EXIT_OK
+
+
+def _witness_admit(args: argparse.Namespace) -> int:
+    from gradledger.ledger.keys import PUBLIC_LINE_PREFIX
+    from gradledger.training.project import Project
+
+    token = args.public_key.removeprefix(PUBLIC_LINE_PREFIX)
+    try:
+        public_key = bytes.fromhex(token)
+        if len(public_key) != 32:
+            raise ValueError
+    except ValueError:
+        raise UnusableInput("--public-key must be 'ed25519:<64 hex digits>' (gradledger witness keygen prints it)") from None
+    with Project.open(args.project) as project:
+        cred = project.admit_witness(args.name, public_key)
+    print(f"credentialed witness {cred.subject!r} at {cred.path} (key {cred.key_id.hex()[:16]})")
     return EXIT_OK
 
 
@@ -122,7 +167,8 @@ def _release(args: argparse.Namespace) -> int:
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     cp = sub.add_parser("checkpoint", help="a signed tree head as a C2SP checkpoint note (or a witness request)")
     cp.add_argument("ledger", help="ledger directory")
-    cp.add_argument("--key", required=True, help="the trainer's private key file (the one that signed the tree head)")
+    cp.add_argument("--key", help="the trainer's private key file (the one that signed the tree head; default: "
+                    "the trainer key of the project the ledger belongs to)")
     cp.add_argument("--size", type=int, help="the tree head's size (default: the latest tree head)")
     cp.add_argument("--old", type=int, metavar="SIZE", help="print a tlog-witness add-checkpoint request with a "
                     "consistency proof from SIZE (0: the witness has not seen this log)")
@@ -141,6 +187,15 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     cosign.add_argument("--log-key", required=True, help="the log's verifier key (gradledger checkpoint --vkey)")
     cosign.add_argument("-o", "--output", help="file for the cosigned checkpoint (default: stdout)")
     cosign.set_defaults(run=_witness_cosign)
+    keygen = wsub.add_parser("keygen", help="make a witness key (0600); print its public key and verifier key")
+    keygen.add_argument("output", help="private key file to create")
+    keygen.add_argument("--name", required=True, help="the witness's name (no spaces or '+')")
+    keygen.set_defaults(run=_witness_keygen)
+    admit = wsub.add_parser("admit", help="have a project's root credential a witness (role witness)")
+    admit.add_argument("project", help="project directory (gradledger init)")
+    admit.add_argument("--name", required=True, help="the witness's name: its credential subject and key name")
+    admit.add_argument("--public-key", required=True, help="the witness's public key, 'ed25519:<hex>'")
+    admit.set_defaults(run=_witness_admit)
     key = wsub.add_parser("key", help="print this witness's cosignature verifier key")
     key.add_argument("--key", required=True, help="the witness's private key file")
     key.add_argument("--name", required=True, help="the witness's name")

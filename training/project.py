@@ -286,6 +286,17 @@ class Project:
         kid = C.key_id(bytes.fromhex(self._record["public_keys"][name]))
         return self.ledger.registry.get(kid)
 
+    def admit_witness(self, name: str, public_key: bytes) -> C.Credential:
+        """Have the root credential a third-party witness (specs/release.md §2): role ``witness`` at
+        ``<root path>/witnesses``, subject ``name``, which is also its cosignature key name."""
+        from gradledger.ledger.note import check_key_name
+
+        check_key_name(name)
+        cred = C.issue(self.root_key, subject=name, path=f"{self.taxonomy.root_path}/witnesses", role="witness",
+                       public_key=public_key)
+        self.ledger.append("CredentialIssued", {"credential": cred.signed}, self.root_key, commit=True)
+        return cred
+
     def _require_source(self, name: Any) -> str:
         if type(name) is not str or name not in self.taxonomy.sources:
             raise ProjectError(
