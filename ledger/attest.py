@@ -121,6 +121,7 @@ def verify_model(model: Path, signature: Path, public_key: Path) -> dict[str, st
     import model_signing
 
     _public_key(public_key)
+    model_resources(signature)  # bounded and well-formed before model-signing reads it whole
     try:
         model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(model, signature)
     except ValueError as exc:

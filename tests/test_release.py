@@ -331,3 +331,24 @@ def test_a_project_admits_a_witness(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert _cli("checkpoint", tmp_path / "p" / "ledger", "--old", "0", "-o", tmp_path / "req") == 0
     assert _cli("witness", "admit", tmp_path / "p", "--name", "two words", "--public-key", public) == 2
     assert _cli("witness", "admit", tmp_path / "p", "--name", "x", "--public-key", "ed25519:00") == 2
+
+
+def test_a_signature_that_ignores_a_model_file_fails(released: dict[str, Any], tmp_path: Path) -> None:
+    # model-signing's serialization may list ignored paths, and its verifier honours them: a
+    # releaser who signs with config.json ignored could ship any config.json. Every file must be signed.
+    import model_signing
+
+    release, model = _copy_release(released, tmp_path)
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=["config.json"])
+    (release / "model.sig").unlink()
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=released["keys"] / "release.pem") \
+        .set_hashing_config(hashing).sign(model, release / "model.sig")
+    env = json.loads((release / "provenance.json").read_text())
+    st = json.loads(base64.b64decode(env["payload"]))
+    st["subject"] = [s for s in st["subject"] if s["name"] != "config.json"]
+    (release / "provenance.json").write_text(json.dumps(attest.sign_statement(st, released["keys"] / "release.pem")))
+    (model / "config.json").write_text('{"layers": 99}')
+    code, out = verify(released, release, model, "--replay", "none")
+    failure = _failed(out)
+    assert code == 1 and failure["name"] == "release signature" and "signed files differ" in failure["detail"]
+    assert "config.json" in failure["detail"]

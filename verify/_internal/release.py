@@ -62,10 +62,15 @@ def check_release(inputs: ReleaseInputs, structure: Structure, report: Report) -
     state: dict[str, Any] = {}
 
     def signature() -> str:
+        files = model_files(inputs.model)
         with ThreadPoolExecutor(2) as pool:  # the files are hashed once for each, side by side
-            tensors = pool.submit(model_tensors, model_files(inputs.model))
+            tensors = pool.submit(model_tensors, files)
             state["files"] = attest.verify_model(inputs.model, rdir / "model.sig", inputs.public_key)
             state["tensors"] = tensors.result()
+        # The signature's own serialization may ignore paths; every file of the model must be signed.
+        names = {p.name if inputs.model.is_file() else p.relative_to(inputs.model).as_posix() for p in files}
+        if names != set(state["files"]):
+            raise _Broken(f"the model files and the signed files differ: {sorted(names ^ set(state['files']))[:3]}")
         return f"model-signing v1.0 signature of {len(state['files'])} files verifies under the release key"
 
     def provenance() -> str:
