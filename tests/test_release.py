@@ -160,6 +160,14 @@ def _copy_release(released: dict[str, Any], tmp_path: Path) -> tuple[Path, Path]
     return release, model
 
 
+def _resign_provenance(released: dict[str, Any], release: Path, edit: Any) -> None:
+    """What a releaser holding the release key can do: change the statement and sign it again."""
+    env = json.loads((release / "provenance.json").read_text())
+    st = json.loads(base64.b64decode(env["payload"]))
+    edit(st)
+    (release / "provenance.json").write_text(json.dumps(attest.sign_statement(st, released["keys"] / "release.pem")))
+
+
 def _failed(out: dict[str, Any]) -> dict[str, Any]:
     assert out.get("verified") is False, out
     return out["first_failure"]
@@ -176,10 +184,8 @@ def test_a_model_file_changed_after_release_fails(released: dict[str, Any], tmp_
 def test_a_provenance_pointing_at_another_ledger_root_fails(released: dict[str, Any], tmp_path: Path) -> None:
     # The releaser (holding the release key) re-signs a provenance naming another root.
     release, model = _copy_release(released, tmp_path)
-    env = json.loads((release / "provenance.json").read_text())
-    st = json.loads(base64.b64decode(env["payload"]))
-    st["predicate"]["buildDefinition"]["resolvedDependencies"][0]["digest"]["sha256"] = "ab" * 32
-    (release / "provenance.json").write_text(json.dumps(attest.sign_statement(st, released["keys"] / "release.pem")))
+    _resign_provenance(released, release, lambda st: st["predicate"]["buildDefinition"]["resolvedDependencies"][0]
+                       ["digest"].update(sha256="ab" * 32))
     code, out = verify(released, release, model, "--replay", "none")
     failure = _failed(out)
     assert code == 1 and failure["name"] == "release lineage" and "points at ledger" in failure["detail"]
@@ -343,10 +349,8 @@ def test_a_signature_that_ignores_a_model_file_fails(released: dict[str, Any], t
     (release / "model.sig").unlink()
     model_signing.signing.Config().use_elliptic_key_signer(private_key=released["keys"] / "release.pem") \
         .set_hashing_config(hashing).sign(model, release / "model.sig")
-    env = json.loads((release / "provenance.json").read_text())
-    st = json.loads(base64.b64decode(env["payload"]))
-    st["subject"] = [s for s in st["subject"] if s["name"] != "config.json"]
-    (release / "provenance.json").write_text(json.dumps(attest.sign_statement(st, released["keys"] / "release.pem")))
+    _resign_provenance(released, release, lambda st: st.update(
+        subject=[s for s in st["subject"] if s["name"] != "config.json"]))
     (model / "config.json").write_text('{"layers": 99}')
     code, out = verify(released, release, model, "--replay", "none")
     failure = _failed(out)
