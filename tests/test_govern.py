@@ -125,6 +125,30 @@ def test_a_run_that_ends_before_its_first_checkpoint_records_nothing(tmp_path: P
     assert report["figures"]["replayed_steps"] == 3
 
 
+def test_closing_the_project_under_an_open_run_closes_the_run_first(tmp_path: Path) -> None:
+    # A user who closes the project (or the ledger) and forgets model.run.close() must not get a
+    # ledger whose last updates no checkpoint covers (replay would reject it): the run is closed
+    # first, with its final checkpoint.
+    path = tmp_path / "project"
+    x, y = _tokens()
+    with gradledger.Project.init(path, TAXONOMY) as p:
+        p.label(x, y.tolist(), source="dr-lee", name="tokens")
+    p = gradledger.Project.open(path)
+    model, optimizer, loader = _govern_bert(p, x, y, "forgotten", checkpoint_every=2)
+    _train(model, optimizer, loader, 3)
+    p.close()  # no model.run.close()
+    assert model.run.closed
+    with gradledger.Project.open(path) as p:
+        led = p.ledger
+        last = led.observation(led.by_type("Checkpoint")[-1])
+        assert last.body["step"] == 3 and led.observation(led.size - 1).type == "TreeHead"
+        assert len(led.by_type("GovernedUpdate")) == 3
+        bundle = tmp_path / "run.glb"
+        export_bundle(led, bundle, with_data=True)
+    code, report = _verify(bundle, path / "roots.pub")
+    assert code == 0, report.get("first_failure")
+
+
 def test_an_exception_in_the_loop_leaves_the_log_at_a_checkpoint(project: Path) -> None:
     x, y = _tokens()
     model = _bert()

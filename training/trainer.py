@@ -487,12 +487,24 @@ class Governance:
         self._stack.enter_context(no_uninitialized_fill())  # a NaN fill of every allocation: runtime.py
         # Between checkpoints nothing is committed: a crash leaves the log at a checkpoint.
         self._stack.enter_context(self.ledger.deferred())
+        # Closing the ledger (or the project) under an open run closes the run first: its final
+        # checkpoint is committed, never the updates after the last one alone (which replay rejects).
+        self._stack.callback(self.ledger.attach_appender(self._ledger_closing))
         order = [p for p in gated.model.parameters() if p.requires_grad]
         self.recorder = StepRecorder(self, gated, gated.bands, optimizer, self.loss_fn, order)
         self._stack.callback(self.recorder.detach)
         self._writer = RecordWriter(self.ledger, self.key)
         self._stack.push(self._writer_exit)
         self.started = True
+
+    def _ledger_closing(self, discard: bool) -> None:
+        if self.closed:
+            return
+        if discard:  # the ledger drops its pending records: the run ends with them, as after a crash
+            self.closed = True
+            self._end(GovernanceError("the ledger discarded the run's pending records"))
+        else:
+            self.close()
 
     def _writer_exit(self, kind: Any, exc: Any, tb: Any) -> bool:
         # Joined first at the run's end; on an exception what is still queued is dropped (it is discarded).
