@@ -131,11 +131,14 @@ def main(argv: list[str]) -> int:
     out.write(frame({"sandbox": walls}))
     out.flush()
     # Warm up before the task is read: a worker may be started ahead of need (pool.py), so its imports
-    # overlap the verifier's own work. Building an optimizer imports what torch's optimizers pull in
-    # on first use (dynamo, ~2 s here), which replay would otherwise pay inside its first segment.
+    # overlap the verifier's own work. Torch's optimizers would import dynamo on first use (~2 s here)
+    # for two markers that do nothing in eager mode: eager.py serves them (and loads dynamo only if
+    # something else asks for it); building an optimizer then imports what is left.
     import torch
 
-    from . import environment
+    from . import eager, environment
+
+    eager.install()
     from .replay import ReplayCache, RunContext, Segment, replay_segment
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
