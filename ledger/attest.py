@@ -24,6 +24,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
 VSA_TYPE = "https://slsa.dev/verification_summary/v1"
 MODEL_SIGNATURE_TYPE = "https://model_signing/signature/v1.0"
+#: The provenance's buildType (specs/release.md §4.2).
+BUILD_TYPE = "https://gradledger.dev/governed-training/v1"
 #: A signature bundle or envelope is a few kB per model file; 64 MiB bounds any reader.
 MAX_ATTESTATION_SIZE = 64 << 20
 INSTALL_HINT = "pip install 'gradledger[release]'"
@@ -68,7 +70,8 @@ def new_key(path: Path) -> Path:
     return pub
 
 
-def _private_key(path: Path) -> Any:
+def private_key(path: Path) -> Any:
+    """The unencrypted PEM private key at ``path`` (unusable input otherwise)."""
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -94,7 +97,7 @@ def sign_model(model: Path, key: Path, signature: Path) -> dict[str, str]:
     resources: file name -> sha256 hex, as the signature's payload lists them."""
     import model_signing
 
-    _private_key(key)  # a clear exit 2 before model-signing's own error for a bad key
+    private_key(key)  # a clear exit 2 before model-signing's own error for a bad key
     model_signing.signing.Config().use_elliptic_key_signer(private_key=key).sign(model, signature)
     return model_resources(signature)
 
@@ -152,7 +155,7 @@ def sign_statement(st: dict[str, Any], key: Path) -> dict[str, Any]:
     from securesystemslib.signer import CryptoSigner
 
     envelope = Envelope(json.dumps(st, sort_keys=True).encode(), PAYLOAD_TYPE, {})
-    envelope.sign(CryptoSigner(_private_key(key)))
+    envelope.sign(CryptoSigner(private_key(key)))
     return envelope.to_dict()
 
 

@@ -69,6 +69,17 @@ def _decimal(text: str, what: str) -> int:
     return int(text)
 
 
+def _text(data: bytes | str, what: str) -> str:
+    """``data`` as text, refused above MAX_NOTE_SIZE bytes before it is decoded or split."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if len(raw) > MAX_NOTE_SIZE:
+        raise NoteError(f"a {what} of {len(raw)} bytes is larger than {MAX_NOTE_SIZE}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NoteError(f"{what} is not UTF-8") from None
+
+
 def check_key_name(name: str) -> str:
     """signed-note: a key name is non-empty and holds no Unicode space and no '+'."""
     if not name or "+" in name or any(c.isspace() for c in name) or any(ord(c) < 0x20 for c in name):
@@ -162,14 +173,7 @@ class SignedNote:
     @classmethod
     def parse(cls, data: bytes | str) -> "SignedNote":
         """Parse a signed note strictly (signed-note); signatures are not checked here."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if len(data) > MAX_NOTE_SIZE:
-            raise NoteError(f"a note of {len(data)} bytes is larger than {MAX_NOTE_SIZE}")
-        try:
-            whole = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise NoteError("note is not UTF-8") from None
+        whole = _text(data, "note")
         split = whole.rfind("\n\n")
         if split < 0:
             raise NoteError("note has no blank line before its signatures")
@@ -284,14 +288,7 @@ def _hash_lines(lines: list[str], what: str) -> list[bytes]:
 
 def _split_preamble(data: bytes | str, what: str) -> tuple[list[str], SignedNote]:
     """The lines before the first blank line, and the signed note after it."""
-    if isinstance(data, bytes):
-        if len(data) > MAX_NOTE_SIZE:
-            raise NoteError(f"a {what} of {len(data)} bytes is larger than {MAX_NOTE_SIZE}")
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise NoteError(f"{what} is not UTF-8") from None
-    head, sep, rest = data.partition("\n\n")
+    head, sep, rest = _text(data, what).partition("\n\n")
     if not sep:
         raise NoteError(f"{what} has no blank line before its checkpoint")
     return head.split("\n"), SignedNote.parse(rest)

@@ -21,6 +21,7 @@ from pathlib import Path
 from .credentials import CredentialRegistry
 from .envelope import Sealed
 from .errors import CredentialError, ProofError, UnusableInput
+from .files import read_regular
 from .keys import SigningKey
 from .ledger import Ledger
 from .note import (
@@ -180,8 +181,6 @@ class Witness:
             os.close(lock)
 
     def _load(self) -> dict[str, dict[str, object]]:
-        from .files import read_regular
-
         if not self.state.exists():
             return {}
         try:

@@ -98,6 +98,17 @@ def model_tensors(files: list[Path]) -> dict[str, bytes]:
     return out
 
 
+def recorded_model_tensors(checkpoint_tensors: dict[str, bytes]) -> dict[str, bytes]:
+    """A Checkpoint body's ``model.<name>`` digests by ``<name>``: what model files must hold
+    (specs/release.md §4.1)."""
+    return {k.removeprefix("model."): v for k, v in checkpoint_tensors.items() if k.startswith("model.")}
+
+
+def differing_names(a: dict[str, object], b: dict[str, object]) -> list[str]:
+    """The names only one side has; if none, those whose values differ (sorted)."""
+    return sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])
+
+
 def _digest(path: Path, name: str, entry: object, view: mmap.mmap | None, base: int, data_len: int) -> bytes:
     if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
         raise TensorFileError(f"{path}: tensor {name!r} has no dtype gradledger digests")

@@ -217,9 +217,6 @@ def test_hostile_weights_resigned_by_the_vendor_fail_the_lineage(released: dict[
     code = _cli("release", released["base"] / "ledger", "--model", model, "--key", released["keys"] / "release.pem",
                 "--checkpoint", note, "-o", release)
     assert code == 1  # the trainer's own tool refuses to release weights the ledger never recorded
-    from gradledger.ledger.publish import check_cosigned  # noqa: F401 - the chain's checkpoint step
-    from gradledger.training import release as rel
-
     # Forge the release by hand as the hostile vendor would: sign, then write the honest provenance.
     honest = json.loads(base64.b64decode(json.loads((released["base"] / "release" / "provenance.json").read_text())["payload"]))
     release.mkdir()
@@ -227,7 +224,7 @@ def test_hostile_weights_resigned_by_the_vendor_fail_the_lineage(released: dict[
     honest["subject"] = [{"name": n, "digest": {"sha256": d}} for n, d in sorted(files.items())]
     (release / "provenance.json").write_text(json.dumps(attest.sign_statement(honest, released["keys"] / "release.pem")))
     shutil.copy(note, release / "checkpoint.txt")
-    assert rel.BUILD_TYPE in json.dumps(honest)
+    assert attest.BUILD_TYPE in json.dumps(honest)
     code, out = verify(released, release, model, "--replay", "none")
     failure = _failed(out)
     assert code == 1 and failure["name"] == "release lineage" and name in failure["detail"]
@@ -356,3 +353,15 @@ def test_a_signature_that_ignores_a_model_file_fails(released: dict[str, Any], t
     failure = _failed(out)
     assert code == 1 and failure["name"] == "release signature" and "signed files differ" in failure["detail"]
     assert "config.json" in failure["detail"]
+
+
+def test_an_unreadable_attest_key_is_refused_before_verifying(released: dict[str, Any], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from gradledger.verify.cli import main as verify_main
+
+    (tmp_path / "bad.pem").write_text("not a key")
+    code = verify_main([str(released["base"] / "run.glb"), "--trust", str(released["roots"]), "--attest",
+                        str(tmp_path / "vsa.json"), "--attest-key", str(tmp_path / "bad.pem")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not an unencrypted PEM private key" in err and err.count("\n") == 1
+    assert not (tmp_path / "vsa.json").exists()

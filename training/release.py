@@ -27,15 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradledger.ledger import attest
 from gradledger.ledger.errors import ProofError, UnusableInput, VerificationError
 from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.note import Checkpoint, SignedNote
 from gradledger.ledger.publish import check_cosigned, log_key_of, tlog_proof, tree_head, witness_keys
-from gradledger.ledger.tensorfile import model_files, model_tensors
-
-from gradledger.ledger import attest
-
-BUILD_TYPE = "https://gradledger.dev/governed-training/v1"
+from gradledger.ledger.tensorfile import differing_names, model_files, model_tensors, recorded_model_tensors
 
 
 @dataclass(frozen=True)
@@ -66,11 +63,10 @@ def link_model(ledger: Ledger, size: int, tensors: dict[str, bytes]) -> tuple[An
     closest = None
     for cand in final_checkpoints(ledger, size):
         cp = ledger.observation(cand["checkpoint_seq"])
-        recorded = {k.removeprefix("model."): v for k, v in cp.body["tensors"].items() if k.startswith("model.")}
+        recorded = recorded_model_tensors(cp.body["tensors"])
         if recorded == tensors:
             return ledger.observation(cand["run_seq"]), cp
-        differs = sorted(set(recorded) ^ set(tensors)) or sorted(k for k in recorded if recorded[k] != tensors[k])
-        closest = closest or (cand["checkpoint_seq"], differs)
+        closest = closest or (cand["checkpoint_seq"], differing_names(recorded, tensors))
     if closest is None:
         raise VerificationError(f"no run has a checkpoint in the cosigned tree of size {size}")
     raise VerificationError(f"the model files match no run's final checkpoint (the latest, at seq {closest[0]}, "
@@ -136,7 +132,7 @@ def provenance_predicate(ledger: Ledger, cp: Checkpoint, note: SignedNote, run: 
     dataset = settings.get("dataset") or {}
     return {
         "buildDefinition": {
-            "buildType": BUILD_TYPE,
+            "buildType": attest.BUILD_TYPE,
             "externalParameters": {
                 "run": {"id": run.body["run_id"], "seq": run.seq},
                 "policy": {"digest": {"sha256": bytes(settings["policy"]).hex()}} if "policy" in settings else {},

@@ -104,6 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         release = _release_inputs(args)
         if bool(args.attest) != bool(args.attest_key):
             raise UnusableInput("--attest and --attest-key go together")
+        if args.attest or release is not None:
+            # Before the verification, not after its replay: a missing extra or an unreadable key is
+            # unusable input at once.
+            from gradledger.ledger import attest
+
+            attest.require("gradledger-verify --release/--attest")
+            if args.attest:
+                attest.private_key(Path(args.attest_key))
         roots = read_public_keys(args.trust)
         # Replay workers start first: their imports overlap the verifier's own (pool.py says why).
         spec = SandboxSpec(not args.no_sandbox, args.max_memory)

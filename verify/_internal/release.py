@@ -19,12 +19,10 @@ from gradledger.ledger.errors import GradledgerError, UnusableInput, Verificatio
 from gradledger.ledger.files import read_regular
 from gradledger.ledger.note import MAX_NOTE_SIZE, Checkpoint, SignedNote, TlogProof, log_key
 from gradledger.ledger.publish import check_cosigned, witness_keys
-from gradledger.ledger.tensorfile import model_files, model_tensors
+from gradledger.ledger.tensorfile import differing_names, model_files, model_tensors, recorded_model_tensors
 
 from ..report import Report
 from .structure import Structure
-
-BUILD_TYPE = "https://gradledger.dev/governed-training/v1"
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,10 @@ def check_release(inputs: ReleaseInputs, structure: Structure, report: Report) -
         state["provenance_sha256"] = hashlib.sha256((rdir / "provenance.json").read_bytes()).hexdigest()
         subjects = attest.subjects_of(st)
         if subjects != state["files"]:
-            differs = sorted(set(subjects) ^ set(state["files"])) or sorted(
-                k for k in subjects if subjects[k] != state["files"][k])
-            raise _Broken(f"the provenance's subjects differ from the signed model files: {differs[:3]}")
-        if st["predicate"].get("buildDefinition", {}).get("buildType") != BUILD_TYPE:
-            raise _Broken(f"the provenance's build type is not {BUILD_TYPE}")
+            raise _Broken(f"the provenance's subjects differ from the signed model files: "
+                          f"{differing_names(subjects, state['files'])[:3]}")
+        if st["predicate"].get("buildDefinition", {}).get("buildType") != attest.BUILD_TYPE:
+            raise _Broken(f"the provenance's build type is not {attest.BUILD_TYPE}")
         state["predicate"] = st["predicate"]
         return "SLSA provenance v1 in DSSE verifies under the release key; its subjects are the signed files"
 
@@ -169,12 +166,10 @@ def _check_lineage(state: dict[str, Any], structure: Structure) -> str:
         raise _Broken(f"the provenance names checkpoint {cseq!r}, but run {run.run_id!r}'s last checkpoint in the "
                       f"cosigned tree is at seq {mine[-1] if mine else None}", seq=run.seq)
     body = structure.observations[cseq].body
-    recorded = {k.removeprefix("model."): v for k, v in body["tensors"].items() if k.startswith("model.")}
-    tensors = state["tensors"]
+    recorded, tensors = recorded_model_tensors(body["tensors"]), state["tensors"]
     if recorded != tensors:
-        differs = sorted(set(recorded) ^ set(tensors)) or sorted(k for k in recorded if recorded[k] != tensors[k])
-        raise _Broken(f"the model files' tensors differ from checkpoint {cseq} (step {body['step']}): {differs[:3]}",
-                      seq=cseq)
+        raise _Broken(f"the model files' tensors differ from checkpoint {cseq} (step {body['step']}): "
+                      f"{differing_names(recorded, tensors)[:3]}", seq=cseq)
     if _field(pred, "buildDefinition", "internalParameters", "checkpoint", "digest", "sha256") != body["digest"].hex():
         raise _Broken("the provenance's checkpoint digest is not the recorded one", seq=cseq)
     settings = run.settings

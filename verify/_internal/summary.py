@@ -40,8 +40,8 @@ def summary_statement(report: Report, bundle: str, policy: dict[str, Any], versi
     if os.path.isfile(bundle):
         subjects = {Path(bundle).name: _sha256_file(Path(bundle))}
     else:
-        heads = [c for c in report.heads]
-        subjects = {f"ledger:{Path(bundle).name}": hashlib.sha256(json.dumps(heads, sort_keys=True).encode()).hexdigest()}
+        heads = json.dumps(report.heads, sort_keys=True).encode()
+        subjects = {f"ledger:{Path(bundle).name}": hashlib.sha256(heads).hexdigest()}
     if release:
         subjects.update(release["files"])
     policy_bytes = json.dumps(policy, sort_keys=True).encode()
