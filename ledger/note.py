@@ -80,9 +80,14 @@ def _text(data: bytes | str, what: str) -> str:
         raise NoteError(f"{what} is not UTF-8") from None
 
 
+def _control(c: str) -> bool:
+    """signed-note forbids control characters in notes (newline aside): C0 and DEL."""
+    return ord(c) < 0x20 or ord(c) == 0x7F
+
+
 def check_key_name(name: str) -> str:
     """signed-note: a key name is non-empty and holds no Unicode space and no '+'."""
-    if not name or "+" in name or any(c.isspace() for c in name) or any(ord(c) < 0x20 for c in name):
+    if not name or "+" in name or any(c.isspace() or _control(c) for c in name):
         raise NoteError(f"key name {name!r} is empty or holds a space or '+' (signed-note forbids them)")
     return name
 
@@ -92,7 +97,7 @@ def _check_text(text: str) -> None:
     character other than newline."""
     if not text.endswith("\n") or "\n\n" in text or text.startswith("\n"):
         raise NoteError("note text must be non-empty lines, each ending in a newline")
-    if any(ord(c) < 0x20 and c != "\n" or ord(c) == 0x7F for c in text):
+    if any(_control(c) and c != "\n" for c in text):
         raise NoteError("note text holds a control character")
 
 

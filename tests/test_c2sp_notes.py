@@ -37,7 +37,7 @@ from gradledger.ledger.publish import (
 
 NOW = 1_780_000_000
 KEY = SigningKey.from_seed(bytes(range(32)))
-names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x2FFF, blacklist_characters="+\u2014"),
+names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x2FFF, blacklist_characters="+\u2014\x7f"),
                 min_size=1, max_size=20).filter(lambda s: not any(c.isspace() for c in s))
 
 
@@ -108,6 +108,12 @@ def test_any_changed_byte_fails_the_note(data: st.DataObject) -> None:
 def test_malformed_notes_are_refused(bad: str) -> None:
     with pytest.raises(NoteError):
         Checkpoint.parse(SignedNote.parse(bad).text)
+
+
+@pytest.mark.parametrize("name", ["", "two words", "a+b", "tab\there", "del\x7f"])
+def test_key_names_signed_note_forbids_are_refused(name: str) -> None:
+    with pytest.raises(NoteError):
+        log_key(name, KEY.public_key)
 
 
 def test_note_signatures_never_collide_with_domain_separated_ones() -> None:
