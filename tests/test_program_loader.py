@@ -224,20 +224,22 @@ def test_unlearn_refuses_a_run_whose_program_is_hostile(tmp_path: Path, monkeypa
     monkeypatch.setattr(Governance, "_export",
                         lambda self, model, probe: hostile(kind, honest_export(self, model, probe), marker, {}))
     before = torch.are_deterministic_algorithms_enabled()
-    from gradledger.training.recorder import StepRefused
+    from gradledger.training.errors import GovernanceError
 
-    # The trainer reads its own program back with the strict loader at its first step, so it refuses it
-    # there, and nothing of the payload runs.
+    # The trainer reads its own program back with the strict loader before it records the run, so it
+    # refuses it there, and nothing of the payload runs.
     led, ds = U.new_ledger(tmp_path / "refused", U.MANIFESTS, U.X)
     try:
-        with pytest.raises(StepRefused, match="program"):
+        size = led.size
+        with pytest.raises(GovernanceError, match="cannot be read back"):
             U.governed_run(led, ds, U.X)
-        assert not marker.exists()
+        assert not marker.exists() and led.size == size  # refused before RunStarted
     finally:
         led.close()
         torch.use_deterministic_algorithms(before)
     # A trainer that skips that check records the run; `gradledger unlearn` must refuse it all the same.
     monkeypatch.setattr(Governance, "self_check", lambda self, micros, recipe: None)
+    monkeypatch.setattr(Governance, "_parse_program", staticmethod(lambda data: None))
     led, ds = U.new_ledger(tmp_path / "ledger", U.MANIFESTS, U.X)
     try:
         U.governed_run(led, ds, U.X)
@@ -470,6 +472,34 @@ def test_the_interpreter_matches_torch_export_module_bit_for_bit(kind: str) -> N
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
     if kind == "conv_bn":
         assert int(ours.state_dict()["bn.num_batches_tracked"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv_bn", "transformer"])
+def test_a_program_run_on_given_weights_matches_its_stored_ones(kind: str) -> None:
+    # The trainer's self-check loads its program without the weights and runs it on the live ones
+    # (load_program(weights=False)): the same bits as the stored weights, parameters sharing the
+    # given storage, buffers copied (the program's forward may update them; the caller's stay).
+    data, inputs, _ = _case(kind)
+    stored = ProgramModule(load_program(data))
+    skeleton = load_program(data, weights=False)
+    assert not set(skeleton.state) & set(stored.state_dict())  # no weight was read
+    given = {n: t.clone() for n, t in stored.state_dict().items()}
+    before = {n: t.clone() for n, t in given.items()}
+    ours = ProgramModule(skeleton, weights=given)
+    (a, ga), (b, gb) = _step(ours, inputs), _step(stored, inputs)
+    assert torch.equal(a, b) and ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
+    params = dict(ours.named_parameters())
+    assert all(params[n].data_ptr() == given[n].data_ptr() for n in params)
+    assert all(torch.equal(given[n], before[n]) for n in given)  # a BatchNorm's update stayed in the copy
+    if kind == "conv_bn":
+        assert int(ours.state_dict()["bn.num_batches_tracked"]) == 1 and int(given["bn.num_batches_tracked"]) == 0
+    name = sorted(skeleton.params)[0]
+    with pytest.raises(ProgramError, match="was not given"):
+        ProgramModule(skeleton, weights={n: t for n, t in given.items() if n != name})
+    with pytest.raises(ProgramError, match="the program stores"):
+        ProgramModule(skeleton, weights={**given, name: given[name].to(torch.float16)})
+    with pytest.raises(ProgramError, match="the program stores"):
+        ProgramModule(skeleton, weights={**given, name: given[name].flatten()[:-1]})
 
 
 def test_buffer_mutation_outputs_update_the_buffers_like_torch_export() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from gradledger.ledger.program import ProgramError, ProgramModule, load_program
+from gradledger.ledger.program import Program, ProgramError, ProgramModule
 
 from . import clipping
 from .gate import GatedModel
@@ -24,10 +24,10 @@ from .registry import LossFn
 __all__ = ["replay_gradients"]
 
 
-def replay_gradients(program: bytes, gated: GatedModel, micros: Sequence[Micro], recipe: Mapping[str, Any], *,
+def replay_gradients(program: Program, gated: GatedModel, micros: Sequence[Micro], recipe: Mapping[str, Any], *,
                      step: int, inputs: InputStructure, loss_fn: LossFn, trainable: Sequence[str]) -> None:
-    """Replay this step's gradient from the run's exported ``program`` (its stored bytes), as the verifier
-    will, and refuse the step when it differs from what the user's loop left on ``gated``'s parameters
+    """Replay this step's gradient from the run's exported ``program`` (read back from its stored bytes by
+    the strict loader, weights not read: ``load_program(data, weights=False)``), as the verifier will, and refuse the step when it differs from what the user's loop left on ``gated``'s parameters
     (specs/training.md §3.3). ``trainable``: the model's trainable parameter names, in its order.
 
     Run whenever a step's recipe is new to the run: it catches what no hook sees (a loss term that
@@ -35,10 +35,11 @@ def replay_gradients(program: bytes, gated: GatedModel, micros: Sequence[Micro],
     its export, an op autocast treats differently in the program).
     """
     # Read back with the strict loader and run by its interpreter, the verifier's own path: never
-    # torch.export.load, which would execute what the archive carries (specs/replay.md §2).
+    # torch.export.load, which would execute what the archive carries (specs/replay.md §2). On the live
+    # weights: its parameters share their storage (the program only reads them), its buffers are copies.
     try:
-        module = ProgramModule(load_program(program))
-        module.model.load_state_dict(gated.model.state_dict())
+        live = {"model." + n: t for n, t in gated.model.state_dict(keep_vars=True).items()}
+        module = ProgramModule(program, weights=live)
     except ProgramError as exc:
         raise StepRefused(f"step {step}: the run's exported program cannot be replayed: {exc.args[0]}") from None
     params = dict(module.named_parameters())

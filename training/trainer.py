@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset, default_collate
 from gradledger.ledger import encoding
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
+from gradledger.ledger.program import Program, ProgramError, load_program
 
 from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import CheckpointData, read_checkpoint, restore, start_checkpoint
@@ -217,6 +218,7 @@ class Governance:
         self._optimizer: torch.optim.Optimizer | None = None
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
         self._program: bytes | None = None  # the program artifact's digest
+        self._checked_program: Program | None = None  # parsed once, weights not read (the self-check's)
         self._order: tuple[int, list[int]] | None = None
         self._sampler: Any = None
         self._stack = contextlib.ExitStack()
@@ -239,10 +241,12 @@ class Governance:
         check_routing(gated, probe.inputs)
         adopted = self._adopted_seq()
         program = self._export(model, probe)  # may fail: still before any append
+        checked = self._parse_program(program)  # so may this: the verifier's loader must read it back
         self._begin(gated, optimizer)
         try:
             self.policy_seq = adopted if adopted is not None else self._adopt()
             self._program = self.ledger.put_artifact(program)
+            self._checked_program = checked
             body: dict[str, Any] = {
                 "run_id": self.run_id,
                 "environment": environment(),
@@ -284,6 +288,11 @@ class Governance:
         self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
         self._run_optimizer = settings["optimizer"]
         self._program = run_body["artifacts"]["program"]
+        stored = self.ledger.artifact(self._program)
+        if stored is None:
+            raise GovernanceError(f"the run's program artifact {self._program.hex()[:16]} is not stored in the ledger")
+        self._checked_program = self._parse_program(stored)
+        del stored
         self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
         self._checkpointed = body["step"]
         self._begin(gated, optimizer)
@@ -657,11 +666,18 @@ class Governance:
         finally:
             release_setup_memory()
 
+    @staticmethod
+    def _parse_program(data: bytes) -> Program:
+        # The stored program, read back by the strict loader the verifier uses, without its weights:
+        # the self-check runs it on the live ones (no second copy of the model at a step).
+        try:
+            return load_program(data, weights=False)
+        except ProgramError as exc:
+            raise GovernanceError(f"the run's exported program cannot be read back: {exc.args[0]}") from None
+
     def _self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
-        assert self._gated is not None and self._program is not None
-        data = self.ledger.artifact(self._program)
-        assert data is not None
-        replay_gradients(data, self._gated, micros, recipe, step=self.step, inputs=self.inputs,
+        assert self._gated is not None and self._checked_program is not None
+        replay_gradients(self._checked_program, self._gated, micros, recipe, step=self.step, inputs=self.inputs,
                          loss_fn=self.loss_fn, trainable=self._trainable_names())
 
     def _trainable_names(self) -> list[str]:

@@ -44,7 +44,11 @@ def parse_program(data: bytes) -> Graph:
 
 @dataclass(frozen=True)
 class Program:
-    """A parsed program and its stored state (tensors as stored; ``ProgramModule`` owns live copies)."""
+    """A parsed program and its stored state (tensors as stored; ``ProgramModule`` owns live copies).
+
+    ``state`` lacks the weights (parameters and persistent buffers) of a program loaded with
+    ``weights=False``; ``stored`` holds every state tensor's metadata either way.
+    """
 
     graph: Graph
     inputs: Mapping[str, TensorMeta]
@@ -54,10 +58,17 @@ class Program:
     state: Mapping[str, Tensor]
     params: frozenset[str]
     requires_grad: frozenset[str]  # parameters stored with requires_grad
+    stored: Mapping[str, TensorMeta]
 
 
-def load_program(data: bytes) -> Program:
-    """Parse the archive and read the state it stores (specs/replay.md §2)."""
+def load_program(data: bytes, *, weights: bool = True) -> Program:
+    """Parse the archive and read the state it stores (specs/replay.md §2).
+
+    ``weights=False``: everything is parsed and checked, but the weight files (parameters and
+    persistent buffers) are not read; a ``ProgramModule`` of it is given them (``weights=``). The
+    trainer's self-check runs its own program on the live weights this way, without holding a
+    second copy of the model in memory.
+    """
     archive, name, parsed = _parsed(data)
     wanted = {}
     for spec in parsed.graph.inputs:
@@ -65,15 +76,16 @@ def load_program(data: bytes) -> Program:
             continue
         stored_with_weights = spec.kind == "parameter" or (spec.kind == "buffer" and spec.target in parsed.persistent)
         wanted[spec.target] = "weights" if stored_with_weights else "constants"
-    loaded = load_state(archive, name, wanted)  # type: ignore[arg-type]
+    loaded = load_state(archive, name, wanted, read_weights=weights)  # type: ignore[arg-type]
     params = frozenset(s.target for s in parsed.graph.inputs if s.kind == "parameter")
     for target, (_, _, is_param) in loaded.items():
         if is_param != (target in params):
             raise ProgramError(f"model program stores {target!r} as {'a' if is_param else 'no'} parameter, "
                                "its signature says otherwise")
     return Program(parsed.graph, parsed.inputs, parsed.ranges, parsed.persistent, parsed.guards,
-                   {n: t for n, (t, _, _) in loaded.items()}, params,
-                   frozenset(n for n, (_, m, _) in loaded.items() if m.requires_grad))
+                   {n: t for n, (t, _, _) in loaded.items() if t is not None}, params,
+                   frozenset(n for n, (_, m, _) in loaded.items() if m.requires_grad),
+                   {n: m for n, (_, m, _) in loaded.items()})
 
 
 def check_inputs(program: Program, inputs: Mapping[str, Tensor]) -> None:
@@ -115,24 +127,44 @@ def _owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     return mod, leaf
 
 
+def _given(program: Program, weights: Mapping[str, Tensor] | None, name: str, *, copy: bool) -> Tensor:
+    meta = program.stored[name]
+    t = None if weights is None else weights.get(name)
+    if t is None:
+        raise ProgramError(f"model program was loaded without its weights and {name!r} was not given")
+    if t.dtype != meta.dtype or list(t.shape) != list(meta.sizes):
+        raise ProgramError(f"model program weight {name!r} is {t.dtype} {list(t.shape)}, the program stores "
+                           f"{meta.dtype} {list(meta.sizes)}")
+    t = t.detach()
+    return t.clone() if copy else t
+
+
 class ProgramModule(nn.Module):
     """``forward(*user_inputs)`` runs the program; its state is registered like the unlifted module's.
 
     Parameters are ``nn.Parameter`` leaves (``requires_grad`` as stored), persistent buffers are in
     ``state_dict``, non-persistent buffers and constants are not. ``after`` (an attribute) is the
     interpreter hook of ``run``.
+
+    ``weights`` (state name -> tensor) gives the values of a program loaded with ``weights=False``,
+    each of the stored dtype and shape: a parameter is a new leaf on the given tensor's storage
+    (the program never writes its parameters; its gradients are its own), a buffer is a copy (a
+    forward may update it).
     """
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, weights: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
         self.program = program
         self.after: After | None = None
         self._constants: dict[str, Tensor] = {}
+        self._state: dict[str, Tensor] | None = None
         for spec in program.graph.inputs:
             if spec.kind == "user_input":
                 continue
             assert spec.target is not None
-            t = program.state[spec.target]
+            t = program.state.get(spec.target)
+            if t is None:
+                t = _given(program, weights, spec.target, copy=spec.kind != "parameter")
             owner, leaf = _owner(self, spec.target)
             if spec.kind == "parameter":
                 owner.register_parameter(leaf, nn.Parameter(t, requires_grad=spec.target in program.requires_grad))
@@ -143,10 +175,19 @@ class ProgramModule(nn.Module):
         self._names = tuple(program.graph.user_inputs)
 
     def live_state(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = dict(self._constants)
-        out.update(self.named_parameters(remove_duplicate=False))
-        out.update(self.named_buffers(remove_duplicate=False))
-        return out
+        # Built once (a walk of every submodule at every forward cost replay about 2 %): the module
+        # owns its state objects, and ``load_state_dict`` copies into them. ``_apply`` (``.to()``),
+        # which may replace buffers, drops it.
+        if self._state is None:
+            out: dict[str, Tensor] = dict(self._constants)
+            out.update(self.named_parameters(remove_duplicate=False))
+            out.update(self.named_buffers(remove_duplicate=False))
+            self._state = out
+        return dict(self._state)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ProgramModule":
+        self._state = None
+        return super()._apply(fn, recurse)
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Any:
         if len(args) > len(self._names):

@@ -50,8 +50,14 @@ def _extent(meta: TensorMeta) -> int:
     return (last + 1) * meta.dtype.itemsize
 
 
-def load_state(archive: Archive, model: str, wanted: Mapping[str, str]) -> dict[str, tuple[Tensor, TensorMeta, bool]]:
-    """``wanted``: state name -> ``weights`` or ``constants``. Returns name -> (tensor, meta, is_param)."""
+def load_state(archive: Archive, model: str, wanted: Mapping[str, str], *,
+               read_weights: bool = True) -> dict[str, tuple[Tensor | None, TensorMeta, bool]]:
+    """``wanted``: state name -> ``weights`` or ``constants``. Returns name -> (tensor, meta, is_param).
+
+    With ``read_weights`` false every entry is checked as usual (config, metadata, file sizes) but
+    the weight files are not read: their tensors are ``None`` (the caller brings the values, checked
+    against ``meta``); constants are read either way.
+    """
     configs = {
         "weights": _config(archive, f"data/weights/{model}_weights_config.json"),
         "constants": _config(archive, f"data/constants/{model}_constants_config.json"),
@@ -83,11 +89,16 @@ def load_state(archive: Archive, model: str, wanted: Mapping[str, str]) -> dict[
         total += nbytes
         if total > MAX_PROGRAM_BYTES:
             raise ProgramError("model program weights exceed the size limit")
+        if not read_weights and path.startswith("data/weights/"):
+            continue
         buf = bytearray(nbytes)
         archive.read_into(path, memoryview(buf))
         files[path] = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-    out: dict[str, tuple[Tensor, TensorMeta, bool]] = {}
+    out: dict[str, tuple[Tensor | None, TensorMeta, bool]] = {}
     for name, (path, meta, is_param) in metas.items():
+        if path not in files:
+            out[name] = (None, meta, is_param)
+            continue
         flat = files[path]
         sizes = [int(s) for s in meta.sizes]
         if flat.numel() == 0:
