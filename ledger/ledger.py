@@ -17,7 +17,7 @@ import time as _time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import envelope, merkle, postings, store
+from . import chunks, envelope, merkle, postings, store
 from .credentials import Credential, CredentialRegistry
 from .envelope import Sealed
 from .errors import (
@@ -302,6 +302,14 @@ class Ledger:
         self._store.write(lambda txn: txn.put(digest, data, db=db, overwrite=False))
         return digest
 
+    def put_artifact_pieces(self, pieces: Iterable[Any], *, part_size: int = chunks.PART_SIZE) -> bytes:
+        """Store the concatenation of ``pieces`` (buffers: bytes, memoryviews, numpy arrays), read once
+        and in order, as one artifact, in parts each durable at once (specs/storage.md §2.1); return
+        its digest. At most one part is held in memory: for artifacts produced piece by piece (a
+        checkpoint read tensor by tensor from the live state)."""
+        self._require_writable()
+        return chunks.write_parts(self._store, pieces, part_size=part_size)
+
     def add_cosignature(self, head_seq: int, witness_key_id: bytes, signature: bytes) -> None:
         """Store a witness's cosignature of the TreeHead at ``head_seq`` after checking it."""
         self._require_writable()
@@ -349,17 +357,23 @@ class Ledger:
             yield seq, value
 
     def artifact(self, digest: bytes) -> bytes | None:
+        """The artifact's bytes, stored whole or in parts (a chunked one is checked against its digest)."""
         with self._store.read() as txn:
-            return self._store.get(txn, "artifacts", digest)
+            data = self._store.get(txn, "artifacts", digest)
+            return data if data is not None else chunks.read_parts(self._store, txn, digest)
 
     def artifacts(self) -> Iterator[tuple[bytes, bytes]]:
-        with self._store.read() as txn:
-            yield from txn.cursor(db=self._store.dbs["artifacts"]).iternext()
+        """Every stored artifact as (digest, bytes), ascending by digest."""
+        for digest in self.artifact_digests():
+            data = self.artifact(digest)
+            assert data is not None
+            yield digest, data
 
     def artifact_digests(self) -> list[bytes]:
         """Every stored artifact's digest, ascending, without reading the artifacts."""
         with self._store.read() as txn:
-            return list(txn.cursor(db=self._store.dbs["artifacts"]).iternext(keys=True, values=False))
+            whole = list(txn.cursor(db=self._store.dbs["artifacts"]).iternext(keys=True, values=False))
+            return sorted(set(whole).union(chunks.chunked_digests(self._store, txn)))
 
     def cosignatures(self) -> Iterator[tuple[int, bytes, bytes]]:
         with self._store.read() as txn:

@@ -30,7 +30,11 @@ DATABASES = (
     "by_type",       # type || 0x00 || seq -> ""
     "artifacts",     # sha256 -> bytes
     "cosigs",        # TreeHead seq || witness key id -> cosignature
+    "chunked",       # sha256 -> token || u64be(size) || u32be(count): an artifact stored in parts
+    "parts",         # token || u32be(index) -> one part of a chunked artifact
 )
+#: Databases a ledger written before they existed lacks: opened read-only, they read as empty.
+LATER_DATABASES = frozenset({"chunked", "parts"})
 
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
@@ -77,7 +81,14 @@ class Store:
             )
             if not create:
                 _check_file_covers_map(path, self.env)
-            self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DATABASES}
+            self.dbs = {}
+            for name in DATABASES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+                except lmdb.NotFoundError:
+                    if name not in LATER_DATABASES:
+                        raise
+                    self.dbs[name] = None  # an older ledger opened read-only: nothing stored there
         except lmdb.Error as exc:
             if create:
                 raise
@@ -118,7 +129,8 @@ class Store:
                 raise
 
     def get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes | None:
-        return txn.get(key, db=self.dbs[db])
+        handle = self.dbs[db]
+        return None if handle is None else txn.get(key, db=handle)
 
     def prefix_keys(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> Iterator[bytes]:
         cursor = txn.cursor(db=self.dbs[db])

@@ -193,3 +193,77 @@ def test_a_checkpoint_still_being_stored_when_the_loop_fails_is_committed(tmp_pa
         raise Crash
     led.close()
     assert committed(path) == ([0, 1, 2], [0, 3], "TreeHead")
+
+
+# -- checkpoints read from the live state (training/checkpoints.py LiveCheckpoint) ----------------
+
+
+def test_a_live_checkpoint_writes_the_bytes_a_copy_would(tmp_path: Path) -> None:
+    # Tied weights, a buffer, AdamW state with its step tensors, group scalars: the pieces, stored in
+    # parts, are byte for byte what serialize() builds from a copy, with the same digests.
+    from gradledger.training.checkpoints import LiveCheckpoint, make_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.BatchNorm1d(3), torch.nn.Linear(4, 7))
+    model[2].weight = model[0].weight  # tied
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model[1].train()
+    out = model[2](model[0](torch.tensor([1, 2, 3])))
+    model[1](torch.randn(5, 3))  # moves the running statistics
+    out.square().mean().backward()
+    opt.step()
+    want = make_checkpoint(3, model, opt)
+    live = LiveCheckpoint.start(3, model, opt)
+    assert live is not None
+    led = Ledger.create(tmp_path / "l")
+    try:
+        artifact = led.put_artifact_pieces(live.pieces(), part_size=1000)
+        got = live.finished(lambda: led.artifact(artifact))
+        assert live.released.is_set()
+        assert led.artifact(artifact) == bytes(want.data)
+        assert got.digests == want.digests and got.digest == want.digest
+    finally:
+        led.close()
+
+
+def test_the_next_step_waits_until_the_checkpoint_has_read_the_state(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recorder thread is held inside the checkpoint of step EVERY until the loop's next
+    # optimizer.step() has reached its wait; the checkpoint must still hold the state of step EVERY
+    # (what a copy taken at that step holds), not that of the step that was waiting.
+    from gradledger.training import checkpoints
+    from gradledger.training.registry import checkpoint_skips
+    from gradledger.training.trainer import Governance
+
+    at_barrier = threading.Event()
+    real_wait = Governance.await_checkpoint_read
+
+    def waiting(self: Governance) -> None:
+        if self.step == EVERY:
+            at_barrier.set()
+        real_wait(self)
+
+    real_pieces = checkpoints.LiveCheckpoint.pieces
+
+    def held(self: checkpoints.LiveCheckpoint) -> Iterator[Any]:
+        if self.step == EVERY:
+            assert at_barrier.wait(60), "the next step never waited for the checkpoint"
+        yield from real_pieces(self)
+
+    copies: dict[int, bytes] = {}
+    monkeypatch.setattr(Governance, "await_checkpoint_read", waiting)
+    monkeypatch.setattr(checkpoints.LiveCheckpoint, "pieces", held)
+    led, ds = new_ledger(tmp_path / "ledger")
+    model, opt, loader = parts()
+    engine = engine_for(led, ds, model)
+    gm, gopt, gloader = engine.make_governed(model, opt, loader)
+
+    def copy_at_checkpoint(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if engine.step == EVERY and EVERY not in copies:  # after the governed post-step hook: step counted
+            copies[EVERY] = checkpoints.make_checkpoint(EVERY, model, opt, skip_group_keys=checkpoint_skips(opt)).digest
+
+    opt.register_step_post_hook(copy_at_checkpoint)
+    Trainer(engine).fit(gm, gopt, gloader, EVERY + 2)
+    recorded = {b["step"]: b["digest"] for b in bodies(led, "Checkpoint")}
+    assert at_barrier.is_set() and recorded[EVERY] == copies[EVERY]
+    led.close()

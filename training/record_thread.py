@@ -65,17 +65,19 @@ class RecordWriter:
         ledger, key = self.ledger, self.key
         self.submit_call(what, lambda: ledger.append(type_name, build(), key))
 
-    def submit_call(self, what: str, run: Callable[[], None]) -> None:
-        """Queue a job that appends without committing: run on the thread after every job before it."""
+    def submit_call(self, what: str, run: Callable[[], None], cancel: Callable[[], None] | None = None) -> None:
+        """Queue a job that appends without committing: run on the thread after every job before it.
+        ``cancel`` is called instead of ``run`` if the job is skipped (after a failure or a discard)."""
         self.check()
-        self._jobs.put((what, False, run))
+        self._jobs.put((what, False, run, cancel))
 
-    def submit_commit(self, what: str, run: Callable[[], None]) -> None:
-        """Queue a job that appends and commits (a checkpoint): run on the thread after every job before it."""
+    def submit_commit(self, what: str, run: Callable[[], None], cancel: Callable[[], None] | None = None) -> None:
+        """Queue a job that appends and commits (a checkpoint): run on the thread after every job before
+        it; ``cancel`` as for ``submit_call``."""
         self.check()
         with self._lock:
             self._commits += 1
-        self._jobs.put((what, True, run))
+        self._jobs.put((what, True, run, cancel))
 
     def _work(self) -> None:
         while True:
@@ -83,7 +85,7 @@ class RecordWriter:
             try:
                 if job is _STOP:
                     return
-                what, commits, run = job
+                what, commits, run, cancel = job
                 with self._lock:
                     # After a failure nothing more is appended; after a discard only what leads to, and
                     # includes, the last queued commit.
@@ -91,6 +93,8 @@ class RecordWriter:
                     if commits:
                         self._commits -= 1
                 if skip:
+                    if cancel is not None:
+                        cancel()  # whoever waits on this job must not wait for ever
                     continue
                 try:
                     run()

@@ -232,6 +232,8 @@ class StepRecorder:
                               "forward(s) and backward(s) of the batches drawn for it")
         if not self.run.started or self.run.closed:
             raise GovernanceError("the run is not active")
+        # The last checkpoint reads the parameters and optimizer state in place: not stepped before it has.
+        self.run.await_checkpoint_read()
         self.run.check_recording()  # a record the thread could not append ends the run here, before the step
         micros = self.pending
         if not micros or any(m.output is None for m in micros):

@@ -38,7 +38,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.program import Program, ProgramError, load_program
 
 from .bands import BandLayout, ResolvedBands, resolve_bands
-from .checkpoints import CheckpointData, read_checkpoint, restore, start_checkpoint
+from .checkpoints import CheckpointData, LiveCheckpoint, read_checkpoint, restore, start_checkpoint
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -219,6 +219,7 @@ class Governance:
         self._run_optimizer: dict[str, Any] | None = None  # RunStarted settings.optimizer
         self._program: bytes | None = None  # the program artifact's digest
         self._checked_program: Program | None = None  # parsed once, weights not read (the self-check's)
+        self._reading: LiveCheckpoint | None = None  # a checkpoint still reading the live state
         self._order: tuple[int, list[int]] | None = None
         self._sampler: Any = None
         self._stack = contextlib.ExitStack()
@@ -722,6 +723,12 @@ class Governance:
         if self.step % self.checkpoint_every == 0:
             self._checkpoint()
 
+    def await_checkpoint_read(self) -> None:
+        """Block until the last checkpoint has read the live state (before anything steps it again)."""
+        live, self._reading = self._reading, None
+        if live is not None:
+            live.released.wait()
+
     def check_recording(self) -> None:
         """Raise the recorder thread's failure (at the next optimizer.step()): the run then ends, its
         uncommitted records discarded, so the committed log ends at its last checkpoint."""
@@ -744,30 +751,43 @@ class Governance:
     # -- checkpoints and close -----------------------------------------------------------
 
     def _checkpoint(self, *, commit: bool = True) -> None:
-        """Copy the state now (the only part on the step's path); hash, store and (``commit``) commit it
-        on the recorder thread, after the updates before it and while training goes on
-        (specs/training.md §1: the checkpoint's tree head commits exactly the steps before it)."""
+        """Hash, store and (``commit``) commit the state of this step on the recorder thread, after the
+        updates before it and while training goes on (specs/training.md §1: the checkpoint's tree head
+        commits exactly the steps before it). The state is read in place (``LiveCheckpoint``): the
+        next optimizer step waits until it has been read (``await_checkpoint_read``)."""
         assert self._gated is not None and self._optimizer is not None and self._writer is not None
-        if self.recorder is not None:
-            self.recorder.drop_snapshot()  # not held beside the checkpoint's copy of the state
-        pending = start_checkpoint(self.step, self._gated.model, self._optimizer,
-                                   skip_group_keys=checkpoint_skips(self._optimizer))
+        skips = checkpoint_skips(self._optimizer)
+        live = LiveCheckpoint.start(self.step, self._gated.model, self._optimizer, skip_group_keys=skips)
+        pending = None
+        if live is None:  # a dtype outside safetensors' layout table: copied now
+            if self.recorder is not None:
+                self.recorder.drop_snapshot()  # not held beside the checkpoint's copy of the state
+            pending = start_checkpoint(self.step, self._gated.model, self._optimizer, skip_group_keys=skips)
         self._checkpointed = self.step
         ledger, key = self.ledger, self.key
 
         def store() -> None:
-            made = pending.finish()
-            artifact = ledger.put_artifact(made.data)
+            if live is not None:
+                try:
+                    artifact = ledger.put_artifact_pieces(live.pieces())
+                finally:
+                    live.release()
+                made = live.finished(lambda: ledger.artifact(artifact))
+            else:
+                assert pending is not None
+                made = pending.finish()
+                artifact = ledger.put_artifact(made.data)
+                pending.data = b""  # the copy is in the ledger now; the run keeps only a way to read it back
             ledger.append("Checkpoint", made.body(artifact), key)
             if commit:
                 ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
-            pending.data = b""  # the copy is in the ledger now; the run keeps only a way to read it back
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,
                                                   lambda: ledger.artifact(artifact))
 
+        self._reading = live
         try:
             submit = self._writer.submit_commit if commit else self._writer.submit_call
-            submit(f"the Checkpoint of step {self.step}", store)
+            submit(f"the Checkpoint of step {self.step}", store, None if live is None else live.release)
         except RecordingFailed as exc:
             self.closed = True
             self._end(exc)
