@@ -11,7 +11,7 @@ import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 
@@ -81,7 +81,7 @@ class Store:
             )
             if not create:
                 _check_file_covers_map(path, self.env)
-            self.dbs = {}
+            self.dbs: dict[str, Any] = {}  # None for a later database an older ledger lacks (read-only)
             for name in DATABASES:
                 try:
                     self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)

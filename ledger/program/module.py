@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from .archive import MAX_MODEL_JSON, open_archive
