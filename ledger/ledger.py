@@ -356,11 +356,16 @@ class Ledger:
                 return
             yield seq, value
 
-    def artifact(self, digest: bytes) -> bytes | None:
-        """The artifact's bytes, stored whole or in parts (a chunked one is checked against its digest)."""
+    def artifact(self, digest: bytes, *, limit: int | None = None) -> bytes | None:
+        """The artifact's bytes, stored whole or in parts (a chunked one is checked against its digest).
+
+        ``limit``: the most bytes a caller accepts; a chunked artifact whose index says more is refused
+        (CorruptLedgerError) before any part is read."""
         with self._store.read() as txn:
             data = self._store.get(txn, "artifacts", digest)
-            return data if data is not None else chunks.read_parts(self._store, txn, digest)
+            if data is not None and limit is not None and len(data) > limit:
+                raise CorruptLedgerError(f"artifact {digest.hex()[:16]} holds {len(data)} bytes, above {limit}")
+            return data if data is not None else chunks.read_parts(self._store, txn, digest, limit)
 
     def artifacts(self) -> Iterator[tuple[bytes, bytes]]:
         """Every stored artifact as (digest, bytes), ascending by digest."""

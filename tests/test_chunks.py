@@ -99,3 +99,40 @@ def test_a_ledger_from_before_parts_opens_read_only(tmp_path: Path, monkeypatch:
         assert rw.artifact(more) == b"abcdef" and rw.artifact_digests() == sorted({digest, more})
     finally:
         rw.close()
+
+
+def test_a_size_beyond_the_readers_bound_is_refused_before_any_part_is_read(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hostile ledger's index may claim any size: the verifier's ledger source passes the bound a
+    # bundle puts on an artifact, and nothing is read past it.
+    led = Ledger.create(tmp_path / "l")
+    digest = led.put_artifact_pieces([b"z" * 50], part_size=10)
+    whole = led.put_artifact(b"w" * 50)
+    assert led.artifact(digest, limit=50) == b"z" * 50
+    reads: list[bytes] = []
+    real_get = led._store.get  # noqa: SLF001
+
+    def get(txn: lmdb.Transaction, db: str, key: bytes) -> bytes | None:
+        if db == "parts":
+            reads.append(key)
+        return real_get(txn, db, key)
+
+    monkeypatch.setattr(led._store, "get", get)  # noqa: SLF001
+    with pytest.raises(CorruptLedgerError, match="beyond the bound"):
+        led.artifact(digest, limit=49)
+    assert reads == []
+    with pytest.raises(CorruptLedgerError, match="above 49"):
+        led.artifact(whole, limit=49)
+
+    from gradledger.ledger import bundle
+    from gradledger.verify._internal.sources import LedgerSource
+
+    monkeypatch.undo()
+    led.close()
+    source = LedgerSource(str(tmp_path / "l"))
+    try:
+        monkeypatch.setattr(bundle, "MAX_ARTIFACT_SIZE", 49)
+        with pytest.raises(CorruptLedgerError):
+            source.artifact(digest)
+    finally:
+        source.close()

@@ -28,7 +28,11 @@ class LedgerSource:
         return self.ledger.records()
 
     def artifact(self, digest: bytes) -> bytes | None:
-        return self.ledger.artifact(digest)
+        from gradledger.ledger.bundle import MAX_ARTIFACT_SIZE
+
+        # The bound a bundle puts on each artifact; an artifact stored in parts is refused above it
+        # before any part is read.
+        return self.ledger.artifact(digest, limit=MAX_ARTIFACT_SIZE)
 
     def close(self) -> None:
         self.ledger.close()
