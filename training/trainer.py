@@ -784,11 +784,13 @@ class Governance:
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,
                                                   lambda: ledger.artifact(artifact))
 
-        self._reading = live
         try:
             submit = self._writer.submit_commit if commit else self._writer.submit_call
             submit(f"the Checkpoint of step {self.step}", store, None if live is None else live.release)
+            self._reading = live
         except RecordingFailed as exc:
+            if live is not None:
+                live.release()  # never queued: nothing will read the state
             self.closed = True
             self._end(exc)
             raise
