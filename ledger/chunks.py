@@ -52,9 +52,8 @@ def write_parts(store: Store, pieces: Iterable[memoryview | bytes | bytearray], 
     buffer = bytearray()
     count = total = 0
 
-    def flush() -> None:
-        nonlocal count, buffer
-        data, buffer = bytes(buffer), bytearray()
+    def put(data: memoryview | bytearray) -> None:
+        nonlocal count
         key = part_key(token, count)
         store.write(lambda txn: txn.put(key, data, db=parts_db, overwrite=False))
         count += 1
@@ -67,18 +66,23 @@ def write_parts(store: Store, pieces: Iterable[memoryview | bytes | bytearray], 
         total += view.nbytes
         pos = 0
         while pos < view.nbytes:
+            if not buffer and view.nbytes - pos >= part_size:
+                put(view[pos : pos + part_size])  # a whole part from the piece itself: LMDB copies it once
+                pos += part_size
+                continue
             take = min(part_size - len(buffer), view.nbytes - pos)
             buffer += view[pos : pos + take]
             pos += take
             if len(buffer) == part_size:
-                flush()
+                put(buffer)
+                buffer = bytearray()
     if buffer or count == 0:
-        flush()
+        put(buffer)
     digest = h.digest()
     index = token + _INDEX.pack(total, count)
 
     def publish(txn: lmdb.Transaction) -> bool:
-        if txn.get(digest, db=store.dbs["artifacts"]) is not None or txn.get(digest, db=store.dbs["chunked"]):
+        if store.get(txn, "artifacts", digest) is not None or store.get(txn, "chunked", digest) is not None:
             for i in range(count):
                 txn.delete(part_key(token, i), db=parts_db)
             return False

@@ -428,8 +428,7 @@ class LiveCheckpoint:
                 self.digests[name] = raw_digest(t.dtype, list(t.shape), raw)
                 yield raw
         finally:
-            self._tensors = {}
-            self.released.set()
+            self.release()
 
     def release(self) -> None:
         """Stop reading (set ``released``) whether or not ``pieces()`` ran to its end."""
