@@ -134,6 +134,7 @@ TYPES: dict[str, ObservationType] = {
                 seeds=(any_value, False),
                 routing=(any_value, False),
                 recipe=(any_value, False),
+                example_losses=(s.bstr(max_size=4 << 16), False),
             ),
             frozenset({"trainer"}),
             _governed_update_keys,

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradledger.training.loss_grad import direct_loss_grads
+from gradledger.training.registry import example_loss_function
 
 CE = {"reduction": "mean", "label_smoothing": 0.0}
 NLL = {"reduction": "mean"}
@@ -32,10 +33,13 @@ def test_equals_autograd_bit_for_bit(seed: int, batch: int, classes: int, double
     name, settings_ = ("nll_loss", NLL) if nll else ("cross_entropy", CE)
     got = direct_loss_grads(name, settings_, out, labels, [1, k])
     assert got is not None
-    loss, grads = got
+    loss, grads, per_example = got
     leaf = out.clone().requires_grad_()
     want_loss = getattr(F, name)(leaf, labels)
     assert torch.equal(_bits(loss), _bits(want_loss.detach()))
+    # Each example's loss: what the registry's reduction="none" function gives, bit for bit.
+    want_each = example_loss_function(name, settings_)(out, labels)
+    assert per_example.dtype == want_each.dtype and torch.equal(_bits(per_example), _bits(want_each))
     for d, grad in zip([1, k], grads):
         (want,) = torch.autograd.grad(want_loss / d if d != 1 else want_loss, leaf, retain_graph=True)
         assert grad.dtype == want.dtype and torch.equal(_bits(grad), _bits(want))

@@ -217,7 +217,7 @@ def test_a_dict_input_model_called_with_kwargs_verifies(bag: Path, project: Path
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] == N // BATCH
     f = Forge.from_bundle(bag, keys_dir=_keys(project, bag.parent))
     settings_ = f.body(_run_started(f))["settings"]
-    assert settings_["format"] == 3
+    assert settings_["format"] == 4 and "parts" in settings_["program"]
     assert settings_["program"]["inputs"] == ["x_0", "x_1", "profiles"]
     assert [p["name"] for p in settings_["program"]["parts"]] == ["attention_mask", "input_ids"]
 
@@ -262,9 +262,8 @@ def _widen_mask(f: Forge) -> None:
 
 
 def _one_tensor(f: Forge) -> None:
-    """Back to a format-2 settings.program, as if the model took one input."""
+    """A one-tensor settings.program (format 4 says by its keys which it is), as if the model took one input."""
     rs = _run_started(f)
-    f.set(rs, ("settings", "format"), 2)
     f.set(rs, ("settings", "program"), {"format": "torch.export.save", "inputs": ["x", "profiles"],
                                         "x_dtype": "int64", "x_shape": [SEQ]})
 

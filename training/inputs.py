@@ -17,10 +17,7 @@ from torch import Tensor, nn
 from .errors import GovernanceError
 from .manifests import part_names_problem
 
-__all__ = ["CALLS", "PARTS_FORMAT", "InputStructure", "program_settings"]
-
-#: The training format of a run whose model takes parts (specs/training.md §5.1); one tensor stays format 2.
-PARTS_FORMAT = 3
+__all__ = ["CALLS", "InputStructure", "program_settings"]
 
 #: How the model is called with a structured input: ``model(*x)`` / ``model(**x)``, or ``model(x)``.
 CALLS = ("spread", "whole")
@@ -134,7 +131,7 @@ def _dtype(t: Tensor) -> str:
 
 def program_settings(structure: InputStructure, x: Any) -> dict[str, Any]:
     """RunStarted ``settings.program`` for a batch ``x`` (specs/training.md §5): one input ``x`` with its
-    dtype and row shape, or (format 3) inputs ``x_0 .. x_{n-1}`` and each part's name, dtype and row shape,
+    dtype and row shape, or (a model of parts, §5.1) inputs ``x_0 .. x_{n-1}`` and each part's name, dtype and row shape,
     in canonical order."""
     if not structure.structured:
         return {"format": "torch.export.save", "inputs": ["x", "profiles"], "x_dtype": _dtype(x),

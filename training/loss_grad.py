@@ -23,14 +23,16 @@ from torch import Tensor
 
 __all__ = ["direct_loss_grads"]
 
-_MEAN = 1  # torch's Reduction::Mean
+_NONE, _MEAN = 0, 1  # torch's Reduction::None, Reduction::Mean
 _IGNORE_INDEX = -100  # F.cross_entropy / F.nll_loss default
 
 
 def direct_loss_grads(name: str, settings: Mapping[str, Any], out: Tensor, labels: Tensor,
-                      divisors: Sequence[int]) -> tuple[Tensor, list[Tensor]] | None:
-    """The loss of ``out`` (detached) and ``labels`` and, per divisor ``d``, the gradient of ``loss / d``
-    with respect to ``out``; ``None`` where this is not one of the plain cases above."""
+                      divisors: Sequence[int]) -> tuple[Tensor, list[Tensor], Tensor] | None:
+    """The loss of ``out`` (detached) and ``labels``, per divisor ``d`` the gradient of ``loss / d``
+    with respect to ``out``, and each example's loss (``reduction="none"``: ``nll_loss_forward`` with
+    reduction None on the same log-probabilities, the kernels ``F.cross_entropy(..., reduction="none")``
+    runs); ``None`` where this is not one of the plain cases above."""
     if settings.get("reduction", "mean") != "mean" or set(settings) - {"reduction", "label_smoothing"}:
         return None
     if name == "cross_entropy":
@@ -56,4 +58,5 @@ def direct_loss_grads(name: str, settings: Mapping[str, Any], out: Tensor, label
             if name == "cross_entropy":
                 g = aten._log_softmax_backward_data(g, logp, 1, x.dtype)
             grads.append(g)
-    return loss, grads
+        per_example, _ = aten.nll_loss_forward(logp, labels, None, _NONE, _IGNORE_INDEX)
+    return loss, grads, per_example

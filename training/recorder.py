@@ -59,6 +59,7 @@ class Micro:
     output: list[Tensor] | None = None  # the float leaves of the routed output, in pytree order
     grads: dict[int, Tensor] = field(default_factory=dict)  # leaf index -> gradient that reached it
     autocast: tuple[str, str] | None = None  # (device type, dtype name) when the forward ran under autocast
+    example_losses: Tensor | None = None  # float32, one per example: the run's loss with reduction "none"
     handles: list[RemovableHandle] = field(default_factory=list)
 
 
@@ -320,14 +321,15 @@ class StepRecorder:
         assert m.output is not None
         labels = m.batch.labels
         divisors = [1, k] if k > 1 else [1]
+        run = self.run
         if m.autocast is None:
             # The plain case without the autograd engine: the same kernels, bit for bit (loss_grad.py).
-            run = self.run
             direct = direct_loss_grads(run.loss_name, run.loss_settings, m.output[leaf], labels, divisors)
             if direct is not None:
-                loss, wants = direct
+                loss, wants, each = direct
                 for d, want in zip(divisors, wants):
                     if want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got):
+                        m.example_losses = each.to(torch.float32)
                         return float(loss), d, False
                 self._refuse_loss(k, step, j)
         out = m.output[leaf].detach().requires_grad_()
@@ -339,6 +341,9 @@ class StepRecorder:
                 for d in divisors:
                     (want,) = torch.autograd.grad(loss / d if d != 1 else loss, out, retain_graph=True)
                     if want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got):
+                        # Each example's loss from the same output, where the loss ran (specs/training.md §3.1).
+                        with torch.no_grad(), autocast(place):
+                            m.example_losses = run.example_loss_fn(out.detach(), labels).to(torch.float32)
                         return float(loss.detach()), d, place is not None
         self._refuse_loss(k, step, j)
 

@@ -59,6 +59,14 @@ def loss_function(name: str, settings: Mapping[str, Any] | None = None) -> tuple
     return (lambda output, labels: fn(output, labels, **frozen)), full
 
 
+def example_loss_function(name: str, settings: Mapping[str, Any]) -> LossFn:
+    """The run's loss per example: the same torch functional and settings with ``reduction="none"``
+    (what a format-4 GovernedUpdate records as ``example_losses``, specs/training.md §3.1)."""
+    fn = getattr(nn.functional, name)
+    frozen = {**settings, "reduction": "none"}
+    return lambda output, labels: fn(output, labels, **frozen)
+
+
 def _plain(value: Any) -> Any:
     # Settings go into CBOR: tuples become lists, 0-d tensors (a tensor lr) plain numbers.
     if isinstance(value, tuple):
@@ -156,6 +164,7 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "describe_optimizer",
+    "example_loss_function",
     "group_settings",
     "loss_function",
     "optimizer_name",

@@ -43,20 +43,22 @@ from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
-from .inputs import PARTS_FORMAT, InputStructure, program_settings
+from .inputs import InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused
-from .registry import LOSSES, VARYING, checkpoint_skips, describe_optimizer, loss_function, optimizer_name
+from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, example_loss_function, loss_function,
+                       optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
 from .self_check import replay_gradients
-from .updates import route_examples, update_body
+from .updates import example_loss_bytes, route_examples, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
-#: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order.
-FORMAT = 2
+#: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
+#: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts.
+FORMAT = 4
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -193,6 +195,7 @@ class Governance:
         self.run_id, self.description = run_id, description
         self.loss_name = loss
         self.loss_fn, self.loss_settings = loss_function(loss, loss_settings)
+        self.example_loss_fn = example_loss_function(loss, self.loss_settings)
         self.loss_names = tuple(LOSSES)
         self.checkpoint_every, self.seed = checkpoint_every, seed
         self.root_key = root_key
@@ -427,7 +430,7 @@ class Governance:
         assert self._gated is not None
         ds = self.dataset
         return {
-            "format": PARTS_FORMAT if self.inputs.structured else FORMAT,
+            "format": FORMAT,
             "seed": self.seed,
             "seed_rule": STEP_SEED_DOMAIN,
             "order": self.order,
@@ -699,13 +702,14 @@ class Governance:
         limits = self.limits(micros)
         described, self._described = self._described or describe_optimizer(optimizer), None
         recipe = dict(recipe)
+        each = [m.example_losses for m in micros]
 
         def build() -> dict[str, Any]:
             body = update_body(
                 step, indices, rules, limits, policy=self.policy.digest, loss=loss,
                 grad_norms=grad_norms, update_norms=update_norms, optimizer=described,
                 seeds={"run": self.seed, "step": step_seed(self.seed, step)}, writes_of=self._writes_of,
-                names=self._sources, n_bands=len(self.layout),
+                names=self._sources, n_bands=len(self.layout), example_losses=example_loss_bytes(each),
             )
             if recipe:
                 body["recipe"] = recipe

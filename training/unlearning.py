@@ -29,10 +29,10 @@ from .environment import environment
 from .errors import GovernanceError
 from .gate import clip_bands
 from .policy import batch_limits, load_adopted, profiles_tensor
-from .registry import build_optimizer, checkpoint_skips, loss_function
+from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
 from .retirement import Dependents, dependents, relabeled_artifact, removed_artifact, retirements
 from .runtime import torch_deterministic
-from .updates import route_examples, step_and_measure, update_body
+from .updates import example_loss_bytes, route_examples, step_and_measure, update_body
 
 MODES = ("exact",)
 
@@ -207,7 +207,10 @@ class _Replayer:
         self.optimizer = build_optimizer(settings["optimizer"], groups)
         # Format 2 checkpoints leave out the per-step hyper-parameters (specs/training.md §4).
         self.skips = checkpoint_skips(self.optimizer) if settings.get("format", 1) >= 2 else frozenset()
-        self.loss_fn, _ = loss_function(settings["loss"]["name"], settings["loss"]["settings"])
+        self.loss_fn, loss_settings = loss_function(settings["loss"]["name"], settings["loss"]["settings"])
+        # Format 4 records every example's loss (specs/training.md §3.1); the branch records them as the run did.
+        self.example_loss_fn = (example_loss_function(settings["loss"]["name"], loss_settings)
+                                if settings.get("format", 1) >= 4 else None)
         self.n_bands = len(layout)
         # The counterfactual dataset: relabeled manifests' labels and routing, the rest unchanged.
         self.policy = load_adopted(ledger, settings["policy_seq"])
@@ -244,6 +247,10 @@ class _Replayer:
             raise UnlearningError(f"step {original['step']}: the run's program fails: {exc.args[0]}") from None
         loss_t = self.loss_fn(out, self.labels[index])
         loss = float(loss_t.detach())
+        each = None
+        if self.example_loss_fn is not None:
+            with torch.no_grad():
+                each = example_loss_bytes([self.example_loss_fn(out.detach(), self.labels[index])])
         loss_t.backward()
         grad_norms = clip_bands(self.module, self.bands, limits)
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
@@ -255,7 +262,7 @@ class _Replayer:
         return update_body(
             original["step"], batch, rules, limits, policy=self.policy.digest, loss=loss, grad_norms=grad_norms,
             update_norms=update_norms, optimizer=described, seeds=dict(original["seeds"]),
-            writes_of=self.writes_of, names=self.names, n_bands=self.n_bands,
+            writes_of=self.writes_of, names=self.names, n_bands=self.n_bands, example_losses=each,
         )
 
 

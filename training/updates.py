@@ -9,6 +9,7 @@ implementation serves both (the verifier keeps its own, as the design's second i
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from gradledger.ledger.errors import CredentialError
 
-from .errors import ManifestError
+from .errors import GovernanceError, ManifestError
 from .gate import _l2_of_norms
 from .policy import route
 
@@ -73,8 +74,10 @@ def update_body(
     writes_of: Sequence[tuple[tuple[str, ...], tuple[float, ...]]],
     names: Sequence[tuple[str, ...]],
     n_bands: int,
+    example_losses: bytes | None = None,
 ) -> dict[str, Any]:
-    """The GovernedUpdate body of one step (specs/training.md §3.1); ``optimizer`` as described."""
+    """The GovernedUpdate body of one step (specs/training.md §3.1); ``optimizer`` as described;
+    ``example_losses`` (format 4) from ``example_loss_bytes``."""
     writes: dict[str, list[float]] = {}
     sources: set[str] = set()
     zero = (0.0,) * n_bands
@@ -84,7 +87,7 @@ def update_body(
         for path in paths:
             writes[path] = [a + b for a, b in zip(writes.get(path, zero), profile)]
         sources.update(names[i])
-    return {
+    body = {
         "step": step,
         "batch": list(indices),
         "policy": policy,
@@ -98,7 +101,20 @@ def update_body(
         "seeds": seeds,
         "routing": {"rules": list(rules), "limits": list(limits)},
     }
+    if example_losses is not None:
+        body["example_losses"] = example_losses
+    return body
 
+
+
+def example_loss_bytes(losses: Sequence[Tensor | None]) -> bytes:
+    """``example_losses`` of a GovernedUpdate (specs/training.md §3.1): each micro-batch's per-example
+    losses in batch order, as IEEE 754 binary32, little-endian, 4 bytes per example."""
+    if any(t is None for t in losses):
+        raise GovernanceError("a micro-batch of the step has no per-example losses")
+    flat = torch.cat([t.detach().reshape(-1) for t in losses if t is not None]).to(torch.float32)
+    # tolist() gives each binary32 as the exact Python float; packing it back as "<f" is exact.
+    return struct.pack(f"<{flat.numel()}f", *flat.tolist())
 
 
 def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
@@ -117,4 +133,4 @@ def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[
     return torch.stack(out).tolist()
 
 
-__all__ = ["RoutedExamples", "delta_norms", "route_examples", "step_and_measure", "update_body"]
+__all__ = ["RoutedExamples", "delta_norms", "example_loss_bytes", "route_examples", "step_and_measure", "update_body"]

@@ -27,6 +27,7 @@ from .hyperparams import (
     VARYING, HyperParameterMismatch, apply_step, check_checkpoint_groups, check_description, check_loss, check_step,
     group_kwargs,
 )
+from .example_losses import ExampleLossesInvalid, check_example_losses, decode_example_losses
 from .recipe import RecipeInvalid, check_recipe, micro_sizes
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
@@ -331,7 +332,8 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
         try:  # the optimizer was built from RunStarted; each step states its values, format 2 its lr too
             check_step(settings["optimizer"], u, fmt)
             check_recipe(u, fmt)
-        except (HyperParameterMismatch, RecipeInvalid) as exc:
+            check_example_losses(u, fmt)
+        except (HyperParameterMismatch, RecipeInvalid, ExampleLossesInvalid) as exc:
             raise fail(str(exc)) from None
         recipe = u.get("recipe", {})
         if fmt >= 2:
@@ -343,8 +345,16 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
         if profiles_all.shape != (len(u["batch"]), n_bands):
             raise fail("the recorded routing does not cover the batch")
         opt.zero_grad(set_to_none=True)
-        losses = _forward_backward(module, inputs, labels_all, profiles_all, u, recipe, run_seed, loss_fn, loss_kw,
-                                   fail)
+        losses, each = _forward_backward(module, inputs, labels_all, profiles_all, u, recipe, run_seed, loss_fn,
+                                         loss_kw, fail)
+        if "example_losses" in u:  # specs/training.md §3.1: every example's loss, value by value
+            replayed = torch.cat(each).to(torch.float32).tolist()  # each binary32 as its exact float
+            for i, (a, b) in enumerate(zip(replayed, decode_example_losses(u["example_losses"]))):
+                ok, d = _close(a, b, exact)
+                worst = max(worst, d)
+                if not ok:
+                    raise fail(f"the loss of example {u['batch'][i]} (batch position {i}) is {a!r} replayed, "
+                               f"{b!r} recorded")
         recorded = recipe.get("losses", [u["loss"]])
         for j, (a, b) in enumerate(zip(losses, recorded)):
             ok, d = _close(a, b, exact)
@@ -404,13 +414,14 @@ def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
 
 def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor, profiles_all: Tensor, u: Mapping[str, Any],
                       recipe: Mapping[str, Any], run_seed: int, loss_fn: Callable[..., Tensor],
-                      loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> list[float]:
+                      loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> tuple[list[float], list[Tensor]]:
     """specs/training.md §3 steps 2-5 for each micro-batch in order: seed, forward through the routed
     program (under the recorded autocast), the run's loss of the output the recipe names, backward of
-    it (divided by the recorded divisor); gradients add up across micro-batches. Returns the losses."""
+    it (divided by the recorded divisor); gradients add up across micro-batches. Returns the losses and,
+    per micro-batch, each example's loss (the same loss with reduction "none", where the loss ran)."""
     divisor = recipe.get("loss_divisor", 1)
     leaf = recipe.get("output", 0)
-    losses, pos = [], 0
+    losses, each, pos = [], [], 0
     for j, size in enumerate(micro_sizes(u)):
         index = torch.tensor(u["batch"][pos:pos + size], dtype=torch.int64)
         profiles = profiles_all[pos:pos + size]
@@ -427,9 +438,12 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
             raise fail(f"recipe.output {leaf} names no floating output of the model program ({len(leaves)})")
         with _autocast(recipe, for_loss=True):
             loss = loss_fn(leaves[leaf], labels_all[index], **loss_kw)
+            if "example_losses" in u:
+                with torch.no_grad():
+                    each.append(loss_fn(leaves[leaf].detach(), labels_all[index], **{**loss_kw, "reduction": "none"}))
         (loss / divisor if divisor != 1 else loss).backward()
         losses.append(float(loss.detach()))
-    return losses
+    return losses, each
 
 
 def _clip(ordered: Sequence[Tensor], clip: Mapping[str, Any], exact: bool, fail: Callable[[str], ReplayError]) -> float:

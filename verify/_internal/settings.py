@@ -57,7 +57,7 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3)
+FORMATS = (1, 2, 3, 4)
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
 PARTS_FORMAT = 3
 
@@ -308,10 +308,12 @@ class Column:
 
 def program_columns(settings: Mapping[str, Any]) -> list[Column]:
     """``settings.program``'s inputs (specs/training.md §5, §5.1), checked for form: format <= 2, one input
-    ``x``; format 3, inputs ``x_0 .. x_{n-1}`` fed by the parts, named and sorted as manifests.md §2.1 says.
+    ``x``; format 3 (and format 4 with ``parts``), inputs ``x_0 .. x_{n-1}`` fed by the parts, named and sorted as manifests.md §2.1 says.
     Raises ``ValueError`` naming what is wrong (callers turn it into their own failure)."""
     p = settings.get("program")
-    parts = training_format(settings) == PARTS_FORMAT
+    fmt = training_format(settings)
+    # Format 3 is a model of parts; from format 4 the program says which (specs/training.md §5.1).
+    parts = fmt == PARTS_FORMAT or (fmt > PARTS_FORMAT and isinstance(p, dict) and "parts" in p)
     keys = {"format", "inputs", "parts"} if parts else {"format", "inputs", "x_dtype", "x_shape"}
     if not isinstance(p, dict) or set(p) != keys:
         raise ValueError(f"settings.program is not {{{', '.join(sorted(keys))}}} (specs/training.md §5)")

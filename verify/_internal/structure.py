@@ -35,6 +35,7 @@ from gradledger.ledger.errors import EncodingError, ProofError, SchemaError, Ver
 from ..report import Report
 from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
+from .example_losses import ExampleLossesInvalid, check_example_losses
 from .recipe import RecipeInvalid, check_recipe
 from .settings import RunView, SettingsMismatch, check_run, same_cbor, training_format
 from .manifests import (
@@ -408,7 +409,8 @@ def _check_runs(
                     check_description(run.settings.get("optimizer"), "RunStarted settings.optimizer")
                 check_step(run.settings["optimizer"], body, fmt)
                 check_recipe(body, fmt)  # specs/training.md §3.2: what replay will apply, well formed
-            except (HyperParameterMismatch, RecipeInvalid) as exc:
+                check_example_losses(body, fmt)  # §3.1: format 4 records every example's loss
+            except (HyperParameterMismatch, RecipeInvalid, ExampleLossesInvalid) as exc:
                 raise _Failed(f"GovernedUpdate {seq} (step {body['step']}): {exc}", seq=seq, step=body["step"]) from None
             run.updates.append(seq)
         elif sealed.type == "Checkpoint" and run is not None:
