@@ -608,6 +608,26 @@ def _run_started(f: Forge, at: Layout, add: Add) -> None:
         lambda g: [g.set(k, ("artifacts",), {}) for k in g.seqs("RunStarted")])
 
 
+def _drop_last(b: dict[str, Any]) -> None:
+    # The record stays well formed: one routing rule and (format 4) one loss per index.
+    b["batch"].pop()
+    b["routing"]["rules"].pop()
+    if "example_losses" in b:
+        b["example_losses"] = b["example_losses"][:-4]
+
+
+def _repeat_first(b: dict[str, Any]) -> None:
+    b["batch"].append(b["batch"][0])
+    b["routing"]["rules"].append(b["routing"]["rules"][0])
+    if "example_losses" in b:
+        b["example_losses"] += b["example_losses"][:4]
+
+
+def _ulp(data: bytes, i: int) -> bytes:
+    (v,) = struct.unpack_from("<I", data, 4 * i)
+    return data[: 4 * i] + struct.pack("<I", v ^ 1) + data[4 * i + 4:]
+
+
 def _governed_updates(f: Forge, at: Layout, add: Add) -> None:
     """GovernedUpdate: every field of one step of the original run and of the branch."""
     branch_run, updates, branch_updates, dataset = at.branch_run, at.updates, at.branch_updates, at.dataset
@@ -621,10 +641,11 @@ def _governed_updates(f: Forge, at: Layout, add: Add) -> None:
     body = f.body(k)
     add("GovernedUpdate.batch: two positions of different rules swapped", "GovernedUpdate",
         lambda g: g.edit(k, lambda b: _swap_different(b)))
-    add("GovernedUpdate.batch: one example dropped", "GovernedUpdate",
-        lambda g: g.edit(k, lambda b: (b["batch"].pop(), b["routing"]["rules"].pop())))
-    add("GovernedUpdate.batch: one example added", "GovernedUpdate",
-        lambda g: g.edit(k, lambda b: (b["batch"].append(b["batch"][0]), b["routing"]["rules"].append(b["routing"]["rules"][0]))))
+    add("GovernedUpdate.batch: one example dropped", "GovernedUpdate", lambda g: g.edit(k, _drop_last))
+    add("GovernedUpdate.batch: one example added", "GovernedUpdate", lambda g: g.edit(k, _repeat_first))
+    if "example_losses" in body:
+        add("GovernedUpdate.example_losses: one example's loss moved by one unit in the last place", "GovernedUpdate",
+            lambda g: g.edit(k, lambda b: b.update(example_losses=_ulp(b["example_losses"], 1))))
     add("GovernedUpdate.batch: an out-of-range index", "GovernedUpdate",
         lambda g: g.set(k, ("batch", 0), f.body(dataset)["count"]))
     add("GovernedUpdate.sources: one removed", "GovernedUpdate", lambda g: g.edit(k, lambda b: b["sources"].pop()))

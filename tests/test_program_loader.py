@@ -40,7 +40,8 @@ from gradledger.ledger.program.values import DTYPES
 from gradledger.training.bands import sequential_bands, transformer_bands
 from gradledger.training.gate import GatedModel, export_gated
 from gradledger.training.unlearning import UnlearningError
-from gradledger.training.unlearning import load_program as unlearn_loader
+from gradledger.training.replayer import ReplayError
+from gradledger.training.replayer import load_program as unlearn_loader
 from gradledger.verify import Verifier, VerificationPolicy
 from test_gate import make_transformer
 from test_verify_cli import _train, run_cli, write_bundle
@@ -204,7 +205,7 @@ def test_the_verifier_refuses_a_hostile_program_naming_it(world: dict[str, Any],
 @pytest.mark.parametrize("kind", KINDS)
 def test_unlearns_loader_refuses_a_hostile_program(world: dict[str, Any], tmp_path: Path, kind: str) -> None:
     marker = tmp_path / "pwned"
-    with pytest.raises(UnlearningError, match="program"):
+    with pytest.raises(ReplayError, match="program"):
         unlearn_loader(hostile(kind, world["program"], marker, world["bombs"]))
     assert not marker.exists()
 

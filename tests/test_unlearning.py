@@ -348,24 +348,24 @@ def test_cli_exit_codes(original: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_a_failed_unlearning_leaves_the_log_at_a_branch_checkpoint(original: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradledger.training import unlearning as U
+    from gradledger.training.replayer import Replayer
 
-    real_step = U._Replayer.step
+    real_step = Replayer.step
 
-    def failing(self: Any, original_update: dict[str, Any], batch: list[int]) -> dict[str, Any]:
+    def failing(self: Any, original_update: dict[str, Any], batch: list[int], inspect: Any = None) -> dict[str, Any]:
         if original_update["step"] == 7:
             raise RuntimeError("power cut")
-        return real_step(self, original_update, batch)
+        return real_step(self, original_update, batch, inspect)
 
     with Ledger.open(copy_of(original, tmp_path), writable=True) as led:
         retire(led, FAULTY, CROWD_KEY, "swaps 3 and 8")
-        monkeypatch.setattr(U._Replayer, "step", failing)
+        monkeypatch.setattr(Replayer, "step", failing)
         with pytest.raises(RuntimeError, match="power cut"):
             unlearn(led, FAULTY, WORLD.trainer)
         last = led.observation(led.size - 1)
         assert last.type == "TreeHead" and led.observation(led.size - 2).body["step"] == 6
         assert led.by_type("UnlearningCertificate") == []
-        monkeypatch.setattr(U._Replayer, "step", real_step)
+        monkeypatch.setattr(Replayer, "step", real_step)
         result = unlearn(led, FAULTY, WORLD.trainer)  # an interrupted branch is abandoned, not resumed
         assert len(led.by_type("UnlearningCertificate")) == 1
         assert len([s for s, b in bodies(led, "RunStarted") if b["run_id"] == result.branch_run_id]) == 2

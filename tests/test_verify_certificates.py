@@ -209,8 +209,14 @@ def test_branch_that_keeps_a_removed_example_fails(unlearned: Any) -> None:
     (orig,) = [u.body for u in items[:result.branch_seq] if u.type == "GovernedUpdate" and u.body["step"] == step]
     pos, keep = next((j, i) for j, i in enumerate(orig["batch"]) if i in removed)
 
+    def keep_removed(body: dict[str, Any]) -> None:
+        body["batch"].insert(pos, keep)
+        # One loss per index, as format 4 requires: the forger keeps the record well formed.
+        body["example_losses"] = body["example_losses"][:4 * pos] + body["example_losses"][4 * pos:4 * pos + 4] + \
+            body["example_losses"][4 * pos:]
+
     def change(items: list[Item], arts: dict[bytes, bytes]) -> None:
-        edit(items, k, lambda body: body["batch"].insert(pos, keep))
+        edit(items, k, keep_removed)
 
     bad = forged(source, change)
     # The structural routing check already refuses it ...
@@ -315,6 +321,7 @@ def test_fine_tuned_updates_instead_of_the_recorded_batches_fail(unlearned: Any)
     def change(items: list[Item], arts: dict[bytes, bytes]) -> None:
         def ascend(b: dict[str, Any]) -> None:
             b["batch"] = affected[: len(b["routing"]["rules"])]
+            b["example_losses"] = (b["example_losses"] * 2)[: 4 * len(b["batch"])]  # kept well formed
         edit(items, k, ascend)
 
     report = verify(forged(source, change))

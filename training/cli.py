@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
     demo.set_defaults(run=_demo)
     from gradledger.training.cli_publish import add_commands
+    from gradledger.training.cli_trace import add_command as add_trace
 
     add_commands(sub)
+    add_trace(sub)
     return parser
 
 

@@ -1,0 +1,247 @@
+"""The three ways a trace reads the ledger (specs/forensics.md §4): ``replay`` (every recorded step's
+weights re-created by replay, the influence summed step by step), ``checkpoints`` (the same sum with
+each step's weights taken as its segment's stored checkpoint, TracInCP-style), ``loss-trace`` (the
+recorded per-example losses alone)."""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from gradledger.ledger.ledger import Ledger
+
+from ..replayer import Replayer, ReplayError
+from ..runtime import torch_deterministic
+from .influence import Accumulator, BandParams, band_weights, per_example_band_grads, query_band_grads
+from .lineage import Lineage, TraceDiverged, TraceError
+from .query import Query
+
+__all__ = ["METHODS", "Influence", "checkpoints_influence", "loss_trace", "replay_influence", "replayer"]
+
+METHODS = ("replay", "checkpoints", "loss-trace")
+#: The seed of the query's forward (and of the checkpoint method's training forwards): fixed, so a
+#: trace is a function of the ledger and the query (dropout in a training-mode program draws from it).
+QUERY_SEED = 0
+#: Per-example gradients are taken this many examples at a time.
+CHUNK = 256
+#: A replayed step whose loss differs from the record by more than this (relative) stops the trace.
+LOSS_RTOL = 1e-3
+#: Memory a trace may give the query's per-example gradients (Q x parameters x 8 bytes).
+MAX_QUERY_GRAD_BYTES = 4 << 30
+
+
+@dataclass
+class Influence:
+    """What a method found: the sums of ``Accumulator``, whether the figures are approximate and why,
+    how many steps were replayed bit for bit."""
+
+    acc: Accumulator
+    notes: list[str] = field(default_factory=list)
+    approximate: bool = False
+    exact_steps: int = 0
+    steps: int = 0
+
+
+def _program_inputs(x: Any) -> list[Tensor]:
+    return [x[k] for k in sorted(x)] if isinstance(x, Mapping) else [x]
+
+
+def replayer(ledger: Ledger, lin: Lineage) -> Replayer:
+    """The lineage's program, optimizer and routing, ready to restore and step."""
+    try:
+        return Replayer(ledger, lin.run, lin.dataset, lin.fields)
+    except ReplayError as exc:
+        raise TraceError(str(exc)) from None
+
+
+def _setup(rep: Replayer) -> tuple[BandParams, list[list[int]]]:
+    group_of = {id(p): g for g, group in enumerate(rep.optimizer.param_groups) for p in group["params"]}
+    bands = [list(ps) for ps in rep.bands.params]
+    params = BandParams(bands, [[group_of[id(p)] for p in ps] for ps in bands])
+    return params, params.groups
+
+
+def _lr_scale(update: Mapping[str, Any], groups: list[list[int]], relative: bool) -> list[list[float]]:
+    """Per band parameter, its param group's learning rate at the step (``relative``: over group 0's)."""
+    recorded = update.get("optimizer", {}).get("groups")
+    lrs = [float(g["lr"]) for g in recorded] if recorded else [float(update["lr"])]
+    base = lrs[0] if relative and lrs[0] != 0 else 1.0
+    return [[(lrs[g] if g < len(lrs) else lrs[0]) / base for g in band] for band in groups]
+
+
+def _check_query_memory(q: int, params: BandParams) -> None:
+    n = sum(p.numel() for ps in params.bands for p in ps)
+    if q * n * 8 > MAX_QUERY_GRAD_BYTES:
+        raise TraceError(f"the query's {q} examples x {n} parameters need {q * n * 8 >> 20} MiB of gradients "
+                         f"(at most {MAX_QUERY_GRAD_BYTES >> 20}); use fewer query examples (inputs.limit)")
+
+
+def _query_forward(rep: Replayer, query: Query) -> Callable[[], Tensor]:
+    ones = torch.ones((len(query), rep.n_bands), dtype=torch.float32)
+    x = _program_inputs(query.inputs)
+
+    def forward() -> Tensor:
+        return rep.example_loss_fn(rep.module(*x, ones), query.targets)
+    return forward
+
+
+def _n_steps(lin: Lineage) -> int:
+    return 1 + max((u["step"] for _, u in lin.run.updates), default=0)
+
+
+def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, *, self_influence: bool = False,
+                     progress: Callable[[int], None] | None = None) -> Influence:
+    """Replay every recorded step from the first checkpoint and sum each batch example's influence on the
+    query at the step's own weights (TracIn's ideal form; specs/forensics.md §4.1)."""
+    params, groups = _setup(rep)
+    _check_query_memory(len(query), params)
+    recipes = [u["step"] for _, u in lin.run.updates if "recipe" in u]
+    if recipes:
+        raise TraceError(f"step {recipes[0]} records a recipe (accumulation, a clip, autocast); the replay method "
+                         "re-creates plain steps only: use --method checkpoints or loss-trace")
+    acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
+    result = Influence(acc)
+    _approximations(lin, result)
+    forward = _query_forward(rep, query)
+    branch_start = next((c for _, c in lin.run.checkpoints if c["step"] == lin.rewind_step), None)
+    with torch_deterministic():
+        rep.restore(ledger, lin.run.checkpoints[0][1])
+        for _, u in lin.run.updates:
+            if branch_start is not None and u["step"] == lin.rewind_step:
+                rep.restore(ledger, branch_start)  # the branch goes on from its own recorded state
+            # Group 0's lr in the weights, the other groups' relative to it on the query's gradients.
+            scale = _lr_scale(u, groups, relative=True)
+            seen: dict[str, list[Tensor]] = {}
+
+            def inspect(out: Tensor, labels: Tensor, index: Tensor) -> None:
+                seen["train"] = per_example_band_grads(rep.example_loss_fn(out, labels), params, retain_graph=True)
+                seen["query"] = query_band_grads(forward, params, scale, QUERY_SEED)
+
+            try:
+                body = rep.step(u, list(u["batch"]), inspect)
+            except ReplayError as exc:
+                raise TraceError(str(exc)) from None
+            if body["loss"] == u["loss"]:
+                result.exact_steps += 1
+            elif abs(body["loss"] - u["loss"]) > LOSS_RTOL * max(abs(u["loss"]), 1e-6):
+                raise TraceDiverged(f"replay diverged from the record at step {u['step']}: loss {body['loss']!r} "
+                                    f"replayed, {u['loss']!r} recorded (another machine's kernels? use --method "
+                                    "checkpoints)")
+            result.steps += 1
+            b = len(u["batch"])
+            w = band_weights(u["band_grad_norms"], u["routing"]["limits"])
+            lr = float(u["lr"])
+            weights = torch.tensor([[lr * c / b for c in w]] * b, dtype=torch.float64)
+            acc.add(torch.tensor(u["batch"], dtype=torch.int64), seen["train"], seen["query"], weights, u["step"])
+            if progress is not None:
+                progress(u["step"])
+    if result.exact_steps != result.steps:
+        result.notes.append(f"{result.steps - result.exact_steps} of {result.steps} steps replayed within "
+                            f"{LOSS_RTOL} of the recorded loss, not bit for bit")
+    return result
+
+
+def _example_weights(u: Mapping[str, Any], n_bands: int) -> tuple[list[float], float, str | None]:
+    """Each batch position's weight in the step's loss, the user's clip factor, and what is approximated."""
+    recipe = u.get("recipe", {})
+    divisor = recipe.get("loss_divisor", 1)
+    sizes = recipe.get("micro", [len(u["batch"])])
+    per = [1.0 / (size * divisor) for size in sizes for _ in range(size)]
+    clip, note = 1.0, None
+    if "clip" in recipe:
+        c = recipe["clip"]
+        if c["kind"] == "norm":
+            f = c["max_norm"] / (c["total_norm"] + 1e-6)
+            clip = f if f < 1.0 else 1.0
+        else:
+            note = "a clip by value is not a factor: its steps are counted unclipped"
+    if "autocast" in recipe:
+        note = "steps under autocast are taken in full precision at the checkpoint"
+    return per, clip, note
+
+
+def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, *,
+                          self_influence: bool = False, progress: Callable[[int], None] | None = None) -> Influence:
+    """Sum each example's influence over the stored checkpoints only: every step of a segment is taken at
+    the segment's first checkpoint, each example weighted by the lr, clip and routing its steps recorded
+    (TracInCP with the ledger's exact schedule; specs/forensics.md §4.2). Approximate by construction."""
+    params, groups = _setup(rep)
+    _check_query_memory(len(query), params)
+    acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
+    result = Influence(acc, approximate=True)
+    result.notes.append("each step's weights are taken as its segment's first checkpoint (TracInCP)")
+    _approximations(lin, result)
+    starts = [c for _, c in lin.run.checkpoints]
+    forward = _query_forward(rep, query)
+    with torch_deterministic():
+        for ci, start in enumerate(starts):
+            end = starts[ci + 1]["step"] if ci + 1 < len(starts) else None
+            seg = [u for _, u in lin.run.updates if u["step"] >= start["step"] and (end is None or u["step"] < end)]
+            if not seg:
+                continue
+            weight = torch.zeros((lin.dataset.count, rep.n_bands), dtype=torch.float64)
+            for u in seg:
+                per, clip, note = _example_weights(u, rep.n_bands)
+                if note and note not in result.notes:
+                    result.notes.append(note)
+                lr = float(u["lr"])
+                w = band_weights(u["band_grad_norms"], u["routing"]["limits"], clip)
+                index = torch.tensor(u["batch"], dtype=torch.int64)
+                weight.index_add_(0, index, torch.tensor([[lr * p * c for c in w] for p in per], dtype=torch.float64))
+            rep.restore(ledger, start)
+            # Other groups' learning rates, relative to group 0's (which the weights hold), at the segment's start.
+            query_grads = query_band_grads(forward, params, _lr_scale(seg[0], groups, relative=True), QUERY_SEED)
+            rows = torch.nonzero(weight.abs().sum(1)).flatten()
+            before = float(acc.examples.sum())
+            for lo in range(0, len(rows), CHUNK):
+                index = rows[lo : lo + CHUNK]
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(QUERY_SEED + 1)
+                    out = rep.module(*rep.rows(index), rep.profiles[index])
+                    losses = rep.example_loss_fn(out, rep.labels[index])
+                    train = per_example_band_grads(losses, params, retain_graph=False)
+                acc.add(index, train, query_grads, weight[index], None)
+            acc.steps[seg[0]["step"]] += (float(acc.examples.sum()) - before) / max(1, len(query))
+            result.steps += len(seg)
+            if progress is not None:
+                progress(seg[-1]["step"])
+    return result
+
+
+def _approximations(lin: Lineage, result: Influence) -> None:
+    opt = lin.run.settings["optimizer"]
+    name = opt["name"]
+    groups = opt["groups"]
+    if name in ("adam", "adamw"):
+        result.approximate = True
+        result.notes.append(f"{name}: each step's update is taken as lr x gradient (Adam's per-parameter scaling "
+                            "and moments are not applied)")
+    elif any(g.get("momentum", 0) for g in groups):
+        result.approximate = True
+        result.notes.append("SGD with momentum: each step's update is taken as lr x gradient (the momentum that "
+                            "carries a gradient into later steps is not followed)")
+    if any(g.get("weight_decay", 0) for g in groups):
+        result.notes.append("weight decay moves every weight at every step; it is nobody's label and is not attributed")
+
+
+def loss_trace(lin: Lineage) -> tuple[Tensor, Tensor]:
+    """Per training example: the mean of its recorded losses and how many times it was recorded
+    (format 4's ``example_losses``; specs/forensics.md §4.3)."""
+    if lin.run.settings.get("format", 1) < 4:
+        raise TraceError(f"run {lin.run.run_id!r} is training format {lin.run.settings.get('format', 1)}, which "
+                         "records no per-example losses (format 4 and later): use --method replay or checkpoints")
+    total = torch.zeros(lin.dataset.count, dtype=torch.float64)
+    count = torch.zeros(lin.dataset.count, dtype=torch.float64)
+    for _, u in lin.run.updates:
+        data = u["example_losses"]
+        values = torch.tensor(struct.unpack(f"<{len(data) // 4}f", data), dtype=torch.float64)
+        index = torch.tensor(u["batch"], dtype=torch.int64)
+        total.index_add_(0, index, values)
+        count.index_add_(0, index, torch.ones_like(values))
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+    return mean, count

@@ -1,0 +1,211 @@
+"""A recorded governed run, found in the ledger and re-stepped from its own records: the replay that
+unlearning (a branch without a source) and forensics (each step's weights, re-created) share.
+
+Replay needs nothing but the ledger: the exported program of RunStarted (``torch.export.save``, read
+by the verifier's strict loader, ``gradledger.ledger.program``: nothing unpickled or executed), the
+checkpoints (safetensors), the committed manifests and the committed inputs. ``Replayer.step`` is the
+trainer's plain step (specs/training.md §3) on the program, returning the step's GovernedUpdate body;
+its ``inspect`` hook sees the step's forward before backward, which is where forensics reads the
+per-example gradients at the step's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gradledger.ledger.ledger import Ledger
+from gradledger.ledger.program import ProgramError, ProgramModule
+from gradledger.ledger.program import load_program as read_program
+
+from .bands import BandLayout, ResolvedBands
+from .checkpoints import read_checkpoint, restore
+from .dataset import CommittedDataset, load_inputs
+from .errors import GovernanceError
+from .gate import clip_bands
+from .policy import batch_limits, load_adopted, profiles_tensor
+from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
+from .updates import example_loss_bytes, route_examples, step_and_measure, update_body
+
+__all__ = ["Inspect", "RecordedRun", "ReplayError", "Replayer", "governed_original", "load_program", "recorded_run",
+           "runs_in", "run_extent"]
+
+
+class ReplayError(GovernanceError):
+    """A recorded run that cannot be found or re-stepped from the ledger (the message says why)."""
+
+
+@dataclass
+class RecordedRun:
+    """A governed run as the ledger holds it: RunStarted (seq, id, settings, program digest), its
+    GovernedUpdates and Checkpoints (seq, body), in log order."""
+
+    seq: int
+    run_id: str
+    settings: dict[str, Any]
+    program: bytes
+    updates: list[tuple[int, dict[str, Any]]]
+    checkpoints: list[tuple[int, dict[str, Any]]]
+
+
+def runs_in(ledger: Ledger) -> list[tuple[int, dict[str, Any]]]:
+    """Every RunStarted of the ledger: (seq, body), in log order."""
+    return [(seq, ledger.observation(seq).body) for seq in ledger.by_type("RunStarted")]
+
+
+def run_extent(ledger: Ledger, runs: list[tuple[int, dict[str, Any]]], seq: int) -> tuple[int, int]:
+    """The seqs a run's records lie strictly between: its RunStarted and the next one (or the log's end)."""
+    later = [s for s, _ in runs if s > seq]
+    return seq, later[0] if later else ledger.size
+
+
+def governed_original(body: Mapping[str, Any]) -> bool:
+    """A governed run's RunStarted (it names a dataset) that is not an unlearning branch."""
+    settings = body.get("settings")
+    return isinstance(settings, dict) and "dataset" in settings and "branch" not in settings
+
+
+def recorded_run(ledger: Ledger, seq: int, body: Mapping[str, Any]) -> RecordedRun:
+    """The run started at ``seq`` with its updates and checkpoints; refused unless it is closed (steps
+    0..n-1 in order, a step-0 checkpoint and one at step n after the last update)."""
+    lo, hi = run_extent(ledger, runs_in(ledger), seq)
+    updates = [(s, ledger.observation(s).body) for s in ledger.by_type("GovernedUpdate") if lo < s < hi]
+    checkpoints = [(s, ledger.observation(s).body) for s in ledger.by_type("Checkpoint") if lo < s < hi]
+    program = body.get("artifacts", {}).get("program")
+    if program is None:
+        raise ReplayError(f"run {body['run_id']!r} recorded no exported program; it cannot be replayed")
+    run = RecordedRun(seq, body["run_id"], dict(body["settings"]), program, updates, checkpoints)
+    steps = [u["step"] for _, u in run.updates]
+    if steps != list(range(len(steps))):
+        raise ReplayError(f"run {run.run_id!r}: its updates are not steps 0..{len(steps) - 1} in order")
+    if not run.checkpoints or run.checkpoints[0][1]["step"] != 0:
+        raise ReplayError(f"run {run.run_id!r} has no step-0 checkpoint")
+    last_seq, last = run.checkpoints[-1]
+    if last["step"] != len(steps) or (run.updates and run.updates[-1][0] > last_seq):
+        raise ReplayError(
+            f"run {run.run_id!r} is not closed: its last checkpoint is at step {last['step']}, it has {len(steps)} updates"
+        )
+    return run
+
+
+def load_program(data: bytes) -> nn.Module:
+    """The run's exported gate as a module, read by the verifier's strict loader (specs/replay.md §2).
+
+    One loader for both sides: nothing in the archive is unpickled, executed or evaluated
+    (``torch.export.load`` would exec its ``guards_code`` and sympify its sizes).
+    """
+    try:
+        return ProgramModule(read_program(data))
+    except ProgramError as exc:
+        raise ReplayError(f"the run's exported program is refused: {exc.args[0]}") from None
+
+
+#: ``inspect(out, labels, index)``: called by ``Replayer.step`` after the step's forward, before its
+#: backward (the graph must be kept: ``retain_graph=True``); it must not touch ``.grad``.
+Inspect = Callable[[Tensor, Tensor, Tensor], None]
+
+
+class Replayer:
+    """The exported gate, its optimizer and a dataset's routing tables, stepping like the trainer.
+
+    ``fields``: the manifest map of every dataset index as replay should route and label it (the
+    committed manifests, or unlearning's counterfactual ones).
+    """
+
+    def __init__(self, ledger: Ledger, run: RecordedRun, dataset: CommittedDataset,
+                 fields: Sequence[Mapping[str, Any]]) -> None:
+        settings = run.settings
+        data = ledger.artifact(run.program)
+        if data is None:
+            raise ReplayError(f"program artifact {run.program.hex()[:16]} is not stored in the ledger")
+        self.module = load_program(data)
+        inner = getattr(self.module, "model", None)
+        if not isinstance(inner, nn.Module):
+            raise ReplayError("the exported program has no 'model' submodule to restore checkpoints into")
+        self.inner = inner
+        params = dict(self.module.named_parameters())
+        try:
+            band_params = [tuple(params["model." + n] for n in names) for names in settings["band_params"]]
+            groups = [[params["model." + n] for n in names] for names in settings["param_groups"]]
+        except KeyError as exc:
+            raise ReplayError(f"the exported program has no parameter {exc.args[0]!r} that the run recorded") from None
+        layout = BandLayout.from_obj(settings["bands"])
+        self.bands = ResolvedBands(layout, tuple(tuple(ns) for ns in settings["band_params"]), tuple(band_params),
+                                   (None,) * len(layout))
+        self.flat = [p for ps in band_params for p in ps]
+        self.sizes = [len(ps) for ps in band_params]
+        self.snapshot = [torch.empty_like(p) for p in self.flat]
+        self.optimizer = build_optimizer(settings["optimizer"], groups)
+        # Format 2 checkpoints leave out the per-step hyper-parameters (specs/training.md §4).
+        self.skips = checkpoint_skips(self.optimizer) if settings.get("format", 1) >= 2 else frozenset()
+        self.loss_fn, loss_settings = loss_function(settings["loss"]["name"], settings["loss"]["settings"])
+        self.example_loss_fn = example_loss_function(settings["loss"]["name"], loss_settings)
+        # Format 4 records every example's loss (specs/training.md §3.1); replay records them as the run did.
+        self.records_example_losses = settings.get("format", 1) >= 4
+        self.n_bands = len(layout)
+        self.policy = load_adopted(ledger, settings["policy_seq"])
+        if self.policy.digest != settings["policy"]:
+            raise ReplayError(f"run {run.run_id!r}: policy at seq {settings['policy_seq']} is not the recorded one")
+        routed = route_examples(fields, ledger.registry, self.policy.compiled)
+        self.rules, self.names = routed.rules, routed.names
+        self.writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(fields))]
+        self.profiles = profiles_tensor(routed.profiles, self.n_bands)
+        self.labels = torch.tensor([f["label"] for f in fields], dtype=torch.int64)
+        self.inputs = load_inputs(ledger, dataset)
+
+    def rows(self, index: Tensor) -> list[Tensor]:
+        """The program's inputs for the dataset rows ``index``: ``x``, or the parts in canonical (sorted)
+        order, as the program takes them (specs/training.md §5.1)."""
+        if isinstance(self.inputs, Mapping):
+            return [self.inputs[name][index] for name in sorted(self.inputs)]
+        return [self.inputs[index]]
+
+    def restore(self, ledger: Ledger, body: Mapping[str, Any]) -> None:
+        """Load a Checkpoint's model and optimizer state into the program and its optimizer."""
+        data = ledger.artifact(body["artifact"])
+        if data is None:
+            raise ReplayError(f"checkpoint artifact {body['artifact'].hex()[:16]} is not stored in the ledger")
+        tensors, scalars = read_checkpoint(data, body)
+        restore(self.inner, self.optimizer, tensors, scalars)
+
+    def step(self, original: Mapping[str, Any], batch: list[int], inspect: Inspect | None = None) -> dict[str, Any]:
+        """One governed step of ``batch`` with the original step's number, seed and optimizer settings;
+        returns its GovernedUpdate body. ``inspect`` sees the forward before backward."""
+        for group, recorded in zip(self.optimizer.param_groups, original["optimizer"]["groups"]):
+            for k, v in recorded.items():
+                group[k] = tuple(v) if k == "betas" else v
+        index = torch.tensor(batch, dtype=torch.int64)
+        rules = [self.rules[i] for i in batch]
+        limits = batch_limits(self.policy.compiled, rules)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.default_generator.manual_seed(original["seeds"]["step"])
+        try:
+            out = self.module(*self.rows(index), self.profiles[index])
+        except ProgramError as exc:
+            raise ReplayError(f"step {original['step']}: the run's program fails: {exc.args[0]}") from None
+        labels = self.labels[index]
+        if inspect is not None:
+            inspect(out, labels, index)
+        loss_t = self.loss_fn(out, labels)
+        loss = float(loss_t.detach())
+        each = None
+        if self.records_example_losses:
+            with torch.no_grad():
+                each = example_loss_bytes([self.example_loss_fn(out.detach(), labels)])
+        loss_t.backward()
+        grad_norms = clip_bands(self.module, self.bands, limits)
+        if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
+            raise ReplayError(f"step {original['step']}: non-finite loss or band gradient norm on replay")
+        update_norms = step_and_measure(self.optimizer, self.flat, self.snapshot, self.sizes)
+        if not all(math.isfinite(n) for n in update_norms):
+            raise ReplayError(f"step {original['step']}: non-finite update on replay")
+        described = {"name": original["optimizer"]["name"], "groups": [dict(g) for g in original["optimizer"]["groups"]]}
+        return update_body(
+            original["step"], batch, rules, limits, policy=self.policy.digest, loss=loss, grad_norms=grad_norms,
+            update_norms=update_norms, optimizer=described, seeds=dict(original["seeds"]),
+            writes_of=self.writes_of, names=self.names, n_bands=self.n_bands, example_losses=each,
+        )
