@@ -44,6 +44,7 @@ from gradledger.ledger.ledger import Ledger
 from .bands import sequential_bands
 from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
+from .forensics import trace
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
 from .retirement import retire
@@ -458,6 +459,32 @@ def run_updates(ledger: Ledger) -> list[int]:
 # -- the stages after training --------------------------------------------------------------------------
 
 
+def write_query(data: Digits, out: Path, per_class: int = 32) -> Path:
+    """The investigation's query: held-out test digits of the swapped classes, each against the other
+    class ("3s read as 8 and 8s read as 3"), as query.json beside query.safetensors (specs/forensics.md §2)."""
+    from safetensors.torch import save_file
+
+    a, b = SWAP
+    rows = [i for c in (a, b) for i in np.flatnonzero(data.y_test == c)[:per_class].tolist()]
+    save_file({"x": data.x_test[rows].contiguous()}, str(out / "query.safetensors"))
+    targets = [b if int(data.y_test[i]) == a else a for i in rows]
+    query = {"description": f"{a}s read as {b} and {b}s read as {a}", "inputs": {"file": "query.safetensors"},
+             "target": targets}
+    (out / "query.json").write_text(json.dumps(query) + "\n", encoding="utf-8")
+    return out / "query.json"
+
+
+def stage_trace(ledger: Ledger, query: Path, console: Console) -> tuple[str, dict[str, Any]]:
+    """Who taught the model the confusion: `gradledger trace` over the original run, before retirement."""
+    steps = len(run_updates(ledger))
+    with console.bar(steps, "tracing the confusion") as bar:
+        report = trace(ledger, str(query), run_id=RUN_ID, method="replay", top=8, progress=lambda step: bar.update(1))
+    top = report["sources"][0]
+    detail = (f"{top['source']} ({top['path']}) ranks first: {top['share']:.0%} of the influence toward the confusion, "
+              f"score {top['score']:.3g} ± {top['stderr']:.2g}, first in {top['p_top']:.0%} of bootstrap resamples")
+    return detail, {"report": report, "top": top["source"], "command": f"gradledger trace {ledger.path} --query {query}"}
+
+
 def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[str, Any]]:
     """The crowd authority, which issued the faulty worker's credential, signs its retirement."""
     done = retire(ledger, FAULTY, tax.authorities["crowd"], reason)
@@ -574,6 +601,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                      f"{len(ckpts)} checkpoints, final loss {losses[-1]:.3f}")
         before = evaluate(checkpoint_model(ledger, original_ckpt, cfg), data)
         series = band_series(ledger, updates)
+        query = write_query(data, out)
+        stages.append(run_stage(console, "trace", lambda: stage_trace(ledger, query, console)))
 
         stages.append(run_stage(console, "retire", lambda: stage_retire(
             ledger, tax, f"swaps digits {SWAP[0]} and {SWAP[1]} (found in a spot check of its labels)")))
@@ -612,6 +641,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "bands": series,
         "stages": [s.to_json() for s in stages],
         "unlearning": next((s.data for s in stages if s.name == "unlearn" and s.status == "ok"), None),
+        "trace": next(({"report": s.data["report"], "command": s.data["command"]} for s in stages
+                       if s.name == "trace" and s.status == "ok"), None),
         "verifier": verifier,
         "verifier_command": next((s.data.get("command") for s in stages if s.name == "verify" and s.status == "ok"),
                                  " ".join(verifier_command(out / "run.glb", out / "roots.pub", cfg.replay))),
@@ -667,7 +698,9 @@ def summary(figures: Mapping[str, Any], out: Path) -> str:
     missing = [s["name"] for s in figures["stages"] if s["status"] != "ok"]
     if missing:
         lines.append(f"  NOT COMPLETE: stage(s) {', '.join(missing)} did not run or failed (see above)")
-    lines.append(f"  files      {out}/report.html, report.json, run.glb, roots.pub, ledger/, keys/")
+    if figures.get("trace") is not None:
+        lines.append(f"  trace it   {figures['trace']['command']}")
+    lines.append(f"  files      {out}/report.html, report.json, run.glb, roots.pub, query.json, ledger/, keys/")
     lines.append(f"  check it   {figures['verifier_command']}")
     lines.append(f"  took       {figures['timings']['total']:.1f}s")
     return "\n".join(lines)

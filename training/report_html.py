@@ -293,6 +293,12 @@ def render_report(figures: Mapping[str, Any]) -> str:
         '<div class="s">not available: the unlearning stage did not run</div></div>')
     legend2 = (f'<div class="legend"><span><i style="background:{BEFORE}"></i>original</span>'
                f'<span><i style="background:{AFTER}"></i>after unlearning {faulty}</span></div>')
+    if figures.get("trace") is not None:
+        from .forensics.html import trace_section
+
+        body.append(trace_section(figures["trace"]["report"], title=f"Who taught the model to confuse {a} and {b}"))
+        body.append(f'<p class="note">Investigated before the retirement, from the ledger alone: '
+                    f'<code>{escape(figures["trace"]["command"])}</code></p>')
     body.append(f"<h2>Before and after unlearning {faulty}</h2>")
     body.append(f'<div class="panel">{legend2}<div class="row">{acc_chart}{swap_chart}</div>'
                 f'<div class="row" style="margin-top:10px">{mats}</div>'

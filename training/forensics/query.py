@@ -9,7 +9,8 @@ A query is a JSON object, given inline or as the path of a ``.json`` file::
 
 ``inputs`` names rows of the run's committed dataset (by index, or every row with a committed label,
 the first ``limit`` in index order) or a safetensors file whose tensors are named as the dataset's
-inputs (``x``, or ``x.<part>`` for a model of parts). ``target`` is the class the behavior is about:
+inputs (``x``, or ``x.<part>`` for a model of parts; a relative path is taken from the query file's
+folder, or the working directory for inline JSON). ``target`` is the class the behavior is about:
 the query loss is the run's loss of the model's output against it, and a training example that
 lowered that loss taught the behavior. ``"label"`` takes each dataset row's committed label.
 Anything else is refused with ``QueryError`` (the CLI's exit 2), naming the field.
@@ -58,15 +59,17 @@ class Query:
         return int(self.targets.shape[0])
 
 
-def _read_json(text: str) -> Mapping[str, Any]:
-    source = text
+def _read_json(text: str) -> tuple[Mapping[str, Any], Path]:
+    """The query object, and the folder a relative ``inputs.file`` is resolved against (the query file's, or
+    the working directory for inline JSON)."""
+    source, base = text, Path.cwd()
     if not text.lstrip().startswith("{"):
         path = Path(text)
         if not path.is_file():
             raise QueryError(f"query {text!r} is neither a JSON object nor a readable .json file")
         if path.stat().st_size > MAX_QUERY_FILE:
             raise QueryError(f"query file {text} is larger than {MAX_QUERY_FILE} bytes")
-        source = path.read_text(encoding="utf-8")
+        source, base = path.read_text(encoding="utf-8"), path.parent
     try:
         obj = json.loads(source)
     except json.JSONDecodeError as exc:
@@ -76,7 +79,7 @@ def _read_json(text: str) -> Mapping[str, Any]:
     extra = sorted(set(obj) - _FIELDS)
     if extra:
         raise QueryError(f"query field {extra[0]!r} is not one of {sorted(_FIELDS)}")
-    return obj
+    return obj, base
 
 
 def _class(value: Any, classes: int, where: str) -> int:
@@ -88,7 +91,7 @@ def _class(value: Any, classes: int, where: str) -> int:
 def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Query:
     """The query ``text`` (inline JSON or a .json path) against the run's dataset: its committed ``labels``
     (int64, one per row), its stored ``inputs`` (tensor or part name -> tensor) and the model's ``classes``."""
-    obj = _read_json(text)
+    obj, base = _read_json(text)
     description = obj.get("description", "")
     if not isinstance(description, str) or len(description) > 1024:
         raise QueryError("query description is not a text of at most 1024 characters")
@@ -115,7 +118,7 @@ def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Quer
             raise QueryError(f"no row of the dataset has the committed label {label}")
     elif set(spec) == {"file"}:
         indices = None
-        x, file_digest = _read_file(spec["file"], inputs)
+        x, file_digest = _read_file(spec["file"], inputs, base)
     else:
         raise QueryError(f"query inputs {sorted(spec)} is not one of {{indices}}, {{label[, limit]}}, {{file}}")
     if indices is not None:
@@ -143,14 +146,15 @@ def _rows(x: Any) -> int:
     return int(first.shape[0])
 
 
-def _read_file(name: Any, like: Any) -> tuple[Any, bytes]:
-    """The tensors of a safetensors query file, named and shaped as the dataset's inputs ``like``."""
+def _read_file(name: Any, like: Any, base: Path) -> tuple[Any, bytes]:
+    """The tensors of a safetensors query file (a relative path is taken from ``base``), named and shaped
+    as the dataset's inputs ``like``."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    if not isinstance(name, str) or not Path(name).is_file():
+    if not isinstance(name, str) or not (base / name).is_file():
         raise QueryError(f"query inputs.file {name!r} is not a readable file")
-    path = Path(name)
+    path = base / name
     if path.stat().st_size > MAX_QUERY_FILE:
         raise QueryError(f"query inputs.file {name} is larger than {MAX_QUERY_FILE} bytes")
     data = path.read_bytes()
