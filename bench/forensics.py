@@ -10,8 +10,10 @@ upper two, the rest the head only):
 (a) **Faulty source.** 1400 training examples, each labeled by one of 8 sources (three attending
     experts signed for by the radiology authority, three crowd workers by the crowd authority, two
     labeling functions by a rules authority), assigned at random per seed; one source, chosen at
-    random per seed, swaps 3 and 8 on its examples. A 64-64-64-10 MLP trains 4 epochs (batch 32,
-    a checkpoint every 25 steps). Query: 40 held-out true 3s, target 8 ("3s read as 8").
+    random per seed, swaps 3 and 8 on its examples. A 64-64-64-10 MLP trains 9 epochs (batch 32,
+    396 steps, padded to 400 so that the run closes at a checkpoint; a checkpoint every 100 steps,
+    the library's default).
+    Query: 20 held-out true 3s against 8 and 20 true 8s against 3 ("the affected classes confused").
     ``faulty_top1_rate`` (replay method) and ``faulty_top1_rate_checkpoints``: share of seeds where
     the faulty source ranks first. Cost: ``replay_trace_vs_train`` and ``checkpoint_trace_vs_train``
     (trace time over the governed training time of the same run, medians over seeds).
@@ -207,14 +209,16 @@ def faulty_run(seed: int, x: torch.Tensor, y: torch.Tensor, work: Path) -> dict[
     labels = [int(v) for v in y[train]]
     labels = [{3: 8, 8: 3}.get(v, v) if owner[i] == faulty else v for i, v in enumerate(labels)]
     xt = x[train].contiguous()
-    led, train_s, steps, _ = governed(work / f"faulty-{seed}", xt, labels, owner, hidden=64, epochs=4, every=25,
+    led, train_s, steps, _ = governed(work / f"faulty-{seed}", xt, labels, owner, hidden=64, epochs=9, every=100,
                                       seed=seed)
-    threes = held[y[held] == 3][:40]
+    # "The affected classes confused": held-out true 3s against 8 and true 8s against 3.
+    rows = torch.cat([held[y[held] == 3][:20], held[y[held] == 8][:20]])
     qfile = work / f"query-{seed}.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"x": x[threes].contiguous()}, str(qfile))
-    query = json.dumps({"description": "3s read as 8", "inputs": {"file": str(qfile)}, "target": 8})
+    save_file({"x": x[rows].contiguous()}, str(qfile))
+    query = json.dumps({"description": "3s read as 8 and 8s read as 3", "inputs": {"file": str(qfile)},
+                        "target": [8 if int(y[i]) == 3 else 3 for i in rows]})
     t0 = time.perf_counter()
     by_replay = trace(led, query, method="replay", top=len(SOURCES))
     replay_s = time.perf_counter() - t0

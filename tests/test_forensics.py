@@ -129,7 +129,8 @@ def test_replay_scores_equal_a_brute_force_sum_over_steps(traced: Any) -> None:
     want = _brute_force(led, weights, first, q.indices, 8)
     got = found.acc.examples.mean(1)
     assert torch.count_nonzero(want) > 0
-    assert torch.allclose(got, want, rtol=1e-6, atol=1e-12), float((got - want).abs().max())
+    # Float tolerance: the inner products run in float32 (a first-order score), the brute force in float64.
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9 * float(want.abs().max())), float((got - want).abs().max())
     # The report ranks exactly these scores.
     report = trace(led, QUERY, top=5)
     assert [e["index"] for e in report["examples"]] == torch.argsort(want, descending=True)[:5].tolist()
@@ -156,8 +157,8 @@ def test_checkpoint_at_every_step_equals_replay(tmp_path: Path) -> None:
     exact, _ = _influence(led, replay_influence)
     cp, _ = _influence(led, checkpoints_influence)
     assert cp.approximate and cp.steps == STEPS
-    assert torch.allclose(cp.acc.examples, exact.acc.examples, rtol=1e-6, atol=1e-12)
-    assert torch.allclose(cp.acc.self_influence, exact.acc.self_influence, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(cp.acc.examples, exact.acc.examples, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(cp.acc.self_influence, exact.acc.self_influence, rtol=1e-5, atol=1e-12)
 
 
 def test_a_band_no_example_may_reach_carries_exactly_no_influence(tmp_path: Path) -> None:
@@ -290,3 +291,26 @@ def test_replay_that_diverges_from_the_record_exits_1_naming_the_step(traced: An
     with pytest.raises(TraceDiverged, match="at step 2") as caught:
         trace(traced[0], QUERY)
     assert exit_status(caught.value, "gradledger")[0] == 1  # the CLI's exit: a failed check, not bad input
+
+
+def test_per_example_gradients_agree_between_vmap_and_the_batched_backward(traced: Any) -> None:
+    """The two ways per-example gradients are taken (vmap(grad) for a program without random ops, the
+    batched backward of the step's forward otherwise) give the same gradients."""
+    from gradledger.training.forensics.influence import ExampleGrads
+    from gradledger.training.forensics.methods import _setup
+
+    led = traced[0]
+    rep = replayer(led, lineage(led, None))
+    params, _, grads = _setup(rep)
+    index = torch.arange(0, 40, 3)
+    inputs, profiles, labels = rep.rows(index), rep.profiles[index], rep.labels[index]
+    functional = grads(inputs, profiles, labels)
+    assert grads.functional  # this program draws no random numbers
+    batched = ExampleGrads(rep.module, params, rep.example_loss_fn)
+    batched.functional = False
+    for a, b in zip(functional, batched(inputs, profiles, labels)):
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+    # A band an example may not reach: exactly zero, both ways.
+    zero = [i for i, r in enumerate(profiles.tolist()) if r[2] == 0.0]
+    assert zero and all(float(g[zero].abs().sum()) == 0.0 for g in functional[2])

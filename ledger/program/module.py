@@ -188,7 +188,7 @@ class ProgramModule(nn.Module):
         self._state = None
         return super()._apply(fn, recurse)
 
-    def forward(self, *args: Tensor, **kwargs: Tensor) -> Any:
+    def _inputs(self, args: tuple[Tensor, ...], kwargs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if len(args) > len(self._names):
             raise ProgramError(f"model program takes {len(self._names)} inputs, {len(args)} given")
         inputs = dict(zip(self._names, args))
@@ -196,6 +196,28 @@ class ProgramModule(nn.Module):
             if k not in self._names or k in inputs:
                 raise ProgramError(f"model program has no input {k!r} (or it was given twice)")
             inputs[k] = v
+        return inputs
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> Any:
+        inputs = self._inputs(args, kwargs)
         check_inputs(self.program, inputs)
         out = run(self.program.graph, inputs, self.live_state(), after=self.after)
+        return out[0] if len(out) == 1 else out
+
+    def check(self, *args: Tensor, **kwargs: Tensor) -> None:
+        """Check ``args`` against the program's input specs and guards, as ``forward`` does, without running it."""
+        check_inputs(self.program, self._inputs(args, kwargs))
+
+    def call_with(self, state: Mapping[str, Tensor], *args: Tensor) -> Any:
+        """The program on ``args`` with ``state`` (name -> tensor) in place of those entries of its own state.
+
+        For ``torch.func`` transforms (per-example gradients by ``vmap(grad(...))``, where each call sees one
+        example): a program that mutates a buffer is refused (its update would land in the module's own
+        buffer). The inputs are not checked here: check the whole batch with ``check`` first.
+        """
+        if any(spec.kind == "buffer_mutation" for spec in self.program.graph.outputs):
+            raise ProgramError("the model program updates a buffer; it cannot run on substituted state")
+        merged = self.live_state()
+        merged.update(state)
+        out = run(self.program.graph, self._inputs(args, {}), merged)
         return out[0] if len(out) == 1 else out

@@ -10,20 +10,24 @@ param group's learning rate at the step, and ``a_k`` the step's weight of one ex
 influence ``a_k * <g_{z,k}, G_{j,k}>`` is positive when training on ``z`` lowered the query loss: ``z``
 taught the behavior.
 
-Per-example gradients come from one batched backward (``torch.autograd.grad(..., is_grads_batched=
-True)``, vmap over the backward of the per-example losses), the way per-sample gradient libraries do,
-on the same forward the step replays.
+Per-example gradients: ``vmap(grad(...))`` over the examples through the program (``torch.func``, as
+Opacus's functorch grad sampler does), each example its own forward and backward; where the program
+draws random numbers (dropout), per-example forwards would draw other masks than the step's, so the
+gradients come from one batched backward of the step's own forward (``torch.autograd.grad(...,
+is_grads_batched=True)``), exact but quadratic in the batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Accumulator", "BandParams", "band_weights", "per_example_band_grads"]
+from gradledger.ledger.program import ProgramError
+
+__all__ = ["Accumulator", "BandParams", "ExampleGrads", "band_weights", "per_example_band_grads"]
 
 #: The gate's clip epsilon (specs/routing.md §5): coefficient ``limit / (norm + CLIP_EPS)`` when below 1.
 CLIP_EPS = 1e-6
@@ -31,33 +35,78 @@ CLIP_EPS = 1e-6
 
 @dataclass(frozen=True)
 class BandParams:
-    """The run's band parameters (head first), each with its param group's index."""
+    """The run's band parameters (head first), each with its param group's index and its state name in
+    the program module."""
 
     bands: list[list[Tensor]]
     groups: list[list[int]]
+    names: list[list[str]]
+
+
+def _split(flat: Sequence[Tensor | None], params: BandParams, n: int,
+           scale: Sequence[Sequence[float]] | None) -> list[list[Tensor]]:
+    out, pos = [], 0
+    for k, ps in enumerate(params.bands):
+        band = []
+        for i, p in enumerate(ps):
+            g = flat[pos + i]
+            g = torch.zeros((n, p.numel()), dtype=p.dtype) if g is None else g.reshape(n, -1)
+            if scale is not None and scale[k][i] != 1.0:
+                g = g * scale[k][i]
+            band.append(g)
+        pos += len(ps)
+        out.append(band)
+    return out
+
+
+class ExampleGrads:
+    """Per-example band gradients of ``loss(module(*inputs, profiles), targets)`` (one example's loss each):
+    by ``vmap(grad(...))`` while the program draws no random numbers, else by the batched backward."""
+
+    def __init__(self, module: Any, params: BandParams, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.module, self.params, self.loss = module, params, loss
+        self.functional = True
+
+    def __call__(self, inputs: Sequence[Tensor], profiles: Tensor, targets: Tensor, *,
+                 scale: Sequence[Sequence[float]] | None = None, out: Tensor | None = None) -> list[list[Tensor]]:
+        """``out``: the batch's own forward (graph kept), for the fallback; without it one is run."""
+        n = int(targets.shape[0])
+        if self.functional:
+            try:
+                return _split(self._vmapped(inputs, profiles, targets), self.params, n, scale)
+            except (RuntimeError, ProgramError) as exc:  # the interpreter reports a node's failure as ProgramError
+                if "random" not in str(exc):
+                    raise
+                self.functional = False  # dropout: the masks must be the forward's own
+        if out is None:
+            out = self.module(*inputs, profiles)
+        return per_example_band_grads(self.loss(out, targets), self.params, retain_graph=True, scale=scale)
+
+    def _vmapped(self, inputs: Sequence[Tensor], profiles: Tensor, targets: Tensor) -> list[Tensor]:
+        from torch.func import grad, vmap
+
+        self.module.check(*inputs, profiles)
+        names = [n for ns in self.params.names for n in ns]
+        values = [p.detach() for ps in self.params.bands for p in ps]
+
+        def one(vals: list[Tensor], xs: tuple[Tensor, ...], prof: Tensor, target: Tensor) -> Tensor:
+            out = self.module.call_with(dict(zip(names, vals)), *(x[None] for x in xs), prof[None])
+            return self.loss(out, target[None]).sum()
+
+        return list(vmap(grad(one), in_dims=(None, 0, 0, 0))(values, tuple(inputs), profiles, targets))
 
 
 def per_example_band_grads(losses: Tensor, params: BandParams, *, retain_graph: bool,
-                           scale: Sequence[Sequence[float]] | None = None) -> list[Tensor]:
-    """Per band, the ``[n, P_k]`` float64 matrix of each example's loss gradient over the band's parameters
-    (flattened in band order); ``scale[k][i]`` multiplies parameter ``i`` of band ``k`` (a learning rate)."""
+                           scale: Sequence[Sequence[float]] | None = None) -> list[list[Tensor]]:
+    """Per band, per parameter, the ``[n, numel]`` matrix of each example's loss gradient (flattened, in the
+    parameter's dtype; a parameter no example reaches gives zeros); ``scale[k][i]`` multiplies parameter
+    ``i`` of band ``k`` (a learning rate). Kept per parameter: no copy into one band-wide matrix."""
     n = int(losses.shape[0])
     flat = [p for ps in params.bands for p in ps]
     eye = torch.eye(n, dtype=losses.dtype)
     grads = torch.autograd.grad(losses, flat, grad_outputs=eye, is_grads_batched=True, retain_graph=retain_graph,
                                 allow_unused=True)
-    out, pos = [], 0
-    for k, ps in enumerate(params.bands):
-        cols = []
-        for i, p in enumerate(ps):
-            g = grads[pos + i]
-            g = torch.zeros((n, p.numel()), dtype=torch.float64) if g is None else g.reshape(n, -1).to(torch.float64)
-            if scale is not None and scale[k][i] != 1.0:
-                g = g * scale[k][i]
-            cols.append(g)
-        pos += len(ps)
-        out.append(torch.cat(cols, 1) if cols else torch.zeros((n, 0), dtype=torch.float64))
-    return out
+    return _split(grads, params, n, scale)
 
 
 def band_weights(norms: Sequence[float], limits: Sequence[float | None], clip_factor: float = 1.0) -> list[float]:
@@ -82,29 +131,33 @@ class Accumulator:
         self.steps = torch.zeros(n_steps, dtype=torch.float64)
         self.self_influence = torch.zeros(n_train, dtype=torch.float64) if self_influence else None
 
-    def add(self, index: Tensor, train: Sequence[Tensor], query: Sequence[Tensor], weights: Tensor,
-            step: int | None) -> None:
-        """Add one batch: ``train[k]`` ``[B, P_k]``, ``query[k]`` ``[Q, P_k]``, ``weights`` ``[B, K]`` (each
-        example's weight in each band at this step); ``index`` the batch's dataset indices."""
+    def add(self, index: Tensor, train: Sequence[Sequence[Tensor]], query: Sequence[Sequence[Tensor]],
+            weights: Tensor, step: int | None) -> None:
+        """Add one batch: ``train[k][i]`` ``[B, numel]`` and ``query[k][i]`` ``[Q, numel]`` per band parameter,
+        ``weights`` ``[B, K]`` (each example's weight in each band at this step); ``index`` the batch's dataset
+        indices. The inner products run in the parameters' dtype (float32: a first-order score, not a replayed
+        value), each parameter's added into the float64 sums."""
         total = torch.zeros((len(index), self.examples.shape[1]), dtype=torch.float64)
-        for k, (g, G) in enumerate(zip(train, query)):
-            if g.shape[1] == 0:
+        for k, (gs, Gs) in enumerate(zip(train, query)):
+            if not gs:
                 continue
-            s = (g @ G.T) * weights[:, k : k + 1]
+            dots = sum((g @ G.T).to(torch.float64) for g, G in zip(gs, Gs))
+            s = dots * weights[:, k : k + 1]
             total += s
             self.bands[k] += s.sum(0)
             if self.self_influence is not None:
-                self.self_influence.index_add_(0, index, weights[:, k] * (g * g).sum(1))
+                own = sum((g * g).sum(1).to(torch.float64) for g in gs)
+                self.self_influence.index_add_(0, index, weights[:, k] * own)
         self.examples.index_add_(0, index, total)
         if step is not None:
             self.steps[step] += float(total.sum()) / max(1, self.examples.shape[1])
 
 
-def query_band_grads(forward: Callable[[], Tensor], params: BandParams, scale: Sequence[Sequence[float]],
-                     seed: int) -> list[Tensor]:
-    """The query examples' per-example band gradients at the current weights; ``forward`` gives their losses.
-    Run under a fixed seed in a forked generator: dropout in the query's forward never moves the replay's."""
+def query_band_grads(grads: ExampleGrads, inputs: Sequence[Tensor], targets: Tensor, n_bands: int,
+                     scale: Sequence[Sequence[float]], seed: int) -> list[list[Tensor]]:
+    """The query examples' per-example band gradients at the current weights (profile 1 in every band).
+    Under a fixed seed in a forked generator: dropout in the query's forward never moves the replay's."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        losses = forward()
-        return per_example_band_grads(losses, params, retain_graph=False, scale=scale)
+        ones = torch.ones((int(targets.shape[0]), n_bands), dtype=torch.float32)
+        return grads(inputs, ones, targets, scale=scale)

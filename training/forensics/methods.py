@@ -17,7 +17,7 @@ from gradledger.ledger.ledger import Ledger
 
 from ..replayer import Replayer, ReplayError
 from ..runtime import torch_deterministic
-from .influence import Accumulator, BandParams, band_weights, per_example_band_grads, query_band_grads
+from .influence import Accumulator, BandParams, ExampleGrads, band_weights, query_band_grads
 from .lineage import Lineage, TraceDiverged, TraceError
 from .query import Query
 
@@ -59,11 +59,12 @@ def replayer(ledger: Ledger, lin: Lineage) -> Replayer:
         raise TraceError(str(exc)) from None
 
 
-def _setup(rep: Replayer) -> tuple[BandParams, list[list[int]]]:
+def _setup(rep: Replayer) -> tuple[BandParams, list[list[int]], ExampleGrads]:
     group_of = {id(p): g for g, group in enumerate(rep.optimizer.param_groups) for p in group["params"]}
     bands = [list(ps) for ps in rep.bands.params]
-    params = BandParams(bands, [[group_of[id(p)] for p in ps] for ps in bands])
-    return params, params.groups
+    names = [["model." + n for n in ns] for ns in rep.bands.param_names]
+    params = BandParams(bands, [[group_of[id(p)] for p in ps] for ps in bands], names)
+    return params, params.groups, ExampleGrads(rep.module, params, rep.example_loss_fn)
 
 
 def _lr_scale(update: Mapping[str, Any], groups: list[list[int]], relative: bool) -> list[list[float]]:
@@ -81,15 +82,6 @@ def _check_query_memory(q: int, params: BandParams) -> None:
                          f"(at most {MAX_QUERY_GRAD_BYTES >> 20}); use fewer query examples (inputs.limit)")
 
 
-def _query_forward(rep: Replayer, query: Query) -> Callable[[], Tensor]:
-    ones = torch.ones((len(query), rep.n_bands), dtype=torch.float32)
-    x = _program_inputs(query.inputs)
-
-    def forward() -> Tensor:
-        return rep.example_loss_fn(rep.module(*x, ones), query.targets)
-    return forward
-
-
 def _n_steps(lin: Lineage) -> int:
     return 1 + max((u["step"] for _, u in lin.run.updates), default=0)
 
@@ -98,7 +90,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
                      progress: Callable[[int], None] | None = None) -> Influence:
     """Replay every recorded step from the first checkpoint and sum each batch example's influence on the
     query at the step's own weights (TracIn's ideal form; specs/forensics.md §4.1)."""
-    params, groups = _setup(rep)
+    params, groups, grads = _setup(rep)
     _check_query_memory(len(query), params)
     recipes = [u["step"] for _, u in lin.run.updates if "recipe" in u]
     if recipes:
@@ -107,7 +99,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
     result = Influence(acc)
     _approximations(lin, result)
-    forward = _query_forward(rep, query)
+    qx = _program_inputs(query.inputs)
     branch_start = next((c for _, c in lin.run.checkpoints if c["step"] == lin.rewind_step), None)
     with torch_deterministic():
         rep.restore(ledger, lin.run.checkpoints[0][1])
@@ -116,11 +108,11 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
                 rep.restore(ledger, branch_start)  # the branch goes on from its own recorded state
             # Group 0's lr in the weights, the other groups' relative to it on the query's gradients.
             scale = _lr_scale(u, groups, relative=True)
-            seen: dict[str, list[Tensor]] = {}
+            seen: dict[str, list[list[Tensor]]] = {}
 
             def inspect(out: Tensor, labels: Tensor, index: Tensor) -> None:
-                seen["train"] = per_example_band_grads(rep.example_loss_fn(out, labels), params, retain_graph=True)
-                seen["query"] = query_band_grads(forward, params, scale, QUERY_SEED)
+                seen["train"] = grads(rep.rows(index), rep.profiles[index], labels, out=out)
+                seen["query"] = query_band_grads(grads, qx, query.targets, rep.n_bands, scale, QUERY_SEED)
 
             try:
                 body = rep.step(u, list(u["batch"]), inspect)
@@ -136,7 +128,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
             b = len(u["batch"])
             w = band_weights(u["band_grad_norms"], u["routing"]["limits"])
             lr = float(u["lr"])
-            weights = torch.tensor([[lr * c / b for c in w]] * b, dtype=torch.float64)
+            weights = torch.tensor([lr * c / b for c in w], dtype=torch.float64).expand(b, -1)
             acc.add(torch.tensor(u["batch"], dtype=torch.int64), seen["train"], seen["query"], weights, u["step"])
             if progress is not None:
                 progress(u["step"])
@@ -170,14 +162,14 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
     """Sum each example's influence over the stored checkpoints only: every step of a segment is taken at
     the segment's first checkpoint, each example weighted by the lr, clip and routing its steps recorded
     (TracInCP with the ledger's exact schedule; specs/forensics.md §4.2). Approximate by construction."""
-    params, groups = _setup(rep)
+    params, groups, grads = _setup(rep)
     _check_query_memory(len(query), params)
     acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
     result = Influence(acc, approximate=True)
     result.notes.append("each step's weights are taken as its segment's first checkpoint (TracInCP)")
     _approximations(lin, result)
     starts = [c for _, c in lin.run.checkpoints]
-    forward = _query_forward(rep, query)
+    qx = _program_inputs(query.inputs)
     with torch_deterministic():
         for ci, start in enumerate(starts):
             end = starts[ci + 1]["step"] if ci + 1 < len(starts) else None
@@ -195,16 +187,15 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
                 weight.index_add_(0, index, torch.tensor([[lr * p * c for c in w] for p in per], dtype=torch.float64))
             rep.restore(ledger, start)
             # Other groups' learning rates, relative to group 0's (which the weights hold), at the segment's start.
-            query_grads = query_band_grads(forward, params, _lr_scale(seg[0], groups, relative=True), QUERY_SEED)
+            query_grads = query_band_grads(grads, qx, query.targets, rep.n_bands,
+                                           _lr_scale(seg[0], groups, relative=True), QUERY_SEED)
             rows = torch.nonzero(weight.abs().sum(1)).flatten()
             before = float(acc.examples.sum())
             for lo in range(0, len(rows), CHUNK):
                 index = rows[lo : lo + CHUNK]
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(QUERY_SEED + 1)
-                    out = rep.module(*rep.rows(index), rep.profiles[index])
-                    losses = rep.example_loss_fn(out, rep.labels[index])
-                    train = per_example_band_grads(losses, params, retain_graph=False)
+                    train = grads(rep.rows(index), rep.profiles[index], rep.labels[index])
                 acc.add(index, train, query_grads, weight[index], None)
             acc.steps[seg[0]["step"]] += (float(acc.examples.sum()) - before) / max(1, len(query))
             result.steps += len(seg)
