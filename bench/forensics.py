@@ -13,7 +13,8 @@ upper two, the rest the head only):
     random per seed, swaps 3 and 8 on its examples. A 64-64-64-10 MLP trains 9 epochs (batch 32,
     396 steps, padded to 400 so that the run closes at a checkpoint; a checkpoint every 100 steps,
     the library's default).
-    Query: 20 held-out true 3s against 8 and 20 true 8s against 3 ("the affected classes confused").
+    Query: 20 held-out true 3s read as 8 rather than 3, and 20 true 8s read as 3 rather than 8 ("the
+    affected classes confused": ``target`` the wrong class, ``against`` the true one).
     ``faulty_top1_rate`` (replay method) and ``faulty_top1_rate_checkpoints``: share of seeds where
     the faulty source ranks first. Cost: ``replay_trace_vs_train`` and ``checkpoint_trace_vs_train``
     (trace time over the governed training time of the same run, medians over seeds).
@@ -61,6 +62,7 @@ from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.bands import sequential_bands  # noqa: E402
 from gradledger.training.dataset import commit_dataset  # noqa: E402
 from gradledger.training.forensics import lineage, parse_query, trace  # noqa: E402
+from gradledger.training.forensics.query import query_loss  # noqa: E402
 from gradledger.training.forensics.methods import (checkpoints_influence, loss_trace, replay_influence,  # noqa: E402
                                                    replayer)
 from gradledger.training.manifests import example_id, label_example, source_entry  # noqa: E402
@@ -218,7 +220,7 @@ def faulty_run(seed: int, x: torch.Tensor, y: torch.Tensor, work: Path) -> dict[
 
     save_file({"x": x[rows].contiguous()}, str(qfile))
     query = json.dumps({"description": "3s read as 8 and 8s read as 3", "inputs": {"file": str(qfile)},
-                        "target": [8 if int(y[i]) == 3 else 3 for i in rows]})
+                        "target": [8 if int(y[i]) == 3 else 3 for i in rows], "against": [int(y[i]) for i in rows]})
     t0 = time.perf_counter()
     by_replay = trace(led, query, method="replay", top=len(SOURCES))
     replay_s = time.perf_counter() - t0
@@ -248,7 +250,7 @@ def counterfactual(led: Ledger, query: str, removed: set[int]) -> float:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             out = rep.module(q.inputs, torch.ones((len(q), rep.n_bands)))
-            return float(rep.example_loss_fn(out, q.targets).mean())
+            return float(query_loss(rep.example_loss_fn)(out, q.classes()).mean())
 
 
 def lds(run: dict[str, Any], subsets: int) -> tuple[float, float]:

@@ -6,6 +6,7 @@ unlearning branch; source shares follow the aggregation; bad queries exit 2 with
 from __future__ import annotations
 
 import copy
+import math
 import json
 import subprocess
 import sys
@@ -314,3 +315,39 @@ def test_per_example_gradients_agree_between_vmap_and_the_batched_backward(trace
     # A band an example may not reach: exactly zero, both ways.
     zero = [i for i, r in enumerate(profiles.tolist()) if r[2] == 0.0]
     assert zero and all(float(g[zero].abs().sum()) == 0.0 for g in functional[2])
+
+
+def test_a_contrast_query_is_the_difference_of_its_two_queries(traced: Any) -> None:
+    """Influence is linear in the query's gradient: "read as 8 rather than 3" scores every example as
+    "read as 8" minus "read as 3"."""
+    led = traced[0]
+
+    def scores(**fields: Any) -> torch.Tensor:
+        found, _ = _influence(led, replay_influence, json.dumps({"inputs": {"label": 3, "limit": 12}, **fields}))
+        return found.acc.examples.mean(1)
+
+    both = scores(target=8, against=3)
+    assert torch.allclose(both, scores(target=8) - scores(target=3), rtol=1e-4, atol=1e-9 * float(both.abs().max()))
+    proc = _cli(str(led.path), "--query", json.dumps({"inputs": {"label": 3}, "target": 3, "against": 3}))
+    assert proc.returncode == 2 and "two classes" in proc.stderr
+
+
+def test_validate_replays_without_the_top_sources(traced: Any) -> None:
+    """--validate K: the run replayed without the top source (nothing recorded) gives another query loss;
+    with every source removed, nothing is trained and the query loss is the step-0 model's."""
+    led = traced[0]
+    size = led.size
+    report = trace(led, QUERY, top=3, validate_top=1)
+    v = report["validation"]
+    assert v["sources"] == [report["sources"][0]["source"]] and v["removed"] + v["relabeled"] > 0
+    assert v["predicted_change"] == report["sources"][0]["score"]
+    assert math.isfinite(v["actual_change"]) and v["actual_change"] != 0.0
+    assert led.size == size  # nothing recorded
+    everyone = trace(led, QUERY, top=10, validate_top=3)["validation"]
+    lin = lineage(led, None)
+    rep = replayer(led, lin)
+    rep.restore(led, lin.run.checkpoints[0][1])
+    q = parse_query(QUERY, labels=rep.labels, inputs=rep.inputs, classes=10)
+    with torch.no_grad():
+        initial = float(F.cross_entropy(rep.module(q.inputs, torch.ones((len(q), 3))), q.targets))
+    assert everyone["removed"] == len(MANIFESTS) and everyone["query_loss_without"] == pytest.approx(initial, rel=1e-6)

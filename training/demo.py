@@ -469,7 +469,7 @@ def write_query(data: Digits, out: Path, per_class: int = 32) -> Path:
     save_file({"x": data.x_test[rows].contiguous()}, str(out / "query.safetensors"))
     targets = [b if int(data.y_test[i]) == a else a for i in rows]
     query = {"description": f"{a}s read as {b} and {b}s read as {a}", "inputs": {"file": "query.safetensors"},
-             "target": targets}
+             "target": targets, "against": [int(data.y_test[i]) for i in rows]}
     (out / "query.json").write_text(json.dumps(query) + "\n", encoding="utf-8")
     return out / "query.json"
 

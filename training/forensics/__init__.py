@@ -20,18 +20,22 @@ from .methods import METHODS, checkpoints_influence, loss_trace, replay_influenc
 from .query import MAX_QUERY, Query, QueryError, parse_query
 from .result import influence_report, loss_trace_report
 from .shares import UNATTRIBUTED, example_shares
+from .validate import validate
 
 __all__ = ["MAX_QUERY", "METHODS", "UNATTRIBUTED", "Lineage", "Query", "QueryError", "TraceDiverged", "TraceError", "example_shares",
            "lineage", "parse_query", "trace"]
 
 
 def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, method: str = "replay", top: int = 10,
-          self_influence: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+          self_influence: bool = False, validate_top: int = 0,
+          progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Trace the behavior ``query`` (specs/forensics.md §2; JSON text or a .json path) in run ``run_id``
     (default the latest governed run) with ``method``; the ranked answer as a JSON-ready map.
 
     ``self_influence`` adds each training example's self-influence (replay and checkpoints): the sum
     over its steps of its weight times its own squared gradient norm, a mislabel and memorization score.
+    ``validate_top`` K > 0 adds the exact counterfactual of the top K sources (validate.py): the run
+    replayed without them, the measured change of the query loss against the predicted one.
     Raises ``QueryError`` for a query that cannot be used and ``TraceError`` for a run that cannot be traced.
     """
     if method not in METHODS:
@@ -41,6 +45,8 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
     lin = lineage(ledger, run_id)
     head: dict[str, Any] = {"run": lin.run.run_id, "method": method, "branch_without": lin.retired,
                             "recorded_steps": len(lin.run.updates)}
+    if validate_top and method == "loss-trace":
+        raise QueryError("--validate checks an attribution: use the replay or checkpoints method")
     if method == "loss-trace":
         mean, count = loss_trace(lin)
         return {**head, **loss_trace_report(mean, count, fields=lin.fields, registry=ledger.registry, top=top)}
@@ -55,4 +61,8 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
     found = run(ledger, lin, rep, q, self_influence=self_influence, progress=progress)
     report = influence_report(found, fields=lin.fields, registry=ledger.registry, band_names=rep.bands.names, top=top)
     head["query"] = {"description": q.description, "digest": q.digest.hex(), "examples": len(q)}
-    return {**head, **report}
+    out = {**head, **report}
+    if validate_top:
+        inputs = [q.inputs[k] for k in sorted(q.inputs)] if isinstance(q.inputs, dict) else [q.inputs]
+        out["validation"] = validate(ledger, lin, q, inputs, out, validate_top, progress=progress)
+    return out

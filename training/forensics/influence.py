@@ -155,7 +155,8 @@ class Accumulator:
 
 def query_band_grads(grads: ExampleGrads, inputs: Sequence[Tensor], targets: Tensor, n_bands: int,
                      scale: Sequence[Sequence[float]], seed: int) -> list[list[Tensor]]:
-    """The query examples' per-example band gradients at the current weights (profile 1 in every band).
+    """The query examples' per-example band gradients at the current weights (profile 1 in every band);
+    ``targets`` is what ``grads``' loss reads (``Query.classes()``).
     Under a fixed seed in a forked generator: dropout in the query's forward never moves the replay's."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from ..replayer import Replayer, ReplayError
 from ..runtime import torch_deterministic
 from .influence import Accumulator, BandParams, ExampleGrads, band_weights, query_band_grads
 from .lineage import Lineage, TraceDiverged, TraceError
-from .query import Query
+from .query import Query, query_loss
 
 __all__ = ["METHODS", "Influence", "checkpoints_influence", "loss_trace", "replay_influence", "replayer"]
 
@@ -91,6 +91,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     """Replay every recorded step from the first checkpoint and sum each batch example's influence on the
     query at the step's own weights (TracIn's ideal form; specs/forensics.md §4.1)."""
     params, groups, grads = _setup(rep)
+    qgrads, qclasses = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn)), query.classes()
     _check_query_memory(len(query), params)
     recipes = [u["step"] for _, u in lin.run.updates if "recipe" in u]
     if recipes:
@@ -112,7 +113,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
 
             def inspect(out: Tensor, labels: Tensor, index: Tensor) -> None:
                 seen["train"] = grads(rep.rows(index), rep.profiles[index], labels, out=out)
-                seen["query"] = query_band_grads(grads, qx, query.targets, rep.n_bands, scale, QUERY_SEED)
+                seen["query"] = query_band_grads(qgrads, qx, qclasses, rep.n_bands, scale, QUERY_SEED)
 
             try:
                 body = rep.step(u, list(u["batch"]), inspect)
@@ -163,6 +164,7 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
     the segment's first checkpoint, each example weighted by the lr, clip and routing its steps recorded
     (TracInCP with the ledger's exact schedule; specs/forensics.md §4.2). Approximate by construction."""
     params, groups, grads = _setup(rep)
+    qgrads, qclasses = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn)), query.classes()
     _check_query_memory(len(query), params)
     acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
     result = Influence(acc, approximate=True)
@@ -187,7 +189,7 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
                 weight.index_add_(0, index, torch.tensor([[lr * p * c for c in w] for p in per], dtype=torch.float64))
             rep.restore(ledger, start)
             # Other groups' learning rates, relative to group 0's (which the weights hold), at the segment's start.
-            query_grads = query_band_grads(grads, qx, query.targets, rep.n_bands,
+            query_grads = query_band_grads(qgrads, qx, qclasses, rep.n_bands,
                                            _lr_scale(seg[0], groups, relative=True), QUERY_SEED)
             rows = torch.nonzero(weight.abs().sum(1)).flatten()
             before = float(acc.examples.sum())

@@ -5,14 +5,19 @@ A query is a JSON object, given inline or as the path of a ``.json`` file::
 
     {"description": "3s read as 8",
      "inputs": {"label": 3, "limit": 64},        # or {"indices": [...]}, or {"file": "q.safetensors"}
-     "target": 8}                                 # or one class per input, or "label"
+     "target": 8,                                 # or one class per input, or "label"
+     "against": 3}                                # optional: the class it should read (a contrast)
 
 ``inputs`` names rows of the run's committed dataset (by index, or every row with a committed label,
 the first ``limit`` in index order) or a safetensors file whose tensors are named as the dataset's
 inputs (``x``, or ``x.<part>`` for a model of parts; a relative path is taken from the query file's
 folder, or the working directory for inline JSON). ``target`` is the class the behavior is about:
 the query loss is the run's loss of the model's output against it, and a training example that
-lowered that loss taught the behavior. ``"label"`` takes each dataset row's committed label.
+lowered that loss taught the behavior. ``"label"`` takes each dataset row's committed label. With
+``against`` (a class, one per input, or ``"label"``) the behavior is a confusion, "read as ``target``
+rather than ``against``": the query loss is the loss against ``target`` minus the loss against
+``against``, so what teaches every input more of ``target`` (a class prior, features every class
+shares) and what teaches ``against`` balance out, and what remains is what told the two apart wrongly.
 Anything else is refused with ``QueryError`` (the CLI's exit 2), naming the field.
 """
 
@@ -22,7 +27,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -31,13 +36,13 @@ from gradledger.ledger import encoding
 
 from ..errors import GovernanceError
 
-__all__ = ["MAX_QUERY", "Query", "QueryError", "parse_query"]
+__all__ = ["MAX_QUERY", "Query", "QueryError", "parse_query", "query_loss"]
 
 #: At most this many query examples (each costs a gradient per replayed step).
 MAX_QUERY = 4096
 #: A query file (JSON or safetensors) is read only below this size.
 MAX_QUERY_FILE = 1 << 30
-_FIELDS = {"description", "inputs", "target"}
+_FIELDS = {"description", "inputs", "target", "against"}
 
 
 class QueryError(GovernanceError):
@@ -46,17 +51,32 @@ class QueryError(GovernanceError):
 
 @dataclass(frozen=True)
 class Query:
-    """The query's inputs (a tensor, or part name -> tensor), one target class per input, where they
-    come from (dataset indices, or None for a file), its description and its digest."""
+    """The query's inputs (a tensor, or part name -> tensor), one target class per input, one contrast
+    class per input (or None), where they come from (dataset indices, or None for a file), its
+    description and its digest."""
 
     inputs: Any
     targets: Tensor
+    against: Tensor | None
     indices: list[int] | None
     description: str
     digest: bytes
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
+
+    def classes(self) -> Tensor:
+        """``[Q, 1]`` targets, or ``[Q, 2]`` targets and contrast classes: what ``query_loss`` reads."""
+        return torch.stack([self.targets] + ([self.against] if self.against is not None else []), 1)
+
+
+def query_loss(example_loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The query loss per example from the run's per-example loss and ``Query.classes()`` rows: the loss
+    against the target, minus the loss against the contrast class where the query names one."""
+    def loss(out: Tensor, classes: Tensor) -> Tensor:
+        value = example_loss(out, classes[:, 0])
+        return value - example_loss(out, classes[:, 1]) if classes.shape[1] == 2 else value
+    return loss
 
 
 def _read_json(text: str) -> tuple[Mapping[str, Any], Path]:
@@ -126,19 +146,28 @@ def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Quer
         x = {k: t[index] for k, t in inputs.items()} if isinstance(inputs, Mapping) else inputs[index]
     q = len(indices) if indices is not None else _rows(x)
     target = obj.get("target")
-    if target == "label":
-        if indices is None:
-            raise QueryError("query target \"label\" needs dataset inputs (indices or label): a file has no labels")
-        targets = labels[torch.tensor(indices, dtype=torch.int64)].clone()
-    elif isinstance(target, list):
-        if len(target) != q:
-            raise QueryError(f"query target lists {len(target)} classes for {q} inputs")
-        targets = torch.tensor([_class(t, classes, "query target") for t in target], dtype=torch.int64)
-    else:
-        targets = torch.full((q,), _class(target, classes, "query target"), dtype=torch.int64)
+    targets = _classes(target, "target", q, indices, labels, classes)
+    against = None if "against" not in obj else _classes(obj["against"], "against", q, indices, labels, classes)
+    if against is not None and bool((against == targets).any()):
+        raise QueryError("query against names the target class itself for some input: a confusion needs two classes")
     canonical = {"description": description, "inputs": spec, "target": target, "file": file_digest}
+    if "against" in obj:
+        canonical["against"] = obj["against"]
     digest = hashlib.sha256(encoding.encode(canonical)).digest()
-    return Query(x, targets, indices, description, digest)
+    return Query(x, targets, against, indices, description, digest)
+
+
+def _classes(value: Any, field: str, q: int, indices: list[int] | None, labels: Tensor, classes: int) -> Tensor:
+    """``target`` or ``against``: one class for every input, one per input, or the committed labels."""
+    if value == "label":
+        if indices is None:
+            raise QueryError(f"query {field} \"label\" needs dataset inputs (indices or label): a file has no labels")
+        return labels[torch.tensor(indices, dtype=torch.int64)].clone()
+    if isinstance(value, list):
+        if len(value) != q:
+            raise QueryError(f"query {field} lists {len(value)} classes for {q} inputs")
+        return torch.tensor([_class(t, classes, f"query {field}") for t in value], dtype=torch.int64)
+    return torch.full((q,), _class(value, classes, f"query {field}"), dtype=torch.int64)
 
 
 def _rows(x: Any) -> int:
