@@ -47,7 +47,7 @@ def test_files_and_key_permissions(run: tuple[Path, dict[str, Any], float]) -> N
 def test_every_stage_ran_and_the_verifier_verified(run: tuple[Path, dict[str, Any], float]) -> None:
     _, figures, _ = run
     stages = {s["name"]: s for s in figures["stages"]}
-    assert list(stages) == ["retire", "unlearn", "export", "verify"]
+    assert list(stages) == ["trace", "retire", "unlearn", "export", "verify"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     rep = figures["verifier"]
     assert rep["verified"] is True and rep["first_failure"] is None
@@ -107,10 +107,24 @@ def test_report_html_shows_the_charts_and_the_verdict(run: tuple[Path, dict[str,
     assert json.loads((out / "report.json").read_text())["before"] == figures["before"]
 
 
-def test_reduced_run_is_quick(run: tuple[Path, dict[str, Any], float]) -> None:
+def test_the_timings_are_reported(run: tuple[Path, dict[str, Any], float]) -> None:
     _, figures, seconds = run
-    assert seconds < 60, f"the reduced demo took {seconds:.1f}s"
     assert figures["timings"]["total"] <= seconds
+    assert {"training", "trace", "unlearn", "verify"} <= set(figures["timings"])
+
+
+def test_the_investigation_traces_the_confusion_to_the_faulty_worker(run: tuple[Path, dict[str, Any], float]) -> None:
+    """Before retirement, `gradledger trace` over the ledger ranks the sources by their influence on
+    "3s read as 8 rather than 3, 8s as 3 rather than 8"; the report shows it and query.json reruns it."""
+    out, figures, _ = run
+    report = figures["trace"]["report"]
+    assert report["method"] == "replay" and report["replayed_steps"] == STEPS
+    assert report["sources"][0]["source"] == D.FAULTY, report["sources"][:3]
+    assert sum(s["share"] for s in report["sources"]) <= 1.0 + 1e-9
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Who taught the model to confuse 3 and 8" in html
+    query = json.loads((out / "query.json").read_text())
+    assert query["inputs"] == {"file": "query.safetensors"} and len(query["target"]) == len(query["against"])
 
 
 def test_terminal_summary_names_the_figures(run: tuple[Path, dict[str, Any], float]) -> None:

@@ -67,17 +67,25 @@ class ExampleGrads:
         self.module, self.params, self.loss = module, params, loss
         self.functional = True
 
+    def functional_grads(self, inputs: Sequence[Tensor], profiles: Tensor, targets: Tensor, *,
+                         scale: Sequence[Sequence[float]] | None = None) -> list[list[Tensor]] | None:
+        """The ``vmap(grad)`` gradients, or None (from then on) where the program draws random numbers."""
+        if not self.functional:
+            return None
+        try:
+            return _split(self._vmapped(inputs, profiles, targets), self.params, int(targets.shape[0]), scale)
+        except (RuntimeError, ProgramError) as exc:  # the interpreter reports a node's failure as ProgramError
+            if "random" not in str(exc):
+                raise
+            self.functional = False  # dropout: the masks must be the forward's own
+            return None
+
     def __call__(self, inputs: Sequence[Tensor], profiles: Tensor, targets: Tensor, *,
                  scale: Sequence[Sequence[float]] | None = None, out: Tensor | None = None) -> list[list[Tensor]]:
         """``out``: the batch's own forward (graph kept), for the fallback; without it one is run."""
-        n = int(targets.shape[0])
-        if self.functional:
-            try:
-                return _split(self._vmapped(inputs, profiles, targets), self.params, n, scale)
-            except (RuntimeError, ProgramError) as exc:  # the interpreter reports a node's failure as ProgramError
-                if "random" not in str(exc):
-                    raise
-                self.functional = False  # dropout: the masks must be the forward's own
+        found = self.functional_grads(inputs, profiles, targets, scale=scale)
+        if found is not None:
+            return found
         if out is None:
             out = self.module(*inputs, profiles)
         return per_example_band_grads(self.loss(out, targets), self.params, retain_graph=True, scale=scale)
@@ -159,6 +167,6 @@ def query_band_grads(grads: ExampleGrads, inputs: Sequence[Tensor], targets: Ten
     ``targets`` is what ``grads``' loss reads (``Query.classes()``).
     Under a fixed seed in a forked generator: dropout in the query's forward never moves the replay's."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed also queues every device's
         ones = torch.ones((int(targets.shape[0]), n_bands), dtype=torch.float32)
         return grads(inputs, ones, targets, scale=scale)

@@ -19,7 +19,7 @@ from ..replayer import Replayer, ReplayError
 from ..runtime import torch_deterministic
 from .influence import Accumulator, BandParams, ExampleGrads, band_weights, query_band_grads
 from .lineage import Lineage, TraceDiverged, TraceError
-from .query import Query, query_loss
+from .query import Query, mixed_loss, mixed_rows, query_loss
 
 __all__ = ["METHODS", "Influence", "checkpoints_influence", "loss_trace", "replay_influence", "replayer"]
 
@@ -92,6 +92,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     query at the step's own weights (TracIn's ideal form; specs/forensics.md §4.1)."""
     params, groups, grads = _setup(rep)
     qgrads, qclasses = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn)), query.classes()
+    mixed, qrows = ExampleGrads(rep.module, params, mixed_loss(rep.example_loss_fn)), mixed_rows(qclasses)
     _check_query_memory(len(query), params)
     recipes = [u["step"] for _, u in lin.run.updates if "recipe" in u]
     if recipes:
@@ -101,6 +102,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     result = Influence(acc)
     _approximations(lin, result)
     qx = _program_inputs(query.inputs)
+    ones = torch.ones((len(query), rep.n_bands), dtype=torch.float32)
     branch_start = next((c for _, c in lin.run.checkpoints if c["step"] == lin.rewind_step), None)
     with torch_deterministic():
         rep.restore(ledger, lin.run.checkpoints[0][1])
@@ -112,7 +114,18 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
             seen: dict[str, list[list[Tensor]]] = {}
 
             def inspect(out: Tensor, labels: Tensor, index: Tensor) -> None:
-                seen["train"] = grads(rep.rows(index), rep.profiles[index], labels, out=out)
+                # The batch and the query in one vmap where the program is deterministic, else apart.
+                rows = rep.rows(index)
+                both = mixed.functional_grads(
+                    [torch.cat([a, b]) for a, b in zip(rows, qx)], torch.cat([rep.profiles[index], ones]),
+                    torch.cat([mixed_rows(labels[:, None]), qrows]))
+                if both is not None:
+                    b = len(index)
+                    seen["train"] = [[g[:b] for g in band] for band in both]
+                    seen["query"] = [[g[b:] * f if f != 1.0 else g[b:] for g, f in zip(band, fs)]
+                                     for band, fs in zip(both, scale)]
+                    return
+                seen["train"] = grads(rows, rep.profiles[index], labels, out=out)
                 seen["query"] = query_band_grads(qgrads, qx, qclasses, rep.n_bands, scale, QUERY_SEED)
 
             try:
@@ -196,7 +209,7 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
             for lo in range(0, len(rows), CHUNK):
                 index = rows[lo : lo + CHUNK]
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(QUERY_SEED + 1)
+                    torch.default_generator.manual_seed(QUERY_SEED + 1)
                     train = grads(rep.rows(index), rep.profiles[index], rep.labels[index])
                 acc.add(index, train, query_grads, weight[index], None)
             acc.steps[seg[0]["step"]] += (float(acc.examples.sum()) - before) / max(1, len(query))

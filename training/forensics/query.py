@@ -36,7 +36,7 @@ from gradledger.ledger import encoding
 
 from ..errors import GovernanceError
 
-__all__ = ["MAX_QUERY", "Query", "QueryError", "parse_query", "query_loss"]
+__all__ = ["MAX_QUERY", "Query", "QueryError", "mixed_loss", "mixed_rows", "parse_query", "query_loss"]
 
 #: At most this many query examples (each costs a gradient per replayed step).
 MAX_QUERY = 4096
@@ -68,6 +68,24 @@ class Query:
     def classes(self) -> Tensor:
         """``[Q, 1]`` targets, or ``[Q, 2]`` targets and contrast classes: what ``query_loss`` reads."""
         return torch.stack([self.targets] + ([self.against] if self.against is not None else []), 1)
+
+
+def mixed_loss(example_loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """One loss for training rows and query rows together (one ``vmap`` over both): a row ``[c, a, m]``
+    is the loss against ``c`` minus ``m`` times the loss against ``a``; ``m = 0`` leaves the training
+    loss bit for bit (``x - 0 * y`` is ``x``, and its gradient gains exact zeros)."""
+    def loss(out: Tensor, rows: Tensor) -> Tensor:
+        return example_loss(out, rows[:, 0]) - rows[:, 2].to(out.dtype) * example_loss(out, rows[:, 1])
+    return loss
+
+
+def mixed_rows(classes: Tensor) -> Tensor:
+    """``mixed_loss`` rows ``[c, a, m]`` for ``[Q, 1]`` or ``[Q, 2]`` classes (``Query.classes()``, or a
+    training batch's labels as ``[B, 1]``)."""
+    n = int(classes.shape[0])
+    if classes.shape[1] == 2:
+        return torch.cat([classes, torch.ones((n, 1), dtype=classes.dtype)], 1)
+    return torch.cat([classes, torch.zeros((n, 2), dtype=classes.dtype)], 1)
 
 
 def query_loss(example_loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

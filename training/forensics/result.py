@@ -27,11 +27,20 @@ BOOTSTRAP, BOOTSTRAP_SEED = 200, 0
 STEP_RANGES = 20
 
 
-def _share_matrix(fields: Sequence[Mapping[str, Any]], names: list[str]) -> Tensor:
+def _shares(fields: Sequence[Mapping[str, Any]], registry: Any) -> tuple[list[dict[str, float]], dict[str, SourceInfo],
+                                                                     list[str]]:
+    """Each example's source shares, the sources' credentials, and the source names in report order."""
+    shares = [example_shares(f) for f in fields]
+    table = source_table(fields, registry)
+    names = sorted(table) + ([UNATTRIBUTED] if any(UNATTRIBUTED in s for s in shares) else [])
+    return shares, table, names
+
+
+def _share_matrix(shares: Sequence[Mapping[str, float]], names: list[str]) -> Tensor:
     col = {n: i for i, n in enumerate(names)}
-    m = torch.zeros((len(names), len(fields)), dtype=torch.float64)
-    for z, f in enumerate(fields):
-        for name, share in example_shares(f).items():
+    m = torch.zeros((len(names), len(shares)), dtype=torch.float64)
+    for z, row in enumerate(shares):
+        for name, share in row.items():
             m[col[name], z] = share
     return m
 
@@ -73,10 +82,8 @@ def influence_report(found: Influence, *, fields: Sequence[Mapping[str, Any]], r
     """The ranked answer of the replay or checkpoints method."""
     acc = found.acc
     q = acc.examples.shape[1]
-    table = source_table(fields, registry)
-    names = sorted(table) + ([UNATTRIBUTED] if any(UNATTRIBUTED in example_shares(f) for f in fields) else [])
-    shares = _share_matrix(fields, names)
-    per_source = shares @ acc.examples  # [S, Q]
+    rows, table, names = _shares(fields, registry)
+    per_source = _share_matrix(rows, names) @ acc.examples  # [S, Q]
     s_scores = per_source.mean(1)
     s_err, s_lo, s_hi, s_top = _bootstrap(per_source)
     s_share = _positive_share(s_scores)
@@ -110,7 +117,7 @@ def influence_report(found: Influence, *, fields: Sequence[Mapping[str, Any]], r
     order = torch.argsort(e_scores, descending=True)[:top].tolist()
     e_err = acc.examples[order].std(1, correction=1) / max(1, q) ** 0.5 if q > 1 else torch.zeros(len(order))
     examples = [{"index": z, "score": float(e_scores[z]), "share": float(e_share[z]), "stderr": float(e_err[r]),
-                 "label": int(fields[z]["label"]), "sources": sorted(example_shares(fields[z]))}
+                 "label": int(fields[z]["label"]), "sources": sorted(rows[z])}
                 for r, z in enumerate(order)]
     out: dict[str, Any] = {
         "predicted_change": -float(e_scores.sum()),
@@ -129,9 +136,8 @@ def loss_trace_report(mean: Tensor, count: Tensor, *, fields: Sequence[Mapping[s
     """The ranked answer of the loss-trace method: examples by mean recorded loss (a label-noise and
     memorization signal, not an attribution), sources by the share-weighted mean loss of their examples."""
     seen = count > 0
-    table = source_table(fields, registry)
-    names = sorted(table) + ([UNATTRIBUTED] if any(UNATTRIBUTED in example_shares(f) for f in fields) else [])
-    shares = _share_matrix(fields, names) * seen
+    rows, table, names = _shares(fields, registry)
+    shares = _share_matrix(rows, names) * seen
     values = torch.nan_to_num(mean, nan=0.0)
     mass = shares.sum(1)
     s_mean = torch.where(mass > 0, (shares @ values) / mass.clamp(min=1e-300), torch.zeros_like(mass))
@@ -148,7 +154,7 @@ def loss_trace_report(mean: Tensor, count: Tensor, *, fields: Sequence[Mapping[s
                         "examples": float(mass[i])})
     ranked = torch.argsort(torch.where(seen, values, torch.full_like(values, -1.0)), descending=True)
     examples = [{"index": z, "score": float(mean[z]), "recorded": int(count[z]), "label": int(fields[z]["label"]),
-                 "sources": sorted(example_shares(fields[z]))} for z in ranked[:top].tolist() if bool(seen[z])]
+                 "sources": sorted(rows[z])} for z in ranked[:top].tolist() if bool(seen[z])]
     return {"sources": sources[:top], "examples": examples, "approximate": False,
             "notes": ["loss-trace ranks by mean recorded loss: a label-noise and memorization signal, "
                       "not an attribution of the query"]}
