@@ -2,7 +2,8 @@
 verifier's (verify/_internal/).
 
 Why: the verifier re-implements routing, batch limits, aggregation, epoch order, step seeds,
-tensor/checkpoint digests and band norms on purpose (it must not import the trainer). Each case
+tensor/checkpoint digests, band norms and the per-example loss field on purpose (it must not
+import the trainer). Each case
 goes through both, and both must give the file's ``want`` or raise with ``wantErr`` in the
 message; the file is never regenerated here (only compared with the generator's output).
 Twin names differ: ``policy.route`` / ``routing.route_example`` (+ ``first_match``),
@@ -232,3 +233,24 @@ def test_band_norm_both(case: dict[str, Any]) -> None:
         params.append(p)
     assert struct.pack(">d", float(TG._band_norm(params))).hex() == case["want"]
     assert struct.pack(">d", float(VP._band_norm(grads))).hex() == case["want"]
+
+
+# -- the per-example loss field (training.md §3.1, format 4) ------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("example_losses"), ids=ids("example_losses"))
+def test_example_losses_both(case: dict[str, Any]) -> None:
+    from gradledger.training.updates import example_loss_bytes
+    from gradledger.verify._internal.example_losses import check_example_losses, decode_example_losses
+
+    if "wantErr" in case:
+        step = {"batch": list(range(case["batch"])), "example_losses": bytes.fromhex(case["data"])}
+        expect(case, "verifier", lambda: check_example_losses(step, 4))
+        return
+    micros = [torch.tensor([struct.unpack("<f", bytes.fromhex(h))[0] for h in m], dtype=torch.float32)
+              for m in case["losses"]]
+    data = example_loss_bytes(micros)
+    assert data.hex() == case["want"]
+    step = {"batch": list(range(case["batch"])), "example_losses": bytes.fromhex(case["want"])}
+    check_example_losses(step, 4)
+    assert decode_example_losses(step["example_losses"]) == [float(v) for m in micros for v in m]

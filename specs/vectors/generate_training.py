@@ -5,7 +5,8 @@
     python specs/vectors/generate_training.py --check    # exit 1 if the file on disk differs
 
 Why: the trainer (training/) and the verifier (verify/_internal/) implement routing, batch
-limits, aggregation, epoch order, step seeds and tensor/checkpoint digests twice, on purpose.
+limits, aggregation, epoch order, step seeds, tensor/checkpoint digests, band norms and the
+per-example loss field twice, on purpose.
 One file of ``{desc, inputs, want | wantErr}`` cases (the transparency-dev/merkle layout) that
 both test suites walk (tests/test_training_vectors.py) pins the two to each other and lets a
 third implementation prove itself. The expected values are computed here with training/ (the
@@ -18,6 +19,7 @@ Deterministic: every input is written out below; no clocks, no randomness.
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -341,6 +343,36 @@ def band_norm_cases() -> list[dict[str, Any]]:
     return out
 
 
+# -- example_losses (training.md §3.1, format 4) -------------------------------
+
+
+def example_losses_cases() -> list[dict[str, Any]]:
+    """Micro-batches of binary32 losses (each value's bits in hex) -> the field's bytes; and malformed fields."""
+    from gradledger.training.updates import example_loss_bytes
+
+    def bits(v: float) -> str:
+        return struct.pack("<f", v).hex()
+
+    out: list[dict[str, Any]] = []
+    for desc, micros in [
+        ("one batch", [[2.302585, 0.0, 1e-45]]),
+        ("two micro-batches, concatenated in order", [[0.5, 3.0], [7.25]]),
+        ("largest finite binary32 and the smallest normal", [[3.4028234663852886e38, 1.1754943508222875e-38]]),
+    ]:
+        tensors = [torch.tensor(m, dtype=torch.float32) for m in micros]
+        want = example_loss_bytes(tensors)
+        out.append({"desc": desc, "losses": [[bits(float(v)) for v in t] for t in tensors],
+                    "batch": sum(len(m) for m in micros), "want": want.hex()})
+    for desc, data, batch, err in [
+        ("three bytes short", "0000803f" * 2 + "000080", 3, "4 for each"),
+        ("one loss too many", "0000803f" * 3, 2, "4 for each"),
+        ("not finite", "0000803f" + "0000c07f", 2, "not finite"),
+        ("infinite", "0000807f", 1, "not finite"),
+    ]:
+        out.append({"desc": desc, "data": data, "batch": batch, "wantErr": err})
+    return out
+
+
 def document() -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -351,6 +383,8 @@ def document() -> dict[str, Any]:
             "path null means no credential. want.limits is batch_limits of that one rule.",
             "step_seed and micro_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
             "tensor data is the little-endian C-order bytes in hex; wantErr is a substring of the message.",
+            "example_losses: losses are each micro-batch's binary32 values as little-endian hex; want is the "
+            "GovernedUpdate field (format 4) in hex; wantErr cases give the field (data) and the batch's length.",
         ],
         "bands": BANDS,
         "sources": SOURCES,
@@ -364,6 +398,7 @@ def document() -> dict[str, Any]:
         "tensor_digest": tensor_cases(),
         "checkpoint_digest": checkpoint_cases(),
         "band_norm": band_norm_cases(),
+        "example_losses": example_losses_cases(),
     }
 
 
