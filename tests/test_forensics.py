@@ -237,6 +237,9 @@ def test_the_cli_answers_in_json_and_html(ledger_dir: str, tmp_path: Path) -> No
     proc = _cli(ledger_dir, "--method", "loss-trace", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["examples"]
+    proc = _cli(ledger_dir, "--query", QUERY, "--self-influence", "--top", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "highest self-influence" in proc.stdout
 
 
 @pytest.mark.parametrize("query, words", [

@@ -1,7 +1,7 @@
 """`gradledger trace`: which labeling sources taught a governed model a behavior (specs/forensics.md).
 
     gradledger trace LEDGER --query QUERY [--run R] [--method replay|checkpoints|loss-trace] [--top N]
-                     [--validate K] [--json] [--html FILE]
+                     [--validate K] [--self-influence] [--json] [--html FILE]
 
 Exit 0 with the ranked answer; 1 when replay of the run diverges from its records (naming the step);
 2 for a query or run that cannot be used (one line).
@@ -39,6 +39,10 @@ def _render(report: dict[str, Any]) -> str:
         for i, s in enumerate(report["sources"]):
             lines.append(f"  {i + 1:>2}. {s['source']:<24} {s['path'] or '':<32} {s['score']:.4g} ± {s['stderr']:.2g}")
     lines.append("examples: " + ", ".join(f"#{e['index']} ({e['score']:+.3g})" for e in report["examples"]))
+    if "self_influence" in report:
+        lines.append("highest self-influence (mislabel or memorization candidates): " + ", ".join(
+            f"#{e['index']} label {e['label']} by {'/'.join(e['sources'])} ({e['score']:.3g})"
+            for e in report["self_influence"]))
     v = report.get("validation")
     if v is not None:
         lines.append(f"validated by exact replay without {', '.join(v['sources'])} ({v['removed']} examples removed, "
@@ -57,7 +61,8 @@ def _trace(args: argparse.Namespace) -> int:
     with Ledger.open(args.ledger) as ledger:
         with tqdm(desc=f"tracing ({args.method})", unit="step", disable=None, file=sys.stderr) as bar:
             report = trace(ledger, args.query, run_id=args.run_id, method=args.method, top=args.top,
-                           validate_top=args.validate, progress=lambda step: bar.update(1))
+                           validate_top=args.validate, self_influence=args.self_influence,
+                           progress=lambda step: bar.update(1))
     if args.html is not None:
         if "query" not in report:
             print("gradledger: --html draws the replay and checkpoints methods' attribution", file=sys.stderr)
@@ -81,6 +86,8 @@ def add_command(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, help="entries per ranking (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--html", help="also write the answer as an HTML page to this file")
+    p.add_argument("--self-influence", action="store_true",
+                   help="also rank the training examples by self-influence (mislabel and memorization candidates)")
     p.add_argument("--validate", type=int, default=0, metavar="K",
                    help="replay the run without the top K sources (nothing recorded) and report the measured "
                    "change of the query loss against the predicted one")

@@ -127,7 +127,10 @@ def influence_report(found: Influence, *, fields: Sequence[Mapping[str, Any]], r
         "replayed_steps": found.steps, "bit_exact_steps": found.exact_steps,
     }
     if acc.self_influence is not None:
-        out["self_influence"] = acc.self_influence.tolist()
+        # The examples the model had to move furthest to fit: mislabel and memorization candidates.
+        ranked = torch.argsort(acc.self_influence, descending=True)[:top].tolist()
+        out["self_influence"] = [{"index": z, "score": float(acc.self_influence[z]), "label": int(fields[z]["label"]),
+                                  "sources": sorted(rows[z])} for z in ranked]
     return out
 
 
