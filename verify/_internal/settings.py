@@ -291,10 +291,6 @@ def _check_bands_named(run: RunView, fail: Callable[..., SettingsMismatch]) -> N
         raise fail(f"settings.band_params does not list the parameters of each of the {len(names)} bands")
 
 
-def _matches(prefix: str, name: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 @dataclass(frozen=True)
 class Column:
     """One input of a run's program: its program input name, the inputs artifact's tensor that feeds it,
