@@ -251,15 +251,25 @@ def test_the_cli_answers_in_json_and_html(ledger_dir: str, tmp_path: Path) -> No
     ("/nonexistent/q.json", "neither"),
     ('{"inputs": {"file": "FILE"}, "target": 8}', "per row"),
 ])
-def test_a_bad_query_exits_2_with_one_line(ledger_dir: str, tmp_path: Path, query: str, words: str) -> None:
+def test_a_bad_query_is_unusable_input(traced: Any, tmp_path: Path, query: str, words: str) -> None:
     from safetensors.torch import save_file
+
+    from gradledger.ledger.errors import exit_status
+    from gradledger.training.forensics import QueryError
 
     wrong = tmp_path / "q.safetensors"
     save_file({"x": torch.zeros(3, 8)}, str(wrong))  # rows of 8 values: the dataset's have 64
-    proc = _cli(ledger_dir, "--query", query.replace("FILE", str(wrong)))
+    with pytest.raises(QueryError, match=words) as caught:
+        trace(traced[0], query.replace("FILE", str(wrong)))
+    code, line = exit_status(caught.value, "gradledger")
+    assert code == 2 and "\n" not in line
+
+
+def test_a_bad_query_exits_2_with_one_line(ledger_dir: str) -> None:
+    proc = _cli(ledger_dir, "--query", '{"inputs": {"indices": [100000]}, "target": 8}')
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "not an index" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_an_unknown_run_exits_2(ledger_dir: str) -> None:
