@@ -250,7 +250,7 @@ def counterfactual(led: Ledger, query: str, removed: set[int]) -> float:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             out = rep.module(q.inputs, torch.ones((len(q), rep.n_bands)))
-            return float(query_loss(rep.example_loss_fn)(out, q.classes()).mean())
+            return float(query_loss(rep.example_loss_fn)(out, q.rows()).mean())
 
 
 def lds(run: dict[str, Any], subsets: int) -> tuple[float, float]:

@@ -312,15 +312,16 @@ def test_per_example_gradients_agree_between_vmap_and_the_batched_backward(trace
     batched backward of the step's forward otherwise) give the same gradients."""
     from gradledger.training.forensics.influence import ExampleGrads
     from gradledger.training.forensics.methods import _setup
+    from gradledger.training.forensics.query import label_rows, query_loss
 
     led = traced[0]
     rep = replayer(led, lineage(led, None))
-    params, _, grads = _setup(rep)
+    params, grads = _setup(rep)
     index = torch.arange(0, 40, 3)
-    inputs, profiles, labels = rep.rows(index), rep.profiles[index], rep.labels[index]
+    inputs, profiles, labels = rep.rows(index), rep.profiles[index], label_rows(rep.labels[index])
     functional = grads(inputs, profiles, labels)
     assert grads.functional  # this program draws no random numbers
-    batched = ExampleGrads(rep.module, params, rep.example_loss_fn)
+    batched = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn))
     batched.functional = False
     for a, b in zip(functional, batched(inputs, profiles, labels)):
         for x, y in zip(a, b):

@@ -31,8 +31,8 @@ from .policy import batch_limits, load_adopted, profiles_tensor
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
 from .updates import example_loss_bytes, route_examples, step_and_measure, update_body
 
-__all__ = ["Inspect", "RecordedRun", "ReplayError", "Replayer", "governed_original", "load_program", "recorded_run",
-           "runs_in", "run_extent"]
+__all__ = ["Inspect", "RecordedRun", "ReplayError", "Replayer", "governed_original", "load_program", "program_inputs",
+           "recorded_run", "run_records", "runs_in", "run_extent"]
 
 
 class ReplayError(GovernanceError):
@@ -69,12 +69,16 @@ def governed_original(body: Mapping[str, Any]) -> bool:
     return isinstance(settings, dict) and "dataset" in settings and "branch" not in settings
 
 
+def run_records(ledger: Ledger, seq: int, type_name: str) -> list[tuple[int, dict[str, Any]]]:
+    """The (seq, body) of every ``type_name`` record of the run started at ``seq``, in log order."""
+    lo, hi = run_extent(ledger, runs_in(ledger), seq)
+    return [(s, ledger.observation(s).body) for s in ledger.by_type(type_name) if lo < s < hi]
+
+
 def recorded_run(ledger: Ledger, seq: int, body: Mapping[str, Any]) -> RecordedRun:
     """The run started at ``seq`` with its updates and checkpoints; refused unless it is closed (steps
     0..n-1 in order, a step-0 checkpoint and one at step n after the last update)."""
-    lo, hi = run_extent(ledger, runs_in(ledger), seq)
-    updates = [(s, ledger.observation(s).body) for s in ledger.by_type("GovernedUpdate") if lo < s < hi]
-    checkpoints = [(s, ledger.observation(s).body) for s in ledger.by_type("Checkpoint") if lo < s < hi]
+    updates, checkpoints = run_records(ledger, seq, "GovernedUpdate"), run_records(ledger, seq, "Checkpoint")
     program = body.get("artifacts", {}).get("program")
     if program is None:
         raise ReplayError(f"run {body['run_id']!r} recorded no exported program; it cannot be replayed")
@@ -102,6 +106,12 @@ def load_program(data: bytes) -> nn.Module:
         return ProgramModule(read_program(data))
     except ProgramError as exc:
         raise ReplayError(f"the run's exported program is refused: {exc.args[0]}") from None
+
+
+def program_inputs(x: Tensor | Mapping[str, Tensor]) -> list[Tensor]:
+    """A batch as the program takes it: ``x``, or its parts in canonical (sorted) order
+    (specs/training.md §5.1)."""
+    return [x[name] for name in sorted(x)] if isinstance(x, Mapping) else [x]
 
 
 #: ``inspect(out, labels, index)``: called by ``Replayer.step`` after the step's forward, before its
@@ -158,10 +168,9 @@ class Replayer:
         self.inputs = load_inputs(ledger, dataset)
 
     def rows(self, index: Tensor) -> list[Tensor]:
-        """The program's inputs for the dataset rows ``index``: ``x``, or the parts in canonical (sorted)
-        order, as the program takes them (specs/training.md §5.1)."""
+        """The program's inputs for the dataset rows ``index`` (``program_inputs``)."""
         if isinstance(self.inputs, Mapping):
-            return [self.inputs[name][index] for name in sorted(self.inputs)]
+            return program_inputs({name: t[index] for name, t in self.inputs.items()})
         return [self.inputs[index]]
 
     def restore(self, ledger: Ledger, body: Mapping[str, Any]) -> None:

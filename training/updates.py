@@ -117,6 +117,11 @@ def example_loss_bytes(losses: Sequence[Tensor | None]) -> bytes:
     return struct.pack(f"<{flat.numel()}f", *flat.tolist())
 
 
+def example_loss_values(data: bytes) -> list[float]:
+    """The binary32 values of an ``example_losses`` field, as floats (``example_loss_bytes``' inverse)."""
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
 def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[int]) -> list[float]:
     # The band-norm rule of specs/routing.md §5 applied to (before - after), band by band
     # (``sizes`` parameters each, in order): per-parameter L2 in the parameter's dtype, then the
@@ -133,4 +138,4 @@ def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[
     return torch.stack(out).tolist()
 
 
-__all__ = ["RoutedExamples", "delta_norms", "example_loss_bytes", "route_examples", "step_and_measure", "update_body"]
+__all__ = ["RoutedExamples", "delta_norms", "example_loss_bytes", "example_loss_values", "route_examples", "step_and_measure", "update_body"]

@@ -63,6 +63,5 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
     head["query"] = {"description": q.description, "digest": q.digest.hex(), "examples": len(q)}
     out = {**head, **report}
     if validate_top:
-        inputs = [q.inputs[k] for k in sorted(q.inputs)] if isinstance(q.inputs, dict) else [q.inputs]
-        out["validation"] = validate(ledger, lin, q, inputs, out, validate_top, progress=progress)
+        out["validation"] = validate(ledger, lin, rep, q, out, validate_top, progress=progress)
     return out

@@ -27,11 +27,9 @@ from torch import Tensor
 
 from gradledger.ledger.program import ProgramError
 
+from ..gate import CLIP_EPS
+
 __all__ = ["Accumulator", "BandParams", "ExampleGrads", "band_weights", "per_example_band_grads"]
-
-#: The gate's clip epsilon (specs/routing.md §5): coefficient ``limit / (norm + CLIP_EPS)`` when below 1.
-CLIP_EPS = 1e-6
-
 
 @dataclass(frozen=True)
 class BandParams:
@@ -65,6 +63,7 @@ class ExampleGrads:
 
     def __init__(self, module: Any, params: BandParams, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.module, self.params, self.loss = module, params, loss
+        self.names = [n for ns in params.names for n in ns]  # the parameters' state names, flat
         self.functional = True
 
     def functional_grads(self, inputs: Sequence[Tensor], profiles: Tensor, targets: Tensor, *,
@@ -94,11 +93,10 @@ class ExampleGrads:
         from torch.func import grad, vmap
 
         self.module.check(*inputs, profiles)
-        names = [n for ns in self.params.names for n in ns]
-        values = [p.detach() for ps in self.params.bands for p in ps]
+        values = [p.detach() for ps in self.params.bands for p in ps]  # this step's weights
 
         def one(vals: list[Tensor], xs: tuple[Tensor, ...], prof: Tensor, target: Tensor) -> Tensor:
-            out = self.module.call_with(dict(zip(names, vals)), *(x[None] for x in xs), prof[None])
+            out = self.module.call_with(dict(zip(self.names, vals)), *(x[None] for x in xs), prof[None])
             return self.loss(out, target[None]).sum()
 
         return list(vmap(grad(one), in_dims=(None, 0, 0, 0))(values, tuple(inputs), profiles, targets))
@@ -118,7 +116,8 @@ def per_example_band_grads(losses: Tensor, params: BandParams, *, retain_graph: 
 
 
 def band_weights(norms: Sequence[float], limits: Sequence[float | None], clip_factor: float = 1.0) -> list[float]:
-    """Per band, the clip coefficient a step applied (specs/routing.md §5) times the user's clip factor."""
+    """Per band, the clip coefficient a step applied (specs/routing.md §5: ``limit / (norm + CLIP_EPS)``
+    when below 1) times the user's clip factor."""
     out = []
     for norm, limit in zip(norms, limits):
         coef = 1.0
@@ -164,7 +163,7 @@ class Accumulator:
 def query_band_grads(grads: ExampleGrads, inputs: Sequence[Tensor], targets: Tensor, n_bands: int,
                      scale: Sequence[Sequence[float]], seed: int) -> list[list[Tensor]]:
     """The query examples' per-example band gradients at the current weights (profile 1 in every band);
-    ``targets`` is what ``grads``' loss reads (``Query.classes()``).
+    ``targets`` is what ``grads``' loss reads (``Query.rows()``).
     Under a fixed seed in a forked generator: dropout in the query's forward never moves the replay's."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed also queues every device's

@@ -19,7 +19,7 @@ from gradledger.ledger.ledger import Ledger
 
 from ..dataset import CommittedDataset, load_dataset
 from ..errors import GovernanceError
-from ..replayer import RecordedRun, ReplayError, recorded_run, run_extent, runs_in
+from ..replayer import RecordedRun, ReplayError, recorded_run, run_records, runs_in
 from ..retirement import dependents
 
 __all__ = ["Lineage", "TraceDiverged", "TraceError", "lineage"]
@@ -82,12 +82,10 @@ def _branch(ledger: Ledger, seq: int, body: Mapping[str, Any], branch: Mapping[s
     original = recorded_run(ledger, branch["of"], of)
     retired = ledger.observation(branch["retired"]).body["source"]
     rewind = ledger.observation(branch["rewind"]).body
-    lo, hi = run_extent(ledger, runs_in(ledger), seq)
-    updates = [(s, ledger.observation(s).body) for s in ledger.by_type("GovernedUpdate") if lo < s < hi]
-    checkpoints = [(s, ledger.observation(s).body) for s in ledger.by_type("Checkpoint") if lo < s < hi]
+    updates, checkpoints = run_records(ledger, seq, "GovernedUpdate"), run_records(ledger, seq, "Checkpoint")
     if not checkpoints or checkpoints[0][1]["digest"] != rewind["digest"]:
         raise TraceError(f"branch {body['run_id']!r} does not start from its rewind checkpoint")
-    if not ledger.by_type("UnlearningCertificate") or not any(lo < s < hi for s in ledger.by_type("UnlearningCertificate")):
+    if not run_records(ledger, seq, "UnlearningCertificate"):
         raise TraceError(f"branch {body['run_id']!r} has no UnlearningCertificate: it was interrupted")
     step = rewind["step"]
     run = RecordedRun(seq, body["run_id"], dict(body["settings"]), original.program,

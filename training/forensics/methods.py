@@ -6,7 +6,6 @@ recorded per-example losses alone)."""
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -15,11 +14,12 @@ from torch import Tensor
 
 from gradledger.ledger.ledger import Ledger
 
-from ..replayer import Replayer, ReplayError
+from ..replayer import Replayer, ReplayError, program_inputs
 from ..runtime import torch_deterministic
+from ..updates import example_loss_values
 from .influence import Accumulator, BandParams, ExampleGrads, band_weights, query_band_grads
 from .lineage import Lineage, TraceDiverged, TraceError
-from .query import Query, mixed_loss, mixed_rows, query_loss
+from .query import Query, label_rows, query_loss
 
 __all__ = ["METHODS", "Influence", "checkpoints_influence", "loss_trace", "replay_influence", "replayer"]
 
@@ -47,10 +47,6 @@ class Influence:
     steps: int = 0
 
 
-def _program_inputs(x: Any) -> list[Tensor]:
-    return [x[k] for k in sorted(x)] if isinstance(x, Mapping) else [x]
-
-
 def replayer(ledger: Ledger, lin: Lineage) -> Replayer:
     """The lineage's program, optimizer and routing, ready to restore and step."""
     try:
@@ -59,19 +55,22 @@ def replayer(ledger: Ledger, lin: Lineage) -> Replayer:
         raise TraceError(str(exc)) from None
 
 
-def _setup(rep: Replayer) -> tuple[BandParams, list[list[int]], ExampleGrads]:
+def _setup(rep: Replayer) -> tuple[BandParams, ExampleGrads]:
+    """The band parameters and the per-example gradients of the run's loss (``query_loss`` rows: training
+    rows by ``label_rows``, query rows by ``Query.rows()``)."""
     group_of = {id(p): g for g, group in enumerate(rep.optimizer.param_groups) for p in group["params"]}
     bands = [list(ps) for ps in rep.bands.params]
     names = [["model." + n for n in ns] for ns in rep.bands.param_names]
     params = BandParams(bands, [[group_of[id(p)] for p in ps] for ps in bands], names)
-    return params, params.groups, ExampleGrads(rep.module, params, rep.example_loss_fn)
+    return params, ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn))
 
 
-def _lr_scale(update: Mapping[str, Any], groups: list[list[int]], relative: bool) -> list[list[float]]:
-    """Per band parameter, its param group's learning rate at the step (``relative``: over group 0's)."""
+def _lr_scale(update: Mapping[str, Any], groups: list[list[int]]) -> list[list[float]]:
+    """Per band parameter, its param group's learning rate at the step over group 0's (which the
+    examples' weights hold)."""
     recorded = update.get("optimizer", {}).get("groups")
     lrs = [float(g["lr"]) for g in recorded] if recorded else [float(update["lr"])]
-    base = lrs[0] if relative and lrs[0] != 0 else 1.0
+    base = lrs[0] if lrs[0] != 0 else 1.0
     return [[(lrs[g] if g < len(lrs) else lrs[0]) / base for g in band] for band in groups]
 
 
@@ -90,9 +89,8 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
                      progress: Callable[[int], None] | None = None) -> Influence:
     """Replay every recorded step from the first checkpoint and sum each batch example's influence on the
     query at the step's own weights (TracIn's ideal form; specs/forensics.md §4.1)."""
-    params, groups, grads = _setup(rep)
-    qgrads, qclasses = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn)), query.classes()
-    mixed, qrows = ExampleGrads(rep.module, params, mixed_loss(rep.example_loss_fn)), mixed_rows(qclasses)
+    params, grads = _setup(rep)
+    qrows = query.rows()
     _check_query_memory(len(query), params)
     recipes = [u["step"] for _, u in lin.run.updates if "recipe" in u]
     if recipes:
@@ -101,7 +99,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
     result = Influence(acc)
     _approximations(lin, result)
-    qx = _program_inputs(query.inputs)
+    qx = program_inputs(query.inputs)
     ones = torch.ones((len(query), rep.n_bands), dtype=torch.float32)
     branch_start = next((c for _, c in lin.run.checkpoints if c["step"] == lin.rewind_step), None)
     with torch_deterministic():
@@ -110,23 +108,23 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
             if branch_start is not None and u["step"] == lin.rewind_step:
                 rep.restore(ledger, branch_start)  # the branch goes on from its own recorded state
             # Group 0's lr in the weights, the other groups' relative to it on the query's gradients.
-            scale = _lr_scale(u, groups, relative=True)
+            scale = _lr_scale(u, params.groups)
             seen: dict[str, list[list[Tensor]]] = {}
 
             def inspect(out: Tensor, labels: Tensor, index: Tensor) -> None:
                 # The batch and the query in one vmap where the program is deterministic, else apart.
                 rows = rep.rows(index)
-                both = mixed.functional_grads(
+                both = grads.functional_grads(
                     [torch.cat([a, b]) for a, b in zip(rows, qx)], torch.cat([rep.profiles[index], ones]),
-                    torch.cat([mixed_rows(labels[:, None]), qrows]))
+                    torch.cat([label_rows(labels), qrows]))
                 if both is not None:
                     b = len(index)
                     seen["train"] = [[g[:b] for g in band] for band in both]
                     seen["query"] = [[g[b:] * f if f != 1.0 else g[b:] for g, f in zip(band, fs)]
                                      for band, fs in zip(both, scale)]
                     return
-                seen["train"] = grads(rows, rep.profiles[index], labels, out=out)
-                seen["query"] = query_band_grads(qgrads, qx, qclasses, rep.n_bands, scale, QUERY_SEED)
+                seen["train"] = grads(rows, rep.profiles[index], label_rows(labels), out=out)
+                seen["query"] = query_band_grads(grads, qx, qrows, rep.n_bands, scale, QUERY_SEED)
 
             try:
                 body = rep.step(u, list(u["batch"]), inspect)
@@ -152,7 +150,7 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
     return result
 
 
-def _example_weights(u: Mapping[str, Any], n_bands: int) -> tuple[list[float], float, str | None]:
+def _example_weights(u: Mapping[str, Any]) -> tuple[list[float], float, str | None]:
     """Each batch position's weight in the step's loss, the user's clip factor, and what is approximated."""
     recipe = u.get("recipe", {})
     divisor = recipe.get("loss_divisor", 1)
@@ -176,15 +174,15 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
     """Sum each example's influence over the stored checkpoints only: every step of a segment is taken at
     the segment's first checkpoint, each example weighted by the lr, clip and routing its steps recorded
     (TracInCP with the ledger's exact schedule; specs/forensics.md §4.2). Approximate by construction."""
-    params, groups, grads = _setup(rep)
-    qgrads, qclasses = ExampleGrads(rep.module, params, query_loss(rep.example_loss_fn)), query.classes()
+    params, grads = _setup(rep)
+    qrows = query.rows()
     _check_query_memory(len(query), params)
     acc = Accumulator(lin.dataset.count, len(query), rep.n_bands, _n_steps(lin), self_influence)
     result = Influence(acc, approximate=True)
     result.notes.append("each step's weights are taken as its segment's first checkpoint (TracInCP)")
     _approximations(lin, result)
     starts = [c for _, c in lin.run.checkpoints]
-    qx = _program_inputs(query.inputs)
+    qx = program_inputs(query.inputs)
     with torch_deterministic():
         for ci, start in enumerate(starts):
             end = starts[ci + 1]["step"] if ci + 1 < len(starts) else None
@@ -193,7 +191,7 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
                 continue
             weight = torch.zeros((lin.dataset.count, rep.n_bands), dtype=torch.float64)
             for u in seg:
-                per, clip, note = _example_weights(u, rep.n_bands)
+                per, clip, note = _example_weights(u)
                 if note and note not in result.notes:
                     result.notes.append(note)
                 lr = float(u["lr"])
@@ -202,15 +200,15 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
                 weight.index_add_(0, index, torch.tensor([[lr * p * c for c in w] for p in per], dtype=torch.float64))
             rep.restore(ledger, start)
             # Other groups' learning rates, relative to group 0's (which the weights hold), at the segment's start.
-            query_grads = query_band_grads(qgrads, qx, qclasses, rep.n_bands,
-                                           _lr_scale(seg[0], groups, relative=True), QUERY_SEED)
+            query_grads = query_band_grads(grads, qx, qrows, rep.n_bands, _lr_scale(seg[0], params.groups),
+                                           QUERY_SEED)
             rows = torch.nonzero(weight.abs().sum(1)).flatten()
             before = float(acc.examples.sum())
             for lo in range(0, len(rows), CHUNK):
                 index = rows[lo : lo + CHUNK]
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(QUERY_SEED + 1)
-                    train = grads(rep.rows(index), rep.profiles[index], rep.labels[index])
+                    train = grads(rep.rows(index), rep.profiles[index], label_rows(rep.labels[index]))
                 acc.add(index, train, query_grads, weight[index], None)
             acc.steps[seg[0]["step"]] += (float(acc.examples.sum()) - before) / max(1, len(query))
             result.steps += len(seg)
@@ -244,8 +242,7 @@ def loss_trace(lin: Lineage) -> tuple[Tensor, Tensor]:
     total = torch.zeros(lin.dataset.count, dtype=torch.float64)
     count = torch.zeros(lin.dataset.count, dtype=torch.float64)
     for _, u in lin.run.updates:
-        data = u["example_losses"]
-        values = torch.tensor(struct.unpack(f"<{len(data) // 4}f", data), dtype=torch.float64)
+        values = torch.tensor(example_loss_values(u["example_losses"]), dtype=torch.float64)
         index = torch.tensor(u["batch"], dtype=torch.int64)
         total.index_add_(0, index, values)
         count.index_add_(0, index, torch.ones_like(values))

@@ -36,7 +36,7 @@ from gradledger.ledger import encoding
 
 from ..errors import GovernanceError
 
-__all__ = ["MAX_QUERY", "Query", "QueryError", "mixed_loss", "mixed_rows", "parse_query", "query_loss"]
+__all__ = ["MAX_QUERY", "Query", "QueryError", "label_rows", "parse_query", "query_loss"]
 
 #: At most this many query examples (each costs a gradient per replayed step).
 MAX_QUERY = 4096
@@ -65,35 +65,27 @@ class Query:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def classes(self) -> Tensor:
-        """``[Q, 1]`` targets, or ``[Q, 2]`` targets and contrast classes: what ``query_loss`` reads."""
-        return torch.stack([self.targets] + ([self.against] if self.against is not None else []), 1)
+    def rows(self) -> Tensor:
+        """``query_loss`` rows ``[target, against, 1]``, or ``[target, 0, 0]`` where the query names no
+        contrast class."""
+        if self.against is None:
+            return label_rows(self.targets)
+        return torch.stack([self.targets, self.against, torch.ones_like(self.targets)], 1)
 
 
-def mixed_loss(example_loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """One loss for training rows and query rows together (one ``vmap`` over both): a row ``[c, a, m]``
-    is the loss against ``c`` minus ``m`` times the loss against ``a``; ``m = 0`` leaves the training
-    loss bit for bit (``x - 0 * y`` is ``x``, and its gradient gains exact zeros)."""
-    def loss(out: Tensor, rows: Tensor) -> Tensor:
-        return example_loss(out, rows[:, 0]) - rows[:, 2].to(out.dtype) * example_loss(out, rows[:, 1])
-    return loss
-
-
-def mixed_rows(classes: Tensor) -> Tensor:
-    """``mixed_loss`` rows ``[c, a, m]`` for ``[Q, 1]`` or ``[Q, 2]`` classes (``Query.classes()``, or a
-    training batch's labels as ``[B, 1]``)."""
-    n = int(classes.shape[0])
-    if classes.shape[1] == 2:
-        return torch.cat([classes, torch.ones((n, 1), dtype=classes.dtype)], 1)
-    return torch.cat([classes, torch.zeros((n, 2), dtype=classes.dtype)], 1)
+def label_rows(labels: Tensor) -> Tensor:
+    """``query_loss`` rows ``[label, 0, 0]``: the plain loss against each label (a training batch's)."""
+    zeros = torch.zeros_like(labels)
+    return torch.stack([labels, zeros, zeros], 1)
 
 
 def query_loss(example_loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """The query loss per example from the run's per-example loss and ``Query.classes()`` rows: the loss
-    against the target, minus the loss against the contrast class where the query names one."""
-    def loss(out: Tensor, classes: Tensor) -> Tensor:
-        value = example_loss(out, classes[:, 0])
-        return value - example_loss(out, classes[:, 1]) if classes.shape[1] == 2 else value
+    """The loss per example of rows ``[c, a, m]``: the run's per-example loss against ``c`` minus ``m``
+    times its loss against ``a``. One loss for query rows (``Query.rows()``) and training rows
+    (``label_rows``), so that one ``vmap`` takes both; ``m = 0`` leaves the plain loss bit for bit
+    (``x - 0 * y`` is ``x``, and its gradient gains exact zeros)."""
+    def loss(out: Tensor, rows: Tensor) -> Tensor:
+        return example_loss(out, rows[:, 0]) - rows[:, 2].to(out.dtype) * example_loss(out, rows[:, 1])
     return loss
 
 

@@ -65,6 +65,23 @@ def _bootstrap(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return boot.std(1, correction=1), lo, hi, top / BOOTSTRAP
 
 
+def _ranked(matrix: Tensor, labels: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``matrix`` ``[rows, Q]`` as entries (each ``labels`` row with its score, the mean over
+    the query, its share, bootstrap standard error, 95 % interval and ``p_top``), by score, largest first."""
+    scores = matrix.mean(1)
+    err, lo, hi, top = _bootstrap(matrix)
+    share = _positive_share(scores)
+    return [{**labels[i], "score": float(scores[i]), "share": float(share[i]), "stderr": float(err[i]),
+             "ci95": [float(lo[i]), float(hi[i])], "p_top": float(top[i])}
+            for i in sorted(range(len(labels)), key=lambda i: -float(scores[i]))]
+
+
+def _source(name: str, table: Mapping[str, SourceInfo]) -> dict[str, Any]:
+    """A source as a report names it: its name, credential key id and authority path (None if unattributed)."""
+    info = table.get(name)
+    return {"source": name, "key_id": info.key_id.hex() if info else None, "path": info.path if info else None}
+
+
 def _ranges(steps: Tensor) -> list[dict[str, Any]]:
     n = int(steps.shape[0])
     width = max(1, -(-n // STEP_RANGES))
@@ -84,29 +101,14 @@ def influence_report(found: Influence, *, fields: Sequence[Mapping[str, Any]], r
     q = acc.examples.shape[1]
     rows, table, names = _shares(fields, registry)
     per_source = _share_matrix(rows, names) @ acc.examples  # [S, Q]
-    s_scores = per_source.mean(1)
-    s_err, s_lo, s_hi, s_top = _bootstrap(per_source)
-    s_share = _positive_share(s_scores)
-    sources = []
-    for i in sorted(range(len(names)), key=lambda i: -float(s_scores[i])):
-        info: SourceInfo | None = table.get(names[i])
-        sources.append({
-            "source": names[i], "key_id": info.key_id.hex() if info else None, "path": info.path if info else None,
-            "score": float(s_scores[i]), "share": float(s_share[i]), "stderr": float(s_err[i]),
-            "ci95": [float(s_lo[i]), float(s_hi[i])], "p_top": float(s_top[i]),
-        })
+    sources = _ranked(per_source, [_source(n, table) for n in names])
     paths: dict[str, Tensor] = {}
     for i, name in enumerate(names):
         key = table[name].path if name in table else UNATTRIBUTED
         paths[key] = paths.get(key, torch.zeros(q, dtype=torch.float64)) + per_source[i]
     p_names = sorted(paths)
     p_matrix = torch.stack([paths[p] for p in p_names]) if p_names else torch.zeros((0, q), dtype=torch.float64)
-    p_scores = p_matrix.mean(1)
-    p_err, p_lo, p_hi, p_top = _bootstrap(p_matrix)
-    p_share = _positive_share(p_scores)
-    authorities = [{"path": p_names[i], "score": float(p_scores[i]), "share": float(p_share[i]),
-                    "stderr": float(p_err[i]), "ci95": [float(p_lo[i]), float(p_hi[i])], "p_top": float(p_top[i])}
-                   for i in sorted(range(len(p_names)), key=lambda i: -float(p_scores[i]))]
+    authorities = _ranked(p_matrix, [{"path": p} for p in p_names])
     b_scores = acc.bands.mean(1)
     b_err, _, _, _ = _bootstrap(acc.bands)
     b_share = _positive_share(b_scores)
@@ -149,12 +151,8 @@ def loss_trace_report(mean: Tensor, count: Tensor, *, fields: Sequence[Mapping[s
                       torch.zeros_like(mass))
     n_eff = torch.where(mass > 0, mass ** 2 / (shares ** 2).sum(1).clamp(min=1e-300), torch.ones_like(mass))
     s_err = (var / n_eff).sqrt()
-    sources = []
-    for i in sorted(range(len(names)), key=lambda i: -float(s_mean[i])):
-        info = table.get(names[i])
-        sources.append({"source": names[i], "key_id": info.key_id.hex() if info else None,
-                        "path": info.path if info else None, "score": float(s_mean[i]), "stderr": float(s_err[i]),
-                        "examples": float(mass[i])})
+    sources = [{**_source(names[i], table), "score": float(s_mean[i]), "stderr": float(s_err[i]),
+                "examples": float(mass[i])} for i in sorted(range(len(names)), key=lambda i: -float(s_mean[i]))]
     ranked = torch.argsort(torch.where(seen, values, torch.full_like(values, -1.0)), descending=True)
     examples = [{"index": z, "score": float(mean[z]), "recorded": int(count[z]), "label": int(fields[z]["label"]),
                  "sources": sorted(rows[z])} for z in ranked[:top].tolist() if bool(seen[z])]

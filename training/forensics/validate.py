@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from gradledger.ledger.ledger import Ledger
 
 from ..manifests import relabel_without
-from ..replayer import ReplayError, Replayer
+from ..replayer import ReplayError, Replayer, program_inputs
 from ..runtime import torch_deterministic
 from .lineage import Lineage, TraceError
+from .methods import QUERY_SEED
 from .query import Query, query_loss
 
 __all__ = ["counterfactual_fields", "validate"]
@@ -44,16 +44,19 @@ def counterfactual_fields(fields: Sequence[Mapping[str, Any]], sources: Sequence
     return out, removed
 
 
-def _query_loss(rep: Replayer, inputs: list[Tensor], query: Query) -> float:
+def _query_loss(rep: Replayer, query: Query) -> float:
+    # The query's forward under the trace's query seed (methods.QUERY_SEED), on the CPU generator only.
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(QUERY_SEED)
         ones = torch.ones((len(query), rep.n_bands), dtype=torch.float32)
-        return float(query_loss(rep.example_loss_fn)(rep.module(*inputs, ones), query.classes()).mean())
+        out = rep.module(*program_inputs(query.inputs), ones)
+        return float(query_loss(rep.example_loss_fn)(out, query.rows()).mean())
 
 
-def validate(ledger: Ledger, lin: Lineage, query: Query, inputs: list[Tensor], report: Mapping[str, Any], k: int,
+def validate(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, report: Mapping[str, Any], k: int,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Replay ``lin`` without the top ``k`` sources of ``report``; predicted against actual query-loss change."""
+    """Replay ``lin`` without the top ``k`` sources of ``report``; predicted against actual query-loss change.
+    ``rep``: the trace's replayer, which evaluates the run's final checkpoint."""
     ranked = [s for s in report["sources"] if s["path"] is not None][:k]
     if len(ranked) < k:
         raise TraceError(f"--validate {k}: the trace ranks only {len(ranked)} credentialed sources (use --top >= {k})")
@@ -63,19 +66,18 @@ def validate(ledger: Ledger, lin: Lineage, query: Query, inputs: list[Tensor], r
     fields, removed = counterfactual_fields(lin.fields, names)
     relabeled = sum(1 for a, b in zip(lin.fields, fields) if a is not b)  # removed ones keep their own map
     try:
-        base = Replayer(ledger, lin.run, lin.dataset, lin.fields)
-        base.restore(ledger, lin.run.checkpoints[-1][1])
-        before = _query_loss(base, inputs, query)
-        rep = Replayer(ledger, lin.run, lin.dataset, fields)
+        rep.restore(ledger, lin.run.checkpoints[-1][1])
+        before = _query_loss(rep, query)
+        without = Replayer(ledger, lin.run, lin.dataset, fields)
         with torch_deterministic():
-            rep.restore(ledger, lin.run.checkpoints[0][1])
+            without.restore(ledger, lin.run.checkpoints[0][1])
             for _, u in lin.run.updates:
                 batch = [i for i in u["batch"] if i not in removed]
                 if batch:
-                    rep.step(u, batch)
+                    without.step(u, batch)
                 if progress is not None:
                     progress(u["step"])
-        after = _query_loss(rep, inputs, query)
+        after = _query_loss(without, query)
     except ReplayError as exc:
         raise TraceError(str(exc)) from None
     return {"sources": names, "removed": len(removed), "relabeled": relabeled,
