@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                  "lr": F.build_demo(base_dir / "lr", steps=args.steps, lr=0.05),
                  "ungated": F.build_demo(base_dir / "ungated", steps=args.steps, ungated=True)}
         forges = {k: F.Forge.from_bundle(d.bundle) for k, d in demos.items()}
-        verifiers = {k: Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full")) for k, d in demos.items()}
+        verifiers = {k: Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full", check_traces=True))
+                     for k, d in demos.items()}
         for k, d in demos.items():
             # The forger's round trip gives every bundle back byte for byte, and the honest ones verify
             # (the ungated one is itself the forgery of issue 10.1), so a forgery fails for its change.

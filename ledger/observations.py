@@ -170,6 +170,21 @@ TYPES: dict[str, ObservationType] = {
             frozenset({"trainer"}),
             lambda body: IndexKeys(sources=(body["source"],)),
         ),
+        ObservationType(
+            "ForensicTrace",
+            s.record(
+                "ForensicTrace",
+                format=s.uint,
+                run=s.uint,
+                method=s.one_of("replay", "checkpoints", "loss-trace"),
+                query=(any_value, False),
+                query_digest=(s.digest, False),
+                parameters=any_value,
+                result=any_value,
+                result_digest=s.digest,
+            ),
+            frozenset({"root", "authority", "trainer"}),
+        ),
     )
 }
 

@@ -361,8 +361,8 @@ class Demo:
 def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hidden: int = 32, seed: int = 7,
                lr: float = 0.01, ungated: bool = False) -> Demo:
     """The demo's own stages (training/demo.py), without its verifier subprocess and report: taxonomy
-    and keys, labels, policy, governed training, retirement of worker-4, exact unlearning, export
-    with data.
+    and keys, labels, policy, governed training, the recorded trace of the 3/8 confusion (a
+    ForensicTrace with its query file), retirement of worker-4, exact unlearning, export with data.
 
     ``ungated``: the hostile trainer of issue 10.1 switches the gate off (every example's gradient
     reaches every band, in training and in the exported program) and its self-check, while every
@@ -402,6 +402,7 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
     try:
         ds = commit_dataset(ledger, labels.manifests, "digits-train", tax.trainer, inputs=data.x_train)
         D.train(ledger, tax, ds, policy, data, cfg, console)
+        D.stage_trace(ledger, D.write_query(data, out), tax, console)
         D.stage_retire(ledger, tax, f"swaps digits {D.SWAP[0]} and {D.SWAP[1]}")
         D.stage_unlearn(ledger, tax, cfg, console)
         ledger.commit()
@@ -894,7 +895,72 @@ def _time(f: Forge, at: Layout, add: Add) -> None:
         lambda g: setattr(g.recs[updates[1]], "time", first_ts - 10**9))
 
 
-SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement, _certificate, _program, _runs, _tolerance, _bundle, _time)
+def _forensic_trace(f: Forge, at: Layout, add: Add) -> None:
+    """ForensicTrace (trainer-signed, specs/forensics.md §7): the result, the query, the method, the run and
+    the query file, with the digests a forger recomputes; only recomputation (--check-traces) can tell."""
+    from gradledger.training.forensics.record import result_digest
+
+    (k,) = f.seqs("ForensicTrace")
+    body = f.body(k)
+
+    def result(change: Callable[[dict[str, Any]], None]) -> Callable[[Forge], None]:
+        def apply(g: Forge) -> None:
+            r = copy.deepcopy(body["result"])
+            change(r)
+            g.set(k, ("result",), r)
+            g.set(k, ("result_digest",), result_digest(r))
+        return apply
+
+    def query(change: Callable[[dict[str, Any]], None]) -> Callable[[Forge], None]:
+        def apply(g: Forge) -> None:
+            q = copy.deepcopy(body["query"])
+            change(q)
+            g.set(k, ("query",), q)
+            g.set(k, ("query_digest",), hashlib.sha256(encoding.encode(q)).digest())
+        return apply
+
+    def lower_top(r: dict[str, Any]) -> None:
+        r["sources"][0][1] *= 0.5
+
+    def swap_top(r: dict[str, Any]) -> None:
+        (a, sa), (b, sb) = r["sources"][:2]
+        r["sources"][:2] = [[b, sa], [a, sb]]
+
+    add("ForensicTrace.result: the top source's score lowered, digest recomputed", "ForensicTrace", result(lower_top))
+    add("ForensicTrace.result: the top two sources swapped, digest recomputed", "ForensicTrace", result(swap_top))
+    add("ForensicTrace.result: the top source dropped, digest recomputed", "ForensicTrace",
+        result(lambda r: r["sources"].pop(0) and None))
+    add("ForensicTrace.result: a band's share moved, digest recomputed", "ForensicTrace",
+        result(lambda r: r["bands"].__setitem__(0, r["bands"][0] + r["bands"][1])))
+    for field_name in ("result_digest", "query_digest", "run", "format"):
+        add(f"ForensicTrace.{field_name}", "ForensicTrace", lambda g, n=field_name: g.set(k, (n,), other(body[n])))
+    add("ForensicTrace.method: checkpoints", "ForensicTrace", lambda g: g.set(k, ("method",), "checkpoints"))
+    add("ForensicTrace.parameters.top", "ForensicTrace", lambda g: g.set(k, ("parameters", "top"), 2))
+    add("ForensicTrace.query: another target, digest recomputed", "ForensicTrace",
+        query(lambda q: q.__setitem__("target", [SWAP_OTHER.get(c, c) for c in q["target"]])))
+    add("ForensicTrace.query: the contrast dropped, digest recomputed", "ForensicTrace",
+        query(lambda q: q.pop("against") and None))
+
+    def other_row(g: Forge) -> None:
+        from safetensors.torch import load, save
+
+        old = body["query"]["file"]
+        tensors = load(g.arts[old])
+        tensors["x"][0] = tensors["x"][1]
+        new = g.replace_artifact(old, save(tensors))
+        q = copy.deepcopy(g.body(k)["query"])
+        g.set(k, ("query_digest",), hashlib.sha256(encoding.encode(q)).digest())
+        assert q["file"] == new
+    add("artifact: the trace's query file, one row changed, digest re-derived", "artifact:query", other_row)
+    add("artifact: the trace's query file dropped", "artifact:query", lambda g: g.arts.pop(body["query"]["file"]) and None)
+
+
+#: The demo's query reads 3s as 8 and 8s as 3: another target swaps 3 and 8 for 5.
+SWAP_OTHER = {3: 5, 8: 5}
+
+
+SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement,
+            _certificate, _program, _runs, _tolerance, _bundle, _time, _forensic_trace)
 
 
 def lr_catalogue(f: Forge) -> list[Forgery]:
@@ -1147,6 +1213,9 @@ QUICK_NAMES = (
     "CredentialRevoked: the trainer revokes the crowd authority",
     "SourceRetired: signed by the trainer",
     "UnlearningCertificate.new_head",
+    "ForensicTrace.result: the top source's score lowered, digest recomputed",
+    "ForensicTrace.query: another target, digest recomputed",
+    "artifact: the trace's query file, one row changed, digest re-derived",
     "artifact: unlearning removed, one entry dropped, digest re-derived",
     "artifact: program, a byte flipped in a weight (CRC left), digest re-derived",
     "Checkpoint: an ungoverned 'packaging' run ships fine-tuned weights",

@@ -125,6 +125,10 @@ def test_the_investigation_traces_the_confusion_to_the_faulty_worker(run: tuple[
     assert "Who taught the model to confuse 3 and 8" in html
     query = json.loads((out / "query.json").read_text())
     assert query["inputs"] == {"file": "query.safetensors"} and len(query["target"]) == len(query["against"])
+    # Recorded as a signed ForensicTrace, which the regulator's verification recomputed (--check-traces).
+    traces = next(c for c in figures["verifier"]["checks"] if c["name"] == "traces")
+    assert report["record"]["seq"] > 0 and traces["status"] == "pass" and "1 recorded trace(s) recomputed" in \
+        traces["detail"]
 
 
 def test_terminal_summary_names_the_figures(run: tuple[Path, dict[str, Any], float]) -> None:

@@ -28,7 +28,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("forgery")
     d = F.build_demo(base / "demo", steps=6, checkpoint_every=3)
     forge = F.Forge.from_bundle(d.bundle)
-    verifier = Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full"))
+    # --check-traces: the bundle's ForensicTrace is recomputed, so a forged answer is caught.
+    verifier = Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full", check_traces=True))
     return {"demo": d, "forge": forge, "verifier": verifier, "work": base,
             "catalogue": {f.name: f for f in F.catalogue(forge)}}
 

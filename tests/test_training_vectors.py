@@ -254,3 +254,27 @@ def test_example_losses_both(case: dict[str, Any]) -> None:
     step = {"batch": list(range(case["batch"])), "example_losses": bytes.fromhex(case["want"])}
     check_example_losses(step, 4)
     assert decode_example_losses(step["example_losses"]) == [float(v) for m in micros for v in m]
+
+
+# -- forensics: source shares (§3) and step ranges (§5) -----------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("source_shares"), ids=ids("source_shares"))
+@pytest.mark.parametrize("side", ["trainer", "verifier"])
+def test_source_shares(case: dict[str, Any], side: str) -> None:
+    from gradledger.training.forensics.shares import example_shares as trainer_shares
+    from gradledger.verify._internal.traces import example_shares as verifier_shares
+
+    shares = (trainer_shares if side == "trainer" else verifier_shares)(case["manifest"])
+    assert shares == case["want"]  # each share rounded once to binary64: equal bit for bit
+
+
+@pytest.mark.parametrize("case", cases("step_ranges"), ids=ids("step_ranges"))
+def test_step_ranges_both(case: dict[str, Any]) -> None:
+    from gradledger.training.forensics.result import _ranges
+    from gradledger.verify._internal.traces import step_ranges
+
+    want = [tuple(r) for r in case["want"]]
+    assert step_ranges(case["steps"]) == want
+    got = _ranges(torch.tensor(case["steps"], dtype=torch.float64))
+    assert [(r["from"], r["to"], r["score"]) for r in got] == want

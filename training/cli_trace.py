@@ -1,7 +1,7 @@
 """`gradledger trace`: which labeling sources taught a governed model a behavior (specs/forensics.md).
 
     gradledger trace LEDGER --query QUERY [--run R] [--method replay|checkpoints|loss-trace] [--top N]
-                     [--validate K] [--self-influence] [--json] [--html FILE]
+                     [--validate K] [--self-influence] [--record --key KEY] [--json] [--html FILE]
 
 Exit 0 with the ranked answer; 1 when replay of the run diverges from its records (naming the step);
 2 for a query or run that cannot be used (one line).
@@ -49,19 +49,27 @@ def _render(report: dict[str, Any]) -> str:
                      f"{v['relabeled']} relabeled): query loss {v['query_loss']:.4g} -> {v['query_loss_without']:.4g}, "
                      f"change {v['actual_change']:+.4g} measured, {v['predicted_change']:+.4g} predicted")
     lines.extend(f"note: {n}" for n in report.get("notes", []))
+    if "record" in report:
+        lines.append(f"recorded as ForensicTrace at seq {report['record']['seq']} (result digest "
+                     f"{report['record']['result_digest'][:16]}); gradledger-verify --check-traces recomputes it")
     return "\n".join(lines)
 
 
 def _trace(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from gradledger.ledger.keys import SigningKey
     from gradledger.training.forensics import trace
     from gradledger.training.forensics.html import trace_page
 
-    with Ledger.open(args.ledger) as ledger:
+    if args.record != (args.key is not None):
+        print("gradledger: --record and --key go together (the key signs the ForensicTrace)", file=sys.stderr)
+        return 2
+    key = SigningKey.load(args.key) if args.record else None
+    with Ledger.open(args.ledger, writable=args.record) as ledger:
         with tqdm(desc=f"tracing ({args.method})", unit="step", disable=None, file=sys.stderr) as bar:
             report = trace(ledger, args.query, run_id=args.run_id, method=args.method, top=args.top,
-                           validate_top=args.validate, self_influence=args.self_influence,
+                           validate_top=args.validate, self_influence=args.self_influence, record=key,
                            progress=lambda step: bar.update(1))
     if args.html is not None:
         if "query" not in report:
@@ -91,4 +99,9 @@ def add_command(sub: Any) -> None:
     p.add_argument("--validate", type=int, default=0, metavar="K",
                    help="replay the run without the top K sources (nothing recorded) and report the measured "
                    "change of the query loss against the predicted one")
+    p.add_argument("--record", action="store_true",
+                   help="append the answer to the ledger as a signed ForensicTrace observation (needs --key), "
+                   "which gradledger-verify --check-traces recomputes")
+    p.add_argument("--key", help="with --record: the private key file that signs it (a root, authority or "
+                   "trainer credential of the ledger)")
     p.set_defaults(run=_trace)

@@ -474,15 +474,19 @@ def write_query(data: Digits, out: Path, per_class: int = 32) -> Path:
     return out / "query.json"
 
 
-def stage_trace(ledger: Ledger, query: Path, console: Console) -> tuple[str, dict[str, Any]]:
-    """Who taught the model the confusion: `gradledger trace` over the original run, before retirement."""
+def stage_trace(ledger: Ledger, query: Path, tax: Taxonomy, console: Console) -> tuple[str, dict[str, Any]]:
+    """Who taught the model the confusion: `gradledger trace` over the original run, before retirement,
+    recorded as a signed ForensicTrace (the verifier recomputes it: --check-traces)."""
     steps = len(run_updates(ledger))
     with console.bar(steps, "tracing the confusion") as bar:
-        report = trace(ledger, str(query), run_id=RUN_ID, method="replay", top=8, progress=lambda step: bar.update(1))
+        report = trace(ledger, str(query), run_id=RUN_ID, method="replay", top=8, record=tax.trainer,
+                       progress=lambda step: bar.update(1))
     top = report["sources"][0]
     detail = (f"{top['source']} ({top['path']}) ranks first: {top['share']:.0%} of the influence toward the confusion, "
-              f"score {top['score']:.3g} ± {top['stderr']:.2g}, first in {top['p_top']:.0%} of bootstrap resamples")
-    return detail, {"report": report, "top": top["source"], "command": f"gradledger trace {ledger.path} --query {query}"}
+              f"score {top['score']:.3g} ± {top['stderr']:.2g}, first in {top['p_top']:.0%} of bootstrap resamples; "
+              f"recorded as ForensicTrace {report['record']['seq']}")
+    command = f"gradledger trace {ledger.path} --query {query} --record --key {ledger.path.parent / 'keys' / 'trainer.key'}"
+    return detail, {"report": report, "top": top["source"], "command": command}
 
 
 def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[str, Any]]:
@@ -528,7 +532,7 @@ def verifier_command(bundle: Path, roots: Path, replay: str) -> list[str]:
     beside = Path(sys.executable).parent / "gradledger-verify"
     script = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("gradledger-verify")
     base = [script] if script else [sys.executable, "-m", "gradledger.verify.cli"]
-    return [*base, str(bundle), "--trust", str(roots), "--replay", replay, "--json"]
+    return [*base, str(bundle), "--trust", str(roots), "--replay", replay, "--check-traces", "--json"]
 
 
 def stage_verify(out: Path, replay: str, timeout: float = 600.0) -> tuple[str, dict[str, Any]]:
@@ -602,7 +606,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         before = evaluate(checkpoint_model(ledger, original_ckpt, cfg), data)
         series = band_series(ledger, updates)
         query = write_query(data, out)
-        stages.append(run_stage(console, "trace", lambda: stage_trace(ledger, query, console)))
+        stages.append(run_stage(console, "trace", lambda: stage_trace(ledger, query, tax, console)))
 
         stages.append(run_stage(console, "retire", lambda: stage_retire(
             ledger, tax, f"swaps digits {SWAP[0]} and {SWAP[1]} (found in a spot check of its labels)")))

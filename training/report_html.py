@@ -297,8 +297,12 @@ def render_report(figures: Mapping[str, Any]) -> str:
         from .forensics.html import trace_section
 
         body.append(trace_section(figures["trace"]["report"], title=f"Who taught the model to confuse {a} and {b}"))
+        record = figures["trace"]["report"].get("record")
+        recorded = (f' Recorded in the ledger as ForensicTrace {record["seq"]} (result digest '
+                    f'<code>{escape(record["result_digest"][:16])}</code>), which <code>gradledger-verify '
+                    f'--check-traces</code> recomputes.') if record else ""
         body.append(f'<p class="note">Investigated before the retirement, from the ledger alone: '
-                    f'<code>{escape(figures["trace"]["command"])}</code></p>')
+                    f'<code>{escape(figures["trace"]["command"])}</code>.{recorded}</p>')
     body.append(f"<h2>Before and after unlearning {faulty}</h2>")
     body.append(f'<div class="panel">{legend2}<div class="row">{acc_chart}{swap_chart}</div>'
                 f'<div class="row" style="margin-top:10px">{mats}</div>'

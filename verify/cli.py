@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replay in workers WITHOUT the sandbox (namespaces, read-only filesystem, no network, "
                         "seccomp, rlimits; specs/replay.md §7), for machines that cannot set it up; the report "
                         "says 'sandbox: off'. Only for bundles you trust")
+    parser.add_argument("--check-traces", action="store_true",
+                        help="recompute every recorded ForensicTrace (gradledger trace --record) and compare its "
+                        "scores within the method's tolerance (specs/forensics.md §7.3); the replay and checkpoints "
+                        "methods replay every segment of the traced run")
     parser.add_argument("--release", metavar="DIR", help="also check a release (gradledger release): model files -> "
                         "model-signing signature -> provenance -> cosigned checkpoint -> this bundle -> replay")
     parser.add_argument("--model", metavar="PATH", help="with --release: the model file or directory released")
@@ -101,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonce = None if args.nonce is None else bytes.fromhex(args.nonce)
         except ValueError:
             raise UnusableInput("--nonce must be hex") from None
+        if args.check_traces and args.replay == "none":
+            raise UnusableInput("--check-traces recomputes traces by replay: it cannot go with --replay none")
         release = _release_inputs(args)
         if bool(args.attest) != bool(args.attest_key):
             raise UnusableInput("--attest and --attest-key go together")
@@ -123,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError as exc:
                 raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
             policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
-                                        sandbox=not args.no_sandbox, max_memory_mib=args.max_memory, release=release)
+                                        sandbox=not args.no_sandbox, max_memory_mib=args.max_memory, release=release,
+                                        check_traces=args.check_traces)
             report = Verifier(roots, policy).verify(args.bundle, progress=not args.json, pool=pool)
         if args.attest:
             from ._internal.summary import write_summary

@@ -30,7 +30,10 @@ from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
 from ._internal.pool import WorkerPool
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
-from ._internal.structure import Structure, check_structure
+from ._internal.settings import program_columns
+from ._internal.structure import Run, Structure, check_structure
+from ._internal.traces import (TraceClaim, TraceInvalid, check_terms, compare_traces, read_traces,
+                               recompute_influence, recompute_loss_trace, trace_jobs)
 from .report import Report
 
 ReplayMode = Literal["full", "sample", "certificates", "none"]
@@ -55,6 +58,9 @@ class VerificationPolicy:
     max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
     #: Also check a release's chain to this bundle (``--release``; specs/release.md §6).
     release: ReleaseInputs | None = None
+    #: Recompute every recorded ForensicTrace and compare (``--check-traces``; specs/forensics.md §7.3).
+    #: Without it a trace's form and digests are still checked.
+    check_traces: bool = False
 
 
 class Verifier:
@@ -100,18 +106,79 @@ class Verifier:
                 "checkpoint_seq": facts.checkpoint_seq, "witnesses": facts.witnesses,
                 "ledger": {"origin": facts.checkpoint.origin, "size": facts.checkpoint.size,
                            "root": facts.checkpoint.root.hex()}}
+        try:
+            plan: dict[int, list[Any]] | None = plan_segments(observations)
+        except ReplayError:
+            plan = None  # replay reports it
+        try:
+            claims = read_traces(structure, plan, _input_names)
+        except TraceInvalid as exc:
+            report.add("traces", "fail", str(exc), seq=exc.seq)
+            return report
         heads = _heads(observations, report)
         if report.first_failure is not None:
             return report
-        jobs = self._replay(source, path, structure, report, progress, pool)
+        terms: dict[int, dict[tuple[int, int], Any]] = {}
+        jobs = self._replay(source, path, structure, report, progress, pool,
+                            claims if self.policy.check_traces else [], terms)
         report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
+        if claims:
+            self._check_traces(claims, structure, report, terms)
         return report
+
+    def _check_traces(self, claims: list[TraceClaim], st: Structure, report: Report,
+                      terms: dict[int, dict[tuple[int, int], Any]]) -> None:
+        """The ``traces`` check: every recorded trace's form (always), and with ``check_traces`` its
+        recomputation, compared within specs/forensics.md §7.3."""
+        if not self.policy.check_traces:
+            report.add("traces", "pass", f"{len(claims)} recorded trace(s) well formed (query and result digests "
+                       "match); their scores were not recomputed (--check-traces recomputes them)")
+            return
+        worst = 0.0
+        for claim in claims:
+            where = f"ForensicTrace {claim.seq} ({claim.method} of run {claim.run.run_id!r})"
+            try:
+                found = self._recompute(claim, st, terms.get(claim.seq, {}))
+            except TraceInvalid as exc:
+                report.add("traces", "fail", f"{where}: {exc}", seq=claim.seq)
+                return
+            why, deviation = compare_traces(claim, found)
+            if why is not None:
+                report.add("traces", "fail", f"{where}: {why}", seq=claim.seq)
+                return
+            worst = max(worst, deviation)
+        methods = ", ".join(sorted({c.method for c in claims}))
+        report.figures["trace_deviation_of_tolerance"] = round(worst, 4)
+        report.add("traces", "pass", f"{len(claims)} recorded trace(s) recomputed ({methods}): every recorded score "
+                   f"within the tolerance of specs/forensics.md §7.3 (largest deviation {worst:.2g} of it)")
+
+    def _recompute(self, claim: TraceClaim, st: Structure, terms: dict[tuple[int, int], Any]) -> dict[str, Any]:
+        if claim.method == "loss-trace":
+            return recompute_loss_trace(claim, st)
+        if self.policy.replay == "none":
+            raise TraceInvalid("the method's terms are recomputed by replay, and --replay none was asked", claim.seq)
+        if not claim.segments:
+            raise TraceInvalid("the traced run has no segment to replay", claim.seq)
+        n, n_bands = len(claim.fields), len(claim.run.settings["band_params"])
+        found = []
+        for key in claim.segments:
+            if key not in terms:
+                raise TraceInvalid(f"segment {key[1]} of the lineage was not replayed to completion, so its terms "
+                                   "were not recomputed", claim.seq)
+            why = check_terms(terms[key], n, n_bands, claim.sealed.body["parameters"]["self_influence"])
+            if why is not None:
+                raise TraceInvalid(f"segment {key[1]}: the terms cannot be recomputed: {why}", claim.seq)
+            found.append(terms[key])
+        return recompute_influence(claim, st, found, n_bands)
 
     # -- replay ------------------------------------------------------------------------
 
     def _replay(self, source: Source, path: str, structure: Structure, report: Report,
-                progress: bool, pool: WorkerPool | None = None) -> dict[int, tuple[int, int]]:
+                progress: bool, pool: WorkerPool | None = None, claims: list[TraceClaim] | None = None,
+                terms: dict[int, dict[tuple[int, int], Any]] | None = None) -> dict[int, tuple[int, int]]:
         """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
+        ``claims``: recorded traces to recompute: every segment of their lineages is replayed and computes
+        their terms, which go into ``terms`` (trace seq -> (run seq, segment index) -> terms).
 
         Asked to replay (every mode but ``none``), a verification that cannot (no inputs, no
         checkpoints, nothing certified to replay) fails naming why; it never skips (issue 10.3).
@@ -156,6 +223,8 @@ class Verifier:
             _certificate_replay(report, observations, error=VerificationError(why, seq=seq))
             return {}
         jobs = iter_jobs(contexts, runs)
+        # Every segment of a traced lineage is replayed: the trace's terms are computed there.
+        probing = trace_jobs(claims or [])
         total = len(jobs)
         if mode == "sample":
             heads = [o for o in observations if o.type == "TreeHead"]
@@ -167,7 +236,8 @@ class Verifier:
             report.figures["sample_chosen"] = sorted(chosen)
             # A certificate's claim rests on its branch's weights: those segments are always replayed.
             certified = {c["branch_run"] for c in report.certificates if c["status"] == "pass"}
-            forced = {i for i, (ctx, _) in enumerate(jobs) if ctx.run_seq in certified} - chosen
+            forced = {i for i, (ctx, seg) in enumerate(jobs)
+                      if ctx.run_seq in certified or (ctx.run_seq, seg.index) in probing} - chosen
             jobs = [job for i, job in enumerate(jobs) if i in chosen or i in forced]
             if forced:
                 report.figures["certified_branch_segments"] = len(forced)
@@ -176,7 +246,7 @@ class Verifier:
         elif mode == "certificates":
             # Only what the certificates' claims rest on: every segment of every certified branch.
             certified = {c["branch_run"] for c in report.certificates if c["status"] == "pass"}
-            jobs = [job for job in jobs if job[0].run_seq in certified]
+            jobs = [job for job in jobs if job[0].run_seq in certified or (job[0].run_seq, job[1].index) in probing]
             report.figures["certified_branch_segments"] = f"{len(jobs)} of {total}"
             if not jobs:
                 why = "no certified unlearning branch to replay (--replay certificates was asked for)"
@@ -215,7 +285,9 @@ class Verifier:
             with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,
                       file=sys.stderr) as bar:
                 # Always in workers (issue 9): a SandboxUnavailable (exit 2) propagates.
-                results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers,
+                probes = {i: probing[(ctx.run_seq, seg.index)] for i, (ctx, seg) in enumerate(jobs)
+                          if (ctx.run_seq, seg.index) in probing}
+                results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers, probes=probes,
                                    progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
@@ -231,6 +303,10 @@ class Verifier:
         report.figures["replay_segment_seconds"] = round(sum(r.seconds for r in results), 3)
         report.figures["replayed_steps"] = steps
         _certificate_replay(report, observations, jobs, results)
+        for (ctx, seg), r in zip(jobs, results):
+            for found in r.traces if r.ok and terms is not None else ():
+                if isinstance(found, dict) and type(found.get("trace")) is int:
+                    terms.setdefault(found["trace"], {})[(ctx.run_seq, seg.index)] = found
         failed = _first_failed(results)
         label = f"{len(jobs)} segment(s), {steps} step(s), {'bit for bit' if exact else 'within tolerance'}"
         if failed is not None:
@@ -341,6 +417,15 @@ def _env_differences(env: dict[str, Any]) -> list[str]:
 def _first_failed(results: list[SegmentResult]) -> SegmentResult | None:
     bad = [r for r in results if not r.ok]
     return min(bad, key=lambda r: (r.seq if r.seq is not None else math.inf)) if bad else None
+
+
+def _input_names(run: Run) -> list[str]:
+    """The dataset's input tensor names in the program's order (specs/training.md §5.1; none where the
+    settings do not say: a query file then matches nothing)."""
+    try:
+        return [c.tensor for c in program_columns(run.settings)]
+    except (ValueError, TypeError, KeyError):
+        return []
 
 
 def _context(source: Source, structure: Structure, run: Sealed) -> RunContext | None:

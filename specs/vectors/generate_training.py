@@ -373,6 +373,46 @@ def example_losses_cases() -> list[dict[str, Any]]:
     return out
 
 
+# -- forensics (forensics.md §3 source shares, §5 step ranges) ---------------------------------
+
+
+def source_shares_cases() -> list[dict[str, Any]]:
+    """A manifest's label and votes -> each source's share of the example (forensics.md §3)."""
+    from gradledger.training.forensics.shares import example_shares
+
+    def vote(source: str, v: int, confidence: float) -> dict[str, Any]:
+        return {"source": source, "vote": v, "confidence": confidence}
+
+    out: list[dict[str, Any]] = []
+    for desc, label, votes in [
+        ("one voter carries it all", 3, [vote("a", 3, 0.9)]),
+        ("shares by confidence among the votes for the label", 8, [vote("a", 8, 0.9), vote("b", 8, 0.3),
+                                                                  vote("c", 3, 1.0)]),
+        ("an abstention and a dissent share nothing", 1, [vote("a", 1, 0.5), vote("b", -1, 0.0), vote("c", 2, 0.7)]),
+        ("confidences adding to 0: each vote counts 1", 2, [vote("a", 2, 0.0), vote("b", 2, 0.0), vote("c", 2, 0.0)]),
+        ("no vote for the label: unattributed", 5, [vote("a", 4, 0.8), vote("b", 6, 0.9)]),
+        ("thirds, each rounded once", 0, [vote("a", 0, 0.1), vote("b", 0, 0.1), vote("c", 0, 0.1)]),
+        ("one source voting twice adds up", 7, [vote("a", 7, 0.25), vote("a", 7, 0.5), vote("b", 7, 0.25)]),
+    ]:
+        manifest = {"label": label, "sources": votes}
+        out.append({"desc": desc, "manifest": manifest, "want": example_shares(manifest)})
+    return out
+
+
+def step_ranges_cases() -> list[dict[str, Any]]:
+    """Per-step totals -> the report's step ranges [from, to, score] (forensics.md §5: at most 20 equal ranges)."""
+    out: list[dict[str, Any]] = []
+    for desc, steps in [
+        ("fewer steps than ranges: one range per step", [0.5, -0.25, 1.0]),
+        ("exactly twenty", [float(i) / 4 for i in range(20)]),
+        ("forty-one steps: ranges of three, the last short", [0.125 * (i % 5) for i in range(41)]),
+    ]:
+        n, width = len(steps), max(1, -(-len(steps) // 20))
+        want = [[lo, min(n, lo + width) - 1, sum(steps[lo: lo + width])] for lo in range(0, n, width)]
+        out.append({"desc": desc, "steps": steps, "want": want})
+    return out
+
+
 def document() -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -385,6 +425,9 @@ def document() -> dict[str, Any]:
             "tensor data is the little-endian C-order bytes in hex; wantErr is a substring of the message.",
             "example_losses: losses are each micro-batch's binary32 values as little-endian hex; want is the "
             "GovernedUpdate field (format 4) in hex; wantErr cases give the field (data) and the batch's length.",
+            "source_shares: a manifest's label and votes, and each source's share of the example (forensics.md §3; "
+            "the unattributed name when no vote is for the label). step_ranges: per-step totals (dyadic, so any "
+            "summation order is exact) and the §5 ranges [from, to, score].",
         ],
         "bands": BANDS,
         "sources": SOURCES,
@@ -399,6 +442,8 @@ def document() -> dict[str, Any]:
         "checkpoint_digest": checkpoint_cases(),
         "band_norm": band_norm_cases(),
         "example_losses": example_losses_cases(),
+        "source_shares": source_shares_cases(),
+        "step_ranges": step_ranges_cases(),
     }
 
 

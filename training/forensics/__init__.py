@@ -13,11 +13,13 @@ from typing import Any, Callable
 
 import torch
 
+from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 
 from .lineage import Lineage, TraceDiverged, TraceError, lineage
 from .methods import METHODS, checkpoints_influence, loss_trace, replay_influence, replayer
 from .query import MAX_QUERY, Query, QueryError, parse_query
+from .record import record_trace
 from .result import influence_report, loss_trace_report
 from .shares import UNATTRIBUTED, example_shares
 from .validate import validate
@@ -27,7 +29,7 @@ __all__ = ["MAX_QUERY", "METHODS", "UNATTRIBUTED", "Lineage", "Query", "QueryErr
 
 
 def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, method: str = "replay", top: int = 10,
-          self_influence: bool = False, validate_top: int = 0,
+          self_influence: bool = False, validate_top: int = 0, record: SigningKey | None = None,
           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Trace the behavior ``query`` (specs/forensics.md §2; JSON text or a .json path) in run ``run_id``
     (default the latest governed run) with ``method``; the ranked answer as a JSON-ready map.
@@ -36,6 +38,8 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
     over its steps of its weight times its own squared gradient norm, a mislabel and memorization score.
     ``validate_top`` K > 0 adds the exact counterfactual of the top K sources (validate.py): the run
     replayed without them, the measured change of the query loss against the predicted one.
+    ``record``: sign the answer with this key and append it as a ForensicTrace observation (record.py;
+    the ledger must be open for writing); the report's ``record`` names it.
     Raises ``QueryError`` for a query that cannot be used and ``TraceError`` for a run that cannot be traced.
     """
     if method not in METHODS:
@@ -49,7 +53,8 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
         raise QueryError("--validate checks an attribution: use the replay or checkpoints method")
     if method == "loss-trace":
         mean, count = loss_trace(lin)
-        return {**head, **loss_trace_report(mean, count, fields=lin.fields, registry=ledger.registry, top=top)}
+        out = {**head, **loss_trace_report(mean, count, fields=lin.fields, registry=ledger.registry, top=top)}
+        return _recorded(ledger, out, None, lin, top, self_influence, record)
     if query is None:
         raise QueryError(f"the {method} method needs a query (--query)")
     rep = replayer(ledger, lin)
@@ -64,4 +69,12 @@ def trace(ledger: Ledger, query: str | None, *, run_id: str | None = None, metho
     out = {**head, **report}
     if validate_top:
         out["validation"] = validate(ledger, lin, rep, q, out, validate_top, progress=progress)
-    return out
+    return _recorded(ledger, out, q, lin, top, self_influence, record)
+
+
+def _recorded(ledger: Ledger, report: dict[str, Any], query: Query | None, lin: Lineage, top: int,
+              self_influence: bool, key: SigningKey | None) -> dict[str, Any]:
+    if key is None:
+        return report
+    sealed = record_trace(ledger, report, query, run_seq=lin.run.seq, top=top, self_influence=self_influence, key=key)
+    return {**report, "record": {"seq": sealed.seq, "result_digest": sealed.body["result_digest"].hex()}}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -61,6 +61,10 @@ class Query:
     indices: list[int] | None
     description: str
     digest: bytes
+    #: The map whose canonical CBOR ``digest`` hashes (§2); a ForensicTrace records it.
+    canonical: dict[str, Any] = field(default_factory=dict)
+    #: A file query's bytes (their SHA-256 is ``canonical["file"]``); None for dataset inputs.
+    file_data: bytes | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -129,7 +133,7 @@ def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Quer
     if not isinstance(spec, dict) or len(spec) == 0:
         raise QueryError("query inputs is not an object: {\"indices\": [...]}, {\"label\": c} or {\"file\": path}")
     n = int(labels.shape[0])
-    file_digest = b""
+    file_digest, file_data = b"", b""
     if set(spec) == {"indices"}:
         idx = spec["indices"]
         if not isinstance(idx, list) or not 1 <= len(idx) <= MAX_QUERY:
@@ -148,7 +152,8 @@ def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Quer
             raise QueryError(f"no row of the dataset has the committed label {label}")
     elif set(spec) == {"file"}:
         indices = None
-        x, file_digest = _read_file(spec["file"], inputs, base)
+        x, file_data = _read_file(spec["file"], inputs, base)
+        file_digest = hashlib.sha256(file_data).digest()
     else:
         raise QueryError(f"query inputs {sorted(spec)} is not one of {{indices}}, {{label[, limit]}}, {{file}}")
     if indices is not None:
@@ -164,7 +169,8 @@ def parse_query(text: str, *, labels: Tensor, inputs: Any, classes: int) -> Quer
     if "against" in obj:
         canonical["against"] = obj["against"]
     digest = hashlib.sha256(encoding.encode(canonical)).digest()
-    return Query(x, targets, against, indices, description, digest)
+    return Query(x, targets, against, indices, description, digest, canonical,
+                 file_data if indices is None else None)
 
 
 def _classes(value: Any, field: str, q: int, indices: list[int] | None, labels: Tensor, classes: int) -> Tensor:
@@ -187,7 +193,7 @@ def _rows(x: Any) -> int:
 
 def _read_file(name: Any, like: Any, base: Path) -> tuple[Any, bytes]:
     """The tensors of a safetensors query file (a relative path is taken from ``base``), named and shaped
-    as the dataset's inputs ``like``."""
+    as the dataset's inputs ``like``, and the file's bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -214,4 +220,4 @@ def _read_file(name: Any, like: Any, base: Path) -> tuple[Any, bytes]:
                              f"{list(t.shape[1:])} per row, the dataset's is {str(ref.dtype).removeprefix('torch.')} "
                              f"{list(ref.shape[1:])}")
     x = {k[2:]: t for k, t in tensors.items()} if isinstance(like, Mapping) else tensors["x"]
-    return x, hashlib.sha256(data).digest()
+    return x, data

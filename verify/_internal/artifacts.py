@@ -53,7 +53,8 @@ def named_artifacts(sealed: Sealed) -> Iterator[tuple[str, Any]]:
     The fields are those of specs/observations.md, specs/manifests.md §5, specs/training.md §4 and
     specs/unlearning.md: RunStarted ``artifacts.*`` and ``settings.branch.removed|relabeled``,
     DatasetCommitted ``manifests`` and ``data``, Checkpoint ``artifact``, UnlearningCertificate
-    ``removed`` and ``relabeled``. A value that is not a 32-byte digest is yielded as is, for the
+    ``removed`` and ``relabeled``, and (specs/forensics.md §7.1) a ForensicTrace's ``query.file`` when
+    it is not empty (a query file's bytes). A value that is not a 32-byte digest is yielded as is, for the
     check to refuse.
     """
     body = sealed.body
@@ -75,6 +76,10 @@ def named_artifacts(sealed: Sealed) -> Iterator[tuple[str, Any]]:
     elif sealed.type == "UnlearningCertificate":
         yield "removed", body["removed"]
         yield "relabeled", body["relabeled"]
+    elif sealed.type == "ForensicTrace":
+        query = body.get("query")
+        if isinstance(query, dict) and query.get("file", b"") != b"":
+            yield "query.file", query["file"]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from gradledger.ledger.errors import VerificationError
 
+from .attribution import Probe, SegmentTracer
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
 from .hyperparams import (
     VARYING, HyperParameterMismatch, apply_step, check_checkpoint_groups, check_description, check_loss, check_step,
@@ -112,10 +113,12 @@ class SegmentResult:
     step: int | None = None
     #: Largest relative deviation seen (tolerance mode; 0.0 when exact).
     max_deviation: float = 0.0
+    #: The recorded traces' terms in this segment (attribution.Terms.to_obj), one per probe it was given.
+    traces: list[Any] = field(default_factory=list)
 
     def to_obj(self) -> dict[str, Any]:
         return {"index": self.index, "ok": self.ok, "steps": self.steps, "seconds": self.seconds, "reason": self.reason,
-                "seq": self.seq, "step": self.step, "max_deviation": self.max_deviation}
+                "seq": self.seq, "step": self.step, "max_deviation": self.max_deviation, "traces": self.traces}
 
     @classmethod
     def from_obj(cls, obj: Mapping[str, Any]) -> "SegmentResult":
@@ -273,20 +276,23 @@ def _flatten(module: Any, opt: torch.optim.Optimizer, fmt: int) -> dict[str, Ten
 
 def replay_segment(
     ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], *, exact: bool,
-    cache: ReplayCache | None = None,
+    cache: ReplayCache | None = None, probes: Sequence[Probe] = (),
 ) -> SegmentResult:
-    """Replay one segment; never raises for a mismatch, reports it. ``cache``: the verification's own."""
+    """Replay one segment; never raises for a mismatch, reports it. ``cache``: the verification's own.
+    ``probes``: recorded traces whose terms this segment also computes (attribution.py)."""
     started = time.perf_counter()
+    traces: list[Any] = []
     try:
-        dev = _replay(ctx, seg, artifact, exact, cache)
+        dev = _replay(ctx, seg, artifact, exact, cache, probes, traces)
     except (ReplayError, CheckpointError, VerificationError) as exc:
         return SegmentResult(seg.index, False, len(seg.updates), time.perf_counter() - started,
                              str(exc.args[0]), exc.seq, getattr(exc, "step", None))
-    return SegmentResult(seg.index, True, len(seg.updates), time.perf_counter() - started, max_deviation=dev)
+    return SegmentResult(seg.index, True, len(seg.updates), time.perf_counter() - started, max_deviation=dev,
+                         traces=traces)
 
 
 def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool,
-            cache: ReplayCache | None) -> float:
+            cache: ReplayCache | None, probes: Sequence[Probe] = (), traces: list[Any] | None = None) -> float:
     settings = ctx.settings
     loaded = _load(ctx, artifact, cache)
     module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
@@ -319,6 +325,12 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     labels_all = torch.tensor(ctx.labels, dtype=torch.int64)
     run_seed = settings["seed"]
     n_bands = len(bands)
+    tracer = None
+    if probes:
+        tracer = SegmentTracer(probes, module=module, inputs=inputs, by_name=params, settings=settings,
+                               labels=ctx.labels, rule_profiles=ctx.rule_profiles, loss=loss_fn, loss_kw=loss_kw,
+                               artifact=artifact)
+        tracer.at_checkpoint([u for _, u in seg.updates])
     worst = 0.0  # the program was exported in training mode (dropout active); it has no train()
     before: list[Tensor] | None = None
     for seq, u in seg.updates:
@@ -346,7 +358,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             raise fail("the recorded routing does not cover the batch")
         opt.zero_grad(set_to_none=True)
         losses, each = _forward_backward(module, inputs, labels_all, profiles_all, u, recipe, run_seed, loss_fn,
-                                         loss_kw, fail)
+                                         loss_kw, fail, None if tracer is None else tracer.at_step)
         if "example_losses" in u:  # specs/training.md §3.1: every example's loss, value by value
             replayed = torch.cat(each).to(torch.float32).tolist()  # each binary32 as its exact float
             for i, (a, b) in enumerate(zip(replayed, decode_example_losses(u["example_losses"]))):
@@ -401,7 +413,10 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             worst = max(worst, d)
             if not ok:
                 raise fail(f"band {k} update norm {a!r} replayed, {b!r} recorded")
-    return max(worst, _compare_end(module, opt, seg, artifact, exact, fmt))
+    worst = max(worst, _compare_end(module, opt, seg, artifact, exact, fmt))
+    if tracer is not None and traces is not None:
+        traces.extend(t.to_obj() for t in tracer.terms)
+    return worst
 
 
 def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
@@ -414,11 +429,14 @@ def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
 
 def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor, profiles_all: Tensor, u: Mapping[str, Any],
                       recipe: Mapping[str, Any], run_seed: int, loss_fn: Callable[..., Tensor],
-                      loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> tuple[list[float], list[Tensor]]:
+                      loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError],
+                      inspect: Callable[[Mapping[str, Any], Tensor, Tensor, Tensor], None] | None = None,
+                      ) -> tuple[list[float], list[Tensor]]:
     """specs/training.md §3 steps 2-5 for each micro-batch in order: seed, forward through the routed
     program (under the recorded autocast), the run's loss of the output the recipe names, backward of
     it (divided by the recorded divisor); gradients add up across micro-batches. Returns the losses and,
-    per micro-batch, each example's loss (the same loss with reduction "none", where the loss ran)."""
+    per micro-batch, each example's loss (the same loss with reduction "none", where the loss ran).
+    ``inspect(u, output, index, labels)`` sees each micro-batch's forward before its backward."""
     divisor = recipe.get("loss_divisor", 1)
     leaf = recipe.get("output", 0)
     losses, each, pos = [], [], 0
@@ -441,6 +459,8 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
             if "example_losses" in u:
                 with torch.no_grad():
                     each.append(loss_fn(leaves[leaf].detach(), labels_all[index], **{**loss_kw, "reduction": "none"}))
+        if inspect is not None:
+            inspect(u, leaves[leaf], index, labels_all[index])
         (loss / divisor if divisor != 1 else loss).backward()
         losses.append(float(loss.detach()))
     return losses, each

@@ -13,11 +13,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import UnusableInput
 
+from .attribution import Probe
 from .replay import ReplayError, RunContext, Segment, SegmentResult
 from .pool import WorkerPool, start_worker, worker_command
 from .sandbox import EXIT_NO_SANDBOX, SandboxSpec
@@ -99,6 +100,7 @@ def run_jobs(
     progress: Callable[[SegmentResult], None] | None = None,
     sandbox: SandboxSpec = SandboxSpec(),
     pool: WorkerPool | None = None,
+    probes: Mapping[int, Sequence[Probe]] | None = None,
 ) -> list[SegmentResult]:
     """Replay every job in worker processes (at least one, also for ``workers=1``); results in job order.
 
@@ -107,16 +109,17 @@ def run_jobs(
     (None: from the source at ``source_path``). A worker that dies or answers out of turn fails
     replay naming the first segment it left unanswered (ReplayError); a sandbox that cannot be set
     up raises SandboxUnavailable. Workers already started in ``pool`` (behind the same sandbox) are
-    used first.
+    used first. ``probes``: by position in ``jobs``, the recorded traces that job also recomputes.
     """
     if not jobs:
         return []
     n = max(1, min(workers, len(jobs)))
+    probes = probes or {}
     if artifact is not None:
-        return _in_workers(jobs, artifact, exact, n, progress, sandbox, pool)
+        return _in_workers(jobs, artifact, exact, n, progress, sandbox, pool, probes)
     source = open_source(source_path)
     try:
-        return _in_workers(jobs, source.artifact, exact, n, progress, sandbox, pool)
+        return _in_workers(jobs, source.artifact, exact, n, progress, sandbox, pool, probes)
     finally:
         source.close()
 
@@ -132,13 +135,14 @@ def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
     return shares
 
 
-def _named_artifacts(ctx: RunContext, seg: Segment) -> list[Any]:
-    return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact")]
+def _named_artifacts(ctx: RunContext, seg: Segment, probes: Sequence[Probe] = ()) -> list[Any]:
+    return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact"),
+            *(p.query.get("file") for p in probes)]
 
 
 def _in_workers(
     jobs: Sequence[Job], artifact: Artifacts, exact: bool, n: int, progress: Callable[[SegmentResult], None] | None,
-    spec: SandboxSpec, pool: WorkerPool | None,
+    spec: SandboxSpec, pool: WorkerPool | None, probes: Mapping[int, Sequence[Probe]],
 ) -> list[SegmentResult]:
     results: dict[int, SegmentResult] = {}
     lock = threading.Lock()
@@ -150,9 +154,11 @@ def _in_workers(
     source_lock = threading.Lock()  # one artifact read at a time: a source is not shared across threads
 
     def drive(share: list[int]) -> None:
-        task = {"exact": exact, "jobs": [[jobs[i][0].to_obj(), jobs[i][1].to_obj()] for i in share]}
-        # The only artifacts this worker is given: those its segments name (program, inputs, checkpoints).
-        named = {d for i in share for d in _named_artifacts(*jobs[i]) if isinstance(d, bytes)}
+        task = {"exact": exact, "jobs": [[jobs[i][0].to_obj(), jobs[i][1].to_obj(),
+                                          [p.to_obj() for p in probes.get(i, ())]] for i in share]}
+        # The only artifacts this worker is given: those its segments name (program, inputs, checkpoints)
+        # and its probes' query files.
+        named = {d for i in share for d in _named_artifacts(*jobs[i], probes.get(i, ())) if isinstance(d, bytes)}
         with lock:
             started = pool.take(spec) if pool is not None else None
         proc = started or start_worker(spec, command)

@@ -139,6 +139,7 @@ def main(argv: list[str]) -> int:
     from . import eager, environment
 
     eager.install()
+    from .attribution import Probe
     from .replay import ReplayCache, RunContext, Segment, replay_segment
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
@@ -154,10 +155,11 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     cache = ReplayCache()  # this task's own
-    for ctx_obj, seg_obj in task["jobs"]:
+    for ctx_obj, seg_obj, probe_objs in task["jobs"]:
         ctx, seg = RunContext.from_obj(ctx_obj), Segment.from_obj(seg_obj)
         environment.prepare(ctx.environment)
-        result = replay_segment(ctx, seg, artifact, exact=task["exact"], cache=cache)
+        result = replay_segment(ctx, seg, artifact, exact=task["exact"], cache=cache,
+                                probes=[Probe.from_obj(p) for p in probe_objs])
         out.write(frame(result.to_obj()))
         out.flush()
     return 0
