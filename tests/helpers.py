@@ -116,3 +116,21 @@ def policy_fields(name: str, limit_scale: float = 1.0) -> dict:
         # Everything else (low-confidence crowd labels) may tune the head only.
         "default": {"profile": [1, 0, 0], "limits": [10.0 * s, None, None]},
     }
+
+
+def verify_cli(bundle: Path, roots: Path, *args: str) -> tuple[int, dict]:
+    """``gradledger-verify BUNDLE --trust ROOTS --json ARGS``, run through the command line's own ``main`` in this
+    process (no interpreter start; replay still runs in sandboxed worker processes): its exit code and report.
+    tests/test_verify_cli.py runs the installed command itself."""
+    import contextlib
+    import io
+    import json
+
+    from gradledger.verify.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(bundle), "--trust", str(roots), "--json", *args])
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    text = out.getvalue().strip()
+    return code, json.loads(text.splitlines()[-1]) if text else {}

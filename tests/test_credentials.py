@@ -516,6 +516,10 @@ def bodies(world: World) -> dict[str, dict]:
             "source": "dr-a", "mode": "exact", "rewind_checkpoint": b"1" * 32, "original_head": b"2" * 32,
             "new_head": b"3" * 32, "removed": b"4" * 32, "relabeled": b"5" * 32,
         },
+        "ForensicTrace": {
+            "format": 1, "run": 0, "method": "loss-trace", "parameters": {"top": 3, "self_influence": False},
+            "result": {"sources": [], "examples": []}, "result_digest": b"6" * 32,
+        },
     }
 
 

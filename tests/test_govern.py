@@ -5,9 +5,6 @@ verified bit for bit by ``gradledger-verify``; and the run's crash rule through 
 from __future__ import annotations
 
 import itertools
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gradledger
 from gradledger.ledger.bundle import export_bundle
+from helpers import verify_cli
 
 transformers = pytest.importorskip("transformers")  # in the test extra; skipped only without it
 
@@ -64,10 +62,7 @@ def _govern_bert(p: gradledger.Project, x: torch.Tensor, y: torch.Tensor, run_id
 
 
 def _verify(bundle: Path, roots: Path) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run([sys.executable, "-m", "gradledger.verify.cli", str(bundle), "--trust", str(roots), "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return verify_cli(bundle, roots)
 
 
 def test_a_huggingface_bert_governed_by_one_call_verifies(project: Path, tmp_path: Path) -> None:

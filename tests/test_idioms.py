@@ -12,8 +12,6 @@ not pass through the model's output.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +29,7 @@ from gradledger.training.dataset import commit_dataset
 from gradledger.training.recorder import StepRefused
 from gradledger.training.trainer import Governance
 from forging import Forge
-from helpers import CROWD_KEY
+from helpers import CROWD_KEY, verify_cli
 from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, new_ledger
 
 BATCH = 16
@@ -74,10 +72,7 @@ def verify(led: Ledger, out: Path, forge: Callable[[Forge], Any] | None = None) 
         with_keys = Forge.from_bundle(bundle, keys_dir=_keys(out))
         forge(with_keys)
         bundle = with_keys.write(out / "forged.glb")
-    proc = subprocess.run([sys.executable, "-m", "gradledger.verify.cli", str(bundle), "--trust", str(roots), "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return verify_cli(bundle, roots)
 
 
 def _keys(out: Path) -> Path:

@@ -4,12 +4,10 @@ with today's verifier, and a damaged copy fails."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import verify_cli
 
 DATA = Path(__file__).parent / "data"
 #: Each stored run: its folder and the training format it was written in.
@@ -17,10 +15,7 @@ RUNS = [("v1", 1), ("v2", 2)]
 
 
 def _verify(bundle: Path, roots: Path, *extra: str) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-m", "gradledger.verify.cli", str(bundle), "--trust", str(roots),
-                           "--json", *extra], capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return verify_cli(bundle, roots, *extra)
 
 
 def _started(bundle: Path) -> dict:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +29,7 @@ from gradledger.training.errors import GovernanceError
 from gradledger.training.manifests import example_id
 from gradledger.verify._internal import manifests as vm
 from forging import Forge
+from helpers import verify_cli
 
 TAXONOMY = Path(__file__).resolve().parents[1] / "examples" / "taxonomy.toml"
 N, SEQ, VOCAB, BATCH = 64, 10, 40, 16
@@ -193,10 +192,7 @@ def _run(project: Path, out: Path, model: nn.Module, dataset: Dataset, name: str
 
 
 def _verify(bundle: Path, project: Path) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run([sys.executable, "-m", "gradledger.verify.cli", str(bundle), "--trust",
-                           str(project / "roots.pub"), "--json"], capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return verify_cli(bundle, project / "roots.pub")
 
 
 def _run_started(f: Forge) -> int:

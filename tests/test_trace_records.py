@@ -29,6 +29,7 @@ from test_idioms import _keys
 from test_trainer import WORLD, X
 
 import test_forensics as F
+from helpers import verify_cli
 
 CONTRAST = json.dumps({"description": "3s read as 8", "inputs": {"label": 3, "limit": 12}, "target": 8,
                        "against": 3})
@@ -72,10 +73,7 @@ def _verify(base: Path, out: Path, forge: Callable[[Forge], Any] | None = None, 
     """The command line's exit code and JSON report."""
     roots = write_public_keys(out / "roots.pub", [(WORLD.root.public_key, "root")])
     bundle = _bundle(base, out, forge)
-    proc = subprocess.run([sys.executable, "-m", "gradledger.verify.cli", str(bundle), "--trust", str(roots), "--json",
-                           *args], capture_output=True, text=True, timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return verify_cli(bundle, roots, *args)
 
 
 def _traces_check(report: dict[str, Any]) -> dict[str, Any]:
