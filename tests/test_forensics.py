@@ -227,20 +227,19 @@ def ledger_dir(traced: Any) -> str:
     return str(traced[0].path)
 
 
-def test_the_cli_answers_in_json_and_html(ledger_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_answers_in_json_and_html(ledger_dir: str, tmp_path: Path) -> None:
     page = tmp_path / "trace.html"
     proc = _cli(ledger_dir, "--query", QUERY, "--json", "--top", "3", "--html", str(page))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["run"] == "trace-me" and len(report["sources"]) == 3 and report["query"]["examples"] == 12
     assert "Who taught the model this" in page.read_text()
-    # The other two through the command line's own main, in this process (no interpreter start).
-    from gradledger.training.cli import main
-
-    assert main(["trace", ledger_dir, "--method", "loss-trace", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["examples"]
-    assert main(["trace", ledger_dir, "--query", QUERY, "--self-influence", "--top", "4"]) == 0
-    assert "highest self-influence" in capsys.readouterr().out
+    proc = _cli(ledger_dir, "--method", "loss-trace", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["examples"]
+    proc = _cli(ledger_dir, "--query", QUERY, "--self-influence", "--top", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "highest self-influence" in proc.stdout
 
 
 @pytest.mark.parametrize("query, words", [
