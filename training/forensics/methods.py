@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -29,6 +29,11 @@ METHODS = ("replay", "checkpoints", "loss-trace")
 QUERY_SEED = 0
 #: Per-example gradients are taken this many examples at a time.
 CHUNK = 256
+#: The checkpoints method's ``vmap`` gradients (a program that draws no random numbers) are taken for as
+#: many whole chunks at once as fit this many bytes of gradients: each ``vmap(grad)`` call costs a fixed
+#: ~4 ms (the program interpreted under vmap, its backward), against ~1 ms of work for a chunk of a small
+#: model. Each example's gradient is its own, whatever else shares the call: the same values.
+BLOCK_GRAD_BYTES = 64 << 20
 #: A replayed step whose loss differs from the record by more than this (relative) stops the trace.
 LOSS_RTOL = 1e-3
 #: Memory a trace may give the query's per-example gradients (Q x parameters x 8 bytes).
@@ -183,38 +188,93 @@ def checkpoints_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Qu
     _approximations(lin, result)
     starts = [c for _, c in lin.run.checkpoints]
     qx = program_inputs(query.inputs)
+    block = _block_rows(params)
     with torch_deterministic():
         for ci, start in enumerate(starts):
             end = starts[ci + 1]["step"] if ci + 1 < len(starts) else None
             seg = [u for _, u in lin.run.updates if u["step"] >= start["step"] and (end is None or u["step"] < end)]
             if not seg:
                 continue
-            weight = torch.zeros((lin.dataset.count, rep.n_bands), dtype=torch.float64)
-            for u in seg:
-                per, clip, note = _example_weights(u)
-                if note and note not in result.notes:
-                    result.notes.append(note)
-                lr = float(u["lr"])
-                w = band_weights(u["band_grad_norms"], u["routing"]["limits"], clip)
-                index = torch.tensor(u["batch"], dtype=torch.int64)
-                weight.index_add_(0, index, torch.tensor([[lr * p * c for c in w] for p in per], dtype=torch.float64))
+            weight = _segment_weights(seg, lin.dataset.count, rep.n_bands, result.notes)
             rep.restore(ledger, start)
             # Other groups' learning rates, relative to group 0's (which the weights hold), at the segment's start.
-            query_grads = query_band_grads(grads, qx, qrows, rep.n_bands, _lr_scale(seg[0], params.groups),
-                                           QUERY_SEED)
+            scale = _lr_scale(seg[0], params.groups)
             rows = torch.nonzero(weight.abs().sum(1)).flatten()
             before = float(acc.examples.sum())
-            for lo in range(0, len(rows), CHUNK):
-                index = rows[lo : lo + CHUNK]
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(QUERY_SEED + 1)
-                    train = grads(rep.rows(index), rep.profiles[index], label_rows(rep.labels[index]))
+            for index, train, query_grads in _checkpoint_grads(rep, grads, rows, qx, qrows, scale, block):
                 acc.add(index, train, query_grads, weight[index], None)
             acc.steps[seg[0]["step"]] += (float(acc.examples.sum()) - before) / max(1, len(query))
             result.steps += len(seg)
             if progress is not None:
                 progress(seg[-1]["step"])
     return result
+
+
+def _segment_weights(seg: list[Mapping[str, Any]], n: int, n_bands: int, notes: list[str]) -> Tensor:
+    """``W_c(z, k)``: per example and band, the sum over the segment's steps of its weight in the step (lr,
+    position weight, clip factor, band clip coefficient), added step by step in the segment's order."""
+    index: list[int] = []
+    terms: list[list[float]] = []
+    for u in seg:
+        per, clip, note = _example_weights(u)
+        if note and note not in notes:
+            notes.append(note)
+        if len(per) != len(u["batch"]):
+            raise TraceError(f"step {u['step']}: its recipe's micro-batches do not add up to its batch")
+        lr = float(u["lr"])
+        w = band_weights(u["band_grad_norms"], u["routing"]["limits"], clip)
+        index += u["batch"]
+        terms += [[lr * p * c for c in w] for p in per]
+    weight = torch.zeros((n, n_bands), dtype=torch.float64)
+    if not index:
+        return weight
+    # One index_add_ adds its rows in index order: the same sums, in the same order, as one call per step.
+    weight.index_add_(0, torch.tensor(index, dtype=torch.int64), torch.tensor(terms, dtype=torch.float64))
+    return weight
+
+
+def _block_rows(params: BandParams) -> int:
+    """How many training rows one ``vmap`` call takes: whole chunks, as many as ``BLOCK_GRAD_BYTES`` hold."""
+    row = sum(p.numel() * p.element_size() for ps in params.bands for p in ps)
+    return max(1, BLOCK_GRAD_BYTES // max(1, row) // CHUNK) * CHUNK
+
+
+def _checkpoint_grads(rep: Replayer, grads: ExampleGrads, rows: Tensor, qx: list[Tensor], qrows: Tensor,
+                      scale: list[list[float]], block: int) -> Iterator[tuple[Tensor, list[list[Tensor]],
+                                                                               list[list[Tensor]]]]:
+    """At the restored checkpoint, ``CHUNK`` training rows at a time in index order: the rows, their band
+    gradients and the query's (scaled by ``scale``). A program that draws no random numbers gives them by
+    ``vmap`` a block of chunks at a time, the query in the first block's call; otherwise each chunk's forward
+    runs under a generator seeded ``QUERY_SEED + 1`` and the query's under ``QUERY_SEED``, each forked."""
+    query_grads: list[list[Tensor]] | None = None
+    for lo in range(0, len(rows), block):
+        index = rows[lo : lo + block]
+        found = None
+        if grads.functional:
+            xs, profiles, targets = rep.rows(index), rep.profiles[index], label_rows(rep.labels[index])
+            if query_grads is None:
+                xs = [torch.cat([a, b]) for a, b in zip(xs, qx)]
+                profiles = torch.cat([profiles, torch.ones((len(qrows), rep.n_bands), dtype=profiles.dtype)])
+                targets = torch.cat([targets, qrows])
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(QUERY_SEED + 1)
+                found = grads.functional_grads(xs, profiles, targets)
+            if found is not None and query_grads is None:
+                b = len(index)
+                query_grads = [[g[b:] * f if f != 1.0 else g[b:] for g, f in zip(band, fs)]
+                               for band, fs in zip(found, scale)]
+                found = [[g[:b] for g in band] for band in found]
+        if query_grads is None:
+            query_grads = query_band_grads(grads, qx, qrows, rep.n_bands, scale, QUERY_SEED)
+        for c in range(0, len(index), CHUNK):
+            sub = index[c : c + CHUNK]
+            if found is not None:
+                yield sub, [[g[c : c + CHUNK] for g in band] for band in found], query_grads
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(QUERY_SEED + 1)
+                train = grads(rep.rows(sub), rep.profiles[sub], label_rows(rep.labels[sub]))
+            yield sub, train, query_grads
 
 
 def _approximations(lin: Lineage, result: Influence) -> None:
