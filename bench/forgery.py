@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="forgery-") as tmp:
         base_dir = Path(args.keep) if args.keep else Path(tmp)
         print(f"building the honest demo bundle ({args.steps} steps) ...", file=sys.stderr, flush=True)
-        demos = {"main": F.build_demo(base_dir / "main", steps=args.steps),
+        demos = {"main": F.build_demo(base_dir / "main", steps=args.steps, trace=True),
                  "lr": F.build_demo(base_dir / "lr", steps=args.steps, lr=0.05),
                  "ungated": F.build_demo(base_dir / "ungated", steps=args.steps, ungated=True)}
         forges = {k: F.Forge.from_bundle(d.bundle) for k, d in demos.items()}

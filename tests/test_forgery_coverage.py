@@ -26,7 +26,7 @@ from gradledger.verify import VerificationPolicy, Verifier
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("forgery")
-    d = F.build_demo(base / "demo", steps=6, checkpoint_every=3)
+    d = F.build_demo(base / "demo", steps=6, checkpoint_every=3, trace=True)
     forge = F.Forge.from_bundle(d.bundle)
     # --check-traces: the bundle's ForensicTrace is recomputed, so a forged answer is caught.
     verifier = Verifier(read_public_keys(d.roots), VerificationPolicy(replay="full", check_traces=True))
