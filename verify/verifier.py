@@ -109,7 +109,7 @@ class Verifier:
         try:
             plan: dict[int, list[Any]] | None = plan_segments(observations)
         except ReplayError:
-            plan = None  # replay reports it
+            plan = None  # _replay plans again and reports the error
         try:
             claims = read_traces(structure, plan, _input_names)
         except TraceInvalid as exc:
@@ -120,7 +120,7 @@ class Verifier:
             return report
         terms: dict[int, dict[tuple[int, int], Any]] = {}
         jobs = self._replay(source, path, structure, report, progress, pool,
-                            claims if self.policy.check_traces else [], terms)
+                            claims if self.policy.check_traces else [], terms, plan)
         report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
         if claims:
             self._check_traces(claims, structure, report, terms)
@@ -175,7 +175,8 @@ class Verifier:
 
     def _replay(self, source: Source, path: str, structure: Structure, report: Report,
                 progress: bool, pool: WorkerPool | None = None, claims: list[TraceClaim] | None = None,
-                terms: dict[int, dict[tuple[int, int], Any]] | None = None) -> dict[int, tuple[int, int]]:
+                terms: dict[int, dict[tuple[int, int], Any]] | None = None,
+                plan: dict[int, list[Any]] | None = None) -> dict[int, tuple[int, int]]:
         """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
         ``claims``: recorded traces to recompute: every segment of their lineages is replayed and computes
         their terms, which go into ``terms`` (trace seq -> (run seq, segment index) -> terms).
@@ -191,7 +192,7 @@ class Verifier:
             _certificate_replay(report, observations)
             return {}
         try:
-            runs = plan_segments(observations)
+            runs = plan if plan is not None else plan_segments(observations)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)
