@@ -52,3 +52,15 @@ def test_importing_verify_loads_no_training_module() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_every_subpackage_is_in_the_distribution() -> None:
+    # pyproject lists packages explicitly (the folders map onto the gradledger namespace); a
+    # subpackage left out works in an editable install and is missing from the wheel.
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for folder in ("ledger", "training", "verify"):
+        for init in (REPO / folder).rglob("__init__.py"):
+            package = ".".join(("gradledger",) + init.parent.relative_to(REPO).parts)
+            assert package in listed, f"{package} is not in pyproject's [tool.setuptools] packages"

@@ -1,0 +1,168 @@
+"""HuggingFace ``Trainer`` governed by ``GovernedTrainer`` (specs/api.md §4.1): a BERT built from its
+config (no download) fine-tuned by the Trainer's own loop, with its optimizer, scheduler, clipping,
+accumulation, bf16 and evaluation, verifies bit for bit; what the ledger cannot reproduce is
+refused when the Trainer is made."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import gradledger
+from gradledger.ledger.bundle import export_bundle
+from gradledger.training import GovernanceError
+from helpers import verify_cli
+
+transformers = pytest.importorskip("transformers")  # the test extra holds transformers and accelerate
+pytest.importorskip("accelerate")
+from gradledger.training.integrations.huggingface import GovernedTrainer  # noqa: E402
+
+TAXONOMY = Path(__file__).resolve().parents[1] / "examples" / "taxonomy.toml"
+EXAMPLE = TAXONOMY.parent / "hf_trainer.py"
+N, SEQ, VOCAB = 32, 12, 60
+
+
+def _columns() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (N, SEQ), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, SEQ - 4:] = 0  # some padding, so the attention mask matters
+    return {"input_ids": ids, "attention_mask": mask}, ids[:, 0] % 10
+
+
+class Tokens(Dataset):
+    """A HuggingFace-style training set: dict items with their own ``labels`` column."""
+
+    def __init__(self, labels_offset: int = 0) -> None:
+        self.columns, self.labels = _columns()
+        self.offset = labels_offset
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[i] for k, v in self.columns.items()}, "labels": (self.labels[i] + self.offset) % 10}
+
+
+def _bert() -> Any:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=SEQ, num_labels=10)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _args(out: Path, **kw: Any) -> Any:
+    base = dict(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
+                report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "project"
+    columns, labels = _columns()
+    with gradledger.Project.init(path, TAXONOMY) as p:
+        p.label(columns, labels.tolist(), source="dr-lee", name="tokens")
+    return path
+
+
+def test_a_trainer_fine_tuning_verifies_bit_for_bit(project: Path, tmp_path: Path) -> None:
+    # The Trainer's own machinery: fused AdamW with decay / no-decay groups, a warmup then linear
+    # schedule, max_grad_norm 1.0, bf16 autocast, label smoothing, evaluation mid-run. (Accumulation:
+    # the example below.)
+    args = _args(tmp_path / "hf", bf16=True, label_smoothing_factor=0.1, weight_decay=0.01, warmup_steps=1,
+                 num_train_epochs=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16)
+    steps = args.num_train_epochs * N // (8 * args.gradient_accumulation_steps)
+    with gradledger.Project.open(project) as p:
+        # The dataset's own labels are shifted: replay computes every loss from the committed manifests'
+        # labels, so the run verifies only if it trained on those, not on the dataset's column.
+        trainer = GovernedTrainer(model=_bert(), args=args, train_dataset=Tokens(labels_offset=3),
+                                  eval_dataset=Tokens(), project=p, dataset="tokens", run_id=tmp_path.name,
+                                  checkpoint_every=2)
+        assert trainer.run is None
+        result = trainer.train()
+        assert trainer.run.closed and result.global_step == steps
+        ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")[-steps:]]
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    recipe = ups[0]["recipe"]
+    assert recipe["clip"]["kind"] == "norm" and recipe["clip"]["max_norm"] == 1.0
+    assert recipe["autocast"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert len(ups[0]["optimizer"]["groups"]) == 2  # the Trainer's decay and no-decay groups
+    lrs = [u["lr"] for u in ups]
+    assert lrs[0] < lrs[1] > lrs[-1]  # the warmup, then the linear decay: the scheduler's, recorded
+    code, report = verify_cli(bundle, project / "roots.pub")
+    assert code == 0, report.get("first_failure")
+    assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] >= steps
+
+
+def test_the_example_script_trains_with_accumulation_and_verifies(tmp_path: Path, monkeypatch: Any) -> None:
+    # examples/hf_trainer.py as a user runs it (smaller): a Trainer script whose only change is
+    # GovernedTrainer, with gradient accumulation over two micro-batches.
+    spec = importlib.util.spec_from_file_location("hf_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", "--out", str(tmp_path), "--examples", "128", "--epochs", "1"])
+    example.main()
+    with gradledger.Project.open(tmp_path / "project") as p:
+        ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")]
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    assert len(ups) == 2 and all(len(u["recipe"]["micro"]) == 2 and u["recipe"]["loss_divisor"] == 2 for u in ups)
+    code, report = verify_cli(bundle, tmp_path / "project" / "roots.pub")
+    assert code == 0, report.get("first_failure")
+    assert report["verdict"] == "exact"
+
+
+@pytest.mark.parametrize("kw, cause", [
+    ({"args": {"fp16": True}}, "fp16"),
+    ({"args": {"torch_compile": True}}, "torch_compile"),
+    ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum()},
+     "compute_loss_func"),
+    ({"data_collator": lambda items: items}, "data_collator"),
+], ids=["fp16", "torch-compile", "compute-loss-func", "data-collator"])
+def test_options_the_ledger_cannot_reproduce_are_refused_when_the_trainer_is_made(
+        project: Path, tmp_path: Path, kw: dict[str, Any], cause: str) -> None:
+    args = _args(tmp_path / "hf", **kw.pop("args", {}))
+    with gradledger.Project.open(project) as p:
+        with pytest.raises(GovernanceError, match=f"cannot govern {cause}"):
+            GovernedTrainer(model=_bert(), args=args, train_dataset=Tokens(), project=p, dataset="tokens", **kw)
+
+
+def test_resuming_from_a_trainer_checkpoint_is_refused_and_records_nothing(project: Path, tmp_path: Path) -> None:
+    with gradledger.Project.open(project) as p:
+        size = p.ledger.size
+        trainer = GovernedTrainer(model=_bert(), args=_args(tmp_path / "hf"), train_dataset=Tokens(), project=p,
+                                  dataset="tokens", run_id=tmp_path.name)
+        with pytest.raises(GovernanceError, match="cannot resume from a Trainer checkpoint"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-1"))
+        assert p.ledger.size == size
+
+
+def test_a_failure_mid_training_leaves_a_ledger_that_verifies(project: Path, tmp_path: Path) -> None:
+    # A callback that raises at step 3: the run records nothing more, and the committed log ends at
+    # the last checkpoint the loop reached (step 2), which verifies.
+    class Boom(transformers.TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("boom")
+
+    with gradledger.Project.open(project) as p:
+        trainer = GovernedTrainer(model=_bert(), args=_args(tmp_path / "hf"), train_dataset=Tokens(), project=p,
+                                  dataset="tokens", run_id=tmp_path.name, checkpoint_every=2, callbacks=[Boom()])
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.train()
+        run = p.ledger.observation(p.ledger.by_type("RunStarted")[-1])
+        assert run.body["run_id"] == tmp_path.name
+        last = p.ledger.observation(p.ledger.by_type("Checkpoint")[-1]).body
+        assert last["step"] == 2
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    code, report = verify_cli(bundle, project / "roots.pub")
+    assert code == 0, report.get("first_failure")
