@@ -166,3 +166,39 @@ def test_a_failure_mid_training_leaves_a_ledger_that_verifies(project: Path, tmp
         export_bundle(p.ledger, bundle, with_data=True)
     code, report = verify_cli(bundle, project / "roots.pub")
     assert code == 0, report.get("first_failure")
+
+
+def test_lora_through_peft_on_a_gpt2_decoder_verifies_and_leaves_the_base_untouched(tmp_path: Path) -> None:
+    # LoRA adapters on a GPT-2-style decoder built from its config (its sequence classification picks
+    # each row's last token by argmax, and its export writes a divisibility guard: both must load in
+    # the verifier). The bands hold the adapters by their layers' prefixes; the frozen base's tensors
+    # are the same in every checkpoint.
+    peft = pytest.importorskip("peft")
+    columns, labels = _columns()
+    with gradledger.Project.init(tmp_path / "project", TAXONOMY) as p:
+        p.label(columns, labels.tolist(), source="dr-lee", name="tokens")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=2, n_positions=SEQ,
+                                     num_labels=10, pad_token_id=0)
+    model = peft.get_peft_model(transformers.GPT2ForSequenceClassification(config),
+                                peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                lora_dropout=0.1))
+    frozen = {n for n, t in model.named_parameters() if not t.requires_grad}
+    assert frozen and any("lora_" in n for n, t in model.named_parameters() if t.requires_grad)
+    trainer = GovernedTrainer(model=model, args=_args(tmp_path / "hf", num_train_epochs=2), train_dataset=Tokens(),
+                              project=tmp_path / "project", dataset="tokens", checkpoint_every=3)
+    trainer.train()
+    with gradledger.Project.open(tmp_path / "project") as p:
+        ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")]
+        checkpoints = [p.ledger.observation(s).body for s in p.ledger.by_type("Checkpoint")]
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    assert len(ups) == 8 and [c["step"] for c in checkpoints] == [0, 3, 6, 8]
+    for name in frozen:
+        digests = {c["tensors"][f"model.{name}"] for c in checkpoints}
+        assert len(digests) == 1, f"frozen {name} changed"
+    trained = [n for n in checkpoints[0]["tensors"] if "lora_B" in n]
+    assert trained and all(checkpoints[0]["tensors"][n] != checkpoints[-1]["tensors"][n] for n in trained)
+    code, report = verify_cli(bundle, tmp_path / "project" / "roots.pub")
+    assert code == 0, report.get("first_failure")
+    assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] == 8

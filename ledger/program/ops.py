@@ -46,7 +46,7 @@ ATEN_OPS: frozenset[str] = frozenset({
     "select.int", "narrow.default", "cat.default", "stack.default", "split.Tensor", "split_with_sizes.default",
     "chunk.default", "unbind.int", "index_select.default", "gather.default", "index.Tensor", "sym_size.int",
     # reductions
-    "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default",
+    "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default", "argmax.default", "argmin.default",
     # comparisons, masks, selection
     "where.self", "gt.Scalar", "gt.Tensor", "lt.Scalar", "lt.Tensor", "ge.Scalar", "ge.Tensor", "le.Scalar",
     "le.Tensor", "eq.Scalar", "eq.Tensor", "ne.Scalar", "ne.Tensor", "logical_not.default", "bitwise_not.default",

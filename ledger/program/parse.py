@@ -273,7 +273,7 @@ def parse_model(text: bytes) -> Parsed:
         ranges[sym] = (lo, hi)
     graph = Graph(tuple(inputs), nodes, outputs)
     for guard in guards:
-        for side in (guard.left, guard.right):
-            if not isinstance(side, int) and (side[0] not in metas or side[1] >= len(metas[side[0]].sizes)):
-                raise fail(f"a guard names input {side[0]!r} dim {side[1]}, which the program does not take")
+        for size in guard.sizes():
+            if size.name not in metas or size.dim >= len(metas[size.name].sizes):
+                raise fail(f"a guard names input {size.name!r} dim {size.dim}, which the program does not take")
     return Parsed(graph, MappingProxyType(metas), MappingProxyType(ranges), frozenset(persistent), guards)

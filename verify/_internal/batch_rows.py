@@ -412,6 +412,8 @@ RULES: dict[str, Rule] = {
     "aten.sum.dim_IntList": _reduction("dim"),
     "aten.sum.default": _reduction(None),
     "aten.amax.default": _reduction("dim"),
+    "aten.argmax.default": _reduction("dim"),  # an index along dim (or of the flattened value): its line's
+    "aten.argmin.default": _reduction("dim"),
     "aten.sym_size.int": _size,
     "aten._assert_tensor_metadata.default": _assert,
 }
