@@ -19,6 +19,15 @@ loop unchanged) on the architectures people actually train:
 - ``vit``: tests/archs.py's timm-named VisionTransformer (32x32, patch 8, dim 64, depth 4,
   4 heads). timm itself cannot be installed here: it imports torchvision, whose registry build is
   a CUDA one that breaks the CPU torch.
+- ``lora`` (issue 13): LoRA adapters through ``peft`` (r 8 on ``c_attn`` and ``c_proj``) on
+  transformers' ``GPT2ForSequenceClassification`` from a ``GPT2Config`` (4 layers, n_embd 128),
+  the bert workload's token data, trained by ``transformers.Trainer`` (plain) against
+  ``GovernedTrainer`` (governed) with the same ``TrainingArguments`` (AdamW, max_grad_norm 1.0):
+  the frameworks' own loops, so a round is one run of K steps per variant (alternating which goes
+  first; a warm-up round not counted), each timed between its step ends (the first step, and the
+  Trainer's setup, left out); memory children reset the high-water mark when the loop begins.
+  Keys ``lora_step_ratio``, ``lora_mem_ratio``, ``lora_replay_vs_train`` (over the governed runs'
+  summed loop time), ``lora_bit_exact``.
 
 Every model gets its own project (``Project.init(tmp, examples/taxonomy.toml)``) whose expert
 source ``dr-lee`` labels a few hundred deterministic synthetic examples (one signed manifest
@@ -89,8 +98,12 @@ LR, WD = 1e-3, 0.01
 
 try:
     import transformers
-except ImportError:  # the bert workload is then skipped and the JSON says so
+except ImportError:  # the bert and lora workloads are then skipped and the JSON says so
     transformers = None
+try:
+    import peft
+except ImportError:  # the lora workload is then skipped and the JSON says so
+    peft = None
 
 
 def log(msg: str) -> None:
@@ -440,6 +453,124 @@ def measure_memory(name: str, steps: int) -> dict[str, Any]:
             "governed_setup_peak_mb": g["setup_peak_mb"], "steps": steps}
 
 
+# -- LoRA through peft, governed by GovernedTrainer -----------------------------------------------
+
+LORA_N, LORA_BATCH = 384, 16
+LORA_DESCRIBE = (f"peft LoRA (r 8, alpha 16, dropout 0.05, on c_attn and c_proj; score head trained) on transformers "
+                 f"GPT2ForSequenceClassification from GPT2Config: 4 layers, n_embd 128, 4 heads, vocab {VOCAB}, "
+                 f"seq len {SEQ}")
+
+
+def lora_model() -> nn.Module:
+    torch.manual_seed(1234)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=4, n_head=4, n_positions=SEQ,
+                                  num_labels=CLASSES, pad_token_id=PAD)
+    return peft.get_peft_model(transformers.GPT2ForSequenceClassification(cfg),
+                               peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.05,
+                                               target_modules=["c_attn", "c_proj"]))
+
+
+class TokenItems(Dataset):
+    """What a tokenizer gives a Trainer: dict items of padded tensors with a ``labels`` column."""
+
+    def __init__(self, x: dict[str, Tensor], y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {**{k: v[i] for k, v in self.x.items()}, "labels": self.y[i]}
+
+
+class StepClock(transformers.TrainerCallback if transformers is not None else object):  # type: ignore[misc]
+    """When the loop begins, each optimizer step ends, and the loop ends; optionally resets the RSS
+    high-water mark when the loop begins (after the Trainer's and the governance's setup)."""
+
+    def __init__(self, reset_hwm: bool = False) -> None:
+        self.reset_hwm, self.reset_ok = reset_hwm, False
+        self.begin = self.end = 0.0
+        self.ends: list[float] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.reset_hwm:
+            self.reset_ok = _reset_hwm()
+        self.begin = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.end = time.perf_counter()
+
+    def ms_per_step(self) -> float:
+        """Mean time between step ends after the first step: every part of the loop, warm-up left out."""
+        return 1e3 * (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
+
+
+def lora_trainer(governed: bool, root: Path, steps: int, run_id: str, clock: StepClock) -> Any:
+    from gradledger.training.integrations.huggingface import GovernedTrainer
+
+    x, y = bert_data(LORA_N)
+    args = transformers.TrainingArguments(
+        output_dir=str(root / "hf"), per_device_train_batch_size=LORA_BATCH, max_steps=steps, learning_rate=LR,
+        weight_decay=WD, max_grad_norm=1.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        seed=SEED, disable_tqdm=True)
+    if not governed:
+        torch.use_deterministic_algorithms(False)  # torch's default, as the plain side of every bench here
+        return transformers.Trainer(model=lora_model(), args=args, train_dataset=TokenItems(x, y), callbacks=[clock])
+    project = root / "lora-project"
+    if not project.exists():
+        with gradledger.Project.init(project, TAXONOMY) as p:
+            p.label(x, y.tolist(), source="dr-lee", name="lora")
+    return GovernedTrainer(model=lora_model(), args=args, train_dataset=TokenItems(x, y), callbacks=[clock],
+                           project=project, dataset="lora", run_id=run_id, checkpoint_every=CHECKPOINT_EVERY)
+
+
+def time_lora(rounds: int, k: int, root: Path, replay: bool) -> dict[str, Any]:
+    """Rounds of one plain Trainer run and one GovernedTrainer run of ``k`` steps each (which goes first
+    alternates); each run's ms/step between its step ends; the median of the rounds' ratios."""
+    gms, pms, ratios, gov_train_s = [], [], [], 0.0
+    for r in range(rounds + 1):  # round 0 warms both up and is not counted
+        times = {}
+        for governed in ((True, False) if r % 2 == 0 else (False, True)):
+            clock = StepClock()
+            trainer = lora_trainer(governed, root, k, f"lora-{r}", clock)
+            trainer.train()
+            times[governed] = clock.ms_per_step()
+            if governed:
+                gov_train_s += clock.end - clock.begin
+        if r == 0:
+            log(f"lora: warm-up governed {times[True]:.1f} ms/step, plain {times[False]:.1f} ms/step")
+            continue
+        gms.append(times[True])
+        pms.append(times[False])
+        ratios.append(times[True] / times[False])
+        log(f"lora round {r}/{rounds}: governed {gms[-1]:.1f} ms/step  plain {pms[-1]:.1f} ms/step  "
+            f"ratio {ratios[-1]:.3f}")
+    model = lora_model()
+    out: dict[str, Any] = {
+        "ratio": statistics.median(ratios), "governed_ms": statistics.median(gms), "plain_ms": statistics.median(pms),
+        "ratios": [round(v, 4) for v in ratios], "steps": (rounds + 1) * k, "governed_train_s": gov_train_s,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "examples": LORA_N,
+    }
+    if replay:
+        out.update(replay_run("lora", root / "lora-project", root, gov_train_s))
+    return out
+
+
+def lora_mem_child(variant: str, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = StepClock(reset_hwm=True)
+        trainer = lora_trainer(variant == "governed", Path(tmp), steps, "lora-mem", clock)
+        base_kb = _status_kb("VmRSS")
+        trainer.train()
+        print(json.dumps({"baseline_mb": base_kb / 1024, "setup_peak_mb": 0.0,
+                          "train_peak_mb": _status_kb("VmHWM") / 1024, "hwm_reset": clock.reset_ok}))
+
+
+
 # -- lines added --------------------------------------------------------------------------------
 
 
@@ -461,29 +592,36 @@ def main() -> None:
                         help=f"governed (and plain) steps per round, a multiple of {CHECKPOINT_EVERY}")
     parser.add_argument("--sub", type=int, default=5, help="steps per interleaved sub-block")
     parser.add_argument("--mem-steps", type=int, default=CHECKPOINT_EVERY, help="steps per memory child")
-    parser.add_argument("--only", nargs="+", choices=sorted(MODELS))
+    parser.add_argument("--only", nargs="+", choices=sorted(MODELS) + ["lora"])
     parser.add_argument("--skip-mem", action="store_true")
     parser.add_argument("--skip-replay", action="store_true")
     parser.add_argument("--mem-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mem_child:
-        mem_child(args.mem_child[0], args.mem_child[1], args.mem_steps)
+        if args.mem_child[0] == "lora":
+            lora_mem_child(args.mem_child[1], args.mem_steps)
+        else:
+            mem_child(args.mem_child[0], args.mem_child[1], args.mem_steps)
         return
     if args.steps % CHECKPOINT_EVERY or args.steps % args.sub:
         raise SystemExit(f"--steps must be a multiple of {CHECKPOINT_EVERY} and of --sub")
     started = time.perf_counter()
     load_before = load_average()
-    names = list(args.only or ["bert", "resnet18", "vit"])
+    names = list(args.only or ["bert", "resnet18", "vit", "lora"])
     skipped = {}
-    if transformers is None and "bert" in names:
-        names.remove("bert")
-        skipped["bert"] = "transformers is not installed"
+    for name, missing in (("bert", transformers is None), ("lora", transformers is None or peft is None)):
+        if missing and name in names:
+            names.remove(name)
+            skipped[name] = "transformers or peft is not installed (pip install -e '.[lora]')"
     result: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             try:
-                t = time_model(name, args.rounds, args.steps, args.sub, Path(tmp), not args.skip_replay)
+                if name == "lora":
+                    t = time_lora(args.rounds, args.steps, Path(tmp), not args.skip_replay)
+                else:
+                    t = time_model(name, args.rounds, args.steps, args.sub, Path(tmp), not args.skip_replay)
                 m = None if args.skip_mem else measure_memory(name, args.mem_steps)
             except Exception as exc:  # one model's failure is reported, the others still measured
                 log(f"{name}: FAILED: {type(exc).__name__}: {exc}")
@@ -498,13 +636,22 @@ def main() -> None:
                 result[f"{name}_bit_exact"] = t["verdict"] == "exact"
                 svt = t["segments_vs_train"]
                 result[f"{name}_segments_vs_train"] = None if svt is None else round(svt, 4)
+            spec = MODELS.get(name, {"batch": LORA_BATCH, "describe": LORA_DESCRIBE,
+                                     "data_describe": MODELS["bert"]["data_describe"]})
             detail[name] = {
                 "governed_ms_per_step": round(t["governed_ms"], 2), "plain_ms_per_step": round(t["plain_ms"], 2),
                 "round_ratios": t["ratios"], "params": t["params"], "examples": t["examples"],
-                "batch": MODELS[name]["batch"], "governed_steps": t["steps"],
-                "governed_train_s": round(t["governed_train_s"], 2), "setup_s": round(t["setup_s"], 2),
-                "model": MODELS[name]["describe"], "data": MODELS[name]["data_describe"],
+                "batch": spec["batch"], "governed_steps": t["steps"],
+                "governed_train_s": round(t["governed_train_s"], 2), "model": spec["describe"],
+                "data": spec["data_describe"],
             }
+            if "setup_s" in t:
+                detail[name]["setup_s"] = round(t["setup_s"], 2)
+            if "trainable" in t:
+                detail[name].update(trainable_params=t["trainable"],
+                                    loop="transformers.Trainer vs GovernedTrainer, same TrainingArguments: AdamW "
+                                         f"lr {LR} wd {WD}, max_grad_norm 1.0, batch {LORA_BATCH}; one run of "
+                                         f"--steps steps per variant per round, ms/step between step ends")
             if "replay_vs_train" in t:
                 detail[name].update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()
                                      if k in ("replay_seconds", "verify_wall_s", "verdict", "verify_exit",

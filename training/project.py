@@ -401,6 +401,11 @@ class Project:
                 raise ManifestError(f"example {i}: {exc}") from None
         return commit_dataset(self.ledger, manifests, name, self.trainer_key, inputs=stacked)
 
+    def class_indices(self, labels: Sequence[Any]) -> list[int]:
+        """Each label as a class index of the taxonomy's ontology: an index, or a class name when the
+        ontology names its classes; one outside the ontology is refused (``ManifestError``)."""
+        return self._class_indices(labels, len(labels))
+
     def _class_indices(self, labels: Any, n: int) -> list[int]:
         try:
             raw = labels.tolist() if hasattr(labels, "tolist") else list(labels)

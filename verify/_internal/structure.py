@@ -329,6 +329,7 @@ def _check_dataset(source: Source, observations: list[Sealed], registry: Credent
         except ManifestInvalid as exc:
             raise _Failed(f"{where}: manifest {i}: {_bare(exc)}", seq=seq) from None
         manifests.append(m)
+    _check_prelabels(observations, seq, manifests, where)
     checked = False
     if "data" in body:
         try:
@@ -339,6 +340,36 @@ def _check_dataset(source: Source, observations: list[Sealed], registry: Credent
         except ManifestInvalid as exc:
             raise _Failed(f"{where}: {_bare(exc)}", seq=seq) from None
     return Dataset(seq, body["name"], body["root"], manifests, body.get("data"), checked)
+
+
+def run_checkpoints(observations: list[Sealed], before: int) -> dict[str, set[bytes]]:
+    """Each run id's Checkpoint digests recorded before seq ``before`` (a Checkpoint belongs to the
+    RunStarted before it)."""
+    out: dict[str, set[bytes]] = {}
+    current: set[bytes] | None = None
+    for sealed in observations:
+        if sealed.seq >= before:
+            break
+        if sealed.type == "RunStarted":
+            current = out.setdefault(sealed.body["run_id"], set())
+        elif sealed.type == "Checkpoint" and current is not None:
+            current.add(sealed.body["digest"])
+    return out
+
+
+def _check_prelabels(observations: list[Sealed], seq: int, manifests: list[Manifest], where: str) -> None:
+    """specs/labels.md §5: a pre-label naming a run of this ledger names one of its checkpoints
+    recorded before the commit; a run the ledger does not hold is a model from elsewhere."""
+    runs: dict[str, set[bytes]] | None = None
+    for i, m in enumerate(manifests):
+        pre = m.fields.get("prelabel")
+        if pre is None:
+            continue
+        if runs is None:
+            runs = run_checkpoints(observations, seq)
+        if pre["run"] in runs and pre["checkpoint"] not in runs[pre["run"]]:
+            raise _Failed(f"{where}: manifest {i}: its pre-label names checkpoint {_short(pre['checkpoint'])} of run "
+                          f"{pre['run']!r}, which that run did not record before the commit", seq=seq)
 
 
 # -- policies -------------------------------------------------------------------------------
