@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gradledger
 from gradledger.ledger.bundle import export_bundle
-from gradledger.ledger.keys import SigningKey
 from gradledger.training.cli import main as gradledger_main
 from gradledger.training.labels import LabelImportError, import_labels, parse_export
 from gradledger.training.manifests import label_example
@@ -289,3 +288,57 @@ def test_unusable_inputs_exit_2(project: Path, tmp_path: Path, capsys: Any) -> N
     code, out = _cli(["labels", "import", "--format", "labelbox", str(tmp_path / "bad.ndjson"), "--project",
                       str(project), "--authority", "vendor", "--name", "x", "--examples", str(examples)], capsys)
     assert code == 2 and "line 2: not JSON" in out
+
+
+def _snorkel_matrix(n: int = 60) -> tuple[Any, list[str]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    L = np.full((n, 3), -1, dtype=np.int64)
+    for j, acc in enumerate([0.9, 0.75, 0.6]):
+        fire = rng.random(n) < 0.6
+        right = rng.random(n) < acc
+        L[fire, j] = np.where(right[fire], y[fire], rng.integers(0, 3, int(fire.sum())))
+    L[5] = -1  # a row every function abstains on
+    return L, ["lf-keyword", "lf-regex", "lf-pretrained"]
+
+
+def test_snorkel_label_model_with_its_seed_probs_and_learned_accuracies(project: Path, tmp_path: Path,
+                                                                       capsys: Any) -> None:
+    pytest.importorskip("snorkel")  # in the test extra
+    import numpy as np
+
+    from gradledger.training.labels.snorkel import fit_label_model, import_label_model
+
+    L, names = _snorkel_matrix()
+    xs = [torch.full((8,), float(i)) for i in range(len(L))]
+    with gradledger.Project.open(project) as p:
+        done = import_label_model(p, L, names, authority="vendor", name="snorkel", examples=xs, seed=7)
+        again = import_label_model(p, L, names, authority="vendor", name="snorkel-2", examples=xs, seed=7)
+    silent = [str(i) for i in range(len(L)) if (L[i] == -1).all()]
+    assert "5" in silent and done.unlabeled == silent  # reported by row: no re-indexing
+    assert done.keys == [str(i) for i in range(len(L)) if str(i) not in silent]
+    assert sorted(done.credentialed) == sorted(names) and again.credentialed == []
+    model = fit_label_model(L, 3, seed=7)
+    probs, weights = model.predict_proba(L), model.get_weights()
+    for key, m in zip(done.keys, done.dataset.manifests):
+        f = m.manifest
+        assert f["aggregation"] == "label-model" and f["probs"] == list(probs[int(key)] + 0.0)
+        assert f["label"] == int(np.argmax(probs[int(key)]))
+        by_name = {s["source"]: s["confidence"] for s in f["sources"]}
+        assert all(by_name[n] == float(np.clip(weights[j], 0, 1)) for j, n in enumerate(names) if n in by_name)
+    # The seed decides the fit: the same seed gives the same probabilities in every manifest.
+    assert [m.manifest["probs"] for m in done.dataset.manifests] == [m.manifest["probs"] for m in again.dataset.manifests]
+    # The command line: an .npz of L and lf_names, the seed required.
+    npz = tmp_path / "L.npz"
+    np.savez(npz, L=L, lf_names=np.array(names))
+    examples = tmp_path / "examples.safetensors"
+    save_file({str(i): x for i, x in enumerate(xs)}, examples)
+    args = ["labels", "import", "--format", "snorkel", str(npz), "--project", str(project), "--authority", "vendor",
+            "--name", "snorkel-cli", "--examples", str(examples), "--json"]
+    code, out = _cli(args, capsys)
+    assert code == 2 and "needs --seed" in out
+    code, out = _cli(args + ["--seed", "7"], capsys)
+    assert code == 0, out
+    assert json.loads(out)["unlabeled"] == silent

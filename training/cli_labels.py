@@ -1,12 +1,13 @@
 """`gradledger labels import`: a labeling platform's export as signed, credentialed manifests and a
 committed dataset (specs/labels.md).
 
-    gradledger labels import --format labelbox|labelstudio|scale EXPORT --project DIR --authority NAME
-                             --name DATASET --examples EXAMPLES.safetensors [--key FIELD] [--question Q]
-                             [--labelbox-project ID] [--source NAME] [--json]
+    gradledger labels import --format labelbox|labelstudio|scale|snorkel EXPORT --project DIR
+                             --authority NAME --name DATASET --examples EXAMPLES.safetensors [--key FIELD]
+                             [--question Q] [--labelbox-project ID] [--source NAME] [--seed N] [--json]
 
 ``EXAMPLES.safetensors`` holds one tensor per example, named by the platform's key for it (a Label
-Studio task id or data field, a Labelbox global key, a Scale task id or metadata field). Exit 0
+Studio task id or data field, a Labelbox global key, a Scale task id or metadata field, a Snorkel
+row number). Exit 0
 with the dataset committed; 2 for an export, examples file or project that cannot be used, naming
 the record and field (one line).
 """
@@ -38,8 +39,34 @@ def _examples(path: str) -> dict[str, Any]:
         raise LabelImportError(f"{path}: not a safetensors file of example tensors ({exc})") from None
 
 
+def _label_matrix(path: str) -> tuple[Any, list[str]]:
+    """``L`` and ``lf_names`` from a .npz (numpy's own reader, pickles refused; sizes bounded first)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from gradledger.training.labels import LabelImportError
+    from gradledger.training.labels.records import MAX_EXPORT
+
+    data = read_regular(path, MAX_EXPORT, "label matrix file", LabelImportError)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if sum(i.file_size for i in z.infolist()) > MAX_EXPORT:
+                raise LabelImportError(f"{path}: its arrays unpack to more than {MAX_EXPORT} bytes")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            if "L" not in arrays or "lf_names" not in arrays:
+                raise LabelImportError(f"{path}: a .npz with arrays 'L' and 'lf_names' is needed")
+            L, names = arrays["L"], arrays["lf_names"]
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise LabelImportError(f"{path}: not a .npz of L and lf_names ({exc})") from None
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise LabelImportError(f"{path}: lf_names must be a 1-D array of strings")
+    return L, [str(n) for n in names]
+
+
 def _import(args: argparse.Namespace) -> int:
-    from gradledger.training.labels import import_labels
+    from gradledger.training.labels import LabelImportError, import_labels
     from gradledger.training.project import Project
 
     options: dict[str, Any] = {"key": args.key, "question": args.question}
@@ -47,10 +74,19 @@ def _import(args: argparse.Namespace) -> int:
         options["project"] = args.labelbox_project
     if args.format == "scale" and args.source:
         options["source"] = args.source
+    if args.format == "snorkel" and args.seed is None:
+        raise LabelImportError("--format snorkel needs --seed (the seed LabelModel.fit is given)")
     examples = _examples(args.examples)
     with Project.open(args.project) as project:
-        done = import_labels(project, args.format, args.export, authority=args.authority, name=args.name,
-                             examples=examples, **options)
+        if args.format == "snorkel":
+            from gradledger.training.labels.snorkel import import_label_model
+
+            L, names = _label_matrix(args.export)
+            done = import_label_model(project, L, names, authority=args.authority, name=args.name,
+                                      examples=examples, seed=args.seed)
+        else:
+            done = import_labels(project, args.format, args.export, authority=args.authority, name=args.name,
+                                 examples=examples, **options)
     summary = {"dataset": done.dataset.name, "seq": done.dataset.seq, "root": done.dataset.root.hex(),
                "count": done.dataset.count, "keys": done.keys, "unlabeled": done.unlabeled,
                "credentialed": done.credentialed}
@@ -70,8 +106,9 @@ def add_command(sub: Any) -> None:
     labels = sub.add_parser("labels", help="labels from labeling platforms (specs/labels.md)")
     verbs = labels.add_subparsers(dest="labels_command", required=True, metavar="VERB")
     p = verbs.add_parser("import", help="sign a platform's export as credentialed manifests and commit the dataset")
-    p.add_argument("--format", required=True, choices=("labelbox", "labelstudio", "scale"),
-                   help="the export's platform: Labelbox export v2 NDJSON, Label Studio JSON, Scale task JSON")
+    p.add_argument("--format", required=True, choices=("labelbox", "labelstudio", "scale", "snorkel"),
+                   help="the export's platform: Labelbox export v2 NDJSON, Label Studio JSON, Scale task JSON, or "
+                   "a Snorkel label matrix (.npz with L and lf_names; a LabelModel is fitted with --seed)")
     p.add_argument("export", help="the platform's export file")
     p.add_argument("--project", required=True, help="project directory (gradledger init)")
     p.add_argument("--authority", required=True, help="the taxonomy authority that signs for the platform's annotators")
@@ -83,5 +120,6 @@ def add_command(sub: Any) -> None:
                    "from_name, Labelbox classification name, Scale annotation field)")
     p.add_argument("--labelbox-project", help="Labelbox: the project id whose labels count (default every project's)")
     p.add_argument("--source", help="Scale: the source name its answers are credited to (default scale-workforce)")
+    p.add_argument("--seed", type=int, help="Snorkel: the seed LabelModel.fit is given (required)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_import)

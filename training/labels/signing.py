@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 ANNOTATORS = "annotators"
 MODELS = "models"
+LFS = "lfs"
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ImportedLabels:
     credentialed: list[str] = field(default_factory=list)
 
 
-def _credentials(project: "Project", authority: str) -> dict[tuple[str, str], C.Credential]:
+def issued_sources(project: "Project", authority: str) -> dict[tuple[str, str], C.Credential]:
     """The source credentials ``authority`` issued, by (sub-path, subject), revoked ones left out."""
     issuer = project.credential(authority)
     registry = project.ledger.registry
@@ -50,9 +51,10 @@ def _credentials(project: "Project", authority: str) -> dict[tuple[str, str], C.
             if cred.issuer == issuer.key_id and cred.role == "source" and kid not in registry.revoked_at}
 
 
-def _source(project: "Project", authority: str, name: str, model: bool,
-            known: dict[tuple[str, str], C.Credential], new: list[str]) -> C.Credential:
-    where = MODELS if model else ANNOTATORS
+def keyless_source(project: "Project", authority: str, name: str, where: str,
+                   known: dict[tuple[str, str], C.Credential], new: list[str]) -> C.Credential:
+    """The credential of source ``name`` at ``<authority path>/<where>``: the one the authority issued
+    before (in ``known``), else a new one for a key nobody holds, appended (not yet committed)."""
     cred = known.get((where, name))
     if cred is None:
         try:
@@ -117,7 +119,7 @@ def sign_records(project: "Project", records: Sequence[LabelRecord], *, authorit
         if pre is not None and pre.run in runs and pre.checkpoint not in runs[pre.run]:
             raise LabelImportError(f"{r.where}: pre-label {pre.model!r} names a checkpoint run {pre.run!r} never "
                                    "recorded in this ledger")
-    known = _credentials(project, authority)
+    known = issued_sources(project, authority)
     new: list[str] = []
     at = _time.time_ns()
     manifests: list[SignedManifest] = []
@@ -132,7 +134,7 @@ def sign_records(project: "Project", records: Sequence[LabelRecord], *, authorit
             if (v.model, v.source) in voters:
                 raise LabelImportError(f"{r.where}: {v.source!r} voted twice on one example")
             voters.add((v.model, v.source))
-            cred = _source(project, authority, v.source, v.model, known, new)
+            cred = keyless_source(project, authority, v.source, MODELS if v.model else ANNOTATORS, known, new)
             sources.append({"source": cred.subject, "key_id": cred.key_id, "vote": cls,
                             "confidence": default if v.confidence is None else v.confidence})
         prelabel = None
