@@ -53,7 +53,8 @@ same loss (``F.cross_entropy``) and optimizer (AdamW lr 1e-3, wd 0.01).
   ``figures.replay_segment_seconds``, the segments' own time in the worker, without its start
   (a short run's replay is mostly the worker's imports: about 2 s of torch here).
 - ``lines_added``: the lines of examples/govern.py marked ``# gradledger``;
-  ``hf_trainer_lines_added``: the same of examples/hf_trainer.py (an existing HF Trainer script).
+  ``hf_trainer_lines_added``: the same of examples/hf_trainer.py (an existing HF Trainer script);
+  ``lightning_lines_added``: of examples/lightning_digits.py (an existing Lightning script).
 
 Progress goes to stderr; the last stdout line is one JSON object.
 """
@@ -91,6 +92,7 @@ from gradledger.training.trainer import epoch_order  # noqa: E402
 TAXONOMY = ROOT / "examples" / "taxonomy.toml"
 EXAMPLE = ROOT / "examples" / "govern.py"
 HF_EXAMPLE = ROOT / "examples" / "hf_trainer.py"
+LIGHTNING_EXAMPLE = ROOT / "examples" / "lightning_digits.py"
 SEED = 7
 CHECKPOINT_EVERY = 25
 CLASSES = 10
@@ -666,6 +668,7 @@ def main() -> None:
     result["lines_added"] = lines_added()
     result["lines_added_file"] = str(EXAMPLE.relative_to(ROOT))
     result["hf_trainer_lines_added"] = lines_added(HF_EXAMPLE)
+    result["lightning_lines_added"] = lines_added(LIGHTNING_EXAMPLE)
     result["models"] = detail
     if skipped:
         result["skipped"] = skipped

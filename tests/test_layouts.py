@@ -488,3 +488,29 @@ def test_describe_layout() -> None:
     assert text.splitlines()[0] == "transformer stack at 'blocks': 3 band(s), head first"
     head = next(line for line in text.splitlines() if line.strip().startswith("head"))
     assert "43 params" in head and "model output" in head  # norm (8 + 8) + head (8 * 3 + 3)
+
+
+def test_a_wrapper_around_one_network_gets_the_networks_layout_prefixed() -> None:
+    # A LightningModule-like wrapper (no parameters of its own, one child holding all of them),
+    # itself wrapped once more: the child's sequential layout, every path prefixed, resolved.
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.act = nn.ReLU()  # a parameter-free sibling does not count
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x)
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = Wrapper(Wrapper(net))
+    want = sequential_bands(net, 3)
+    got = default_layout(model)
+    assert [b.prefixes for b in got.bands] == [tuple(f"inner.inner.{p}" for p in b.prefixes) for b in want.bands]
+    assert [b.boundary for b in got.bands] == [None if b.boundary is None else f"inner.inner.{b.boundary}"
+                                               for b in want.bands]
+    resolve_bands(model, got)
+    two = nn.Module()
+    two.a, two.b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with pytest.raises(BandError, match="no default layout"):
+        default_layout(two)  # two children with parameters: no single network to follow

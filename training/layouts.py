@@ -374,7 +374,14 @@ def default_layout(model: nn.Module, n_bands: int = 3, names: Sequence[str] | No
     if len(names) != n_bands:
         raise BandError(f"{len(names)} band names for {n_bands} bands")
 
-    if isinstance(model, nn.Sequential):
+    inner = _only_child(model)
+    if inner is not None and not isinstance(model, nn.Sequential) and _plan(model) is None:
+        # A wrapper whose parameters all live in one child (a LightningModule holding its network):
+        # the child's layout, its paths prefixed.
+        child_name, child = inner
+        layout = _prefixed(default_layout(child, n_bands, names), child_name)
+        kind = f"{detect_architecture(child) or type(child).__name__} at {child_name}"
+    elif isinstance(model, nn.Sequential):
         kind = "sequential"
         layout = sequential_bands(model, n_bands, names)
     else:
@@ -400,6 +407,19 @@ def default_layout(model: nn.Module, n_bands: int = 3, names: Sequence[str] | No
     except BandError as exc:
         raise BandError(f"default_layout: the {kind} layout does not resolve: {exc}; {_REMEDY}") from exc
     return layout
+
+
+def _only_child(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, child)`` when every trainable parameter of ``model`` is in that one direct child."""
+    if any(p.requires_grad for p in model.parameters(recurse=False)):
+        return None
+    holders = [(n, c) for n, c in model.named_children() if any(p.requires_grad for p in c.parameters())]
+    return holders[0] if len(holders) == 1 else None
+
+
+def _prefixed(layout: BandLayout, prefix: str) -> BandLayout:
+    return BandLayout([Band(b.name, [f"{prefix}.{p}" for p in b.prefixes],
+                            None if b.boundary is None else f"{prefix}.{b.boundary}") for b in layout.bands])
 
 
 def _check_cover(model: nn.Module, layout: BandLayout, kind: str) -> None:

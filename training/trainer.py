@@ -578,6 +578,11 @@ class Governance:
         self.drawn += 1
         return batch
 
+    @property
+    def micro_batches(self) -> int:
+        """Batches drawn since the last optimizer step: 0 when the next draw starts a step."""
+        return 0 if self.recorder is None else len(self.recorder.pending)
+
     def ratios_of(self, batch: Batch) -> Tensor:
         """The batch's gate ratios: rows of the table validated at setup."""
         return self._ratio_table[torch.tensor(batch.indices, dtype=torch.int64)]
