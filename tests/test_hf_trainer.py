@@ -202,3 +202,35 @@ def test_lora_through_peft_on_a_gpt2_decoder_verifies_and_leaves_the_base_untouc
     code, report = verify_cli(bundle, tmp_path / "project" / "roots.pub")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] == 8
+    # The base is committed by digest in RunStarted (format 5): every frozen parameter, none trained.
+    with gradledger.Project.open(tmp_path / "project") as p:
+        settings = p.ledger.observation(p.ledger.by_type("RunStarted")[-1]).body["settings"]
+    assert settings["format"] == 5 and set(settings["frozen"]["tensors"]) == frozen
+    assert all(settings["frozen"]["tensors"][n] == checkpoints[0]["tensors"][f"model.{n}"] for n in frozen)
+    _forged_frozen_commitments_fail(bundle, tmp_path, sorted(frozen))
+
+
+def _forged_frozen_commitments_fail(bundle: Path, tmp_path: Path, frozen: list[str]) -> None:
+    """A hostile trainer (its key, not the root's) rewrites settings.frozen and re-signs everything:
+    another base (one digest changed) fails at the checkpoints; a base with a parameter left out
+    passes them, and fails where replay reads the program."""
+    from forging import Forge
+    from gradledger.training.checkpoints import checkpoint_digest
+
+    def rewrite(change: Any) -> Any:
+        def edit(body: dict[str, Any]) -> None:
+            tensors = body["settings"]["frozen"]["tensors"]
+            change(tensors)
+            body["settings"]["frozen"]["digest"] = checkpoint_digest(tensors)
+        return edit
+
+    forge = Forge.from_bundle(bundle, keys_dir=tmp_path / "project" / "keys")
+    run = forge.first("RunStarted")
+    other = forge.clone().edit(run, rewrite(lambda t: t.update({frozen[0]: bytes(32)}))).write(tmp_path / "other.glb")
+    code, report = verify_cli(other, tmp_path / "project" / "roots.pub")
+    assert code == 1 and "settings.frozen.tensors" in report["first_failure"]["detail"]
+    assert "Checkpoint" in report["first_failure"]["detail"]
+    fewer = forge.clone().edit(run, rewrite(lambda t: t.pop(frozen[0]))).write(tmp_path / "fewer.glb")
+    code, report = verify_cli(fewer, tmp_path / "project" / "roots.pub")
+    assert code == 1 and f"settings.frozen.tensors {frozen[0]!r}" in report["first_failure"]["detail"]
+    assert "model program's frozen parameters" in report["first_failure"]["detail"]

@@ -38,7 +38,8 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.program import Program, ProgramError, load_program
 
 from .bands import BandLayout, ResolvedBands, resolve_bands
-from .checkpoints import CheckpointData, LiveCheckpoint, read_checkpoint, restore, start_checkpoint
+from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, read_checkpoint, restore,
+                          start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -57,8 +58,9 @@ from .updates import example_loss_bytes, route_examples, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
-#: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts.
-FORMAT = 4
+#: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts;
+#: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted.
+FORMAT = 5
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -444,6 +446,7 @@ class Governance:
             "band_params": [list(ns) for ns in self._gated.bands.param_names],
             "param_groups": self._group_names(optimizer),
             "parameters": [n for n, p in self._gated.model.named_parameters() if p.requires_grad],
+            "frozen": frozen_settings(self._gated.model),
             "policy": self.policy.digest,
             "policy_seq": self.policy_seq,
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
@@ -869,6 +872,13 @@ class Trainer:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def frozen_settings(model: nn.Module) -> dict[str, Any]:
+    """Format 5 ``settings.frozen`` (specs/training.md §5): the model's parameters that do not train (a
+    LoRA's base model) by name and tensor digest, and the checkpoint digest of that map."""
+    tensors = {n: tensor_digest(p.detach()) for n, p in model.named_parameters() if not p.requires_grad}
+    return {"digest": checkpoint_digest(tensors), "tensors": tensors}
 
 
 def _exact(value: Any) -> Any:

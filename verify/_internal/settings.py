@@ -45,7 +45,7 @@ from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import EncodingError, VerificationError
 from gradledger.ledger.program import Program
 
-from .checkpoint import tensor_digest
+from .checkpoint import checkpoint_digest, tensor_digest
 from .graph_routing import GATED_PREFIX
 from .manifests import MAX_PARTS, PART_NAME
 from .recipe import micro_sizes
@@ -57,7 +57,9 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4)
+FORMATS = (1, 2, 3, 4, 5)
+#: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
+FROZEN_FORMAT = 5
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
 PARTS_FORMAT = 3
 
@@ -164,6 +166,7 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
         return "branch: seeds"
     _check_order(run, observations, fail)
     _check_checkpoints(run, observations, fail)
+    _check_frozen(run, observations, fail)
     _check_bands_named(run, fail)
     _check_program(run, artifact, fail)
     return "settings re-derived"
@@ -345,6 +348,36 @@ def _dtype_shape(dtype: Any, shape: Any, what: str) -> None:
                          "list of sizes")
 
 
+def _frozen(s: Mapping[str, Any], fail: Callable[..., SettingsMismatch]) -> dict[str, bytes] | None:
+    """Format 5 ``settings.frozen.tensors``, checked for form and against its digest; None before format 5."""
+    if training_format(s) < FROZEN_FORMAT:
+        if "frozen" in s:
+            raise fail("settings.frozen is a format-5 field, in a run of an earlier format")
+        return None
+    f = s.get("frozen")
+    if not isinstance(f, dict) or set(f) != {"digest", "tensors"} or not isinstance(f["tensors"], dict) or not all(
+            type(n) is str and type(d) is bytes and len(d) == 32 for n, d in f["tensors"].items()):
+        raise fail("settings.frozen is not {digest, tensors: {name: 32-byte digest}}")
+    if checkpoint_digest(f["tensors"]) != f["digest"]:
+        raise fail("settings.frozen.digest is not the digest of its tensors")
+    both = set(f["tensors"]) & set(s.get("parameters") or ())
+    if both:
+        raise fail(f"settings.frozen names {sorted(both)[0]!r}, which settings.parameters lists as trainable")
+    return f["tensors"]
+
+
+def _check_frozen(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
+    """Format 5: every frozen parameter holds its committed value in every Checkpoint of the run."""
+    tensors = _frozen(run.settings, fail)
+    for c in run.checkpoints if tensors else ():
+        body = observations[c].body
+        held = body.get("tensors") if isinstance(body.get("tensors"), dict) else {}
+        for name, digest in tensors.items():
+            if held.get("model." + name) != digest:
+                raise fail(f"settings.frozen.tensors {name!r} is not that tensor in Checkpoint {c} (step "
+                           f"{body.get('step')}): a frozen parameter changed, or the commitment is not the base's")
+
+
 def _check_program(run: RunView, artifact: Callable[[bytes], bytes | None],
                    fail: Callable[..., SettingsMismatch]) -> None:
     try:
@@ -408,6 +441,16 @@ def check_program(program: Program, settings: Mapping[str, Any], run_seq: int) -
     prefix = _check_prefixes(settings, program, fail)
     if training_format(settings) >= 2:
         _check_parameters(settings, program, prefix, fail)
+    frozen = _frozen(settings, fail)
+    if frozen is not None:
+        # Format 5: exactly the program's parameters that do not train, with the program's own values.
+        held = {i.target[len(prefix):]: tensor_digest(program.state[i.target]) for i in graph.inputs
+                if i.kind == "parameter" and i.target is not None and i.target.startswith(prefix)
+                and i.target not in program.requires_grad}
+        if frozen != held:
+            name = sorted(set(frozen) ^ set(held) or {n for n in frozen if frozen[n] != held[n]})[0]
+            raise fail(f"settings.frozen.tensors {name!r}: the model program's frozen parameters "
+                       f"({len(held)}) are not those committed ({len(frozen)}), with their values")
     stored = [i.target for i in graph.inputs if i.target is not None and i.target.startswith(prefix) and (
         i.kind == "parameter" or (i.kind == "buffer" and i.target in program.persistent))]
     return {"model." + t[len(prefix):]: tensor_digest(program.state[t]) for t in stored}
