@@ -7,6 +7,8 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradledger.ledger import credentials as C
 from gradledger.ledger.keys import SigningKey
@@ -148,3 +150,30 @@ def test_artifact_codec_is_strict() -> None:
         with pytest.raises(DatasetError, match=message):
             decode_manifests(bad)
     assert isinstance(CommittedDataset("x", b"\x00" * 32, ms, b"\x00" * 32, None).count, int)
+
+
+COLUMN_DTYPES = ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bfloat16"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(COLUMN_DTYPES), st.lists(st.integers(0, 4), min_size=0, max_size=3), st.integers(0, 6),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_column_ids_are_the_row_by_row_example_ids(dtype: str, row_shape: list[int], n: int, seed: int,
+                                                   transposed: bool) -> None:
+    # The batched hashing every stored input is checked with (load_inputs, encode_inputs) gives exactly
+    # example_id of each row, for every dtype, row shape (0-d rows and empty rows too) and a
+    # non-contiguous column.
+    import torch
+
+    from gradledger.training.manifests import column_ids, columns_ids
+
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn((n, *row_shape), generator=g) * 100
+    col = raw.to(getattr(torch, dtype)) if dtype != "bool" else raw > 0
+    if transposed and col.dim() >= 3:
+        col = col.transpose(1, 2)
+    assert column_ids(col) == [example_id(col[i]) for i in range(n)]
+    if dtype != "bfloat16":
+        assert column_ids(col.numpy()) == [example_id(col.numpy()[i]) for i in range(n)]
+    parts = {"input_ids": col, "mask": torch.ones(n, 3)}
+    assert columns_ids(parts) == [example_id({k: v[i] for k, v in parts.items()}) for i in range(n)]

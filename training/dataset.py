@@ -18,7 +18,7 @@ from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.merkle import leaf_hash, root_of
 
 from .errors import DatasetError, ManifestError
-from .manifests import SignedManifest, example_id, parse_manifest, part_names_problem, verify_manifest
+from .manifests import SignedManifest, columns_ids, parse_manifest, part_names_problem, verify_manifest
 
 #: Any recorded revocation: every one was recorded before a commit appended now.
 _ANY_TIME = 1 << 64
@@ -249,8 +249,8 @@ def encode_inputs(inputs: Any, manifests: Sequence[SignedManifest]) -> bytes:
     if rows_of(cols) != len(manifests):
         shapes = {k: list(c.shape) for k, c in cols.items()} if isinstance(cols, Mapping) else list(cols.shape)
         raise DatasetError(f"inputs must have one row per manifest ({len(manifests)}), got shape {shapes}")
-    for i, (row, m) in enumerate(zip(example_rows(cols, len(manifests)), manifests)):
-        if example_id(row) != m.example:
+    for i, (got, m) in enumerate(zip(columns_ids(cols), manifests)):
+        if got != m.example:
             raise ManifestError(f"input row {i} is not the example manifest {i} names ({m.example.hex()[:16]})")
     if isinstance(cols, Mapping):
         return save({PART_PREFIX + k: c for k, c in cols.items()})
@@ -314,8 +314,8 @@ def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
                            "tensor 'x' nor tensors 'x.<part>'")
     if rows_of(cols) != dataset.count:
         raise DatasetError(f"inputs artifact of dataset {dataset.name!r} does not hold {dataset.count} rows")
-    for i, (row, m) in enumerate(zip(example_rows(cols, dataset.count), dataset.manifests)):
-        if example_id(row) != m.example:
+    for i, (got, m) in enumerate(zip(columns_ids(cols), dataset.manifests)):
+        if got != m.example:
             raise DatasetError(f"stored input row {i} is not the example manifest {i} names")
     return cols
 

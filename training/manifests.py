@@ -220,6 +220,45 @@ def _hash_parts(dtype_name: str, shape: list[int], data: Any) -> bytes:
     return h.digest()
 
 
+def column_ids(column: Any) -> list[bytes]:
+    """``example_id`` of each row of a stacked column (a tensor or array, row ``i`` = example ``i``), the
+    same digests as row by row: the conversion to canonical little-endian bytes and the CBOR header
+    (one shape for every row) are done once, then each row's bytes hashed after it."""
+    if type(column).__module__.split(".")[0] == "torch":
+        import torch
+
+        t = column.detach().cpu().contiguous()
+        name = str(t.dtype).removeprefix("torch.")
+        array = t.view(torch.int16).numpy() if name == "bfloat16" else t.numpy()
+    else:
+        array = np.asarray(column)
+        name = array.dtype.name
+    if name not in _DTYPES:
+        raise DatasetError(f"example dtype {array.dtype} has no canonical byte form")
+    if array.ndim == 0:
+        raise DatasetError("a column of examples needs a row dimension")
+    little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    row_bytes = little.itemsize * int(np.prod(little.shape[1:], dtype=np.int64))
+    prefix = (b"\x84" + encoding.encode(EXAMPLE_DOMAIN) + encoding.encode(name)
+              + encoding.encode(list(little.shape[1:])) + encoding.bstr_header(row_bytes))
+    raw = memoryview(little.reshape(-1).view(np.uint8))
+    return [hashlib.sha256(prefix + raw[i * row_bytes:(i + 1) * row_bytes]).digest() for i in range(len(little))]
+
+
+def columns_ids(columns: Any) -> list[bytes]:
+    """``column_ids`` of a stored input (one column, or a dict of part columns: each row's parts id)."""
+    if not isinstance(columns, Mapping):
+        return column_ids(columns)
+    per_part = {name: column_ids(col) for name, col in columns.items()}
+    problem = part_names_problem(list(per_part))
+    if problem is not None:
+        raise DatasetError(problem)
+    rows = {len(ids) for ids in per_part.values()}
+    if len(rows) != 1:
+        raise DatasetError("the part columns do not have one number of rows")
+    return [parts_id({name: ids[i] for name, ids in per_part.items()}) for i in range(rows.pop())]
+
+
 # -- aggregation ----------------------------------------------------------
 
 #: Every finite double in [0, 1] is an integer multiple of 2**-1074, so weights sum exactly
