@@ -10,9 +10,12 @@ the same way under ``<authority path>/models``.
 
 from __future__ import annotations
 
+import sys
 import time as _time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from tqdm import tqdm
 
 from gradledger.ledger import credentials as C
 from gradledger.ledger.errors import SchemaError
@@ -124,7 +127,8 @@ def sign_records(project: "Project", records: Sequence[LabelRecord], *, authorit
     at = _time.time_ns()
     manifests: list[SignedManifest] = []
     inputs = []
-    for r in labeled:
+    # A platform export can hold a million tasks: a bar on a terminal (none when stderr is not one).
+    for r in tqdm(labeled, desc="signing manifests", unit="manifest", disable=None, file=sys.stderr, leave=False):
         try:
             classes = project.class_indices([v.label for v in r.votes])
         except ManifestError as exc:
