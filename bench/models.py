@@ -71,7 +71,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
