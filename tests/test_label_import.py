@@ -182,6 +182,18 @@ def test_a_hostile_trainer_cannot_attest_an_annotators_vote(project: Path) -> No
                                ontology="pets-v1", review="accepted", key=p.trainer_key, time=honest.time)
         with pytest.raises((DatasetError, ManifestError), match="trainer|sign"):
             commit_dataset(p.ledger, [forged], "forged", p.trainer_key)
+        # Nor credential a keyless annotator of its own under the platform's path.
+        from gradledger.ledger import credentials as C
+        from gradledger.ledger.errors import GradledgerError
+        from gradledger.ledger.keys import SigningKey
+
+        vendor = p.credential("vendor")
+        sham = C.issue(p.trainer_key, subject="mallory@vendor.example", path=f"{vendor.path}/annotators",
+                       role="source", public_key=SigningKey.generate().public_key)
+        size = p.ledger.size
+        with pytest.raises(GradledgerError, match="may not issue|not below|trainer"):
+            p.ledger.append("CredentialIssued", {"credential": sham.signed}, p.trainer_key, commit=True)
+        assert p.ledger.size == size
 
 
 def test_labelbox_votes_consensus_and_reviews(project: Path) -> None:
