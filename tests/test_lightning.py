@@ -51,6 +51,10 @@ class Module(pl.LightningModule):
         self.log("loss", loss)
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch  # the user's own validation loader: plain (x, y), the plain forward
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=3e-3)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, gamma=0.5),
@@ -81,8 +85,10 @@ def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_pa
     torch.manual_seed(0)
     governed = GovernedLightning(project=project, dataset="points", run_id=tmp_path.name, checkpoint_every=2,
                                  precision="bf16-mixed")
-    trainer = _trainer(governed, accumulate_grad_batches=2, gradient_clip_val=0.5)
-    trainer.fit(Module(), governed.loader(_loader()))
+    trainer = _trainer(governed, accumulate_grad_batches=2, gradient_clip_val=0.5, val_check_interval=4,
+                       num_sanity_val_steps=1)
+    trainer.fit(Module(), governed.loader(_loader()), val_dataloaders=_loader())  # validation runs between steps
+    assert "val_loss" in trainer.callback_metrics
     assert trainer.global_step == 6 and governed.run.closed  # Lightning's counter moved: max_steps stops it
     with gradledger.Project.open(project) as p:
         ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")[-6:]]
