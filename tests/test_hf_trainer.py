@@ -234,3 +234,21 @@ def _forged_frozen_commitments_fail(bundle: Path, tmp_path: Path, frozen: list[s
     code, report = verify_cli(fewer, tmp_path / "project" / "roots.pub")
     assert code == 1 and f"settings.frozen.tensors {frozen[0]!r}" in report["first_failure"]["detail"]
     assert "model program's frozen parameters" in report["first_failure"]["detail"]
+
+
+def test_a_datasets_dataset_with_text_and_list_columns_trains_and_verifies(project: Path, tmp_path: Path) -> None:
+    # What a tokenizer's map() gives a Trainer: a datasets.Dataset of lists (no torch format) beside
+    # a raw text column the model does not take. The Trainer's own column rule drops the text; the
+    # lists become the int64 tensors the project labeled.
+    datasets = pytest.importorskip("datasets")  # in the test extra
+    columns, labels = _columns()
+    ds = datasets.Dataset.from_dict({"text": [f"example {i}" for i in range(N)],
+                                     **{k: v.tolist() for k, v in columns.items()}, "label": labels.tolist()})
+    with gradledger.Project.open(project) as p:
+        trainer = GovernedTrainer(model=_bert(), args=_args(tmp_path / "hf"), train_dataset=ds, project=p,
+                                  dataset="tokens", run_id=tmp_path.name, checkpoint_every=2)
+        trainer.train()
+        bundle = tmp_path / "run.glb"
+        export_bundle(p.ledger, bundle, with_data=True)
+    code, report = verify_cli(bundle, project / "roots.pub")
+    assert code == 0, report.get("first_failure")

@@ -70,7 +70,10 @@ class _Inputs(Dataset):
     def __getitem__(self, i: int) -> Any:
         item = self.data[i]
         if isinstance(item, Mapping):
-            return {k: v for k, v in item.items() if k not in self.label_keys}
+            # A ``datasets.Dataset`` without a torch format yields lists: tensors as torch.as_tensor makes
+            # them (Python ints to int64), the form a project labels them in.
+            return {k: v if isinstance(v, Tensor) else torch.as_tensor(v) for k, v in item.items()
+                    if k not in self.label_keys}
         return item
 
 
@@ -175,7 +178,11 @@ class GovernedTrainer(transformers.Trainer):
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         keys = frozenset(LABEL_KEYS) | frozenset(self.args.label_names or ())
-        return DataLoader(_Inputs(self.train_dataset, keys), batch_size=self._train_batch_size,
+        data = self.train_dataset
+        if _is_hf_dataset(data):
+            # The Trainer's own rule: columns the model's forward does not take (raw text...) are dropped.
+            data = self._remove_unused_columns(data, description="training")
+        return DataLoader(_Inputs(data, keys), batch_size=self._train_batch_size,
                           sampler=self._get_train_sampler(), drop_last=self.args.dataloader_drop_last)
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any,
@@ -250,6 +257,15 @@ class GovernedTrainer(transformers.Trainer):
 
     def _track_num_input_tokens(self, inputs: Any) -> None:
         super()._track_num_input_tokens(_drawn_inputs(inputs))
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    """A ``datasets.Dataset`` (the library need not be installed for a torch Dataset)."""
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(data, datasets.Dataset)
 
 
 def _drawn_inputs(inputs: Any) -> Any:
