@@ -25,6 +25,7 @@ from gradledger.ledger import schema as s
 from ..dataset import CommittedDataset, commit_dataset, input_columns
 from ..errors import ManifestError, ProjectError
 from ..manifests import SignedManifest, example_id, label_example
+from ..replayer import run_extent, runs_in
 from .records import MAX_VOTES, LabelImportError, LabelRecord
 
 if TYPE_CHECKING:
@@ -75,34 +76,35 @@ def keyless_source(project: "Project", authority: str, name: str, where: str,
 
 
 def _ledger_runs(project: "Project") -> dict[str, set[bytes]]:
-    """Each run id's Checkpoint digests in the project's ledger (a Checkpoint belongs to the RunStarted
-    before it): what a pre-label naming one of its runs must match (specs/labels.md §5)."""
+    """Each run id's Checkpoint digests in the project's ledger (a run's records lie between its RunStarted
+    and the next): what a pre-label naming one of its runs must match (specs/labels.md §5)."""
     ledger = project.ledger
-    marks = sorted([(q, "run") for q in ledger.by_type("RunStarted")] + [(q, "ck") for q in ledger.by_type("Checkpoint")])
+    runs, checkpoints = runs_in(ledger), ledger.by_type("Checkpoint")
     out: dict[str, set[bytes]] = {}
-    current: set[bytes] | None = None
-    for seq, kind in marks:
-        body = ledger.observation(seq).body
-        if kind == "run":
-            current = out.setdefault(body["run_id"], set())
-        elif current is not None:
-            current.add(body["digest"])
+    for seq, body in runs:
+        lo, hi = run_extent(ledger, runs, seq)
+        out.setdefault(body["run_id"], set()).update(
+            ledger.observation(c).body["digest"] for c in checkpoints if lo < c < hi)
     return out
+
+
+def signer_and_ontology(project: "Project", authority: str, ontology: str | None) -> tuple[SigningKey, str]:
+    """The authority's key (an authority the taxonomy does not name is refused) and the ontology the
+    manifests name: the one given, else the taxonomy's."""
+    key = project.authority_key(authority)
+    onto = ontology if ontology is not None else project.taxonomy.ontology
+    if onto is None:
+        raise ProjectError("the taxonomy names no ontology ([ontology] name); pass ontology=")
+    return key, onto
 
 
 def sign_records(project: "Project", records: Sequence[LabelRecord], *, authority: str, name: str,
                  examples: Mapping[str, Any], ontology: str | None = None) -> ImportedLabels:
     """Sign one manifest per record that has a vote, by ``authority`` on its annotators' behalf, and
     commit them as dataset ``name`` with each record's input ``examples[record.key]``."""
-    if authority not in project.taxonomy.authorities:
-        raise ProjectError(f"{authority!r} is not an authority of this project "
-                           f"({', '.join(project.taxonomy.authorities)})")
-    onto = ontology if ontology is not None else project.taxonomy.ontology
-    if onto is None:
-        raise ProjectError("the taxonomy names no ontology ([ontology] name); pass ontology=")
+    key, onto = signer_and_ontology(project, authority, ontology)
     spec = project.taxonomy.authorities[authority]
     default = 1.0 if spec.confidence is None else spec.confidence
-    key = project.authority_key(authority)
     labeled = [r for r in records if r.votes]
     unlabeled = [r.key for r in records if not r.votes]
     seen: dict[str, str] = {}

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..dataset import commit_dataset, input_columns
-from ..errors import ProjectError
 from ..snorkel import import_label_matrix
 from .records import LabelImportError
-from .signing import LFS, ImportedLabels, issued_sources, keyless_source
+from .signing import LFS, ImportedLabels, issued_sources, keyless_source, signer_and_ontology
 
 if TYPE_CHECKING:
     from ..project import Project
@@ -52,14 +51,9 @@ def import_label_model(project: "Project", L: Any, lf_names: Sequence[str], *, a
     one ``label-model`` manifest per row with a vote as ``authority`` and commit them as dataset
     ``name``. ``examples``: row ``i``'s example at ``examples[i]`` (a sequence, or a mapping by row
     number as text)."""
-    if authority not in project.taxonomy.authorities:
-        raise ProjectError(f"{authority!r} is not an authority of this project "
-                           f"({', '.join(project.taxonomy.authorities)})")
+    key, onto = signer_and_ontology(project, authority, ontology)
     if type(seed) is not int:
         raise LabelImportError("the snorkel format needs the seed LabelModel.fit is given (an int)")
-    onto = ontology if ontology is not None else project.taxonomy.ontology
-    if onto is None:
-        raise ProjectError("the taxonomy names no ontology ([ontology] name); pass ontology=")
     L = np.asarray(L)
     if L.ndim != 2 or L.dtype.kind not in "iu":
         raise LabelImportError(f"L must be a 2-D integer label matrix, got {L.ndim}-D {L.dtype}")
@@ -83,7 +77,7 @@ def import_label_model(project: "Project", L: Any, lf_names: Sequence[str], *, a
     except (KeyError, IndexError) as exc:
         raise LabelImportError(f"no example for row {exc.args[0]}") from None
     result = import_label_matrix(L, list(lf_names), lf_credentials=creds, ontology=onto, time=_time.time_ns(),
-                                 inputs=rows, signer=project.authority_key(authority), probs=probs,
+                                 inputs=rows, signer=key, probs=probs,
                                  lf_confidence=[float(a) for a in accuracy])
     project.ledger.commit()
     dataset = commit_dataset(project.ledger, result.manifests, name, project.trainer_key,
