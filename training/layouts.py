@@ -374,18 +374,19 @@ def default_layout(model: nn.Module, n_bands: int = 3, names: Sequence[str] | No
     if len(names) != n_bands:
         raise BandError(f"{len(names)} band names for {n_bands} bands")
 
-    inner = _only_child(model)
-    if inner is not None and not isinstance(model, nn.Sequential) and _plan(model) is None:
+    sequential = isinstance(model, nn.Sequential)
+    plan = None if sequential else _plan(model)
+    inner = _only_child(model) if plan is None and not sequential else None
+    if inner is not None:
         # A wrapper whose parameters all live in one child (a LightningModule holding its network):
         # the child's layout, its paths prefixed.
         child_name, child = inner
         layout = _prefixed(default_layout(child, n_bands, names), child_name)
         kind = f"{detect_architecture(child) or type(child).__name__} at {child_name}"
-    elif isinstance(model, nn.Sequential):
+    elif sequential:
         kind = "sequential"
         layout = sequential_bands(model, n_bands, names)
     else:
-        plan = _plan(model)
         if plan is None:
             everything = [n for n, _ in _trainable(model)]
             raise BandError(

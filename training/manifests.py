@@ -210,12 +210,15 @@ def _hash_tensor(tensor: Any) -> bytes:
     return _hash_array(t.contiguous().numpy())
 
 
-def _hash_parts(dtype_name: str, shape: list[int], data: Any) -> bytes:
-    nbytes = memoryview(data).nbytes
-    h = hashlib.sha256()
+def _id_header(dtype_name: str, shape: list[int], nbytes: int) -> bytes:
+    """The canonical CBOR of an example id's input up to its data bytes (``example_id``'s docstring)."""
     # 0x84: a CBOR array of 4 items; the items' canonical encodings follow back to back.
-    h.update(b"\x84" + encoding.encode(EXAMPLE_DOMAIN) + encoding.encode(dtype_name) + encoding.encode(shape))
-    h.update(encoding.bstr_header(nbytes))
+    return (b"\x84" + encoding.encode(EXAMPLE_DOMAIN) + encoding.encode(dtype_name) + encoding.encode(shape)
+            + encoding.bstr_header(nbytes))
+
+
+def _hash_parts(dtype_name: str, shape: list[int], data: Any) -> bytes:
+    h = hashlib.sha256(_id_header(dtype_name, shape, memoryview(data).nbytes))
     h.update(data)
     return h.digest()
 
@@ -239,8 +242,7 @@ def column_ids(column: Any) -> list[bytes]:
         raise DatasetError("a column of examples needs a row dimension")
     little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
     row_bytes = little.itemsize * int(np.prod(little.shape[1:], dtype=np.int64))
-    prefix = (b"\x84" + encoding.encode(EXAMPLE_DOMAIN) + encoding.encode(name)
-              + encoding.encode(list(little.shape[1:])) + encoding.bstr_header(row_bytes))
+    prefix = _id_header(name, list(little.shape[1:]), row_bytes)
     raw = memoryview(little.reshape(-1).view(np.uint8))
     return [hashlib.sha256(prefix + raw[i * row_bytes:(i + 1) * row_bytes]).digest() for i in range(len(little))]
 
