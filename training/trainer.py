@@ -144,8 +144,6 @@ class GovernedLoader:
         run = self.run
         if run.order == "loader":
             for indices in run.sampler_epoch():
-                if run.closed:
-                    return
                 yield run.draw(indices)
             return
         epoch = run.drawn // run.steps_per_epoch
@@ -568,8 +566,11 @@ class Governance:
         return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
 
     def sampler_epoch(self) -> Iterator[list[int]]:
-        """One epoch of the user loader's batch sampler (order ``"loader"``), each batch checked."""
+        """One epoch of the user loader's batch sampler (order ``"loader"``), each batch checked; it ends
+        early when the run closes (a loop may close it mid-epoch)."""
         for indices in self._sampler:
+            if self.closed:
+                return
             yield check_batch(self.dataset, indices)
 
     def draw(self, indices: Sequence[int] | None = None) -> Batch:

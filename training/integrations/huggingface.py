@@ -49,7 +49,8 @@ except ImportError as exc:  # the optional extra, named in the message
 from ..api import govern
 from ..errors import GovernanceError
 from ..project import Project
-from ..trainer import Batch, Governance
+from ..trainer import Governance
+from ._pending import PendingBatch, pending_epoch
 
 __all__ = ["GovernedTrainer"]
 
@@ -77,25 +78,8 @@ class _Inputs(Dataset):
         return item
 
 
-class _Pending:
-    """A batch the Trainer's sampler chose, drawn from the run when its forward comes."""
-
-    __slots__ = ("indices", "batch")
-
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
-        self.batch: Batch | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __contains__(self, key: object) -> bool:
-        # The Trainer asks `"labels" in batch` to count label tokens; the run's labels are not columns.
-        return False
-
-
 class _PendingLoader:
-    """One epoch of the sampler's batches per iteration, as ``_Pending`` batches."""
+    """One epoch of the sampler's batches per iteration, as pending batches."""
 
     def __init__(self, run: Governance) -> None:
         self.run = run
@@ -103,11 +87,8 @@ class _PendingLoader:
     def __len__(self) -> int:
         return self.run.steps_per_epoch
 
-    def __iter__(self) -> Iterator[_Pending]:
-        for indices in self.run.sampler_epoch():
-            if self.run.closed:
-                return
-            yield _Pending(indices)
+    def __iter__(self) -> Iterator[PendingBatch]:
+        return pending_epoch(self.run)
 
 
 def _logits(outputs: Any) -> Tensor:
@@ -233,7 +214,7 @@ class GovernedTrainer(transformers.Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if not isinstance(inputs, _Pending):  # evaluation and prediction: the plain Trainer's
+        if not isinstance(inputs, PendingBatch):  # evaluation and prediction: the plain Trainer's
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         assert self.run is not None
         batch = inputs.batch = self.run.draw(inputs.indices)
@@ -270,7 +251,7 @@ def _is_hf_dataset(data: Any) -> bool:
 
 def _drawn_inputs(inputs: Any) -> Any:
     """A pending batch's drawn inputs as the Trainer's bookkeeping reads them (a dict of parts)."""
-    if isinstance(inputs, _Pending):
+    if isinstance(inputs, PendingBatch):
         drawn = inputs.batch.inputs if inputs.batch is not None else None
         return drawn if isinstance(drawn, Mapping) else {}
     return inputs

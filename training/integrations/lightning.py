@@ -54,6 +54,7 @@ from ..api import govern
 from ..errors import GovernanceError
 from ..project import Project
 from ..trainer import Governance
+from ._pending import PendingBatch, pending_epoch
 
 __all__ = ["GovernedLightning"]
 
@@ -72,18 +73,6 @@ class _Forward(nn.Module):
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
-class _Pending:
-    """The indices of a batch the sampler chose; drawn from the run when it reaches the module."""
-
-    __slots__ = ("indices",)
-
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class _Loader:
     """The user's loader as Lightning iterates it: one epoch of the sampler's batches, as indices."""
 
@@ -93,15 +82,14 @@ class _Loader:
     def __len__(self) -> int:
         return len(self.user_loader)
 
-    def __iter__(self) -> Iterator[_Pending]:
+    def __iter__(self) -> Iterator[PendingBatch]:
+        # A generator: Lightning calls iter() before its callback starts the run; the run is read at the
+        # first batch.
         run = self.owner.run
         if run is None:
             raise GovernanceError("the governed loader runs only under a Trainer given "
                                   "GovernedLightning.trainer_options() (its callback starts the run)")
-        for indices in run.sampler_epoch():
-            if run.closed:
-                return
-            yield _Pending(indices)
+        yield from pending_epoch(run)
 
 
 class _Precision(Precision):
@@ -186,7 +174,7 @@ class GovernedLightning(pl.Callback):
         original = pl_module.on_after_batch_transfer
 
         def on_after_batch_transfer(batch: Any, dataloader_idx: int) -> Any:
-            if not isinstance(batch, _Pending):
+            if not isinstance(batch, PendingBatch):
                 return original(batch, dataloader_idx)
             if run.micro_batches == 0:
                 # Lightning zeroes the gradients inside the closure, between the step's first forward and
