@@ -185,6 +185,21 @@ TYPES: dict[str, ObservationType] = {
             ),
             frozenset({"root", "authority", "trainer"}),
         ),
+        ObservationType(
+            "MemorizationScan",
+            s.record(
+                "MemorizationScan",
+                format=s.uint,
+                run=s.uint,
+                through=s.uint,
+                method=s.one_of("lt-iqr"),
+                parameters=any_value,
+                scored=s.uint,
+                flagged=any_value,
+                scores_digest=s.digest,
+            ),
+            frozenset({"root", "authority", "trainer"}),
+        ),
     )
 }
 

@@ -963,8 +963,40 @@ def _forensic_trace(f: Forge, at: Layout, add: Add) -> None:
 SWAP_OTHER = {3: 5, 8: 5}
 
 
+def _memorization_scan(f: Forge, at: Layout, add: Add) -> None:
+    """MemorizationScan (trainer-signed at each checkpoint, specs/dynamics.md §2): what it flags, its counts,
+    its digest, its coverage, and its presence; the verifier recomputes every scan from the recorded losses."""
+    scans = f.seqs("MemorizationScan")
+    if not scans:
+        return
+    k = scans[-1]
+    body = f.body(k)
+    for field_name in ("scores_digest", "scored", "through", "run", "format"):
+        add(f"MemorizationScan.{field_name}", "MemorizationScan", lambda g, n=field_name: g.set(k, (n,), other(body[n])))
+    add("MemorizationScan.parameters.fraction", "MemorizationScan",
+        lambda g: g.set(k, ("parameters", "fraction"), 0.5))
+    add("MemorizationScan.flagged: an example flagged that the scores do not put on top", "MemorizationScan",
+        lambda g: g.set(k, ("flagged",), [*body["flagged"], [0, 1.0]]))
+    if body["flagged"]:
+        add("MemorizationScan.flagged: the most memorized example hidden", "MemorizationScan",
+            lambda g: g.set(k, ("flagged",), body["flagged"][1:]))
+        add("MemorizationScan.flagged[0]: its score lowered", "MemorizationScan",
+            lambda g: g.set(k, ("flagged", 0, 1), body["flagged"][0][1] * 0.5))
+    add("MemorizationScan: the last checkpoint's scan removed", "MemorizationScan", lambda g: g.remove(k) and None)
+
+    def undeclared(g: Forge) -> None:
+        for s in reversed(g.seqs("MemorizationScan")):
+            g.remove(s)
+        for r in g.seqs("RunStarted"):
+            g.set(r, ("settings", "monitors"), {})
+    add("MemorizationScan: every scan removed and settings.monitors emptied", "MemorizationScan", undeclared,
+        harmless=Harmless("dynamics.md", "§2.2 Scans at checkpoints", "A run whose settings declare no monitor "
+                          "records no scan at its checkpoints; that is the trainer's choice, stated in the signed "
+                          "settings, and nothing else in the run depends on a scan"))
+
+
 SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement,
-            _certificate, _program, _runs, _tolerance, _bundle, _time, _forensic_trace)
+            _certificate, _program, _runs, _tolerance, _bundle, _time, _forensic_trace, _memorization_scan)
 
 
 def lr_catalogue(f: Forge) -> list[Forgery]:
@@ -1140,6 +1172,8 @@ def _packaging_run(g: Forge, orig_run: int, final: int) -> None:
     run = copy.deepcopy(g.body(orig_run))
     run["run_id"] = "digits-demo-release"
     run["settings"].pop("branch", None)
+    if "monitors" in run["settings"]:
+        run["settings"]["monitors"] = {}  # a packaging run declares no scan it would have to record
     g.recs.append(g.new_record("RunStarted", run, t))
     g.recs.append(g.new_record("Checkpoint", ck, t + 1))
     g.recs.append(g.new_record("TreeHead", {"origin": "", "size": 0, "root": bytes(32)}, t + 2))
@@ -1219,6 +1253,9 @@ QUICK_NAMES = (
     "UnlearningCertificate.new_head",
     "ForensicTrace.result: the top source's score lowered, digest recomputed",
     "ForensicTrace.query: another target, digest recomputed",
+    "MemorizationScan.scores_digest",
+    "MemorizationScan.flagged: an example flagged that the scores do not put on top",
+    "MemorizationScan: the last checkpoint's scan removed",
     "artifact: the trace's query file, one row changed, digest re-derived",
     "artifact: unlearning removed, one entry dropped, digest re-derived",
     "artifact: program, a byte flipped in a weight (CRC left), digest re-derived",

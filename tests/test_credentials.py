@@ -520,6 +520,10 @@ def bodies(world: World) -> dict[str, dict]:
             "format": 1, "run": 0, "method": "loss-trace", "parameters": {"top": 3, "self_influence": False},
             "result": {"sources": [], "examples": []}, "result_digest": b"6" * 32,
         },
+        "MemorizationScan": {
+            "format": 1, "run": 0, "through": 1, "method": "lt-iqr", "parameters": {"fraction": 0.01, "min_trace": 4},
+            "scored": 0, "flagged": [], "scores_digest": b"7" * 32,
+        },
     }
 
 

@@ -47,7 +47,7 @@ def test_files_and_key_permissions(run: tuple[Path, dict[str, Any], float]) -> N
 def test_every_stage_ran_and_the_verifier_verified(run: tuple[Path, dict[str, Any], float]) -> None:
     _, figures, _ = run
     stages = {s["name"]: s for s in figures["stages"]}
-    assert list(stages) == ["trace", "retire", "unlearn", "export", "verify"]
+    assert list(stages) == ["trace", "feedback", "retire", "unlearn", "export", "verify"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     rep = figures["verifier"]
     assert rep["verified"] is True and rep["first_failure"] is None
@@ -189,3 +189,19 @@ def test_cli_refuses_a_non_empty_out_dir(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not empty" in err[0]
     assert cli_main(["demo", "--out", str(tmp_path / "new"), "--steps", "0", "--quiet"]) == 2
+
+
+def test_feedback_and_memorization_answer_from_the_ledger(run: tuple[Path, dict[str, Any], float]) -> None:
+    """Issue 16: the run scans itself at each checkpoint (recomputed by the verifier), and the review list
+    written for Label Studio ranks the trained examples, with the faulty worker's share among them."""
+    out, figures, _ = run
+    scans = next(c for c in figures["verifier"]["checks"] if c["name"] == "scans")
+    assert scans["status"] == "pass" and "2 required at checkpoints" in scans["detail"]
+    fb = figures["feedback"]
+    tasks = json.loads((out / fb["file"]).read_text(encoding="utf-8"))
+    assert len(tasks) == fb["written"] == -(-fb["trained"] // 20)
+    assert [t["data"]["gradledger_index"] for t in tasks[:10]] == [e["index"] for e in fb["examples"]]
+    shares = {r["name"]: r["share"] for r in fb["sources"]}
+    assert D.FAULTY in shares and sum(r["prioritized"] for r in fb["classes"]) == fb["written"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "What to review next" in html and "MemorizationScan" in html

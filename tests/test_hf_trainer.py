@@ -186,7 +186,8 @@ def test_lora_through_peft_on_a_gpt2_decoder_verifies_and_leaves_the_base_untouc
     frozen = {n for n, t in model.named_parameters() if not t.requires_grad}
     assert frozen and any("lora_" in n for n, t in model.named_parameters() if t.requires_grad)
     trainer = GovernedTrainer(model=model, args=_args(tmp_path / "hf", num_train_epochs=2), train_dataset=Tokens(),
-                              project=tmp_path / "project", dataset="tokens", checkpoint_every=3)
+                              project=tmp_path / "project", dataset="tokens", checkpoint_every=3,
+                              memorization=gradledger.MemorizationScan(fraction=0.25, min_trace=2))
     trainer.train()
     with gradledger.Project.open(tmp_path / "project") as p:
         ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")]
@@ -202,10 +203,11 @@ def test_lora_through_peft_on_a_gpt2_decoder_verifies_and_leaves_the_base_untouc
     code, report = verify_cli(bundle, tmp_path / "project" / "roots.pub")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] == 8
+    assert any(c["name"] == "scans" and c["status"] == "pass" for c in report["checks"])
     # The base is committed by digest in RunStarted (format 5): every frozen parameter, none trained.
     with gradledger.Project.open(tmp_path / "project") as p:
         settings = p.ledger.observation(p.ledger.by_type("RunStarted")[-1]).body["settings"]
-    assert settings["format"] == 5 and set(settings["frozen"]["tensors"]) == frozen
+    assert settings["format"] >= 5 and set(settings["frozen"]["tensors"]) == frozen
     assert all(settings["frozen"]["tensors"][n] == checkpoints[0]["tensors"][f"model.{n}"] for n in frozen)
     _forged_frozen_commitments_fail(bundle, tmp_path, sorted(frozen))
 

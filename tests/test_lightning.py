@@ -84,7 +84,7 @@ def _loader() -> DataLoader:
 def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     governed = GovernedLightning(project=project, dataset="points", run_id=tmp_path.name, checkpoint_every=2,
-                                 precision="bf16-mixed")
+                                 precision="bf16-mixed", memorization=gradledger.MemorizationScan(min_trace=2))
     trainer = _trainer(governed, accumulate_grad_batches=2, gradient_clip_val=0.5, val_check_interval=4,
                        num_sanity_val_steps=1)
     trainer.fit(Module(), governed.loader(_loader()), val_dataloaders=_loader())  # validation runs between steps
@@ -92,6 +92,9 @@ def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_pa
     assert trainer.global_step == 6 and governed.run.closed  # Lightning's counter moved: max_steps stops it
     with gradledger.Project.open(project) as p:
         ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")[-6:]]
+        # the memorization scan at each checkpoint after step 0 (specs/dynamics.md §2.2)
+        scans = [p.ledger.observation(s).body for s in p.ledger.by_type("MemorizationScan")]
+        assert [s["through"] for s in scans[-3:]] == [2, 4, 6]
         bundle = tmp_path / "run.glb"
         export_bundle(p.ledger, bundle, with_data=True)
     recipe = ups[0]["recipe"]
@@ -101,6 +104,7 @@ def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_pa
     code, report = verify_cli(bundle, project / "roots.pub")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] >= 6
+    assert any(c["name"] == "scans" and c["status"] == "pass" for c in report["checks"])
 
 
 def test_the_example_script_verifies(tmp_path: Path, monkeypatch: Any) -> None:

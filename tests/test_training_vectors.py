@@ -278,3 +278,30 @@ def test_step_ranges_both(case: dict[str, Any]) -> None:
     assert step_ranges(case["steps"]) == want
     got = _ranges(torch.tensor(case["steps"], dtype=torch.float64))
     assert [(r["from"], r["to"], r["score"]) for r in got] == want
+
+
+# -- memorization scores (dynamics.md §1) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("memorization"), ids=ids("memorization"))
+def test_memorization_both(case: dict[str, Any]) -> None:
+    from gradledger.training.dynamics import LossTraces, flag, scores_digest
+    from gradledger.verify._internal import scans as VD
+
+    traces = [[struct.unpack("<f", bytes.fromhex(h))[0] for h in x] for x in case["traces"]]
+    want = case["want"]
+    # the trainer's: appended step by step, as a run does
+    t = LossTraces(len(traces))
+    for pos in range(max(len(x) for x in traces)):
+        rows = [i for i, x in enumerate(traces) if pos < len(x)]
+        t.add(rows, torch.tensor([traces[i][pos] for i in rows], dtype=torch.float32))
+    got = t.scores(case["min_trace"])
+    assert [None if v != v else struct.pack("<d", v).hex() for v in got.tolist()] == want["scores"]
+    assert [[i, struct.pack("<d", v).hex()] for i, v in flag(got, case["fraction"])] == want["flagged"]
+    assert scores_digest(got).hex() == want["digest"]
+    # the verifier's
+    mine = [VD.quantile(sorted(x), 0.75) - VD.quantile(sorted(x), 0.25) if len(x) >= case["min_trace"] else None
+            for x in traces]
+    assert [None if v is None else struct.pack("<d", v).hex() for v in mine] == want["scores"]
+    assert [[i, struct.pack("<d", v).hex()] for i, v in VD.flagged(mine, case["fraction"])] == want["flagged"]
+    assert VD.digest(mine).hex() == want["digest"]

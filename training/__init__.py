@@ -22,6 +22,7 @@ public API; the modules behind them may change.
 from .api import govern
 from .bands import Band, BandLayout, sequential_bands, transformer_bands
 from .dataset import CommittedDataset, commit_dataset
+from .dynamics import MemorizationScan, scan
 from .errors import BandError, DatasetError, GovernanceError, ManifestError, PolicyError, ProjectError
 from .layouts import default_layout, describe_layout
 from .policy import SignedPolicy, sign_policy
@@ -39,6 +40,7 @@ __all__ = [
     "Governance",
     "GovernanceError",
     "ManifestError",
+    "MemorizationScan",
     "PolicyError",
     "Project",
     "ProjectError",
@@ -49,6 +51,7 @@ __all__ = [
     "default_layout",
     "describe_layout",
     "govern",
+    "scan",
     "sequential_bands",
     "sign_policy",
     "torch_deterministic",

@@ -27,6 +27,7 @@ from gradledger.ledger.ledger import Ledger
 
 from .bands import BandLayout
 from .dataset import CommittedDataset
+from .dynamics.memorization import MemorizationScan
 from .errors import GovernanceError
 from .layouts import default_layout
 from .policy import SignedPolicy
@@ -55,6 +56,7 @@ def govern(
     root_key: SigningKey | None = None,
     description: str | None = None,
     call: str = "spread",
+    memorization: MemorizationScan | None = None,
 ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
     """Govern the user's three objects; return them ready for the user's own loop.
 
@@ -67,7 +69,8 @@ def govern(
     before training. A dataset whose inputs are dicts or tuples of tensors (``input_ids``,
     ``attention_mask``...) is a model of parts: ``call="spread"`` calls the model as ``model(**x)`` /
     ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run``
-    (also ``loader.run``): ``model.run.close()`` at the end.
+    (also ``loader.run``): ``model.run.close()`` at the end. ``memorization``: also record a signed
+    memorization scan (every example's LT-IQR, specs/dynamics.md) at each checkpoint.
     """
     if project is not None:
         ledger = ledger if ledger is not None else project.ledger
@@ -84,5 +87,5 @@ def govern(
         layout = default_layout(model, n_bands=len(policy.bands), names=tuple(policy.bands))
     run = Governance(ledger, key, dataset=dataset, policy=policy, layout=layout, run_id=run_id, loss=loss,
                      loss_settings=loss_settings, checkpoint_every=checkpoint_every, seed=seed, root_key=root_key,
-                     order=order, description=description, call=call)
+                     order=order, description=description, call=call, memorization=memorization)
     return run.make_governed(model, optimizer, loader)

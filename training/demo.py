@@ -44,6 +44,7 @@ from gradledger.ledger.ledger import Ledger
 from .bands import sequential_bands
 from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
+from .dynamics import MemorizationScan
 from .forensics import trace
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
@@ -367,7 +368,8 @@ def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPol
     loader = DataLoader(TensorDataset(data.x_train, labels), batch_size=cfg.batch_size, shuffle=True)
     engine = Governance(ledger, tax.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                         run_id=RUN_ID, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, root_key=tax.root,
-                        description="gradledger demo: digits MLP under the acme routing policy")
+                        description="gradledger demo: digits MLP under the acme routing policy",
+                        memorization=MemorizationScan(fraction=0.01))
     gm, gopt, gloader = engine.make_governed(model, optimizer, loader)
     losses: list[float] = []
     gm.train()
@@ -489,6 +491,38 @@ def stage_trace(ledger: Ledger, query: Path, tax: Taxonomy, console: Console) ->
     return detail, {"report": report, "top": top["source"], "command": command}
 
 
+def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
+    """What to review next (`gradledger feedback`, specs/dynamics.md §3), before the retirement: the run's
+    examples ranked by the evidence that their labels need a second look, the top 5% written for Label
+    Studio; and the memorization scan the run recorded at its last checkpoint."""
+    from .dynamics.export import render
+    from .dynamics.feedback import priorities, summarize
+
+    lin, items = priorities(ledger, run_id=RUN_ID)
+    top = -(-len(items) // 20)
+    path = out / "feedback.json"
+    path.write_text(render(items[:top], "labelstudio", keys={}, classes=None, run=RUN_ID,
+                           steps=len(lin.run.updates)), encoding="utf-8")
+    sums = summarize(items, top)
+    lead = sums["sources"][0]
+    scans = [s for s in ledger.by_type("MemorizationScan") if ledger.observation(s).body["run"] == lin.run.seq]
+    scan = ledger.observation(scans[-1]).body if scans else None
+    detail = (f"{top} examples to review first written to {path.name}; {lead['name']} supplied {lead['prioritized']} "
+              f"of them ({lead['share']:.0%} of its {lead['trained']} examples)")
+    if scan is not None:
+        detail += (f"; the last checkpoint's MemorizationScan flags {len(scan['flagged'])} of {scan['scored']} examples "
+                   "(LT-IQR)")
+    examples = [{"index": e.index, "label": e.label, "sources": e.sources, "priority": e.priority,
+                 "reasons": e.reasons} for e in items[:10]]
+    memorized = [] if scan is None else [
+        {"index": i, "score": v, "label": int(lin.fields[i]["label"]),
+         "sources": sorted({x["source"] for x in lin.fields[i]["sources"]})} for i, v in scan["flagged"]]
+    command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
+    return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
+                    "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
+                    "command": command}
+
+
 def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[str, Any]]:
     """The crowd authority, which issued the faulty worker's credential, signs its retirement."""
     done = retire(ledger, FAULTY, tax.authorities["crowd"], reason)
@@ -607,6 +641,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         series = band_series(ledger, updates)
         query = write_query(data, out)
         stages.append(run_stage(console, "trace", lambda: stage_trace(ledger, query, tax, console)))
+        stages.append(run_stage(console, "feedback", lambda: stage_feedback(ledger, out)))
 
         stages.append(run_stage(console, "retire", lambda: stage_retire(
             ledger, tax, f"swaps digits {SWAP[0]} and {SWAP[1]} (found in a spot check of its labels)")))
@@ -647,6 +682,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "unlearning": next((s.data for s in stages if s.name == "unlearn" and s.status == "ok"), None),
         "trace": next(({"report": s.data["report"], "command": s.data["command"]} for s in stages
                        if s.name == "trace" and s.status == "ok"), None),
+        "feedback": next((s.data for s in stages if s.name == "feedback" and s.status == "ok"), None),
         "verifier": verifier,
         "verifier_command": next((s.data.get("command") for s in stages if s.name == "verify" and s.status == "ok"),
                                  " ".join(verifier_command(out / "run.glb", out / "roots.pub", cfg.replay))),
@@ -704,7 +740,10 @@ def summary(figures: Mapping[str, Any], out: Path) -> str:
         lines.append(f"  NOT COMPLETE: stage(s) {', '.join(missing)} did not run or failed (see above)")
     if figures.get("trace") is not None:
         lines.append(f"  trace it   {figures['trace']['command']}")
-    lines.append(f"  files      {out}/report.html, report.json, run.glb, roots.pub, query.json, ledger/, keys/")
+    if figures.get("feedback") is not None:
+        lines.append(f"  review it  {figures['feedback']['command']}")
+    lines.append(f"  files      {out}/report.html, report.json, run.glb, roots.pub, query.json, feedback.json, ledger/, "
+                 "keys/")
     lines.append(f"  check it   {figures['verifier_command']}")
     lines.append(f"  took       {figures['timings']['total']:.1f}s")
     return "\n".join(lines)

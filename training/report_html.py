@@ -228,6 +228,25 @@ def _verdict(figures: Mapping[str, Any]) -> tuple[str, str]:
     return "VERIFIED", PASS
 
 
+def _feedback_section(fb: Mapping[str, Any]) -> str:
+    """What to review next (specs/dynamics.md §3) and what the run memorized (§1), from the ledger alone."""
+    src = "".join(f'<tr><td>{escape(str(r["name"]))}</td><td>{r["prioritized"]}</td><td>{r["trained"]}</td>'
+                  f'<td>{r["share"]:.0%}</td></tr>' for r in fb["sources"])
+    ex = "".join(f'<tr><td>#{e["index"]}</td><td>{e["label"]}</td><td>{escape(", ".join(e["sources"]))}</td>'
+                 f'<td>{e["priority"]:.3f}</td><td>{escape(", ".join(f"{k} {v:.2f}" for k, v in e["reasons"].items()))}'
+                 '</td></tr>' for e in fb["examples"])
+    mem = ", ".join(f'#{m["index"]} (label {m["label"]}, {escape("/".join(m["sources"]))})' for m in fb["memorized"])
+    return (f'<h2>What to review next</h2><p class="lead">The {fb["written"]} of {fb["trained"]} trained examples with '
+            'the most evidence that their label needs a second look (recorded loss, memorization, disagreement between '
+            f'sources, influence on the traced confusion), written as a Label Studio import '
+            f'(<code>{escape(fb["file"])}</code>). Sources by the share of their examples among them:</p>'
+            f'<div class="row"><div class="panel"><table><tr><th>source</th><th>prioritized</th><th>trained</th>'
+            f'<th>share</th></tr>{src}</table></div><div class="panel"><table><tr><th>example</th><th>label</th>'
+            f'<th>sources</th><th>priority</th><th>reasons</th></tr>{ex}</table></div></div>'
+            f'<p class="note">Memorized (the MemorizationScan the run recorded at its last checkpoint, LT-IQR, '
+            f'recomputed by the verifier): {mem or "none flagged"}. <code>{escape(fb["command"])}</code></p>')
+
+
 def render_report(figures: Mapping[str, Any]) -> str:
     """The whole page."""
     a, b = figures["swap"]
@@ -303,6 +322,8 @@ def render_report(figures: Mapping[str, Any]) -> str:
                     f'--check-traces</code> recomputes.') if record else ""
         body.append(f'<p class="note">Investigated before the retirement, from the ledger alone: '
                     f'<code>{escape(figures["trace"]["command"])}</code>.{recorded}</p>')
+    if figures.get("feedback") is not None:
+        body.append(_feedback_section(figures["feedback"]))
     body.append(f"<h2>Before and after unlearning {faulty}</h2>")
     body.append(f'<div class="panel">{legend2}<div class="row">{acc_chart}{swap_chart}</div>'
                 f'<div class="row" style="margin-top:10px">{mats}</div>'

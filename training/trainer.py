@@ -41,6 +41,8 @@ from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, read_checkpoint, restore,
                           start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
+from .dynamics.memorization import LossTraces, MemorizationScan
+from .dynamics.record import record_scan, scan_body
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
@@ -54,13 +56,14 @@ from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, ex
                        optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
 from .self_check import replay_gradients
-from .updates import example_loss_bytes, route_examples, update_body
+from .updates import example_loss_bytes, example_loss_values, route_examples, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
 #: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts;
-#: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted.
-FORMAT = 5
+#: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted; 6 the monitors the
+#: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2).
+FORMAT = 6
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -183,6 +186,7 @@ class Governance:
         check_examples: bool = True,
         description: str | None = None,
         call: str = "spread",
+        memorization: MemorizationScan | None = None,
     ) -> None:
         if type(checkpoint_every) is not int or checkpoint_every < 1:
             raise GovernanceError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
@@ -190,6 +194,8 @@ class Governance:
             raise GovernanceError(f"seed must be an int in [0, 2**64), got {seed!r}")
         if order not in ("committed", "loader"):
             raise GovernanceError(f"order must be 'committed' or 'loader', got {order!r}")
+        if memorization is not None and not isinstance(memorization, MemorizationScan):
+            raise GovernanceError(f"memorization must be a MemorizationScan, got {type(memorization).__name__}")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -203,6 +209,9 @@ class Governance:
         self.order = "explicit" if batches is not None else ORDER_DOMAIN if order == "committed" else "loader"
         self.check_examples = check_examples
         self.call = call  # checked by InputStructure.of, when the loader's data is bound
+        #: The memorization scan recorded at each checkpoint after step 0, over every loss so far.
+        self.memorization = memorization
+        self._traces = LossTraces(dataset.count) if memorization is not None else None
         #: How the user's model takes a batch's inputs (set from the dataset's first item).
         self.inputs = InputStructure("tensor")
         self.step = 0
@@ -288,6 +297,11 @@ class Governance:
         tensors, scalars = read_checkpoint(data, body)
         restore(model, optimizer, tensors, scalars)
         self.step, self.drawn = body["step"], drawn
+        if self._traces is not None:  # the scans after the resume cover the steps before it too
+            for seq in self.ledger.by_type("GovernedUpdate"):
+                if run_seq < seq < ckpt_seq:
+                    u = self.ledger.observation(seq).body
+                    self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
         check_routing(gated, self._batch(self.step, self._probe_indices()).inputs)
         self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
         self._run_optimizer = settings["optimizer"]
@@ -449,7 +463,13 @@ class Governance:
             "policy_seq": self.policy_seq,
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
             "program": program_settings(self.inputs, probe.inputs),
+            "monitors": self._monitors(),
         }
+
+    def _monitors(self) -> dict[str, Any]:
+        # settings.monitors (format 6): what the run records at each checkpoint; the verifier then
+        # requires it there (specs/dynamics.md §2.2).
+        return {} if self.memorization is None else {"memorization": self.memorization.parameters}
 
     def _group_names(self, optimizer: torch.optim.Optimizer) -> list[list[str]]:
         # Optimizer state is numbered by position in param_groups; replay needs the names.
@@ -458,7 +478,7 @@ class Governance:
         return [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
     _COMPARED = ("format", "seed", "seed_rule", "order", "batch_size", "drop_last", "steps_per_epoch",
-                 "checkpoint_every", "loss", "bands", "policy", "dataset")
+                 "checkpoint_every", "loss", "bands", "policy", "dataset", "monitors")
 
     def _compare_settings(self, recorded: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
         assert self._gated is not None
@@ -713,6 +733,8 @@ class Governance:
         described, self._described = self._described or describe_optimizer(optimizer), None
         recipe = dict(recipe)
         each = [m.example_losses for m in micros]
+        if self._traces is not None and all(t is not None for t in each):
+            self._traces.add(indices, torch.cat([t.detach().reshape(-1) for t in each]))  # type: ignore[union-attr]
 
         def build() -> dict[str, Any]:
             body = update_body(
@@ -779,6 +801,7 @@ class Governance:
             pending = start_checkpoint(self.step, self._gated.model, self._optimizer, skip_group_keys=skips)
         self._checkpointed = self.step
         ledger, key = self.ledger, self.key
+        scan = self._scan_job()
 
         def store() -> None:
             if live is not None:
@@ -793,6 +816,8 @@ class Governance:
                 artifact = ledger.put_artifact(made.data)
                 pending.data = b""  # the copy is in the ledger now; the run keeps only a way to read it back
             ledger.append("Checkpoint", made.body(artifact), key)
+            if scan is not None:
+                record_scan(ledger, scan(), key, commit=False)
             if commit:
                 ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,
@@ -808,6 +833,14 @@ class Governance:
             self.closed = True
             self._end(exc)
             raise
+
+    def _scan_job(self) -> Any:
+        """The MemorizationScan of the checkpoint being taken (specs/dynamics.md §2.2): a function for the
+        recorder thread, over the traces as they stand now (the list is copied: training goes on)."""
+        if self._traces is None or self.step == 0 or self.memorization is None or self.run_seq is None:
+            return None
+        traces, step, params, run_seq = self._traces.copy(), self.step, self.memorization, self.run_seq
+        return lambda: scan_body(run_seq, step, traces.scores(params.min_trace), params)
 
     def __enter__(self) -> "Governance":
         return self

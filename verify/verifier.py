@@ -27,6 +27,7 @@ from ._internal.certificates import check_certificates
 from ._internal.release import ReleaseInputs, check_release
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
+from ._internal.scans import ScanInvalid, check_scans
 from ._internal.pool import WorkerPool
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
 from ._internal.sources import Source, open_source
@@ -93,6 +94,9 @@ class Verifier:
         # Every phase is part of every verification (issue 9): a check that cannot be imported
         # makes the verifier unusable (exit 2), it never silently disappears.
         check_certificates(source, structure, report)
+        if report.first_failure is not None:
+            return report
+        _check_scans(structure, report)
         if report.first_failure is not None:
             return report
         if self.policy.release is not None:
@@ -321,6 +325,21 @@ class Verifier:
             done = sum(1 for ctx, _ in jobs if ctx.run_seq == seq)
             covered[seq] = (done if failed is None else 0, len(segs))
         return covered
+
+
+def _check_scans(st: Structure, report: Report) -> None:
+    """The ``scans`` check (specs/dynamics.md §2.3): every recorded MemorizationScan recomputed from the
+    recorded losses, and a scan at every checkpoint of a run that declares one. No result without either."""
+    started = time.perf_counter()
+    try:
+        n, required = check_scans(st)
+    except ScanInvalid as exc:
+        report.add("scans", "fail", str(exc), seq=exc.seq)
+        return
+    if n:
+        report.figures["scans_seconds"] = round(time.perf_counter() - started, 3)
+        report.add("scans", "pass", f"{n} memorization scan(s) recomputed from the recorded per-example losses, "
+                   f"every score and flag the same; {required} required at checkpoints, all present")
 
 
 def _heads(observations: list[Sealed], report: Report) -> dict[int, tuple[Sealed, Sealed]]:

@@ -46,8 +46,9 @@ class Lineage:
     rewind_step: int | None = None  # the branch's first step: replay restores the branch's own checkpoint there
 
 
-def lineage(ledger: Ledger, run_id: str | None) -> Lineage:
-    """The lineage of run ``run_id`` (default: the ledger's latest governed run or branch)."""
+def lineage(ledger: Ledger, run_id: str | None, *, inputs: bool = True) -> Lineage:
+    """The lineage of run ``run_id`` (default: the ledger's latest governed run or branch); ``inputs``:
+    refuse a dataset committed without its inputs (what reads only the records passes False)."""
     runs = [(s, b) for s, b in runs_in(ledger) if isinstance(b.get("settings"), dict) and "dataset" in b["settings"]]
     if run_id is not None:
         runs = [(s, b) for s, b in runs if b["run_id"] == run_id]
@@ -60,24 +61,24 @@ def lineage(ledger: Ledger, run_id: str | None) -> Lineage:
     try:
         if branch is None:
             run = recorded_run(ledger, seq, body)
-            dataset = _dataset(ledger, run)
+            dataset = _dataset(ledger, run, inputs)
             return Lineage(run, dataset, [m.manifest for m in dataset.manifests])
-        return _branch(ledger, seq, body, branch)
+        return _branch(ledger, seq, body, branch, inputs)
     except ReplayError as exc:
         raise TraceError(str(exc)) from None
 
 
-def _dataset(ledger: Ledger, run: RecordedRun) -> CommittedDataset:
+def _dataset(ledger: Ledger, run: RecordedRun, inputs: bool) -> CommittedDataset:
     ds = run.settings["dataset"]
     dataset = load_dataset(ledger, ds["seq"], verify=False)
     if dataset.root != ds["root"]:
         raise TraceError(f"run {run.run_id!r}: the dataset at seq {ds['seq']} is not the one it trained on")
-    if dataset.data is None:
+    if inputs and dataset.data is None:
         raise TraceError(f"dataset {dataset.name!r} was committed without its inputs; a trace needs them")
     return dataset
 
 
-def _branch(ledger: Ledger, seq: int, body: Mapping[str, Any], branch: Mapping[str, Any]) -> Lineage:
+def _branch(ledger: Ledger, seq: int, body: Mapping[str, Any], branch: Mapping[str, Any], inputs: bool) -> Lineage:
     of = ledger.observation(branch["of"]).body
     original = recorded_run(ledger, branch["of"], of)
     retired = ledger.observation(branch["retired"]).body["source"]
@@ -91,7 +92,7 @@ def _branch(ledger: Ledger, seq: int, body: Mapping[str, Any], branch: Mapping[s
     run = RecordedRun(seq, body["run_id"], dict(body["settings"]), original.program,
                       [u for u in original.updates if u[1]["step"] < step] + updates,
                       [c for c in original.checkpoints if c[1]["step"] < step] + checkpoints)
-    dataset = _dataset(ledger, run)
+    dataset = _dataset(ledger, run, inputs)
     deps = dependents(dataset, retired)
     fields = [deps.relabeled.get(i, m.manifest) for i, m in enumerate(dataset.manifests)]
     return Lineage(run, dataset, fields, retired=retired, rewind_step=step)

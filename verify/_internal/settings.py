@@ -57,9 +57,11 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4, 5)
+FORMATS = (1, 2, 3, 4, 5, 6)
 #: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
 FROZEN_FORMAT = 5
+#: Format 6: ``settings.monitors`` declares what the run records at its checkpoints (specs/dynamics.md §2.2).
+MONITORS_FORMAT = 6
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
 PARTS_FORMAT = 3
 
@@ -162,6 +164,7 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
             what = "has no seeds" if "seeds" not in body else f"seeds {body['seeds']!r} are not {want}"
             raise fail(f"GovernedUpdate {u} (step {body['step']}) {what}: the run's seed rule "
                        f"{SEED_RULE!r} with settings.seed {seed} (RunStarted {seq}) gives {want}", u, body["step"])
+    monitors(s, fail)
     if run.branch:
         return "branch: seeds"
     _check_order(run, observations, fail)
@@ -364,6 +367,29 @@ def _frozen(s: Mapping[str, Any], fail: Callable[..., SettingsMismatch]) -> dict
     if both:
         raise fail(f"settings.frozen names {sorted(both)[0]!r}, which settings.parameters lists as trainable")
     return f["tensors"]
+
+
+def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError) -> dict[str, Any]:
+    """Format 6 ``settings.monitors`` (specs/dynamics.md §2.2), checked for form: ``{}`` or
+    ``{"memorization": {"fraction": binary64 in (0, 1], "min_trace": int in [2, 2**20]}}``; ``{}`` before
+    format 6, where the field must be absent."""
+    if training_format(s) < MONITORS_FORMAT:
+        if "monitors" in s:
+            raise fail("settings.monitors is a format-6 field, in a run of an earlier format")
+        return {}
+    m = s.get("monitors")
+    if not isinstance(m, dict) or not set(m) <= {"memorization"}:
+        raise fail("settings.monitors is not a map of the monitors specs/dynamics.md §2.2 names")
+    p = m.get("memorization")
+    if p is not None and not scan_parameters(p):
+        raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
+    return dict(m)
+
+
+def scan_parameters(p: Any) -> bool:
+    """specs/dynamics.md §1.1: a MemorizationScan's parameters."""
+    return isinstance(p, dict) and set(p) == {"fraction", "min_trace"} and type(p["fraction"]) is float \
+        and 0.0 < p["fraction"] <= 1.0 and type(p["min_trace"]) is int and 2 <= p["min_trace"] <= 1 << 20
 
 
 def _check_frozen(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:

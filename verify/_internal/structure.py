@@ -104,6 +104,12 @@ class Structure:
     tree_heads: list[int]
     root: bytes
 
+    def run_before(self, seq: int, named: Any) -> Run | None:
+        """The governed run whose RunStarted seq is ``named``, if it was recorded before ``seq`` (what a
+        ForensicTrace or a MemorizationScan at ``seq`` may name)."""
+        run = self.runs.get(named) if type(named) is int else None
+        return run if run is not None and run.governed and run.seq < seq else None
+
     def registry_at(self, seq: int) -> CredentialRegistry:
         """The registry as it stood before observation ``seq`` was admitted."""
         return _registry_at(self.observations, self.registry, seq)

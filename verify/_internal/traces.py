@@ -96,8 +96,8 @@ def _read(obs: Sealed, st: Structure, plan: Mapping[int, Sequence[Segment]] | No
 
     if body["format"] != TRACE_FORMAT:
         raise bad(f"format {body['format']!r} is not {TRACE_FORMAT}")
-    run = st.runs.get(body["run"])
-    if run is None or not run.governed or run.seq >= seq:
+    run = st.run_before(seq, body["run"])
+    if run is None:
         raise bad(f"run {body['run']!r} names no governed run recorded before it")
     params = body["parameters"]
     if not isinstance(params, dict) or set(params) != {"top", "self_influence"} or type(params["top"]) is not int \
@@ -269,7 +269,7 @@ def _sources(claim: TraceClaim, st: Structure) -> tuple[list[str], dict[str, str
     return names, paths, matrix
 
 
-def _lineage_updates(st: Structure, run: Run) -> list[int]:
+def lineage_updates(st: Structure, run: Run) -> list[int]:
     """§1: the GovernedUpdate seqs of the lineage, in step order (a branch: the original's before its rewind)."""
     if run.branch_of is None:
         return list(run.updates)
@@ -289,7 +289,7 @@ def recompute_loss_trace(claim: TraceClaim, st: Structure) -> dict[str, dict[Any
     share-weighted mean over their examples."""
     if training_format(claim.run.settings) < 4:
         raise TraceInvalid("the loss-trace method needs training format 4 or later (per-example losses)", claim.seq)
-    seqs = _lineage_updates(st, claim.run)
+    seqs = lineage_updates(st, claim.run)
     n = len(claim.fields)
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
@@ -334,7 +334,7 @@ def recompute_influence(claim: TraceClaim, st: Structure, terms: Sequence[Mappin
     by_path: dict[str, float] = {}
     for name, v in zip(names, per_source.tolist()):
         by_path[paths[name]] = by_path.get(paths[name], 0.0) + v
-    seqs = _lineage_updates(st, claim.run)
+    seqs = lineage_updates(st, claim.run)
     n_steps = 1 + max((st.observations[s].body["step"] for s in seqs), default=0)
     ranges = step_ranges([steps.get(s, 0.0) for s in range(n_steps)])
     out: dict[str, Any] = {

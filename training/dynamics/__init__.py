@@ -1,0 +1,13 @@
+"""Learning dynamics from what a governed run recorded (specs/dynamics.md).
+
+``scan(ledger)`` scores every training example's memorization from its recorded loss trace (LT-IQR)
+and flags the top fraction; ``Governance(..., memorization=MemorizationScan(...))`` records that scan
+at each checkpoint of the run as a signed ``MemorizationScan``, which the verifier recomputes.
+"""
+
+from .memorization import METHOD, LossTraces, MemorizationScan, flag, lt_iqr, scores_digest
+from .record import SCAN_FORMAT, record_scan, scan_body
+from .scan import ScanError, scan
+
+__all__ = ["METHOD", "SCAN_FORMAT", "LossTraces", "MemorizationScan", "ScanError", "flag", "lt_iqr", "record_scan",
+           "scan", "scan_body", "scores_digest"]

@@ -1,0 +1,158 @@
+"""What to annotate or review next (specs/dynamics.md §3): every trained example of a run ranked by
+the evidence the ledger holds that its label needs a second look, with the reasons, and the
+labeling sources and classes those examples come from.
+
+Reasons, each a strength in [0, 1]:
+
+- ``loss``: the percentile of the example's mean recorded loss among the trained examples (format 4's
+  ``example_losses``); a label the model keeps disagreeing with is the commonest sign of a wrong one.
+- ``memorized``: the percentile of its LT-IQR (memorization.py) among the scored examples; counted as a
+  reason where the example is in the flagged top fraction.
+- ``disagreement``: the share of its votes' confidence that went to another class than its label.
+- ``influence``: it is among the examples a recorded ForensicTrace of the run found teaching the
+  traced (unwanted) behavior.
+
+The priority is ``0.6 loss + 0.2 memorized + 0.2 disagreement``, plus 0.2 with influence, capped at 1:
+bench/dynamics.py measures what relabeling the top of this order buys against relabeling at random,
+and reports the loss-only order beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradledger.ledger.ledger import Ledger
+
+from ..errors import GovernanceError
+from ..forensics.lineage import Lineage, lineage
+from ..forensics.methods import loss_trace
+from ..updates import example_loss_values
+from .memorization import LossTraces, MemorizationScan, flag
+
+__all__ = ["WEIGHTS", "FeedbackError", "Priority", "priorities"]
+
+#: §3.1: the weights of the reasons in the priority.
+WEIGHTS = {"loss": 0.6, "memorized": 0.2, "disagreement": 0.2, "influence": 0.2}
+
+
+class FeedbackError(GovernanceError):
+    """A run that cannot give feedback (the message says why)."""
+
+
+@dataclass
+class Priority:
+    """One training example's place in the feedback: its index, example id, committed label and sources,
+    its priority and the reasons (name -> strength) behind it."""
+
+    index: int
+    example: bytes
+    label: int
+    sources: list[str]
+    priority: float
+    reasons: dict[str, float] = field(default_factory=dict)
+    mean_loss: float = math.nan
+
+
+def _percentile(values: Tensor, valid: Tensor) -> Tensor:
+    """Each valid value's rank among the valid ones, scaled to [0, 1] (ties share their mean rank)."""
+    out = torch.zeros_like(values, dtype=torch.float64)
+    idx = torch.nonzero(valid).flatten()
+    n = idx.numel()
+    if n == 0:
+        return out
+    v = values[idx].to(torch.float64)
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = torch.arange(n, dtype=torch.float64)
+    # ties: the mean rank of each distinct value
+    uniq, inverse = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones(n, dtype=torch.float64))
+    ranks = (sums / counts)[inverse]
+    out[idx] = ranks / max(n - 1, 1)
+    return out
+
+
+def disagreement(manifest: Mapping[str, Any]) -> float:
+    """The share of the votes' confidence (each vote 1 when all are 0) that is not on the label."""
+    votes = manifest["sources"]
+    weights = [float(s["confidence"]) for s in votes]
+    if not votes:
+        return 0.0
+    if sum(weights) == 0:
+        weights = [1.0] * len(votes)
+    on = sum(w for s, w in zip(votes, weights) if s["vote"] == manifest["label"])
+    return max(0.0, 1.0 - on / sum(weights))
+
+
+def _influenced(ledger: Ledger, run_seq: int) -> set[int]:
+    """Examples a recorded ForensicTrace of the run ranks as teaching its behavior (positive score)."""
+    out: set[int] = set()
+    for seq in ledger.by_type("ForensicTrace"):
+        body = ledger.observation(seq).body
+        if body["run"] == run_seq and body["method"] != "loss-trace":
+            out.update(int(i) for i, s in body["result"].get("examples", []) if s > 0)
+    return out
+
+
+def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: MemorizationScan | None = None) -> tuple[
+        Lineage, list[Priority]]:
+    """Every trained example of run ``run_id`` (default: the latest governed run or branch), highest
+    priority first (ties: lower index first); with the lineage read."""
+    try:
+        lin = lineage(ledger, run_id, inputs=False)
+    except GovernanceError as exc:
+        raise FeedbackError(str(exc)) from None
+    try:
+        mean, count = loss_trace(lin)
+    except GovernanceError as exc:
+        raise FeedbackError(str(exc)) from None
+    params = memorization or MemorizationScan()
+    traces = LossTraces(lin.dataset.count)
+    for _, u in lin.run.updates:
+        traces.add(u["batch"], example_loss_values(u["example_losses"]))
+    lt = traces.scores(params.min_trace)
+    flagged = {i for i, _ in flag(lt, params.fraction)}
+    trained = count > 0
+    loss_pct = _percentile(torch.nan_to_num(mean, nan=0.0), trained)
+    mem_pct = _percentile(torch.nan_to_num(lt, nan=0.0), ~lt.isnan())
+    influenced = _influenced(ledger, lin.run.seq)
+    out = []
+    for z in torch.nonzero(trained).flatten().tolist():
+        m = lin.fields[z]
+        reasons = {"loss": float(loss_pct[z])}
+        if z in flagged:
+            reasons["memorized"] = float(mem_pct[z])
+        d = disagreement(m)
+        if d > 0:
+            reasons["disagreement"] = d
+        if z in influenced:
+            reasons["influence"] = 1.0
+        p = min(1.0, sum(WEIGHTS[k] * v for k, v in reasons.items()))
+        out.append(Priority(z, lin.dataset.manifests[z].example, int(m["label"]),
+                            sorted({s["source"] for s in m["sources"]}), p, reasons, float(mean[z])))
+    out.sort(key=lambda e: (-e.priority, e.index))
+    return lin, out
+
+
+def summarize(items: Sequence[Priority], top: int) -> dict[str, Any]:
+    """Where the top ``top`` examples come from: per source and per class, how many of them, and the
+    share of that source's or class's trained examples that is."""
+    def table(key: Any) -> list[dict[str, Any]]:
+        total: dict[Any, int] = {}
+        hit: dict[Any, int] = {}
+        for rank, e in enumerate(items):
+            for k in key(e):
+                total[k] = total.get(k, 0) + 1
+                if rank < top:
+                    hit[k] = hit.get(k, 0) + 1
+        rows = [{"name": k, "prioritized": hit.get(k, 0), "trained": n, "share": hit.get(k, 0) / n}
+                for k, n in total.items()]
+        rows.sort(key=lambda r: (-r["share"], -r["prioritized"], str(r["name"])))
+        return rows
+    return {"sources": table(lambda e: e.sources), "classes": table(lambda e: [e.label])}

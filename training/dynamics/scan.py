@@ -1,0 +1,66 @@
+"""A memorization scan as a signed ``MemorizationScan`` observation (specs/dynamics.md §2).
+
+Two ways in: the governed run scans its own traces at each checkpoint when it was started with a
+``MemorizationScan`` (``Governance(..., memorization=...)``; the run's settings declare it, so a
+checkpoint without its scan fails verification), and ``gradledger scan LEDGER`` scans a recorded run
+on demand. Both record the same body; the verifier recomputes every scan from the recorded losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gradledger.ledger.keys import SigningKey
+from gradledger.ledger.ledger import Ledger
+
+from ..errors import GovernanceError
+from ..forensics.lineage import lineage
+from ..updates import example_loss_values
+from .memorization import METHOD, LossTraces, MemorizationScan
+from .record import record_scan, scan_body
+
+__all__ = ["ScanError", "scan"]
+
+
+class ScanError(GovernanceError):
+    """A run that cannot be scanned (the message says why)."""
+
+
+def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan | None = None,
+         through: int | None = None, record: SigningKey | None = None) -> dict[str, Any]:
+    """Scan run ``run_id`` (default: the latest governed run or branch) over its steps before ``through``
+    (default: all of them); the report as a JSON-ready map, with ``record`` when ``record`` signed and
+    appended it (the ledger must be open for writing)."""
+    params = params or MemorizationScan()
+    try:
+        lin = lineage(ledger, run_id, inputs=False)
+    except GovernanceError as exc:
+        raise ScanError(str(exc)) from None
+    fmt = lin.run.settings.get("format", 1)
+    if fmt < 4:
+        raise ScanError(f"run {lin.run.run_id!r} is training format {fmt}, which records no per-example losses "
+                        "(format 4 and later)")
+    steps = len(lin.run.updates)
+    through = steps if through is None else through
+    if type(through) is not int or not 1 <= through <= steps:
+        raise ScanError(f"through {through!r} is not a step count in 1..{steps} (the run recorded {steps} steps)")
+    traces = LossTraces(lin.dataset.count)
+    for _, u in lin.run.updates[:through]:
+        traces.add(u["batch"], example_loss_values(u["example_losses"]))
+    scores = traces.scores(params.min_trace)
+    body = scan_body(lin.run.seq, through, scores, params)
+    report: dict[str, Any] = {
+        "run": lin.run.run_id, "branch_without": lin.retired, "through": through, "method": METHOD,
+        "parameters": params.parameters, "scored": body["scored"], "examples": lin.dataset.count,
+        "scores_digest": body["scores_digest"].hex(),
+        "flagged": [_describe(i, s, lin.fields[i]) for i, s in body["flagged"]],
+    }
+    if record is not None:
+        sealed = record_scan(ledger, body, record)
+        report["record"] = {"seq": sealed.seq}
+    return report
+
+
+def _describe(index: int, score: float, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {"index": index, "score": score, "label": manifest["label"],
+            "sources": sorted({s["source"] for s in manifest["sources"]})}

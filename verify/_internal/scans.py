@@ -1,0 +1,170 @@
+"""Recorded memorization scans (specs/dynamics.md §2.3): every MemorizationScan's form and its
+recomputation from the lineage's recorded per-example losses, and (format 6) a scan at every
+checkpoint of a run whose settings declare one.
+
+The verifier's own reading of §1 (it never imports ``gradledger.training``): each example's trace is
+its recorded binary32 losses as binary64, sorted; the score the type-7 interquartile range written as
+§1.2 writes it, so that both implementations round the same way and the comparison is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import Any, Mapping, Sequence
+
+from gradledger.ledger.envelope import Sealed
+
+from .example_losses import ExampleLossesInvalid, decode_example_losses
+from .settings import monitors, scan_parameters, training_format
+from .structure import Run, Structure
+from .traces import lineage_updates
+
+__all__ = ["ScanInvalid", "check_scans"]
+
+SCAN_FORMAT = 1
+METHOD = "lt-iqr"
+#: §1.3: an unscored index's binary64 in the digest.
+NO_SCORE = struct.pack("<Q", 0x7FF8000000000000)
+
+
+class ScanInvalid(Exception):
+    """A MemorizationScan that is malformed, does not recompute, or is missing (the message says why)."""
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+def quantile(v: Sequence[float], p: float) -> float:
+    """§1.2: type 7, ``v`` sorted: ``v[lo] + (h - lo) * (v[lo + 1] - v[lo])`` at ``h = (m - 1) * p``."""
+    h = (len(v) - 1) * p
+    lo = math.floor(h)
+    frac = h - lo
+    a = v[lo]
+    b = v[min(lo + 1, len(v) - 1)]
+    return a + frac * (b - a)
+
+
+def scores(st: Structure, run: Run, through: int, min_trace: int,
+           decoded: dict[int, list[float]] | None = None) -> list[float | None]:
+    """§1.2 for every dataset index over the lineage's steps before ``through``; ``decoded``: each update's
+    losses by seq, filled and reused (a run's scans read the same steps)."""
+    count = st.datasets[run.dataset_seq].count  # type: ignore[index]
+    traces: list[list[float]] = [[] for _ in range(count)]
+    decoded = {} if decoded is None else decoded
+    for s in lineage_updates(st, run):
+        u = st.observations[s].body
+        if u["step"] >= through:
+            continue
+        if s not in decoded:
+            decoded[s] = decode_example_losses(u["example_losses"])
+        for i, v in zip(u["batch"], decoded[s]):
+            traces[i].append(v)
+    out: list[float | None] = []
+    for t in traces:
+        if len(t) < min_trace:
+            out.append(None)
+            continue
+        t.sort()
+        out.append(quantile(t, 0.75) - quantile(t, 0.25))
+    return out
+
+
+def flagged(values: Sequence[float | None], fraction: float) -> list[list[Any]]:
+    """§1.3: ``ceil(fraction * scored)`` examples, by descending score, then ascending index."""
+    scored = [(-v, i) for i, v in enumerate(values) if v is not None]
+    scored.sort()
+    k = math.ceil(fraction * len(scored))
+    return [[i, -neg] for neg, i in scored[:k]]
+
+
+def digest(values: Sequence[float | None]) -> bytes:
+    """§1.3: SHA-256 of the binary64 scores, little-endian, the quiet NaN for an unscored index."""
+    return hashlib.sha256(b"".join(NO_SCORE if v is None else struct.pack("<d", v) for v in values)).digest()
+
+
+def check_scans(st: Structure) -> tuple[int, int]:
+    """Every MemorizationScan, checked and recomputed (§2.3), then every required one present; (scans,
+    required). Raises ScanInvalid for the first that fails."""
+    n, decoded = 0, {}  # type: int, dict[int, list[float]]
+    for obs in st.observations:
+        if obs.type == "MemorizationScan":
+            _check(obs, st, decoded)
+            n += 1
+    return n, _check_required(st)
+
+
+def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
+    body, seq = obs.body, obs.seq
+
+    def bad(why: str) -> ScanInvalid:
+        return ScanInvalid(f"MemorizationScan {seq}: {why}", seq)
+
+    if body["format"] != SCAN_FORMAT:
+        raise bad(f"format {body['format']!r} is not {SCAN_FORMAT}")
+    run = st.run_before(seq, body["run"])
+    if run is None:
+        raise bad(f"run {body['run']!r} names no governed run recorded before it")
+    if training_format(run.settings) < 4:
+        raise bad("the run's training format records no per-example losses (format 4 and later)")
+    params = body["parameters"]
+    if not scan_parameters(params):
+        raise bad("parameters is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
+    through = body["through"]
+    ups = lineage_updates(st, run)
+    before = [s for s in ups if st.observations[s].body["step"] < through]
+    if through < 1 or len(before) != through or any(s > seq for s in before):
+        raise bad(f"through {through} is not a step count the run had recorded before the scan")
+    try:
+        values = scores(st, run, through, params["min_trace"], decoded)
+    except (KeyError, ExampleLossesInvalid):
+        raise bad("a step it covers records no per-example losses") from None
+    scored = sum(v is not None for v in values)
+    if body["scored"] != scored:
+        raise bad(f"scored is {body['scored']!r}; {scored} examples have a trace of at least "
+                  f"{params['min_trace']} losses")
+    want = flagged(values, params["fraction"])
+    got = body["flagged"]
+    if not isinstance(got, list) or len(got) != len(want):
+        raise bad(f"flagged holds {len(got) if isinstance(got, list) else 'no list of'} entries, not {len(want)}")
+    for r, (g, w) in enumerate(zip(got, want)):
+        if not (isinstance(g, list) and len(g) == 2 and type(g[0]) is int and type(g[1]) is float
+                and g[0] == w[0] and struct.pack("<d", g[1]) == struct.pack("<d", w[1])):
+            raise bad(f"flagged[{r}] is {g!r}; recomputed from the recorded losses it is {w!r}")
+    if body["scores_digest"] != digest(values):
+        raise bad("scores_digest is not the digest of the scores recomputed from the recorded losses")
+
+
+def _check_required(st: Structure) -> int:
+    """§2.2: a run whose settings declare the memorization monitor holds, for each Checkpoint after step
+    0, a scan of it by the run's trainer, ``through`` the checkpoint's step, with the declared parameters,
+    recorded after the Checkpoint and before the run's next GovernedUpdate."""
+    required = 0
+    for run in st.runs.values():
+        if not run.governed or run.branch_of is not None:
+            continue
+        try:
+            declared = monitors(run.settings).get("memorization")
+        except ValueError as exc:
+            raise ScanInvalid(f"RunStarted {run.seq}: {exc}", run.seq) from None
+        if declared is None:
+            continue
+        trainer = st.observations[run.seq].signer
+        for c in run.checkpoints:
+            step = st.observations[c].body["step"]
+            if step == 0:
+                continue
+            required += 1
+            nxt = min((u for u in run.updates if u > c), default=len(st.observations))
+            if not any(_is_scan_of(st.observations[s], run.seq, step, declared, trainer) for s in range(c + 1, nxt)):
+                raise ScanInvalid(f"Checkpoint {c} (step {step}) of run {run.run_id!r} has no MemorizationScan: the "
+                                  "run's settings.monitors declares one at each checkpoint (specs/dynamics.md §2.2)", c)
+    return required
+
+
+def _is_scan_of(obs: Sealed, run: int, through: int, params: Mapping[str, Any], trainer: bytes) -> bool:
+    b = obs.body
+    return obs.type == "MemorizationScan" and obs.signer == trainer and b["run"] == run and b["through"] == through \
+        and b["parameters"] == params
