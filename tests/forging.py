@@ -142,6 +142,12 @@ class Forge:
     def first(self, type_name: str) -> int:
         return self.seqs(type_name)[0]
 
+    def policy_monitors(self) -> dict[str, Any]:
+        """The adopted policy's ``monitors`` (specs/policy.md §1): what it requires every run to record."""
+        from gradledger.training.policy import parse_policy
+
+        return parse_policy(self.body(self.first("PolicyAdopted"))["policy"]).monitors
+
     def body(self, k: int) -> dict[str, Any]:
         return self.recs[k].body
 
@@ -989,10 +995,11 @@ def _memorization_scan(f: Forge, at: Layout, add: Add) -> None:
             g.remove(s)
         for r in g.seqs("RunStarted"):
             g.set(r, ("settings", "monitors"), {})
+    # The demo's policy requires the scans: without that requirement, this forgery is the trainer's right.
     add("MemorizationScan: every scan removed and settings.monitors emptied", "MemorizationScan", undeclared,
-        harmless=Harmless("dynamics.md", "§2.2 Scans at checkpoints", "A run whose settings declare no monitor "
-                          "records no scan at its checkpoints; that is the trainer's choice, stated in the signed "
-                          "settings, and nothing else in the run depends on a scan"))
+        harmless=None if f.policy_monitors() else Harmless(
+            "dynamics.md", "§2.2 Scans at checkpoints", "A run whose settings declare no monitor records no scan at "
+            "its checkpoints; that is the trainer's choice unless the policy in force requires it"))
 
 
 SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement,
@@ -1172,8 +1179,9 @@ def _packaging_run(g: Forge, orig_run: int, final: int) -> None:
     run = copy.deepcopy(g.body(orig_run))
     run["run_id"] = "digits-demo-release"
     run["settings"].pop("branch", None)
-    if "monitors" in run["settings"]:
-        run["settings"]["monitors"] = {}  # a packaging run declares no scan it would have to record
+    # Its one checkpoint says step 0: a run's scans (which the demo's policy requires) start after step 0,
+    # so the forger owes none, and only the heads check is left to tell.
+    ck["step"] = 0
     g.recs.append(g.new_record("RunStarted", run, t))
     g.recs.append(g.new_record("Checkpoint", ck, t + 1))
     g.recs.append(g.new_record("TreeHead", {"origin": "", "size": 0, "root": bytes(32)}, t + 2))
@@ -1256,6 +1264,7 @@ QUICK_NAMES = (
     "MemorizationScan.scores_digest",
     "MemorizationScan.flagged: an example flagged that the scores do not put on top",
     "MemorizationScan: the last checkpoint's scan removed",
+    "MemorizationScan: every scan removed and settings.monitors emptied",
     "artifact: the trace's query file, one row changed, digest re-derived",
     "artifact: unlearning removed, one entry dropped, digest re-derived",
     "artifact: program, a byte flipped in a weight (CRC left), digest re-derived",

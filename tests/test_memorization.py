@@ -211,3 +211,69 @@ def test_scan_command_records_a_scan_the_verifier_recomputes(tmp_path: Path, cap
     finally:
         led.close()
     assert isinstance(SigningKey.load(key), SigningKey)
+
+
+# -- a policy that requires the scans (specs/policy.md §1, dynamics.md §2.2) ------------------------
+
+REQUIRED = {"memorization": {"fraction": 0.05, "min_trace": 3}}
+
+
+def _requiring_policy() -> Any:
+    from gradledger.training.policy import sign_policy
+    from helpers import policy_fields
+
+    return sign_policy({**policy_fields("digits-scanned"), "monitors": REQUIRED}, WORLD.root, 10)
+
+
+def test_a_policy_that_requires_scans_makes_every_run_scan(tmp_path: Path) -> None:
+    policy = _requiring_policy()
+    assert policy.monitors == REQUIRED
+    from gradledger.training.dataset import commit_dataset
+    from test_trainer import MANIFESTS, X
+
+    led, _ = new_ledger(tmp_path / "l")
+    ds = commit_dataset(led, MANIFESTS, "digits-inputs", WORLD.trainer, inputs=X)  # replay needs the inputs
+    try:
+        model, opt, loader = parts()
+        with pytest.raises(GovernanceError, match="requires memorization scans"):
+            engine_for(led, ds, model, policy=policy, memorization=MemorizationScan(fraction=0.5, min_trace=3))
+        engine = engine_for(led, ds, model, policy=policy, checkpoint_every=EPOCH)  # nothing asked: the policy's
+        gm, gopt, gloader = engine.make_governed(model, opt, loader)
+        Trainer(engine).fit(gm, gopt, gloader, 3 * EPOCH)
+        run = led.observation(led.by_type("RunStarted")[-1]).body
+        assert run["settings"]["monitors"] == REQUIRED
+        assert [led.observation(s).body["through"] for s in led.by_type("MemorizationScan")] == [EPOCH, 2 * EPOCH,
+                                                                                              3 * EPOCH]
+    finally:
+        led.close()
+    led = Ledger.open(tmp_path / "l")
+    try:
+        assert_verified(*verify(led, tmp_path))
+
+        def undeclare(f: Any) -> None:  # the hostile trainer drops the scans and the declaration
+            for s in reversed(f.seqs("MemorizationScan")):
+                f.remove(s)
+            f.set(f.seqs("RunStarted")[-1], ("settings", "monitors"), {})
+        code, report = verify(led, tmp_path, undeclare)
+        assert_caught(code, report, "policy in force requires")
+    finally:
+        led.close()
+
+
+@pytest.mark.parametrize("bad", [{"fraction": 0.0, "min_trace": 3}, {"fraction": 0.5, "min_trace": 1},
+                                 {"fraction": 0.5}, {"fraction": 0.5, "min_trace": 3, "extra": 1}])
+def test_a_malformed_requirement_is_refused_by_both_parsers(bad: dict[str, Any]) -> None:
+    from gradledger.ledger import encoding
+    from gradledger.training.errors import PolicyError
+    from gradledger.training.policy import sign_policy, validate_policy
+    from gradledger.verify._internal.routing import PolicyInvalid, policy_from_fields
+    from helpers import policy_fields
+
+    with pytest.raises(PolicyError, match="monitors|memorization"):
+        sign_policy({**policy_fields("bad"), "monitors": {"memorization": bad}}, WORLD.root, 10)
+    good = sign_policy(policy_fields("good"), WORLD.root, 10).policy
+    fields = encoding.decode(encoding.encode({**good, "monitors": {"memorization": bad}}))
+    with pytest.raises(PolicyError):
+        validate_policy(fields)
+    with pytest.raises(PolicyInvalid):
+        policy_from_fields(fields)

@@ -44,7 +44,6 @@ from gradledger.ledger.ledger import Ledger
 from .bands import sequential_bands
 from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
-from .dynamics import MemorizationScan
 from .forensics import trace
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
@@ -336,6 +335,8 @@ def routing_policy(tax: Taxonomy, at: int) -> SignedPolicy:
         ],
         # Single crowd labels and split panels: the head only.
         "default": {"profile": [1, 0, 0], "limits": [10.0, None, None]},
+        # Every run under the policy scans itself for memorized examples at each checkpoint.
+        "monitors": {"memorization": {"fraction": 0.01, "min_trace": 4}},
     }
     return sign_policy(fields, tax.root, at)
 
@@ -368,8 +369,7 @@ def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPol
     loader = DataLoader(TensorDataset(data.x_train, labels), batch_size=cfg.batch_size, shuffle=True)
     engine = Governance(ledger, tax.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                         run_id=RUN_ID, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, root_key=tax.root,
-                        description="gradledger demo: digits MLP under the acme routing policy",
-                        memorization=MemorizationScan(fraction=0.01))
+                        description="gradledger demo: digits MLP under the acme routing policy")
     gm, gopt, gloader = engine.make_governed(model, optimizer, loader)
     losses: list[float] = []
     gm.train()

@@ -101,11 +101,21 @@ POLICY_SCHEMA = s.record(
     default=DEFAULT_SCHEMA,
     signer=s.digest,
     time=s.uint,
+    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
+              False),
 )
 
 
 def _check_semantics(policy: Mapping[str, Any]) -> None:
-    """The rules CDDL cannot say: lengths agree with the bands, profiles never grow with depth."""
+    """The rules CDDL cannot say: lengths agree with the bands, profiles never grow with depth; a required
+    memorization scan's parameters in range (specs/dynamics.md §1.1)."""
+    scan = policy.get("monitors", {}).get("memorization")
+    if scan is not None:
+        from .dynamics.memorization import MAX_MIN_TRACE
+
+        if not 0.0 < scan["fraction"] <= 1.0 or not 2 <= scan["min_trace"] <= MAX_MIN_TRACE:
+            raise SchemaError(f"policy.monitors.memorization: fraction must be in (0, 1] and min_trace in "
+                              f"[2, {MAX_MIN_TRACE}], got {scan['fraction']!r}, {scan['min_trace']!r}")
     n = len(policy["bands"])
     names: set[str] = set()
     outcomes = [(f"policy.rules[{i}]", rule) for i, rule in enumerate(policy["rules"])]
@@ -177,6 +187,9 @@ def normalize_policy(fields: Mapping[str, Any]) -> dict[str, Any]:
         out["rules"] = [outcome(r) for r in out["rules"]]
     if "default" in out:
         out["default"] = outcome(out["default"])
+    scan = out.get("monitors", {}).get("memorization") if isinstance(out.get("monitors"), Mapping) else None
+    if isinstance(scan, Mapping) and "fraction" in scan:
+        out["monitors"] = {**out["monitors"], "memorization": {**scan, "fraction": _floats(scan["fraction"])}}
     if isinstance(out.get("bands"), tuple):
         out["bands"] = list(out["bands"])
     return out
@@ -263,6 +276,11 @@ class SignedPolicy:
     @property
     def bands(self) -> tuple[str, ...]:
         return self.compiled.bands
+
+    @property
+    def monitors(self) -> dict[str, Any]:
+        """What every run under this policy must record at its checkpoints (specs/policy.md §1)."""
+        return dict(self.policy.get("monitors", {}))
 
     @property
     def signer(self) -> bytes:

@@ -196,6 +196,13 @@ class Governance:
             raise GovernanceError(f"order must be 'committed' or 'loader', got {order!r}")
         if memorization is not None and not isinstance(memorization, MemorizationScan):
             raise GovernanceError(f"memorization must be a MemorizationScan, got {type(memorization).__name__}")
+        required = policy.monitors.get("memorization")
+        if required is not None:  # the root's policy makes every run under it scan (specs/dynamics.md §2.2)
+            if memorization is None:
+                memorization = MemorizationScan(**required)
+            elif memorization.parameters != required:
+                raise GovernanceError(f"policy {policy.policy['name']!r} requires memorization scans with {required}; "
+                                      f"the run asks for {memorization.parameters}: leave memorization= unset")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description

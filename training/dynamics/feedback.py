@@ -12,9 +12,11 @@ Reasons, each a strength in [0, 1]:
 - ``influence``: it is among the examples a recorded ForensicTrace of the run found teaching the
   traced (unwanted) behavior.
 
-The priority is ``0.6 loss + 0.2 memorized + 0.2 disagreement``, plus 0.2 with influence, capped at 1:
-bench/dynamics.py measures what relabeling the top of this order buys against relabeling at random,
-and reports the loss-only order beside it.
+The priority is ``0.6 loss + 0.2 disagreement + 0.2 influence`` (in [0, 1], no cap, so no ties forced
+at a ceiling). A memorization flag is given as a reason but weighs nothing: slow-to-fit examples with
+right labels have wide traces too, and bench/feedback_gain.py measured a 0.2 weight displacing
+flipped labels from the top 5% in every seed (precision 0.93 against 0.97 without it). It is there
+for the privacy review, which wants exactly those examples.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from .memorization import LossTraces, MemorizationScan, flag
 
 __all__ = ["WEIGHTS", "FeedbackError", "Priority", "priorities"]
 
-#: §3.1: the weights of the reasons in the priority.
-WEIGHTS = {"loss": 0.6, "memorized": 0.2, "disagreement": 0.2, "influence": 0.2}
+#: §3.1: the weights of the reasons in the priority (they add up to 1).
+WEIGHTS = {"loss": 0.6, "memorized": 0.0, "disagreement": 0.2, "influence": 0.2}
 
 
 class FeedbackError(GovernanceError):
@@ -133,7 +135,7 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
             reasons["disagreement"] = d
         if z in influenced:
             reasons["influence"] = 1.0
-        p = min(1.0, sum(WEIGHTS[k] * v for k, v in reasons.items()))
+        p = sum(WEIGHTS[k] * v for k, v in reasons.items())
         out.append(Priority(z, lin.dataset.manifests[z].example, int(m["label"]),
                             sorted({s["source"] for s in m["sources"]}), p, reasons, float(mean[z])))
     out.sort(key=lambda e: (-e.priority, e.index))

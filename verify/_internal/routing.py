@@ -69,6 +69,8 @@ _OUTCOME = s.record("default", profile=_PROFILE, limits=_LIMITS)
 _POLICY = s.record(
     "policy", v=s.one_of(1), name=s.name, bands=_distinct(s.name, 64), rules=s.array(_RULE, max_items=1024),
     default=_OUTCOME, signer=s.digest, time=s.uint,
+    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
+              False),
 )
 
 
@@ -103,6 +105,11 @@ class Policy:
     def name(self) -> str:
         return self.fields["name"]
 
+    @property
+    def monitors(self) -> dict[str, Any]:
+        """What every run under the policy must record at its checkpoints (specs/policy.md §1)."""
+        return dict(self.fields.get("monitors", {}))
+
     def outcome(self, rule: int) -> Outcome:
         if rule == DEFAULT:
             return self.default
@@ -136,6 +143,9 @@ def policy_from_fields(fields: dict[str, Any], signed: bytes = b"", body: bytes 
     if len({r.name for r in rules}) != len(rules):
         raise PolicyInvalid("rule names are not distinct")
     default = _outcome("default", fields["default"], n)
+    scan = fields.get("monitors", {}).get("memorization")
+    if scan is not None and not (0.0 < scan["fraction"] <= 1.0 and 2 <= scan["min_trace"] <= 1 << 20):
+        raise PolicyInvalid("monitors.memorization: fraction must be in (0, 1] and min_trace in [2, 2**20]")
     return Policy(fields, signed, body, signature, tuple(fields["bands"]), tuple(rules), default)
 
 

@@ -136,6 +136,8 @@ class RunView:
     count: int  # the committed dataset's count
     policy_bands: Sequence[str] | None  # the adopted policy's band names, when it parsed
     inputs: bytes | None  # the DatasetCommitted's data digest
+    #: The adopted policy's ``monitors`` (specs/policy.md §1): what every run under it must declare.
+    policy_monitors: Mapping[str, Any] | None = None
 
 
 def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[bytes], bytes | None]) -> str:
@@ -164,7 +166,11 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
             what = "has no seeds" if "seeds" not in body else f"seeds {body['seeds']!r} are not {want}"
             raise fail(f"GovernedUpdate {u} (step {body['step']}) {what}: the run's seed rule "
                        f"{SEED_RULE!r} with settings.seed {seed} (RunStarted {seq}) gives {want}", u, body["step"])
-    monitors(s, fail)
+    declared = monitors(s, fail)
+    required = (run.policy_monitors or {}).get("memorization")
+    if required is not None and not run.branch and not same_cbor(declared.get("memorization"), required):
+        raise fail(f"settings.monitors declares {declared.get('memorization')!r}; the policy in force requires "
+                   f"memorization scans with {required!r} (specs/dynamics.md §2.2)")
     if run.branch:
         return "branch: seeds"
     _check_order(run, observations, fail)

@@ -482,7 +482,8 @@ def _check_settings(observations: list[Sealed], governed: list[Run], policies: d
         ds = observations[run.dataset_seq or 0].body
         policy = policies.get(run.policy_seq or -1)
         view = RunView(run.seq, run.settings, run.updates, run.checkpoints, run.branch_of is not None, ds["count"],
-                       policy.bands if policy is not None else None, ds.get("data"))
+                       policy.bands if policy is not None else None, ds.get("data"),
+                       policy.monitors if policy is not None else None)
         try:
             check_run(view, observations, artifact)
         except SettingsMismatch as exc:
