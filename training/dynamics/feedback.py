@@ -31,10 +31,9 @@ from torch import Tensor
 from gradledger.ledger.ledger import Ledger
 
 from ..errors import GovernanceError
-from ..forensics.lineage import Lineage, lineage
-from ..forensics.methods import loss_trace
-from ..updates import example_loss_values
-from .memorization import LossTraces, MemorizationScan, flag
+from ..forensics.lineage import Lineage
+from .memorization import MemorizationScan, flag
+from .scan import recorded_traces
 
 __all__ = ["WEIGHTS", "FeedbackError", "Priority", "priorities"]
 
@@ -106,18 +105,9 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
         Lineage, list[Priority]]:
     """Every trained example of run ``run_id`` (default: the latest governed run or branch), highest
     priority first (ties: lower index first); with the lineage read."""
-    try:
-        lin = lineage(ledger, run_id, inputs=False)
-    except GovernanceError as exc:
-        raise FeedbackError(str(exc)) from None
-    try:
-        mean, count = loss_trace(lin)
-    except GovernanceError as exc:
-        raise FeedbackError(str(exc)) from None
+    lin, traces, _ = recorded_traces(ledger, run_id, FeedbackError)
+    mean, count = traces.mean()
     params = memorization or MemorizationScan()
-    traces = LossTraces(lin.dataset.count)
-    for _, u in lin.run.updates:
-        traces.add(u["batch"], example_loss_values(u["example_losses"]))
     lt = traces.scores(params.min_trace)
     flagged = {i for i, _ in flag(lt, params.fraction)}
     trained = count > 0

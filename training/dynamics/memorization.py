@@ -83,6 +83,15 @@ class LossTraces:
         out._index_dtype = self._index_dtype
         return out
 
+    def mean(self) -> tuple[Tensor, Tensor]:
+        """Every index's mean recorded loss (binary64; NaN where never trained) and its count."""
+        total = torch.zeros(self.count, dtype=torch.float64)
+        count = torch.zeros(self.count, dtype=torch.float64)
+        for index, value in zip(self._indices, self._values):
+            total.index_add_(0, index.to(torch.int64), value.to(torch.float64))
+            count.index_add_(0, index.to(torch.int64), torch.ones(index.numel(), dtype=torch.float64))
+        return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan)), count
+
     def scores(self, min_trace: int) -> Tensor:
         """LT-IQR of every index (binary64), NaN where its trace holds fewer than ``min_trace`` losses."""
         return lt_iqr(self._indices, self._values, self.count, min_trace)

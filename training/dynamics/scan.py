@@ -14,16 +14,38 @@ from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 
 from ..errors import GovernanceError
-from ..forensics.lineage import lineage
+from ..forensics.lineage import Lineage, lineage
 from ..updates import example_loss_values
 from .memorization import METHOD, LossTraces, MemorizationScan
 from .record import record_scan, scan_body
 
-__all__ = ["ScanError", "scan"]
+__all__ = ["ScanError", "recorded_traces", "scan"]
 
 
 class ScanError(GovernanceError):
     """A run that cannot be scanned (the message says why)."""
+
+
+def recorded_traces(ledger: Ledger, run_id: str | None, error: type[GovernanceError] = GovernanceError,
+                    through: int | None = None) -> tuple[Lineage, LossTraces, int]:
+    """Run ``run_id``'s lineage (default: the latest governed run or branch) and every example's recorded
+    losses over its steps before ``through`` (default: all); ``error`` for a run that records none."""
+    try:
+        lin = lineage(ledger, run_id, inputs=False)
+    except GovernanceError as exc:
+        raise error(str(exc)) from None
+    fmt = lin.run.settings.get("format", 1)
+    if fmt < 4:
+        raise error(f"run {lin.run.run_id!r} is training format {fmt}, which records no per-example losses "
+                    "(format 4 and later)")
+    steps = len(lin.run.updates)
+    through = steps if through is None else through
+    if type(through) is not int or not 1 <= through <= steps:
+        raise error(f"through {through!r} is not a step count in 1..{steps} (the run recorded {steps} steps)")
+    traces = LossTraces(lin.dataset.count)
+    for _, u in lin.run.updates[:through]:
+        traces.add(u["batch"], example_loss_values(u["example_losses"]))
+    return lin, traces, through
 
 
 def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan | None = None,
@@ -32,21 +54,7 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
     (default: all of them); the report as a JSON-ready map, with ``record`` when ``record`` signed and
     appended it (the ledger must be open for writing)."""
     params = params or MemorizationScan()
-    try:
-        lin = lineage(ledger, run_id, inputs=False)
-    except GovernanceError as exc:
-        raise ScanError(str(exc)) from None
-    fmt = lin.run.settings.get("format", 1)
-    if fmt < 4:
-        raise ScanError(f"run {lin.run.run_id!r} is training format {fmt}, which records no per-example losses "
-                        "(format 4 and later)")
-    steps = len(lin.run.updates)
-    through = steps if through is None else through
-    if type(through) is not int or not 1 <= through <= steps:
-        raise ScanError(f"through {through!r} is not a step count in 1..{steps} (the run recorded {steps} steps)")
-    traces = LossTraces(lin.dataset.count)
-    for _, u in lin.run.updates[:through]:
-        traces.add(u["batch"], example_loss_values(u["example_losses"]))
+    lin, traces, through = recorded_traces(ledger, run_id, ScanError, through)
     scores = traces.scores(params.min_trace)
     body = scan_body(lin.run.seq, through, scores, params)
     report: dict[str, Any] = {
