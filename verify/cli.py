@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay", choices=("full", "sample", "certificates", "none"), default="full",
                         help="replay every segment, a challenge-derived sample (plus every certified unlearning "
                         "branch), only the certified branches, or none (default: full)")
-    parser.add_argument("--workers", type=int, default=1, help="replay segments in N worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="replay segments in N worker processes (with "
+                        "--engine ray: N Ray tasks at a time)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="replay in local worker processes (default), or one Ray task per segment on a Ray "
+                        "cluster (needs: pip install 'gradledger[ray]'; specs/replay.md §8)")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="with --engine ray: join this running Ray cluster (default: start a local one of "
+                        "--workers CPUs)")
     parser.add_argument("--sample-fraction", type=float, default=0.25, help="fraction of segments sampled (default 0.25)")
     parser.add_argument("--nonce", default=None, metavar="HEX",
                         help="hex nonce mixed into the sample challenge (default: 32 fresh random bytes, "
@@ -107,6 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UnusableInput("--nonce must be hex") from None
         if args.check_traces and args.replay == "none":
             raise UnusableInput("--check-traces recomputes traces by replay: it cannot go with --replay none")
+        if args.address is not None and args.engine != "ray":
+            raise UnusableInput("--address names a Ray cluster: it goes with --engine ray")
+        if args.engine == "ray" and args.replay != "none":
+            from ._internal.ray_engine import require_ray
+
+            require_ray()  # before any work: a missing extra is unusable input at once
         release = _release_inputs(args)
         if bool(args.attest) != bool(args.attest_key):
             raise UnusableInput("--attest and --attest-key go together")
@@ -121,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         roots = read_public_keys(args.trust)
         # Replay workers start first: their imports overlap the verifier's own (pool.py says why).
         spec = SandboxSpec(not args.no_sandbox, args.max_memory)
-        with WorkerPool(spec, args.workers if args.replay != "none" else 0) as pool:
+        with WorkerPool(spec, args.workers if args.replay != "none" and args.engine == "local" else 0) as pool:
             try:
                 # Every check module is imported here: one that is missing or broken leaves a
                 # verifier that cannot run all its checks, which is unusable (exit 2), never a skip.
@@ -130,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UnusableInput(f"the verifier cannot run every check: {exc}") from None
             policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
                                         sandbox=not args.no_sandbox, max_memory_mib=args.max_memory, release=release,
-                                        check_traces=args.check_traces)
+                                        check_traces=args.check_traces, engine=args.engine,
+                                        ray_address=args.address)
             report = Verifier(roots, policy).verify(args.bundle, progress=not args.json, pool=pool)
         if args.attest:
             from ._internal.summary import write_summary

@@ -62,6 +62,11 @@ class VerificationPolicy:
     #: Recompute every recorded ForensicTrace and compare (``--check-traces``; specs/forensics.md §7.3).
     #: Without it a trace's form and digests are still checked.
     check_traces: bool = False
+    #: Where segments are replayed: "local" worker processes, or "ray" tasks on a Ray cluster
+    #: (``--engine ray``; specs/replay.md §8), at most ``workers`` at a time either way.
+    engine: Literal["local", "ray"] = "local"
+    #: With engine "ray": None starts a local cluster of ``workers`` CPUs; "auto" or HOST:PORT joins one.
+    ray_address: str | None = None
 
 
 class Verifier:
@@ -292,8 +297,8 @@ class Verifier:
                 # Always in workers (issue 9): a SandboxUnavailable (exit 2) propagates.
                 probes = {i: probing[(ctx.run_seq, seg.index)] for i, (ctx, seg) in enumerate(jobs)
                           if (ctx.run_seq, seg.index) in probing}
-                results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers, probes=probes,
-                                   progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
+                results = self._run(jobs, path, source, report, exact=exact, probes=probes,
+                                    progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
         except ReplayError as exc:
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)
@@ -325,6 +330,23 @@ class Verifier:
             done = sum(1 for ctx, _ in jobs if ctx.run_seq == seq)
             covered[seq] = (done if failed is None else 0, len(segs))
         return covered
+
+
+    def _run(self, jobs: list[Any], path: str, source: Source, report: Report, *, exact: bool,
+             probes: dict[int, Any], progress: Any, sandbox: SandboxSpec, pool: WorkerPool | None) -> list[SegmentResult]:
+        """The chosen segments replayed by the policy's engine; both check every answer alike."""
+        report.figures["engine"] = self.policy.engine
+        if self.policy.engine == "local":
+            return run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers, probes=probes,
+                            progress=progress, sandbox=sandbox, pool=pool)
+        from ._internal.ray_engine import RayCluster, run_jobs_ray
+
+        with RayCluster(self.policy.ray_address, self.policy.workers) as cluster:
+            # Reported apart from replay: a cluster started here costs seconds that a running one does not.
+            report.figures["ray_startup_seconds"] = round(cluster.startup_seconds, 3)
+            report.figures["ray_nodes"] = cluster.nodes
+            return run_jobs_ray(jobs, source.artifact, cluster, exact=exact, workers=self.policy.workers,
+                                probes=probes, progress=progress, sandbox=sandbox)
 
 
 def _check_scans(st: Structure, report: Report) -> None:

@@ -135,7 +135,7 @@ def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
     return shares
 
 
-def _named_artifacts(ctx: RunContext, seg: Segment, probes: Sequence[Probe] = ()) -> list[Any]:
+def named_artifacts(ctx: RunContext, seg: Segment, probes: Sequence[Probe] = ()) -> list[Any]:
     return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact"),
             *(p.query.get("file") for p in probes)]
 
@@ -158,7 +158,7 @@ def _in_workers(
                                           [p.to_obj() for p in probes.get(i, ())]] for i in share]}
         # The only artifacts this worker is given: those its segments name (program, inputs, checkpoints)
         # and its probes' query files.
-        named = {d for i in share for d in _named_artifacts(*jobs[i], probes.get(i, ())) if isinstance(d, bytes)}
+        named = {d for i in share for d in named_artifacts(*jobs[i], probes.get(i, ())) if isinstance(d, bytes)}
         with lock:
             started = pool.take(spec) if pool is not None else None
         proc = started or start_worker(spec, command)
@@ -205,7 +205,7 @@ def _in_workers(
                         except OSError:
                             pass  # gone: the next read says so
                         continue
-                    result = _result(obj, jobs[share[got]][1])
+                    result = check_result(obj, jobs[share[got]][1])
                     with lock:
                         results[share[got]] = result
                         if progress:
@@ -264,7 +264,7 @@ def _in_workers(
     return [results[i] for i in range(len(jobs))]
 
 
-def _result(obj: Any, seg: Segment) -> SegmentResult:
+def check_result(obj: Any, seg: Segment) -> SegmentResult:
     """A worker's answer for ``seg``, checked for shape (it comes from behind the sandbox)."""
     if not isinstance(obj, dict) or set(obj) != set(SegmentResult.__dataclass_fields__):
         raise ValueError("not a segment result")
