@@ -14,8 +14,8 @@ falls on both sides alike:
   (a Ray task starts one sandboxed worker per segment; a local worker replays all its segments).
 
 ``external_sample_bytes_fraction`` comes from bench/artifact_store.py where that benchmark is
-present. The distributed-training keys (``ddp2_step_ratio``, ``ddp_replay_bit_exact``) are null:
-governed torch.distributed training is not built yet. The last stdout line is JSON.
+present; ``ddp2_step_ratio`` and ``ddp_replay_bit_exact`` from bench/ddp.py (governed 2-rank training
+against plain DDP; 2- and 4-rank runs replayed on one process). The last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=20, help="checkpoint every K steps (a segment)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ddp-steps", type=int, default=20, help="timed steps per DDP round (0: skip bench/ddp.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # recorded by RunStarted; every worker replays on one thread
     bv = _load("verify")
@@ -105,9 +106,13 @@ def main() -> None:
         out.update(_load("artifact_store").measure())
     else:
         out["external_sample_bytes_fraction"] = None
+    if args.ddp_steps:
+        log("torch.distributed: governed 2-rank training against plain DDP, and replays of 2- and 4-rank runs")
+        sys.path.insert(0, str(HERE))
+        import ddp  # by its own name: spawned ranks import it so (bench/ddp.py)
+
+        out.update(ddp.measure(args.ddp_steps))
     out.update({
-        "ddp2_step_ratio": None, "ddp_replay_bit_exact": None,
-        "ddp_note": "governed torch.distributed training is not built yet (issue 14, first part)",
         "train_seconds": round(train_s, 2), "steps": args.steps, "checkpoint_every": args.every,
         "segments": args.steps // args.every, "rounds": args.rounds, "cpus": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],

@@ -27,6 +27,7 @@ from gradledger.ledger.ledger import Ledger
 
 from .bands import BandLayout
 from .dataset import CommittedDataset
+from .distributed import RankGroup
 from .dynamics.memorization import MemorizationScan
 from .errors import GovernanceError
 from .layouts import default_layout
@@ -50,7 +51,7 @@ def govern(
     run_id: str = "run",
     loss: str = "cross_entropy",
     loss_settings: dict[str, Any] | None = None,
-    order: str = "loader",
+    order: str | None = None,
     checkpoint_every: int = 100,
     seed: int = 0,
     root_key: SigningKey | None = None,
@@ -66,7 +67,8 @@ def govern(
     default bands (``layouts.default_layout``) named as the policy's bands. ``loss`` is the loss the
     run records; the loop may compute it any way with the same gradient. ``order="loader"`` records
     the loader's own order (``shuffle=True`` included); ``"committed"`` uses the seeded order fixed
-    before training. A dataset whose inputs are dicts or tuples of tensors (``input_ids``,
+    before training (the default, and the only order, under torch.distributed: every rank then trains its
+    shard of each batch, rank 0 records, the gradients are reduced in rank order; specs/distributed.md). A dataset whose inputs are dicts or tuples of tensors (``input_ids``,
     ``attention_mask``...) is a model of parts: ``call="spread"`` calls the model as ``model(**x)`` /
     ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run``
     (also ``loader.run``): ``model.run.close()`` at the end. ``memorization``: also record a signed
@@ -83,6 +85,8 @@ def govern(
         raise GovernanceError("govern needs project=..., or ledger=, key= and policy=")
     if not isinstance(dataset, CommittedDataset):
         raise GovernanceError("dataset must be a CommittedDataset, or the name of one with project=...")
+    if order is None:  # the loader's own order, except over torch.distributed ranks (specs/distributed.md §2)
+        order = "committed" if RankGroup.current() is not None else "loader"
     if layout is None:
         layout = default_layout(model, n_bands=len(policy.bands), names=tuple(policy.bands))
     run = Governance(ledger, key, dataset=dataset, policy=policy, layout=layout, run_id=run_id, loss=loss,

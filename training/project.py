@@ -167,9 +167,16 @@ class Project:
         return project
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, writable: bool = True) -> "Project":
+    def open(cls, path: str | os.PathLike[str], *, writable: bool | None = None) -> "Project":
         """Reopen the project in ``path``: its files must be there, and its keys must be the ones
-        its ledger credentialed and its policy the one the ledger adopted."""
+        its ledger credentialed and its policy the one the ledger adopted. ``writable`` None: writable,
+        except on a torch.distributed rank other than 0, which reads the ledger and never writes it
+        (specs/distributed.md §1), so one ``Project.open`` serves every rank of a torchrun launch."""
+        if writable is None:
+            from .distributed import RankGroup
+
+            ranks = RankGroup.current()
+            writable = ranks is None or ranks.writer
         path = Path(path)
         if not path.is_dir():
             raise ProjectError(f"{path}: no such project directory")

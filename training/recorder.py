@@ -40,6 +40,7 @@ from .errors import GovernanceError
 from .gate import clip_bands
 from .loss_grad import direct_loss_grads
 from .order import micro_seed
+from .distributed import RankRefused
 from .registry import LossFn
 from .updates import delta_norms
 
@@ -66,7 +67,7 @@ class Micro:
 def recipe_signature(recipe: Mapping[str, Any]) -> tuple[Any, ...]:
     """What makes two steps' recipes the same kind of step (a new kind is replayed once by the trainer)."""
     clip = recipe.get("clip")
-    return (len(recipe.get("micro", [0])), recipe.get("loss_divisor", 1), recipe.get("loss_autocast", True),
+    return (len(recipe.get("micro", recipe.get("ranks", [0]))), recipe.get("loss_divisor", 1), recipe.get("loss_autocast", True),
             tuple(sorted((recipe.get("autocast") or {}).items())), None if clip is None else clip["kind"],
             recipe.get("output", 0))
 
@@ -120,6 +121,8 @@ class StepRecorder:
         self._checked: set[tuple[Any, ...]] = set()
         self._snapshot: list[Tensor] | None = None
         self._measured: tuple[dict[str, Any], list[float]] | None = None
+        #: Every shard of the step being taken (a distributed step, on rank 0), else this process's micro-batches.
+        self._global: list[Micro] = []
         self._handles: list[RemovableHandle] = []
         for p in self.flat:
             self._handles.append(p.register_post_accumulate_grad_hook(self._stamp))
@@ -150,7 +153,14 @@ class StepRecorder:
             if not last.grads:
                 raise StepRefused(f"step {self.run.step}: a batch was drawn before loss.backward() of the previous "
                                   "one: each batch drawn must be trained (forward and backward) before the next")
-        self.pending.append(Micro(batch, micro_seed(self.run.seed, self.run.step, len(self.pending))))
+        ranks = self.run.ranks
+        if ranks is not None and self.pending:
+            raise StepRefused(f"step {self.run.step}: gradient accumulation over torch.distributed ranks is not "
+                              "recorded yet: draw one batch per optimizer step on every rank (a larger per-rank "
+                              "batch size trains the same examples per step)")
+        # Shard r of a distributed step is its micro-batch r: seeded as such (specs/distributed.md §2).
+        j = ranks.rank if ranks is not None else len(self.pending)
+        self.pending.append(Micro(batch, micro_seed(self.run.seed, self.run.step, j)))
 
     def current(self) -> Micro:
         """The micro-batch the next training forward must be of."""
@@ -242,13 +252,17 @@ class StepRecorder:
                               "the governed model")
         if any(not m.grads for m in micros):
             raise StepRefused(f"step {step}: optimizer.step() before loss.backward() of every batch drawn for it")
-        self.run.check_hyperparameters(optimizer)
-        recipe, losses = self._recipe(micros)
-        self._check_gradients(recipe)
-        signature = recipe_signature(recipe)
-        if signature not in self._checked:
-            self.run.self_check(micros, recipe)
-            self._checked.add(signature)
+        if self.run.ranks is not None:
+            recipe, losses = self._distributed(optimizer, micros)
+        else:
+            self.run.check_hyperparameters(optimizer)
+            recipe, losses = self._recipe(micros)
+            self._check_gradients(recipe)
+            signature = recipe_signature(recipe)
+            if signature not in self._checked:
+                self.run.self_check(micros, recipe)
+                self._checked.add(signature)
+            self._global = micros
         grad_norms = clip_bands(self.model, self.bands, self.run.limits(micros))
         loss = math.fsum(losses) / len(losses)
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
@@ -272,7 +286,69 @@ class StepRecorder:
         self._stamps.clear()
         if not all(math.isfinite(n) for n in update_norms):
             raise GovernanceError(f"step {self.run.step}: non-finite update; the run cannot continue")
-        self.run.record_step(micros, facts["recipe"], facts["loss"], grad_norms, update_norms, optimizer)
+        # Every rank's shard (a distributed step), else this process's micro-batches.
+        everyone, self._global = self._global, []
+        self.run.record_step(everyone, facts["recipe"], facts["loss"], grad_norms, update_norms, optimizer)
+
+    def _distributed(self, optimizer: torch.optim.Optimizer, micros: list[Micro]) -> tuple[dict[str, Any], list[float]]:
+        """A step over torch.distributed ranks (specs/distributed.md §3): each rank's own checks, agreed by all;
+        the gradients reduced in rank order; the step's recipe over every shard; the self-check on rank 0,
+        agreed by all. Every rank decides alike from the same exchanged facts, so all refuse or none."""
+        run, ranks, step = self.run, self.run.ranks, self.run.step
+        why, facts = None, None
+        try:
+            run.check_hyperparameters(optimizer)
+            recipe, losses = self._recipe(micros)
+            self._check_gradients(recipe)
+            unsupported = sorted(set(recipe) - {"autocast", "loss_autocast", "output"})
+            if unsupported:
+                raise StepRefused(f"step {step}: recipe.{unsupported[0]} over torch.distributed ranks is not recorded "
+                                  "yet (the user's clip, loss scaling, accumulation); leave clipping to the policy's "
+                                  "band limits and backpropagate each rank's own loss")
+            m = micros[0]
+            assert m.example_losses is not None
+            facts = {"recipe": recipe, "loss": losses[0], "indices": m.batch.indices,
+                     "example_losses": m.example_losses.detach().reshape(-1).tolist(),
+                     "grads": [p.grad is not None for p in self.flat]}
+        except GovernanceError as exc:
+            why = str(exc)
+        everyone = ranks.exchange((why, facts))
+        ranks.verdict([w for w, _ in everyone], f"step {step}")
+        shared = [f for _, f in everyone]
+        batch = getattr(run, "step_indices", [])
+        for r, f in enumerate(shared):
+            want = run.shard_batch(step, batch, r).indices
+            problem = None
+            if f["indices"] != want:
+                problem = f"it trained examples {f['indices'][:8]}, the run's shard {r} of step {step} is {want[:8]}"
+            elif f["recipe"] != shared[0]["recipe"]:
+                problem = f"its step did {f['recipe']}, rank 0's did {shared[0]['recipe']}; every rank runs one recipe"
+            elif f["grads"] != shared[0]["grads"]:
+                problem = "a parameter has a gradient on some ranks and none on others"
+            if problem is not None:
+                raise RankRefused(f"step {step}: rank {r}: {problem}")
+        ranks.reduce_gradients([p for p, has in zip(self.flat, shared[0]["grads"]) if has])
+        losses = [f["loss"] for f in shared]
+        recipe = {**shared[0]["recipe"], "ranks": [len(f["indices"]) for f in shared], "losses": losses}
+        if ranks.writer:
+            everything = []
+            for r, f in enumerate(shared):
+                m = micros[0] if r == 0 else Micro(run.shard_batch(step, batch, r), micro_seed(run.seed, step, r),
+                                                   autocast=micros[0].autocast)
+                m.example_losses = torch.tensor(f["example_losses"], dtype=torch.float32)
+                everything.append(m)
+            self._global = everything
+        signature = recipe_signature(recipe)
+        if signature not in self._checked:
+            why = None
+            if ranks.writer:
+                try:
+                    run.self_check(self._global, recipe)
+                except GovernanceError as exc:
+                    why = str(exc)
+            ranks.agree(why, f"step {step}")
+            self._checked.add(signature)
+        return recipe, losses
 
     def drop_snapshot(self) -> None:
         """Free the snapshot buffers (a checkpoint is about to copy the state)."""

@@ -53,6 +53,10 @@ def replay_gradients(program: Program, gated: GatedModel, micros: Sequence[Micro
             with autocast(m.autocast if recipe.get("loss_autocast", True) else None):
                 loss = loss_fn(leaf, m.batch.labels)
             (loss / divisor if divisor != 1 else loss).backward()
+    if "ranks" in recipe:  # the shards' gradients, summed in rank order above, divided by the world size
+        for p in params.values():
+            if p.grad is not None:
+                p.grad.div_(len(recipe["ranks"]))
     if "clip" in recipe:
         order = [params["model." + n] for n in trainable if params["model." + n].grad is not None]
         clipping.replay_clip(order, recipe["clip"])

@@ -41,6 +41,7 @@ from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, read_checkpoint, restore,
                           start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
+from .distributed import RankGroup, RankRefused
 from .dynamics.memorization import LossTraces, MemorizationScan
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
@@ -62,8 +63,9 @@ from .updates import example_loss_bytes, example_loss_values, route_examples, up
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
 #: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts;
 #: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted; 6 the monitors the
-#: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2).
-FORMAT = 6
+#: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2); 7 runs over torch.distributed
+#: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md).
+FORMAT = 7
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -203,6 +205,12 @@ class Governance:
             elif memorization.parameters != required:
                 raise GovernanceError(f"policy {policy.policy['name']!r} requires memorization scans with {required}; "
                                       f"the run asks for {memorization.parameters}: leave memorization= unset")
+        #: The torch.distributed ranks of the run (None: one process); rank 0 alone writes (specs/distributed.md).
+        self.ranks = RankGroup.current()
+        if self.ranks is not None and (order == "loader" or batches is not None):
+            raise GovernanceError("a run over torch.distributed ranks follows the committed order "
+                                  "(order='committed'): every rank must know every rank's shard of each batch, "
+                                  "which a per-rank sampler (DistributedSampler, shuffle=True) does not tell")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -256,9 +264,16 @@ class Governance:
         Every refusal (policy, bands, dataset, routing, export) is raised before anything is appended.
         """
         self._require_fresh()
+        if self.ranks is not None:
+            return self._make_distributed(model, optimizer, loader)
         gated = self._prepare(model, optimizer, loader)
         probe = self._batch(0, self._probe_indices())
         check_routing(gated, probe.inputs)
+        return self._start(gated, model, optimizer, probe, loader)
+
+    def _start(self, gated: GovernedModel, model: nn.Module, optimizer: torch.optim.Optimizer, probe: Batch,
+               loader: Any) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
+        """The writer's start: export, RunStarted and the step-0 checkpoint (nothing appended before a refusal)."""
         adopted = self._adopted_seq()
         program = self._export(model, probe)  # may fail: still before any append
         checked = self._parse_program(program)  # so may this: the verifier's loader must read it back
@@ -287,11 +302,58 @@ class Governance:
         release_setup_memory()  # the export's garbage, before training's peak (runtime.py says why)
         return gated, optimizer, GovernedLoader(self)
 
+    def _make_distributed(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
+                          ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
+        """Every rank: the same checks, rank 0's state broadcast, the same settings agreed; then rank 0 starts
+        the run in the ledger while the others wait for its word (specs/distributed.md §1)."""
+        ranks = self.ranks
+        assert ranks is not None
+        why: str | None = None
+        try:
+            gated = self._prepare(model, optimizer, loader)
+            probe = self._batch(0, self._probe_indices())
+            check_routing(gated, probe.inputs)
+        except GovernanceError as exc:
+            why = str(exc)
+        ranks.agree(why, "governing the run")
+        ranks.broadcast_state(model)
+        ranks.same(self._shared_settings(optimizer), "the run's settings")
+        why, started = None, None
+        if ranks.writer:
+            try:
+                started = self._start(gated, model, optimizer, probe, loader)
+            except GovernanceError as exc:
+                why = str(exc)
+        else:
+            self._run_optimizer = describe_optimizer(optimizer)
+            self._begin(gated, optimizer)
+        try:
+            ranks.agree(why, "starting the run")
+        except RankRefused:
+            if started is not None or not ranks.writer:
+                self.closed = True
+                self._end(GovernanceError("another rank refused the run's start"))
+            raise
+        return started or (gated, optimizer, GovernedLoader(self))
+
+    def _shared_settings(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        # What every rank must hold alike before the first step (the settings but the ledger's own facts).
+        assert self._gated is not None
+        return {"seed": self.seed, "order": self.order, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "checkpoint_every": self.checkpoint_every, "loss": [self.loss_name, dict(self.loss_settings)],
+                "optimizer": describe_optimizer(optimizer), "bands": self.layout.to_obj(),
+                "band_params": [list(ns) for ns in self._gated.bands.param_names], "policy": self.policy.digest,
+                "dataset": [self.dataset.name, self.dataset.root, self.dataset.count], "run_id": self.run_id,
+                "monitors": self._monitors()}
+
     def resume(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
         """Continue run ``run_id`` from its last Checkpoint: same settings, restored state, same chain."""
         self._require_fresh()
+        if self.ranks is not None:
+            raise GovernanceError("resuming a run over torch.distributed ranks is not supported yet: resume it on "
+                                  "one process, or start a new run")
         run_seq, run_body = self._find_run()
         settings = run_body["settings"]
         ckpt_seq, drawn = self._last_checkpoint_seq(run_seq)
@@ -328,6 +390,10 @@ class Governance:
             raise GovernanceError("this Governance already governs a run; make a new one")
 
     def _prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> GovernedModel:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise GovernanceError("govern the model itself, not DistributedDataParallel(model): over torch.distributed "
+                                  "ranks the governed optimizer reduces the gradients itself, in rank order, so that one "
+                                  "process can replay the run bit for bit (specs/distributed.md §3)")
         optimizer_name(optimizer)  # in the registry, or replay could not rebuild it
         if (bn := batch_statistics_module(model)) is not None:
             raise GovernanceError(
@@ -378,6 +444,9 @@ class Governance:
             raise GovernanceError("an input part named 'profiles' would be taken for the gate's routing profiles; "
                                   "rename it")
         self.batch_size = int(batch_size) if batch_size else 0
+        if self.ranks is not None:
+            # Each rank's loader gives its own (per-rank) batch size, as under DDP; the run's batch is all ranks'.
+            self.batch_size *= self.ranks.world
         self.drop_last = bool(getattr(loader, "drop_last", False))
         if self.batches is not None:
             if not self.batches or any(not b for b in self.batches):
@@ -471,6 +540,7 @@ class Governance:
             "dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
             "program": program_settings(self.inputs, probe.inputs),
             "monitors": self._monitors(),
+            **({"distributed": self.ranks.settings()} if self.ranks is not None else {}),
         }
 
     def _monitors(self) -> dict[str, Any]:
@@ -526,16 +596,19 @@ class Governance:
     def _begin(self, gated: GovernedModel, optimizer: torch.optim.Optimizer) -> None:
         self._stack.enter_context(torch_deterministic())
         self._stack.enter_context(no_uninitialized_fill())  # a NaN fill of every allocation: runtime.py
-        # Between checkpoints nothing is committed: a crash leaves the log at a checkpoint.
-        self._stack.enter_context(self.ledger.deferred())
-        # Closing the ledger (or the project) under an open run closes the run first: its final
-        # checkpoint is committed, never the updates after the last one alone (which replay rejects).
-        self._stack.callback(self.ledger.attach_appender(self._ledger_closing))
+        writes = self.ranks is None or self.ranks.writer
+        if writes:
+            # Between checkpoints nothing is committed: a crash leaves the log at a checkpoint.
+            self._stack.enter_context(self.ledger.deferred())
+            # Closing the ledger (or the project) under an open run closes the run first: its final
+            # checkpoint is committed, never the updates after the last one alone (which replay rejects).
+            self._stack.callback(self.ledger.attach_appender(self._ledger_closing))
         order = [p for p in gated.model.parameters() if p.requires_grad]
         self.recorder = StepRecorder(self, gated, gated.bands, optimizer, self.loss_fn, order)
         self._stack.callback(self.recorder.detach)
-        self._writer = RecordWriter(self.ledger, self.key)
-        self._stack.push(self._writer_exit)
+        if writes:  # the other ranks of a distributed run never write (specs/distributed.md §1)
+            self._writer = RecordWriter(self.ledger, self.key)
+            self._stack.push(self._writer_exit)
         self.started = True
 
     def _ledger_closing(self, discard: bool) -> None:
@@ -580,7 +653,8 @@ class Governance:
         b = self.batch_size
         return self._order[1][pos * b : (pos + 1) * b]
 
-    def _batch(self, step: int, indices: Sequence[int]) -> Batch:
+    def _batch(self, step: int, indices: Sequence[int], limits: tuple[float | None, ...] | None = None) -> Batch:
+        """The batch of ``indices``; ``limits``: the step's band limits when the batch is one rank's shard of it."""
         index = torch.tensor(indices, dtype=torch.int64)
         if isinstance(self._data, TensorDataset):
             inputs = self._data.tensors[0][index]  # what default_collate would stack, without per-item calls
@@ -589,8 +663,16 @@ class Governance:
         labels = self._label_table[index]
         rules = [self._rules[i] for i in indices]
         profiles = self._profile_table[index]
-        limits = batch_limits(self.policy.compiled, rules)
+        if limits is None:
+            limits = batch_limits(self.policy.compiled, rules)
         return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
+
+    def shard_batch(self, step: int, indices: Sequence[int], rank: int) -> Batch:
+        """Rank ``rank``'s shard of the step's batch ``indices``, with the whole batch's band limits."""
+        assert self.ranks is not None
+        limits = batch_limits(self.policy.compiled, [self._rules[i] for i in indices])
+        group = RankGroup(rank, self.ranks.world, self.ranks.backend)
+        return self._batch(step, group.shard(indices), limits)
 
     def sampler_epoch(self) -> Iterator[list[int]]:
         """One epoch of the user loader's batch sampler (order ``"loader"``), each batch checked; it ends
@@ -604,7 +686,12 @@ class Governance:
         """The next batch of the run (the loader's, under order ``"loader"``), told to the recorder."""
         if not self.started or self.closed or self.recorder is None:
             raise GovernanceError("the run is not active")
-        batch = self._batch(self.step, self._indices(self.drawn) if indices is None else indices)
+        chosen = self._indices(self.drawn) if indices is None else indices
+        if self.ranks is not None:
+            self.step_indices = list(chosen)  # the whole batch: every rank knows every shard
+            batch = self.shard_batch(self.step, chosen, self.ranks.rank)
+        else:
+            batch = self._batch(self.step, chosen)
         self.recorder.drew(batch)
         self.drawn += 1
         return batch
@@ -734,6 +821,9 @@ class Governance:
         the user's loop goes on while the record is built, encoded, signed and admitted.
         """
         step = self.step
+        if self._writer is None:  # another rank than 0 of a distributed run: rank 0 records the step
+            self.step += 1
+            return
         indices = [i for m in micros for i in m.batch.indices]
         rules = [r for m in micros for r in m.batch.rules]
         limits = self.limits(micros)
@@ -867,6 +957,10 @@ class Governance:
         """Final checkpoint (unless the last step was just checkpointed) and tree head; remove the hooks."""
         if self.closed:
             return self.last_checkpoint
+        if self.started and self._writer is None:  # a rank that does not write: rank 0 closes the run
+            self.closed = True
+            self._end()
+            return None
         if self.started and self.step == 0:
             # No update was made: nothing of the run is committed, and nothing is (specs/training.md §1).
             self.closed = True

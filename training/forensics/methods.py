@@ -158,8 +158,9 @@ def replay_influence(ledger: Ledger, lin: Lineage, rep: Replayer, query: Query, 
 def _example_weights(u: Mapping[str, Any]) -> tuple[list[float], float, str | None]:
     """Each batch position's weight in the step's loss, the user's clip factor, and what is approximated."""
     recipe = u.get("recipe", {})
-    divisor = recipe.get("loss_divisor", 1)
-    sizes = recipe.get("micro", [len(u["batch"])])
+    # A step over ranks weighs each shard's mean by 1 / world (specs/distributed.md §3): a divisor of world.
+    divisor = recipe.get("loss_divisor", len(recipe["ranks"]) if "ranks" in recipe else 1)
+    sizes = recipe.get("micro", recipe.get("ranks", [len(u["batch"])]))
     per = [1.0 / (size * divisor) for size in sizes for _ in range(size)]
     clip, note = 1.0, None
     if "clip" in recipe:

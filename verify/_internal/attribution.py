@@ -314,8 +314,9 @@ def _example_weights(u: Mapping[str, Any]) -> tuple[list[float], float]:
     """§4: each batch position's weight in the step's loss (``1 / (micro-batch size * divisor)``) and the
     user's norm-clip factor (a clip by value counts as none)."""
     recipe = u.get("recipe") or {}
-    divisor = recipe.get("loss_divisor", 1)
-    sizes = recipe.get("micro", [len(u["batch"])])
+    # A step over ranks weighs each shard's mean by 1 / world (specs/distributed.md §3): a divisor of world.
+    divisor = recipe.get("loss_divisor", len(recipe["ranks"]) if "ranks" in recipe else 1)
+    sizes = recipe.get("micro", recipe.get("ranks", [len(u["batch"])]))
     per = [1.0 / (size * divisor) for size in sizes for _ in range(size)]
     clip = 1.0
     c = recipe.get("clip")

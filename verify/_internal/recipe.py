@@ -2,7 +2,8 @@
 
 Format 2 lets a step record gradient accumulation (``micro``, ``losses``), a loss divided by the number
 of micro-batches (``loss_divisor``), autocast (``autocast``, ``loss_autocast``), the user's clip
-(``clip``) and which output the loss used (``output``). This module checks the recipe's shape;
+(``clip``) and which output the loss used (``output``); format 7 the shards of a step trained over
+torch.distributed ranks (``ranks``, specs/distributed.md). This module checks the recipe's shape;
 replay (replay.py) applies it and compares what it recomputes. A recipe in a format-1 run, or any
 field this text does not define, fails the step: nothing unrecorded can steer replay.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-__all__ = ["RecipeInvalid", "check_recipe", "micro_sizes"]
+__all__ = ["RecipeInvalid", "check_recipe", "micro_sizes", "shard_sizes", "trained_pieces"]
 
 #: The autocast states replay can apply: CPU bf16 (this verifier's machine), CUDA bf16/fp16 where one is used.
 AUTOCAST = {("cpu", "bfloat16"), ("cuda", "bfloat16"), ("cuda", "float16")}
-FIELDS = frozenset({"micro", "losses", "loss_divisor", "autocast", "loss_autocast", "clip", "output"})
+FIELDS = frozenset({"micro", "losses", "loss_divisor", "autocast", "loss_autocast", "clip", "output", "ranks"})
+#: Format 7: ``recipe.ranks``, a step trained over torch.distributed ranks (specs/distributed.md).
+RANKS_FORMAT = 7
 CLIPS = {
     "norm": frozenset({"kind", "max_norm", "norm_type", "foreach", "total_norm"}),
     "value": frozenset({"kind", "clip_value", "foreach"}),
@@ -43,8 +46,26 @@ def micro_sizes(step: Mapping[str, Any]) -> list[int]:
     return [len(step["batch"])]
 
 
-def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
-    """Raise ``RecipeInvalid`` naming the field when the step's recipe is not one specs/training.md §3.2 allows."""
+def shard_sizes(batch: int, world: int) -> list[int]:
+    """specs/distributed.md §2: a batch cut into ``world`` shards in rank order, the first ``batch % world`` one larger."""
+    q, r = divmod(batch, world)
+    return [q + 1 if i < r else q for i in range(world)]
+
+
+def trained_pieces(step: Mapping[str, Any]) -> list[int]:
+    """The sizes of what the step trained one after the other: its ranks' shards (format 7), its
+    micro-batches (format 2), or the whole batch."""
+    recipe = step.get("recipe")
+    if isinstance(recipe, dict) and "ranks" in recipe:
+        return list(recipe["ranks"])
+    return micro_sizes(step)
+
+
+def check_recipe(step: Mapping[str, Any], fmt: int, world: int | None = None) -> None:
+    """Raise ``RecipeInvalid`` naming the field when the step's recipe is not one specs/training.md §3.2 allows.
+    ``world``: the run's ``settings.distributed.world`` (specs/distributed.md), None for a run on one process."""
+    if world is not None and "ranks" not in (step.get("recipe") or {}):
+        raise RecipeInvalid(f"the run trains over {world} ranks, and the step records no recipe.ranks")
     if "recipe" not in step:
         return
     recipe = step["recipe"]
@@ -67,6 +88,8 @@ def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
         losses = recipe.get("losses")
         if type(losses) is not list or len(losses) != k or not all(_float(v) for v in losses):
             raise RecipeInvalid(f"recipe.losses is not one finite loss per micro-batch ({k})")
+    elif "ranks" in recipe:
+        _check_ranks(recipe, batch, fmt, world)
     elif "losses" in recipe:
         raise RecipeInvalid("recipe.losses without recipe.micro")
     if "loss_divisor" in recipe and (recipe["loss_divisor"] != k or k < 2 or type(recipe["loss_divisor"]) is not int):
@@ -82,6 +105,23 @@ def check_recipe(step: Mapping[str, Any], fmt: int) -> None:
         raise RecipeInvalid("recipe.output is not a positive output index (0 is left out)")
     if "clip" in recipe:
         _check_clip(recipe["clip"])
+
+
+def _check_ranks(recipe: Mapping[str, Any], batch: int, fmt: int, world: int | None) -> None:
+    if fmt < RANKS_FORMAT:
+        raise RecipeInvalid(f"recipe.ranks is a format-{RANKS_FORMAT} field, in a run of format {fmt}")
+    if world is None:
+        raise RecipeInvalid("recipe.ranks is recorded, but the run's settings declare no torch.distributed ranks")
+    ranks = recipe["ranks"]
+    if type(ranks) is not list or ranks != shard_sizes(batch, world) or 0 in ranks:
+        raise RecipeInvalid(f"recipe.ranks {ranks!r} is not the batch of {batch} cut into the run's {world} shards "
+                            f"({shard_sizes(batch, world)}, specs/distributed.md §2)")
+    losses = recipe.get("losses")
+    if type(losses) is not list or len(losses) != world or not all(_float(v) for v in losses):
+        raise RecipeInvalid(f"recipe.losses is not one finite loss per rank ({world})")
+    extra = sorted(set(recipe) & {"micro", "loss_divisor", "clip"})
+    if extra:
+        raise RecipeInvalid(f"recipe.{extra[0]} is not recorded with recipe.ranks (specs/distributed.md §3)")
 
 
 def _check_clip(clip: Any) -> None:

@@ -29,11 +29,11 @@ from .hyperparams import (
     group_kwargs,
 )
 from .example_losses import ExampleLossesInvalid, check_example_losses, decode_example_losses
-from .recipe import RecipeInvalid, check_recipe, micro_sizes
+from .recipe import RecipeInvalid, check_recipe, trained_pieces
 from .graph_routing import RoutingNotProven
 from .program import ProgramError, load_routed
-from .settings import (SettingsMismatch, check_program, check_step0, micro_seed, program_columns, step_seed,
-                       training_format)
+from .settings import (SettingsMismatch, check_program, check_step0, distributed_world, micro_seed, program_columns,
+                       step_seed, training_format)
 
 CLIP_EPS = 1e-6  # specs/routing.md §5, the epsilon of torch.nn.utils.clip_grad_norm_
 
@@ -303,6 +303,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
         except SettingsMismatch as exc:
             raise ReplayError(exc.args[0], seq=ctx.run_seq) from None
     fmt = training_format(settings)
+    world = distributed_world(settings)
     opt = _optimizer(ctx, params)
     try:
         _restore(module, opt, tensors, scalars, settings["optimizer"], fmt)
@@ -343,7 +344,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             raise fail("the recorded seed does not follow the run's seed rule")
         try:  # the optimizer was built from RunStarted; each step states its values, format 2 its lr too
             check_step(settings["optimizer"], u, fmt)
-            check_recipe(u, fmt)
+            check_recipe(u, fmt, world)
             check_example_losses(u, fmt)
         except (HyperParameterMismatch, RecipeInvalid, ExampleLossesInvalid) as exc:
             raise fail(str(exc)) from None
@@ -365,14 +366,14 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
                 ok, d = _close(a, b, exact)
                 worst = max(worst, d)
                 if not ok:
-                    raise fail(f"the loss of example {u['batch'][i]} (batch position {i}) is {a!r} replayed, "
-                               f"{b!r} recorded")
+                    raise fail(f"the loss of example {u['batch'][i]} (batch position {i}{_rank_of(recipe, i)}) is "
+                               f"{a!r} replayed, {b!r} recorded")
         recorded = recipe.get("losses", [u["loss"]])
         for j, (a, b) in enumerate(zip(losses, recorded)):
             ok, d = _close(a, b, exact)
             worst = max(worst, d)
             if not ok:
-                where = f" of micro-batch {j}" if len(losses) > 1 else ""
+                where = f" of rank {j}" if "ranks" in recipe else f" of micro-batch {j}" if len(losses) > 1 else ""
                 raise fail(f"loss{where} {a!r} replayed, {b!r} recorded")
         ok, d = _close(math.fsum(losses) / len(losses), u["loss"], exact)
         worst = max(worst, d)
@@ -419,6 +420,18 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
     return worst
 
 
+def _rank_of(recipe: Mapping[str, Any], position: int) -> str:
+    """", rank r" for a batch position of a step trained over ranks (specs/distributed.md §2), else ""."""
+    if "ranks" not in recipe:
+        return ""
+    end = 0
+    for r, size in enumerate(recipe["ranks"]):
+        end += size
+        if position < end:
+            return f", rank {r}"
+    return ""
+
+
 def _autocast(recipe: Mapping[str, Any], for_loss: bool = False) -> Any:
     """The recorded autocast state (specs/training.md §3.2), or autocast off."""
     ac = recipe.get("autocast")
@@ -440,7 +453,7 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
     divisor = recipe.get("loss_divisor", 1)
     leaf = recipe.get("output", 0)
     losses, each, pos = [], [], 0
-    for j, size in enumerate(micro_sizes(u)):
+    for j, size in enumerate(trained_pieces(u)):
         index = torch.tensor(u["batch"][pos:pos + size], dtype=torch.int64)
         profiles = profiles_all[pos:pos + size]
         pos += size
@@ -463,6 +476,10 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
             inspect(u, leaves[leaf], index, labels_all[index])
         (loss / divisor if divisor != 1 else loss).backward()
         losses.append(float(loss.detach()))
+    if "ranks" in recipe:  # specs/distributed.md §3: the shards' sum (accumulated in rank order) over the world size
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(len(recipe["ranks"]))
     return losses, each
 
 

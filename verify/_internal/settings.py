@@ -57,11 +57,15 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4, 5, 6)
+FORMATS = (1, 2, 3, 4, 5, 6, 7)
 #: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
 FROZEN_FORMAT = 5
 #: Format 6: ``settings.monitors`` declares what the run records at its checkpoints (specs/dynamics.md §2.2).
 MONITORS_FORMAT = 6
+#: Format 7: ``settings.distributed``, a run over torch.distributed ranks (specs/distributed.md).
+DISTRIBUTED_FORMAT = 7
+#: The largest world size a run may declare (a bound on what a recipe may claim, not on torch).
+MAX_WORLD = 1 << 16
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
 PARTS_FORMAT = 3
 
@@ -166,6 +170,7 @@ def check_run(run: RunView, observations: Sequence[Sealed], artifact: Callable[[
             what = "has no seeds" if "seeds" not in body else f"seeds {body['seeds']!r} are not {want}"
             raise fail(f"GovernedUpdate {u} (step {body['step']}) {what}: the run's seed rule "
                        f"{SEED_RULE!r} with settings.seed {seed} (RunStarted {seq}) gives {want}", u, body["step"])
+    distributed_world(s, fail)
     declared = monitors(s, fail)
     required = (run.policy_monitors or {}).get("memorization")
     if required is not None and not run.branch and not same_cbor(declared.get("memorization"), required):
@@ -390,6 +395,23 @@ def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError
     if p is not None and not scan_parameters(p):
         raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
     return dict(m)
+
+
+def distributed_world(s: Mapping[str, Any], fail: Callable[[str], Exception] | None = None) -> int | None:
+    """Format 7 ``settings.distributed`` (specs/distributed.md §1): the world size, or None for a run on one
+    process. Malformed: ``fail``'s exception (without ``fail``: None, and the settings check names it)."""
+    d = s.get("distributed") if isinstance(s, Mapping) else None
+    if d is None and not (isinstance(s, Mapping) and "distributed" in s):
+        return None
+    ok = training_format(s) >= DISTRIBUTED_FORMAT and isinstance(d, dict) and set(d) == {"world", "backend"} \
+        and type(d["world"]) is int and 2 <= d["world"] <= MAX_WORLD and type(d["backend"]) is str \
+        and 0 < len(d["backend"]) <= 64
+    if not ok:
+        if fail is not None:
+            raise fail(f"settings.distributed {d!r} is not {{world: int in [2, {MAX_WORLD}], backend: text}} in a "
+                       f"run of format {DISTRIBUTED_FORMAT} or later (specs/distributed.md §1)")
+        return None
+    return d["world"]
 
 
 def scan_parameters(p: Any) -> bool:

@@ -37,7 +37,7 @@ from .artifacts import ArtifactError, check_artifacts
 from .hyperparams import HyperParameterMismatch, check_description, check_step
 from .example_losses import ExampleLossesInvalid, check_example_losses
 from .recipe import RecipeInvalid, check_recipe
-from .settings import RunView, SettingsMismatch, check_run, same_cbor, training_format
+from .settings import RunView, SettingsMismatch, check_run, distributed_world, same_cbor, training_format
 from .manifests import (
     Manifest, ManifestInvalid, check_inputs, dataset_root, parse_manifest, relabel_without, revoked_by, split_dataset,
     verify_manifest,
@@ -445,7 +445,8 @@ def _check_runs(
                 if len(run.updates) == 0:
                     check_description(run.settings.get("optimizer"), "RunStarted settings.optimizer")
                 check_step(run.settings["optimizer"], body, fmt)
-                check_recipe(body, fmt)  # specs/training.md §3.2: what replay will apply, well formed
+                # specs/training.md §3.2: what replay will apply, well formed (and its shards: distributed.md)
+                check_recipe(body, fmt, distributed_world(run.settings))
                 check_example_losses(body, fmt)  # §3.1: format 4 records every example's loss
             except (HyperParameterMismatch, RecipeInvalid, ExampleLossesInvalid) as exc:
                 raise _Failed(f"GovernedUpdate {seq} (step {body['step']}): {exc}", seq=seq, step=body["step"]) from None

@@ -1,0 +1,239 @@
+"""Governed training over torch.distributed ranks (specs/distributed.md): 2 and 4 gloo ranks on the CPU,
+spawned by the test, train one run that a single process replays bit for bit; a step where one rank's
+shard has no example allowed into a band; a rank that trains on an unrecorded example, and a forged
+per-rank record re-signed with the trainer's key, fail verification naming the step and the rank; a
+refusal on one rank is a refusal on every rank; the shard rule's two implementations agree."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings, strategies as st
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradledger.ledger.bundle import export_bundle
+from gradledger.ledger.ledger import Ledger
+from gradledger.training.dataset import commit_dataset, load_dataset
+from gradledger.training.distributed import shard_sizes
+from gradledger.training.trainer import Governance
+from gradledger.verify import VerificationPolicy, Verifier
+from gradledger.verify._internal.recipe import shard_sizes as verifier_shard_sizes
+from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, make_model, new_ledger
+from test_verify_cli import write_bundle
+from test_verify_structure import items_of, reseal
+
+from gradledger.training.bands import sequential_bands
+
+STEPS, EVERY = 6, 3
+
+
+def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: str) -> None:
+    """One rank of a governed run: the user's own loop on every rank; rank 0 writes the ledger."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    led = Ledger.open(Path(root) / "ledger", writable=rank == 0)
+    outcome = "done"
+    try:
+        ds = load_dataset(led, seq)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loader = DataLoader(TensorDataset(X, Y), batch_size=per_rank)
+        run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
+                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root)
+        gm, gopt, gloader = run.make_governed(model, opt, loader)
+        gm.train()
+        while run.step < STEPS:
+            for x, y in gloader:
+                if variant == "poison" and rank == 1 and run.step == 2:
+                    # A hostile rank trains on inputs that are not the committed examples (after the step-0
+                    # self-check), in place, so the governed model sees the batch it drew: nothing on the
+                    # other ranks can see it, and rank 0 records the losses this rank reports.
+                    x.add_(0.5)
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(gm(x), y)
+                loss.backward()
+                if variant == "clip" and rank == 1:
+                    torch.nn.utils.clip_grad_norm_(gm.parameters(), 1.0)
+                gopt.step()
+                if run.step >= STEPS:
+                    break
+        run.close()
+    except Exception as exc:  # noqa: BLE001 - the test reads what each rank met
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        led.close()
+        (Path(root) / f"rank{rank}.out").write_text(outcome)
+        dist.destroy_process_group()
+
+
+def _train(root: Path, world: int, per_rank: int = 16, variant: str = "honest") -> tuple[Path, list[str]]:
+    led, _ = new_ledger(root / "ledger")
+    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    led.close()
+    mp.spawn(_rank, args=(world, str(root), ds.seq, per_rank, variant), nprocs=world, join=True)
+    outcomes = [(root / f"rank{r}.out").read_text() for r in range(world)]
+    bundle = root / "run.glb"
+    with Ledger.open(root / "ledger") as led:
+        export_bundle(led, bundle, with_data=True)
+    return bundle, outcomes
+
+
+def _verify(bundle: Path) -> Any:
+    return Verifier([WORLD.root.public_key], VerificationPolicy()).verify(bundle)
+
+
+def _updates(bundle: Path) -> list[dict[str, Any]]:
+    from gradledger.ledger.bundle import Bundle
+
+    with Bundle.open(bundle) as b:
+        return [it.body for it in items_of([r for _, r in b.records()]) if it.type == "GovernedUpdate"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    return _train(tmp_path_factory.mktemp("ddp2"), 2, per_rank=4)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_run_over_ranks_replays_bit_for_bit_on_one_process(world: int, two: tuple[Path, list[str]],
+                                                              tmp_path: Path) -> None:
+    bundle, outcomes = two if world == 2 else _train(tmp_path, world)
+    assert outcomes == ["done"] * world
+    report = _verify(bundle)
+    assert report.verified and report.replay_mode == "exact", report.render()
+    updates = _updates(bundle)
+    assert len(updates) == STEPS
+    per_rank = 4 if world == 2 else 16
+    for u in updates:
+        assert u["recipe"]["ranks"] == shard_sizes(len(u["batch"]), world)
+        assert len(u["recipe"]["losses"]) == world and len(u["batch"]) <= per_rank * world
+    # Rank 0 wrote once per step: one RunStarted, and no record from another rank.
+    assert sum(1 for u in updates if u["step"] == 0) == 1
+
+
+def test_a_shard_with_no_example_allowed_into_a_band_keeps_every_gradient(two: tuple[Path, list[str]]) -> None:
+    # Policy rule 1 (expert) is the only one that reaches the embedding band: a shard without one writes
+    # nothing there, yet its rank still has that band's (zero) gradients, and the reduction goes through.
+    bundle, _ = two
+    reaches = {1}  # rule indices whose profile reaches band 2
+    found = False
+    for u in _updates(bundle):
+        start = 0
+        for size in u["recipe"]["ranks"]:
+            rules = u["routing"]["rules"][start:start + size]
+            found |= not any(r in reaches for r in rules)
+            start += size
+    assert found, "no step had a shard without an expert label; choose another seed"
+    assert _verify(bundle).verified
+
+
+def test_a_rank_training_on_an_unrecorded_example_fails_naming_step_and_rank(tmp_path: Path) -> None:
+    bundle, outcomes = _train(tmp_path, 2, per_rank=4, variant="poison")
+    assert outcomes == ["done", "done"]
+    report = _verify(bundle)
+    failure = report.first_failure
+    assert failure is not None and failure.name == "replay" and failure.step == 2, report.render()
+    assert "rank 1" in failure.detail, failure.detail
+
+
+def test_a_forged_per_rank_loss_resigned_by_the_trainer_fails_naming_the_rank(two: tuple[Path, list[str]],
+                                                                              tmp_path: Path) -> None:
+    import struct
+
+    from gradledger.ledger.bundle import Bundle
+
+    bundle, _ = two
+    with Bundle.open(bundle) as b:
+        recs = [r for _, r in b.records()]
+        arts = {d: b.artifact(d) for d in b.artifact_digests()}
+        origin = b.header["origin"]
+    items = items_of(recs)
+    seq = next(i for i, it in enumerate(items) if it.type == "GovernedUpdate" and it.body["step"] == 4)
+    body = dict(items[seq].body)
+    losses = bytearray(body["example_losses"])
+    pos = body["recipe"]["ranks"][0] + 1  # the second example of rank 1's shard
+    (value,) = struct.unpack_from("<f", losses, 4 * pos)
+    struct.pack_into("<f", losses, 4 * pos, value * 0.5)
+    items[seq].body = {**body, "example_losses": bytes(losses)}
+    report = _verify(write_bundle(tmp_path / "forged.glb", reseal(items), arts, origin))
+    failure = report.first_failure
+    assert failure is not None and failure.name == "replay" and failure.seq == seq and failure.step == 4
+    assert f"batch position {pos}, rank 1" in failure.detail, failure.detail
+
+
+@pytest.mark.parametrize("forgery", ["uneven shards", "world", "no ranks", "ranks on one process"])
+def test_forged_shards_or_world_fail_the_structural_checks(forgery: str, two: tuple[Path, list[str]],
+                                                           tmp_path: Path) -> None:
+    from gradledger.ledger.bundle import Bundle
+
+    bundle, _ = two
+    with Bundle.open(bundle) as b:
+        recs = [r for _, r in b.records()]
+        arts = {d: b.artifact(d) for d in b.artifact_digests()}
+        origin = b.header["origin"]
+    items = items_of(recs)
+    run = next(i for i, it in enumerate(items) if it.type == "RunStarted" and it.body["run_id"] == "ddp")
+    seq = next(i for i, it in enumerate(items) if it.type == "GovernedUpdate" and it.body["step"] == 1)
+    recipe = dict(items[seq].body["recipe"])
+    if forgery == "uneven shards":  # the same examples, another cut between the ranks
+        recipe["ranks"] = [recipe["ranks"][0] + 1, recipe["ranks"][1] - 1]
+        items[seq].body = {**items[seq].body, "recipe": recipe}
+    elif forgery == "world":  # the run claims 3 ranks
+        settings = {**items[run].body["settings"], "distributed": {"world": 3, "backend": "gloo"}}
+        items[run].body = {**items[run].body, "settings": settings}
+    elif forgery == "no ranks":
+        recipe.pop("ranks")
+        recipe.pop("losses")
+        items[seq].body = {**items[seq].body, "recipe": recipe}
+        if not recipe:
+            items[seq].body.pop("recipe")
+    else:
+        settings = {k: v for k, v in items[run].body["settings"].items() if k != "distributed"}
+        items[run].body = {**items[run].body, "settings": settings}
+    report = _verify(write_bundle(tmp_path / "forged.glb", reseal(items), arts, origin))
+    failure = report.first_failure
+    assert failure is not None and failure.name == "runs", report.render()
+    assert "ranks" in failure.detail or "distributed" in failure.detail, failure.detail
+
+
+def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(tmp_path: Path) -> None:
+    _, outcomes = _train(tmp_path, 2, per_rank=4, variant="clip")
+    assert all("rank 1" in o and "clip" in o for o in outcomes), outcomes
+    assert "(this rank)" in outcomes[1] and "(this rank)" not in outcomes[0]
+    with Ledger.open(tmp_path / "ledger") as led:
+        assert not led.by_type("GovernedUpdate") and not led.by_type("Checkpoint")  # nothing committed
+
+
+def test_ddp_wrapping_and_the_loaders_own_order_are_refused_with_their_remedy(tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "ledger")
+    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8)
+    run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model), run_id="r",
+                     root_key=WORLD.root)
+    wrapped = torch.nn.Module()
+    wrapped.__class__ = torch.nn.parallel.DistributedDataParallel  # what DDP(model) is, without a process group
+    with pytest.raises(Exception, match="not DistributedDataParallel"):
+        run.make_governed(wrapped, opt, loader)
+    led.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(world=st.integers(1, 64), batch=st.integers(1, 4096))
+def test_both_shard_rules_agree(world: int, batch: int) -> None:
+    if batch < world:
+        with pytest.raises(Exception, match="non-empty shards"):
+            shard_sizes(batch, world)
+        return
+    sizes = shard_sizes(batch, world)
+    assert sizes == verifier_shard_sizes(batch, world)
+    assert sum(sizes) == batch and len(sizes) == world and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
