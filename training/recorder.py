@@ -124,8 +124,10 @@ class StepRecorder:
         #: Every shard of the step being taken (a distributed step, on rank 0), else this process's micro-batches.
         self._global: list[Micro] = []
         self._handles: list[RemovableHandle] = []
+        #: Over torch.distributed ranks: the gradients' all-gather, started during backward (distributed.py).
+        self._gather = run.ranks.gradient_gather(self.flat) if run.ranks is not None else None
         for p in self.flat:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._stamp))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._backward_left))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         clipping.listen(self)
@@ -173,6 +175,8 @@ class StepRecorder:
         """Check the run's state for this forward, then seed it (dropout replays from the seed)."""
         if len(self.pending) == 1:
             self._fresh_gradients()
+            if self._gather is not None:
+                self._gather.discard()  # what an abandoned step started (every rank started it too)
         micro.autocast = _autocast_state()
         first = self.pending[0].autocast if len(self.pending) > 1 else micro.autocast
         if micro.autocast != first:
@@ -215,6 +219,11 @@ class StepRecorder:
             p.grad = None
 
     # -- gradients ------------------------------------------------------------------------
+
+    def _backward_left(self, p: Tensor) -> None:
+        self._stamp(p)
+        if self._gather is not None and p.grad is not None:
+            self._gather.ready(p)
 
     def _stamp(self, p: Tensor) -> None:
         if p.grad is not None:
@@ -295,6 +304,7 @@ class StepRecorder:
         the gradients reduced in rank order; the step's recipe over every shard; the self-check on rank 0,
         agreed by all. Every rank decides alike from the same exchanged facts, so all refuse or none."""
         run, ranks, step = self.run, self.run.ranks, self.run.step
+        assert ranks is not None and self._gather is not None
         why, facts = None, None
         try:
             run.check_hyperparameters(optimizer)
@@ -313,7 +323,11 @@ class StepRecorder:
         except GovernanceError as exc:
             why = str(exc)
         everyone = ranks.exchange((why, facts))
-        ranks.verdict([w for w, _ in everyone], f"step {step}")
+        try:
+            ranks.verdict([w for w, _ in everyone], f"step {step}")
+        except RankRefused:
+            self._gather.discard()
+            raise
         shared = [f for _, f in everyone]
         batch = getattr(run, "step_indices", [])
         for r, f in enumerate(shared):
@@ -326,8 +340,9 @@ class StepRecorder:
             elif f["grads"] != shared[0]["grads"]:
                 problem = "a parameter has a gradient on some ranks and none on others"
             if problem is not None:
+                self._gather.discard()
                 raise RankRefused(f"step {step}: rank {r}: {problem}")
-        ranks.reduce_gradients([p for p, has in zip(self.flat, shared[0]["grads"]) if has])
+        self._gather.reduce([p for p, has in zip(self.flat, shared[0]["grads"]) if has])
         losses = [f["loss"] for f in shared]
         recipe = {**shared[0]["recipe"], "ranks": [len(f["indices"]) for f in shared], "losses": losses}
         if ranks.writer:
