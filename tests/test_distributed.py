@@ -237,3 +237,22 @@ def test_both_shard_rules_agree(world: int, batch: int) -> None:
     assert sizes == verifier_shard_sizes(batch, world)
     assert sum(sizes) == batch and len(sizes) == world and max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_unlearning_a_run_over_ranks_replays_its_shards_and_the_certificate_verifies(tmp_path: Path) -> None:
+    from gradledger.training.retirement import retire
+    from gradledger.training.unlearning import unlearn
+    from helpers import CROWD_KEY
+
+    _train(tmp_path, 2, per_rank=4)
+    with Ledger.open(tmp_path / "ledger", writable=True) as led:
+        retire(led, "worker-1", CROWD_KEY, "second opinions disagree")
+        result = unlearn(led, "worker-1", WORLD.trainer, run_id="ddp")
+        branch = [led.observation(s).body for s in led.by_type("GovernedUpdate") if s > result.branch_seq]
+        export_bundle(led, tmp_path / "unlearned.glb", with_data=True)
+    assert result.replayed_steps > 0 and branch
+    for u in branch:  # the branch's steps are shards of what is left, reduced as the run reduced them
+        assert u["recipe"]["ranks"] == shard_sizes(len(u["batch"]), 2)
+    report = _verify(tmp_path / "unlearned.glb")
+    assert report.verified and report.replay_mode == "exact", report.render()
+    assert any(c["status"] == "pass" for c in report.certificates)

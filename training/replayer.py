@@ -24,9 +24,11 @@ from gradledger.ledger.program import load_program as read_program
 
 from .bands import BandLayout, ResolvedBands
 from .checkpoints import read_checkpoint, restore
+from .distributed import shard_sizes
 from .dataset import CommittedDataset, load_inputs
 from .errors import GovernanceError
 from .gate import clip_bands
+from .order import micro_seed
 from .policy import batch_limits, load_adopted, profiles_tensor
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
 from .updates import example_loss_bytes, route_examples, step_and_measure, update_body
@@ -157,6 +159,9 @@ class Replayer:
         # Format 4 records every example's loss (specs/training.md §3.1); replay records them as the run did.
         self.records_example_losses = settings.get("format", 1) >= 4
         self.n_bands = len(layout)
+        # A run over torch.distributed ranks is replayed shard by shard, reduced as it was (specs/distributed.md §3).
+        distributed = settings.get("distributed")
+        self.world: int | None = distributed["world"] if isinstance(distributed, Mapping) else None
         self.policy = load_adopted(ledger, settings["policy_seq"])
         if self.policy.digest != settings["policy"]:
             raise ReplayError(f"run {run.run_id!r}: policy at seq {settings['policy_seq']} is not the recorded one")
@@ -191,6 +196,8 @@ class Replayer:
         rules = [self.rules[i] for i in batch]
         limits = batch_limits(self.policy.compiled, rules)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world is not None:
+            return self._sharded(original, batch, rules, limits, inspect)
         torch.default_generator.manual_seed(original["seeds"]["step"])
         try:
             out = self.module(*self.rows(index), self.profiles[index])
@@ -206,6 +213,48 @@ class Replayer:
             with torch.no_grad():
                 each = example_loss_bytes([self.example_loss_fn(out.detach(), labels)])
         loss_t.backward()
+        return self._finish(original, batch, rules, limits, loss, each)
+
+    def _sharded(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
+                 limits: tuple[float | None, ...], inspect: Inspect | None) -> dict[str, Any]:
+        """A step of a run over ranks (specs/distributed.md §2-4): each rank's shard in rank order as a
+        micro-batch (its own seed, the loss undivided, gradients adding up), then divided by the world size."""
+        assert self.world is not None
+        step, world = original["step"], self.world
+        if len(batch) < world:
+            raise ReplayError(f"step {step}: {len(batch)} examples are left of its batch, fewer than the run's {world} "
+                              "ranks: a shard would be empty (specs/distributed.md §2); not replayable yet")
+        sizes = shard_sizes(len(batch), world)
+        losses, each, pos = [], [], 0
+        for r, size in enumerate(sizes):
+            index = torch.tensor(batch[pos:pos + size], dtype=torch.int64)
+            pos += size
+            torch.default_generator.manual_seed(micro_seed(original["seeds"]["run"], step, r))
+            try:
+                out = self.module(*self.rows(index), self.profiles[index])
+            except ProgramError as exc:
+                raise ReplayError(f"step {step}: the run's program fails: {exc.args[0]}") from None
+            labels = self.labels[index]
+            if inspect is not None:
+                inspect(out, labels, index)
+            loss_t = self.loss_fn(out, labels)
+            losses.append(float(loss_t.detach()))
+            if self.records_example_losses:
+                with torch.no_grad():
+                    each.append(self.example_loss_fn(out.detach(), labels))
+            loss_t.backward()
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.div_(world)
+        body = self._finish(original, batch, rules, limits, math.fsum(losses) / world,
+                            example_loss_bytes(each) if self.records_example_losses else None)
+        body["recipe"] = {"ranks": sizes, "losses": losses}
+        return body
+
+    def _finish(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
+                limits: tuple[float | None, ...], loss: float, each: bytes | None) -> dict[str, Any]:
+        """specs/training.md §3 steps 4-10 after the backward(s): band norms and clip, the optimizer's step,
+        update norms; the GovernedUpdate body."""
         grad_norms = clip_bands(self.module, self.bands, limits)
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
             raise ReplayError(f"step {original['step']}: non-finite loss or band gradient norm on replay")

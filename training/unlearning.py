@@ -161,13 +161,22 @@ def unlearn(
         raise UnlearningError(f"source {source!r} contributed to no update of run {run.run_id!r}; nothing to unlearn")
     first_step = first[1]["step"]
     rewind_seq, rewind = [(s, b) for s, b in run.checkpoints if b["step"] <= first_step][-1]
-    recipes = [b["step"] for _, b in run.updates if b["step"] >= rewind["step"] and "recipe" in b]
+    # A step over ranks records only its shards (specs/distributed.md §4), which the branch replays alike.
+    recipes = [b["step"] for _, b in run.updates if b["step"] >= rewind["step"] and "recipe" in b
+               and set(b["recipe"]) != {"ranks", "losses"}]
     if recipes:
         # specs/training.md §8: the branch replays plain steps only (no accumulation, clip or autocast yet).
         raise UnlearningError(f"run {run.run_id!r}: step {recipes[0]} records a recipe (accumulation, clip, "
                               "autocast...), which exact unlearning does not replay yet")
     original_head = run.checkpoints[-1][1]["digest"]
     removed = set(deps.removed)
+    world = (settings.get("distributed") or {}).get("world")
+    if world is not None:  # specs/distributed.md §6: every kept batch must cut into non-empty shards
+        for _, b in run.updates:
+            kept = sum(1 for i in b["batch"] if i not in removed)
+            if b["step"] >= rewind["step"] and 0 < kept < world:
+                raise UnlearningError(f"run {run.run_id!r}: step {b['step']} keeps {kept} examples, fewer than its "
+                                      f"{world} ranks; its shards cannot all be non-empty (specs/distributed.md §6)")
 
     ledger.commit()  # the caller's pending records are theirs: a failure below discards only the branch's
     # The ledger's own commit policy: from here on it commits only at the branch's tree heads, and a
