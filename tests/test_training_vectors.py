@@ -305,3 +305,25 @@ def test_memorization_both(case: dict[str, Any]) -> None:
     assert [None if v is None else struct.pack("<d", v).hex() for v in mine] == want["scores"]
     assert [[i, struct.pack("<d", v).hex()] for i, v in VD.flagged(mine, case["fraction"])] == want["flagged"]
     assert VD.digest(mine).hex() == want["digest"]
+
+
+# -- shards over torch.distributed ranks (distributed.md §2) -----------------------------------
+
+
+@pytest.mark.parametrize("case", cases("shards"), ids=ids("shards"))
+def test_shards_both(case: dict[str, Any]) -> None:
+    from gradledger.training.distributed import shard_sizes
+    from gradledger.verify._internal.recipe import RecipeInvalid, check_recipe
+    from gradledger.verify._internal.recipe import shard_sizes as verifier_shard_sizes
+
+    batch, world = case["batch"], case["world"]
+    step = {"batch": list(range(batch)),
+            "recipe": {"ranks": verifier_shard_sizes(batch, world), "losses": [1.0] * world}}
+    if "wantErr" in case:
+        with pytest.raises(Exception, match=case["wantErr"]):
+            shard_sizes(batch, world)
+        with pytest.raises(RecipeInvalid):
+            check_recipe(step, 7, world)
+        return
+    assert shard_sizes(batch, world) == verifier_shard_sizes(batch, world) == case["want"]
+    check_recipe(step, 7, world)  # the trainer's cut is the one the verifier accepts

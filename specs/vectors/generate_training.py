@@ -413,6 +413,23 @@ def step_ranges_cases() -> list[dict[str, Any]]:
     return out
 
 
+def shards_cases() -> list[dict[str, Any]]:
+    """A batch cut into one shard per rank, rank 0 first (distributed.md §2)."""
+    out: list[dict[str, Any]] = []
+    for desc, batch, world in [
+        ("even: 64 examples over 2 ranks", 64, 2),
+        ("uneven: the first 64 mod 3 ranks one larger", 64, 3),
+        ("a short last batch of an epoch: 16 over 4", 16, 4),
+        ("one example per rank", 4, 4),
+        ("uneven at 7 ranks", 100, 7),
+    ]:
+        q, r = divmod(batch, world)
+        out.append({"desc": desc, "batch": batch, "world": world, "want": [q + 1] * r + [q] * (world - r)})
+    out.append({"desc": "fewer examples than ranks: a shard would be empty", "batch": 3, "world": 4,
+                "wantErr": "non-empty"})
+    return out
+
+
 def memorization_cases() -> list[dict[str, Any]]:
     """Per-index loss traces (binary32) -> LT-IQR scores, the flagged top fraction and the scores digest
     (dynamics.md §1)."""
@@ -462,6 +479,8 @@ def document() -> dict[str, Any]:
             "summation order is exact) and the §5 ranges [from, to, score].",
             "memorization: each dataset index's loss trace as binary32 little-endian hex; want.scores the LT-IQR "
             "as binary64 little-endian hex (null: no score), flagged [[index, score hex]] and digest (dynamics.md §1).",
+            "shards: a step's batch cut into one shard per torch.distributed rank, rank 0 first (distributed.md §2); "
+            "wantErr where a shard would be empty (the trainer refuses; the verifier refuses such recipe.ranks).",
         ],
         "bands": BANDS,
         "sources": SOURCES,
@@ -479,6 +498,7 @@ def document() -> dict[str, Any]:
         "source_shares": source_shares_cases(),
         "step_ranges": step_ranges_cases(),
         "memorization": memorization_cases(),
+        "shards": shards_cases(),
     }
 
 
