@@ -516,7 +516,15 @@ def _fill(ledger: Ledger, bundle: Bundle, progress: Progress | None, store: "Art
             ledger.put_artifact(view)
         if progress is not None:
             progress(span)
-    for digest in bundle.external_digests():
+    external = bundle.external_digests()
+    if external:
+        # §5.2: only checkpoints go outside; a store is asked for nothing the records do not name as one.
+        allowed = checkpoint_artifacts(ledger, ledger.size)
+        stray = [d for d in external if d not in allowed]
+        if stray:
+            raise BundleError(f"{bundle.path}: external artifact {stray[0].hex()} is not a checkpoint artifact that "
+                              "a Checkpoint record (and no other record) names")
+    for digest in external:
         assert store is not None  # import_bundle refused the bundle without one
         try:
             data = store.fetch(digest)

@@ -249,6 +249,15 @@ def test_an_external_digest_no_record_names_is_refused(run: dict[str, Any], tmp_
     assert code == 1 and stray.hex() in out["first_failure"]["detail"]
 
 
+def test_import_refuses_an_external_digest_no_checkpoint_names(run: dict[str, Any], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    stray = hashlib.sha256(b"nobody names me").digest()
+    path = _write_v2(tmp_path / "bad.glb", run, _inside(run), set(run["checkpoints"]) | {stray})
+    assert train_cli.main(["import", str(path), str(tmp_path / "led"), "--artifacts", str(run["store"])]) == 2
+    assert stray.hex() in capsys.readouterr().err
+    assert not (tmp_path / "led").exists()
+
+
 def test_an_in_bundle_artifact_left_out_is_refused(run: dict[str, Any], tmp_path: Path) -> None:
     path = _write_v2(tmp_path / "bad.glb", run, _inside(run) - {run["program"]}, set(run["checkpoints"]))
     code, out = verify_cli(path, run["roots"], "--replay", "none")
