@@ -294,7 +294,7 @@ class Verifier:
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         from tqdm import tqdm
 
-        # specs/replay.md §8: checkpoints held outside the bundle come from the store, fetched as used.
+        # specs/replay.md §9: checkpoints held outside the bundle come from the store, fetched as used.
         fetcher = ExternalFetcher(source, getattr(source, "external_digests", tuple)(), store, observations)
         try:
             with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,

@@ -1,5 +1,5 @@
 """Checkpoints held outside the bundle: fetched from the artifact store only where replay uses them
-(specs/replay.md §8).
+(specs/replay.md §9).
 
 A version-2 bundle names some checkpoints by digest only (specs/bundle.md §5). The replay
 workers ask the verifier for artifacts by digest (segments.py); this fetcher answers them from
