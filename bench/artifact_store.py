@@ -12,7 +12,7 @@ mode with ``--artifacts`` under four fixed nonces and counts the bytes read from
 - ``sample_fraction``: the segments replayed over all segments (``k / n``);
 - ``one_segment_fraction``: ``1 / n``;
 - ``target_met``: the fraction is at most ``sample_fraction + one_segment_fraction``. A sample
-  fetches each replayed segment's start checkpoint and the run's head (specs/replay.md §9):
+  fetches each replayed segment's start checkpoint and the run's head (specs/replay.md §6.1):
   ``k + 1`` of ``n + 1`` checkpoints.
 
 Every verification must pass. The last stdout line is JSON. ``measure()`` returns the same dict.

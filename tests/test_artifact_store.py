@@ -1,4 +1,4 @@
-"""Checkpoints outside the bundle (issue 14; specs/bundle.md §5, specs/replay.md §9): the artifact store,
+"""Checkpoints outside the bundle (issue 14; specs/bundle.md §5, specs/replay.md §6.1): the artifact store,
 version-2 bundles that name checkpoints by digest, and a verifier that fetches only what replay uses."""
 
 from __future__ import annotations

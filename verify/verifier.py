@@ -59,14 +59,14 @@ class VerificationPolicy:
     sandbox: bool = True
     #: The sandboxed worker's address-space limit (RLIMIT_AS), in MiB (``--max-memory``).
     max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
+    #: Where the checkpoints a version-2 bundle holds outside live (``--artifacts STORE``: a directory or
+    #: an fsspec URL; specs/bundle.md §5). Replay fetches from it only the checkpoints it uses.
+    artifacts: str | None = None
     #: Also check a release's chain to this bundle (``--release``; specs/release.md §6).
     release: ReleaseInputs | None = None
     #: Recompute every recorded ForensicTrace and compare (``--check-traces``; specs/forensics.md §7.3).
     #: Without it a trace's form and digests are still checked.
     check_traces: bool = False
-    #: Where the checkpoints a version-2 bundle holds outside live (``--artifacts STORE``: a directory or
-    #: an fsspec URL; specs/bundle.md §5). Replay fetches from it only the checkpoints it uses.
-    artifacts: str | None = None
 
 
 class Verifier:
@@ -294,15 +294,17 @@ class Verifier:
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         from tqdm import tqdm
 
-        # specs/replay.md §9: checkpoints held outside the bundle come from the store, fetched as used.
+        # specs/replay.md §6.1: replay reads every artifact through the fetcher, which serves checkpoints
+        # held outside the bundle from the store, each fetched as a worker asks for it and hashed.
         fetcher = ExternalFetcher(source, getattr(source, "external_digests", tuple)(), store, observations)
+        source = fetcher
         try:
             with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,
                       file=sys.stderr) as bar:
                 # Always in workers (issue 9): a SandboxUnavailable (exit 2) propagates.
                 probes = {i: probing[(ctx.run_seq, seg.index)] for i, (ctx, seg) in enumerate(jobs)
                           if (ctx.run_seq, seg.index) in probing}
-                results = run_jobs(jobs, path, fetcher.artifact, exact=exact, workers=self.policy.workers, probes=probes,
+                results = run_jobs(jobs, path, source.artifact, exact=exact, workers=self.policy.workers, probes=probes,
                                    progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
         except ReplayError as exc:
             exc = fetcher.first_failure() or exc

@@ -1,5 +1,5 @@
 """Checkpoints held outside the bundle: fetched from the artifact store only where replay uses them
-(specs/replay.md §9).
+(specs/replay.md §6.1).
 
 A version-2 bundle names some checkpoints by digest only (specs/bundle.md §5). The replay
 workers ask the verifier for artifacts by digest (segments.py); this fetcher answers them from
@@ -17,7 +17,7 @@ against its record, as the ``artifacts`` check does for a checkpoint in the bund
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from gradledger.ledger.artifact_store import ArtifactStore
 from gradledger.ledger.envelope import Sealed
@@ -28,7 +28,11 @@ from .replay import ReplayError
 
 
 class Source(Protocol):
+    def records(self) -> Iterator[tuple[int, bytes]]: ...
+
     def artifact(self, digest: bytes) -> bytes | None: ...
+
+    def close(self) -> None: ...
 
 
 class ExternalFetcher:
@@ -51,6 +55,12 @@ class ExternalFetcher:
         self.served: list[bytes] = []
         self.failures: list[ReplayError] = []
         self.parsed: set[bytes] = set()
+
+    def records(self) -> Iterator[tuple[int, bytes]]:
+        return self.source.records()
+
+    def close(self) -> None:
+        """The source is its opener's to close."""
 
     def artifact(self, digest: bytes) -> bytes | None:
         """The artifact ``digest``, or None where neither the bundle nor the store can give it intact."""
