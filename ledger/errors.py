@@ -72,6 +72,16 @@ class AuthorizationError(CredentialError):
     """A signer's role does not allow what it signed."""
 
 
+class ArtifactUnavailable(VerificationError):
+    """An artifact held outside a bundle (specs/bundle.md §5) cannot be used: missing from the
+    artifact store, too large, unreadable, or not the bytes of its digest. Names the digest in full."""
+
+    def __init__(self, digest: bytes, reason: str, *, seq: int | None = None) -> None:
+        super().__init__(f"artifact {digest.hex()}: {reason}", seq=seq)
+        self.digest = digest
+        self.reason = reason
+
+
 class BundleError(UnusableInput):
     """A bundle file is missing, truncated, mis-framed or inconsistent with its header."""
 

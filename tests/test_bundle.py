@@ -327,7 +327,10 @@ CASES = {
     "header not CBOR": (_frame([b"\xff\xff"]), "not a gradledger bundle header"),
     "header not canonical": (_frame([b"\xa0\x00"]), "not a gradledger bundle header"),
     "wrong format": (_frame([_header(format="zip")]), "format"),
-    "wrong version": (_frame([_header(version=2)]), "version"),
+    "wrong version": (_frame([_header(version=3)]), "version"),
+    # Version 2 (specs/bundle.md §5) states its external count; version 1 never does.
+    "version 2 without external": (_frame([_header(version=2)]), "external"),
+    "version 1 with external": (_frame([_header(external=0)]), "external"),
     "unknown field": (_frame([_header(extra=1)]), "unknown field"),
     "missing field": (_frame([_header(with_data=...)]), "missing"),
     "count beyond 2^32": (_frame([_header(artifacts=(1 << 32) + 1)]), "more than"),

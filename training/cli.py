@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from gradledger.ledger.artifact_store import ArtifactStore
 from gradledger.ledger.bundle import export_bundle, import_bundle
 from gradledger.ledger.errors import GradledgerError, exit_status
 from gradledger.ledger.inspection import render, summarize
@@ -82,15 +83,21 @@ def _unlearn(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    store = ArtifactStore(args.artifacts_to, create=True) if args.artifacts_to else None
     with Ledger.open(args.ledger) as ledger:
         with tqdm(desc="exporting", unit="B", unit_scale=True, disable=None, file=sys.stderr) as bar:
-            header = export_bundle(ledger, args.output, with_data=args.with_data, progress=bar.update)
+            header = export_bundle(ledger, args.output, with_data=args.with_data, progress=bar.update,
+                                   artifacts_to=store)
     summary = {key: header[key] for key in ("origin", "records", "artifacts", "cosignatures", "size", "with_data")}
+    if store is not None:
+        summary.update(external=header["external"], artifacts_to=args.artifacts_to)
     summary.update(root=header["root"].hex(), bytes=os.path.getsize(args.output), path=str(args.output))
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
         data = ", with dataset inputs" if args.with_data else ""
+        if store is not None:
+            data += f", {header['external']} checkpoints by digest in {args.artifacts_to}"
         print(f"exported {summary['records']} observations, {summary['artifacts']} artifacts{data}, "
               f"{summary['cosignatures']} cosignatures: {summary['bytes']} bytes to {summary['path']}")
     return EXIT_OK
@@ -101,7 +108,8 @@ def _import(args: argparse.Namespace) -> int:
 
     total = os.path.getsize(args.bundle) if os.path.isfile(args.bundle) else None
     with tqdm(total=total, desc="importing", unit="B", unit_scale=True, disable=None, file=sys.stderr) as bar:
-        ledger = import_bundle(args.bundle, args.ledger, progress=bar.update)
+        ledger = import_bundle(args.bundle, args.ledger, progress=bar.update,
+                               artifacts=ArtifactStore(args.artifacts) if args.artifacts else None)
     with ledger:
         summary = {"path": str(ledger.path), "origin": ledger.origin, "size": ledger.size, "root": ledger.root.hex(),
                    "artifacts": len(ledger.artifact_digests()), "cosignatures": len(list(ledger.cosignatures()))}
@@ -181,11 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--with-data", dest="with_data", action="store_true",
                       help="include the committed datasets' input artifacts (the default; accepted for old scripts)")
     export.set_defaults(with_data=True)
+    export.add_argument("--artifacts-to", metavar="STORE", help="write the checkpoint artifacts into this artifact "
+                        "store (a directory, made if absent, or a URL fsspec opens) and name them in the bundle by "
+                        "digest (bundle version 2, specs/bundle.md §5); gradledger-verify --artifacts STORE fetches "
+                        "only those its replay uses")
     export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(run=_export)
     import_ = sub.add_parser("import", help="build a new ledger from a bundle, re-admitting every record")
     import_.add_argument("bundle", help="bundle file (.glb)")
     import_.add_argument("ledger", help="new ledger directory (must not exist, or be empty)")
+    import_.add_argument("--artifacts", metavar="STORE", help="the artifact store holding the checkpoints the bundle "
+                         "names by digest (required for such a bundle; each is hashed before it is stored)")
     import_.add_argument("--json", action="store_true", help="machine-readable output")
     import_.set_defaults(run=_import)
     init = sub.add_parser("init", help="make a project from a taxonomy file: keys, credentials, trust file, a ledger "

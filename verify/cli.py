@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attest", metavar="FILE", help="write the result as a signed SLSA verification summary "
                         "(in-toto Statement v1 in DSSE) to FILE")
     parser.add_argument("--attest-key", metavar="PEM", help="with --attest: the verifier's private key (PEM)")
+    parser.add_argument("--artifacts", metavar="STORE", help="artifact store holding the checkpoints a bundle names "
+                        "by digest (gradledger export --artifacts-to): a directory, or a URL fsspec opens "
+                        "(pip install 'gradledger[store]'); replay fetches only the checkpoints it uses")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
 
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy = VerificationPolicy(args.replay, args.workers, args.sample_fraction, nonce, args.tolerance,
                                         sandbox=not args.no_sandbox, max_memory_mib=args.max_memory, release=release,
                                         check_traces=args.check_traces, engine=args.engine,
-                                        ray_address=args.address)
+                                        ray_address=args.address, artifacts=args.artifacts)
             report = Verifier(roots, policy).verify(args.bundle, progress=not args.json, pool=pool)
         if args.attest:
             from ._internal.summary import write_summary

@@ -19,11 +19,13 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from gradledger.ledger.artifact_store import ArtifactStore
 from gradledger.ledger.envelope import Sealed
 from gradledger.ledger.errors import VerificationError
 
 from ._internal import challenge, environment
 from ._internal.certificates import check_certificates
+from ._internal.external import ExternalFetcher
 from ._internal.release import ReleaseInputs, check_release
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
@@ -57,6 +59,9 @@ class VerificationPolicy:
     sandbox: bool = True
     #: The sandboxed worker's address-space limit (RLIMIT_AS), in MiB (``--max-memory``).
     max_memory_mib: int = DEFAULT_MAX_MEMORY_MIB
+    #: Where the checkpoints a version-2 bundle holds outside live (``--artifacts STORE``: a directory or
+    #: an fsspec URL; specs/bundle.md §5). Replay fetches from it only the checkpoints it uses.
+    artifacts: str | None = None
     #: Also check a release's chain to this bundle (``--release``; specs/release.md §6).
     release: ReleaseInputs | None = None
     #: Recompute every recorded ForensicTrace and compare (``--check-traces``; specs/forensics.md §7.3).
@@ -80,11 +85,13 @@ class Verifier:
         the policy's, else new ones are started."""
         source = open_source(path)
         try:
-            return self._verify(source, os.fspath(path), progress, pool)
+            store = ArtifactStore(self.policy.artifacts) if self.policy.artifacts is not None else None
+            return self._verify(source, os.fspath(path), progress, pool, store)
         finally:
             source.close()
 
-    def _verify(self, source: Source, path: str, progress: bool, pool: WorkerPool | None = None) -> Report:
+    def _verify(self, source: Source, path: str, progress: bool, pool: WorkerPool | None = None,
+                store: ArtifactStore | None = None) -> Report:
         from tqdm import tqdm
 
         report = Report(replay_scope=self.policy.replay)
@@ -129,7 +136,7 @@ class Verifier:
             return report
         terms: dict[int, dict[tuple[int, int], Any]] = {}
         jobs = self._replay(source, path, structure, report, progress, pool,
-                            claims if self.policy.check_traces else [], terms, plan)
+                            claims if self.policy.check_traces else [], terms, plan, store)
         report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
         if claims:
             self._check_traces(claims, structure, report, terms)
@@ -185,7 +192,8 @@ class Verifier:
     def _replay(self, source: Source, path: str, structure: Structure, report: Report,
                 progress: bool, pool: WorkerPool | None = None, claims: list[TraceClaim] | None = None,
                 terms: dict[int, dict[tuple[int, int], Any]] | None = None,
-                plan: dict[int, list[Any]] | None = None) -> dict[int, tuple[int, int]]:
+                plan: dict[int, list[Any]] | None = None, store: ArtifactStore | None = None,
+                ) -> dict[int, tuple[int, int]]:
         """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
         ``claims``: recorded traces to recompute: every segment of their lineages is replayed and computes
         their terms, which go into ``terms`` (trace seq -> (run seq, segment index) -> terms).
@@ -291,6 +299,10 @@ class Verifier:
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         from tqdm import tqdm
 
+        # specs/replay.md §6.1: replay reads every artifact through the fetcher, which serves checkpoints
+        # held outside the bundle from the store, each fetched as a worker asks for it and hashed.
+        fetcher = ExternalFetcher(source, getattr(source, "external_digests", tuple)(), store, observations)
+        source = fetcher
         try:
             with tqdm(total=steps, desc=f"replay ({mode})", unit="step", disable=None if progress else True,
                       file=sys.stderr) as bar:
@@ -300,6 +312,7 @@ class Verifier:
                 results = self._run(jobs, path, source, report, exact=exact, probes=probes,
                                     progress=lambda r: bar.update(r.steps), sandbox=sandbox, pool=pool)
         except ReplayError as exc:
+            exc = fetcher.first_failure() or exc
             report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
             _certificate_replay(report, observations, error=exc)
             return {}
@@ -312,6 +325,14 @@ class Verifier:
         # comparison), summed over workers: replay without the workers' start.
         report.figures["replay_segment_seconds"] = round(sum(r.seconds for r in results), 3)
         report.figures["replayed_steps"] = steps
+        if fetcher.external:
+            fetcher.check_heads(observations[runs[seq][-1].end_seq] for seq in sorted(replayed) if runs.get(seq))
+            report.figures.update(fetcher.figures())
+            if fetcher.first_failure() is not None:
+                exc = fetcher.first_failure()
+                report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
+                _certificate_replay(report, observations, error=exc)
+                return {}
         _certificate_replay(report, observations, jobs, results)
         for (ctx, seg), r in zip(jobs, results):
             for found in r.traces if r.ok and terms is not None else ():
@@ -324,7 +345,7 @@ class Verifier:
         else:
             worst = max((r.max_deviation for r in results), default=0.0)
             extra = "" if exact else f"; largest relative deviation {worst:.3g}"
-            report.add("replay", "pass", label + extra)
+            report.add("replay", "pass", label + extra + fetcher.describe())
         covered: dict[int, tuple[int, int]] = {}
         for seq, segs in runs.items():
             done = sum(1 for ctx, _ in jobs if ctx.run_seq == seq)

@@ -8,6 +8,9 @@
   artifact is not the state it describes fails with ``--replay none`` too).
 - From a bundle: every artifact in it is named by some record, the header agrees with the
   records, and every cosignature is a credentialed witness's signature of a TreeHead in the log.
+- A version-2 bundle's external checkpoints (specs/bundle.md §5) are named only by Checkpoint
+  records and are not fetched here: fetching every one would make a sampled verification fetch
+  the whole run. Replay fetches, hashes and checks the ones it uses (external.py).
 
 Each artifact is hashed once and each checkpoint parsed once, however many records name it.
 """
@@ -97,13 +100,25 @@ def check_artifacts(
     # The source's own index names bundle artifacts by the SHA-256 it computed while reading
     # them; anything else (a ledger, a test's list) is hashed here.
     trusted_names = isinstance(source, Bundle)
+    external = frozenset(source.external_digests()) if isinstance(source, Bundle) else frozenset()
     seen: set[bytes] = set()
     parsed: set[bytes] = set()
+    outside = 0
     for sealed in observations:
         for name, digest in named_artifacts(sealed):
             where = f"{sealed.type} {sealed.seq} {name}"
             if not _is_digest(digest):
                 raise ArtifactError(f"{where} is not a 32-byte artifact digest", seq=sealed.seq)
+            if digest in external:
+                # specs/bundle.md §5: only a checkpoint may be held outside; its digest is committed by
+                # the signed record, and replay checks the bytes where it fetches them.
+                if sealed.type != "Checkpoint":
+                    raise ArtifactError(f"{where}: artifact {digest.hex()} is held outside the bundle, and only "
+                                        "checkpoint artifacts may be", seq=sealed.seq)
+                if digest not in seen:
+                    seen.add(digest)
+                    outside += 1
+                continue
             if digest not in seen:
                 _check_present(source, digest, where, sealed.seq, trusted_names)
                 seen.add(digest)
@@ -115,9 +130,12 @@ def check_artifacts(
                     parsed.add(key)
                     summary.checkpoints += 1
     summary.named = len(seen)
-    detail = (f"{len(seen)} artifacts named by the records, each present and hashing to its name; "
+    detail = (f"{len(seen) - outside} artifacts named by the records, each present and hashing to its name; "
               f"{summary.checkpoints} checkpoint artifacts parsed as safetensors, every tensor digest and state "
               "digest recomputed and equal to its record")
+    if external:
+        detail += (f"; {outside} checkpoint artifacts held outside the bundle (named by digest, none fetched by this "
+                   "check: replay fetches, hashes and checks those it uses, specs/bundle.md §5)")
     if isinstance(source, Bundle):
         detail += "; " + _check_bundle(source, observations, registry, root, seen)
     return "pass", detail
@@ -149,11 +167,15 @@ def _check_bundle(
     extra = sorted(bundle.artifact_digests() - named)
     if extra:
         raise ArtifactError(f"the bundle carries {len(extra)} artifacts no record names, first {extra[0].hex()}")
+    external = set(bundle.external_digests())
+    stray = sorted(external - named)
+    if stray:
+        raise ArtifactError(f"the bundle names {len(stray)} external artifacts no record names, first {stray[0].hex()}")
     header, size = bundle.header, len(observations)
     origin = origin_of(observations[0].record) if observations else ""
     claims = (("records", header["records"], size), ("size", header["size"], size),
               ("root", header["root"], root), ("origin", header["origin"], origin),
-              ("artifacts", header["artifacts"], len(named)),
+              ("artifacts", header["artifacts"], len(named - external)),
               ("cosignatures", header["cosignatures"], len(bundle.cosignatures())))
     for key, said, derived in claims:
         if type(said) is not type(derived) or said != derived:
