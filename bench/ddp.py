@@ -38,7 +38,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import overhead as ov  # noqa: E402
-from helpers import genesis  # noqa: E402
 
 from gradledger.ledger.bundle import export_bundle  # noqa: E402
 from gradledger.ledger.ledger import Ledger  # noqa: E402
@@ -61,12 +60,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def new_ledger(root: Path) -> int:
     """A ledger with the benchmark's world, credentials and the dataset (inputs included); its seq."""
     x, y = _data()
-    ledger = Ledger.create(root / "ledger")
-    genesis(ledger, ov.WORLD)
-    ledger.append("CredentialIssued", {"credential": ov.CROWD_CRED.signed}, ov.WORLD.root)
-    for cred in ov.WORKER_CREDS:
-        ledger.append("CredentialIssued", {"credential": cred.signed}, ov.CROWD_KEY)
-    ledger.commit()
+    ledger = ov.bench_ledger(root / "ledger")
     seq = commit_dataset(ledger, ov.manifests_for(x, y), "bench-ddp", ov.WORLD.trainer, inputs=x).seq
     ledger.close()
     assert seq is not None

@@ -201,14 +201,20 @@ class Plain:
             self.step_no += 1
 
 
+def bench_ledger(path: Path) -> Ledger:
+    """A new ledger at ``path`` with the benchmarks' world: genesis, the crowd authority and its workers."""
+    ledger = Ledger.create(path)
+    genesis(ledger, WORLD)
+    ledger.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
+    for cred in WORKER_CREDS:
+        ledger.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
+    ledger.commit()
+    return ledger
+
+
 class Governed:
     def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, root: Path) -> None:
-        self.ledger = Ledger.create(root / f"ledger-{kind}-{time.monotonic_ns()}")
-        genesis(self.ledger, WORLD)
-        self.ledger.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-        for cred in WORKER_CREDS:
-            self.ledger.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-        self.ledger.commit()
+        self.ledger = bench_ledger(root / f"ledger-{kind}-{time.monotonic_ns()}")
         ds = commit_dataset(self.ledger, manifests_for(x, y), f"bench-{kind}", WORLD.trainer)
         model = WORKLOADS[kind]["make_model"]()
         opt = make_optimizer(kind, model)

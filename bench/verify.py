@@ -35,10 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import overhead as ov  # noqa: E402
-from helpers import genesis  # noqa: E402
 
 from gradledger.ledger.bundle import export_bundle  # noqa: E402
-from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.dataset import commit_dataset  # noqa: E402
 from gradledger.training.policy import sign_policy  # noqa: E402
 from gradledger.training.trainer import Governance, Trainer  # noqa: E402
@@ -54,12 +52,7 @@ def log(msg: str) -> None:
 
 def train(root: Path, steps: int, every: int) -> tuple[Path, float]:
     x, y = ov.tf_data(ov.WORKLOADS["transformer"]["n"])
-    ledger = Ledger.create(root / "ledger")
-    genesis(ledger, ov.WORLD)
-    ledger.append("CredentialIssued", {"credential": ov.CROWD_CRED.signed}, ov.WORLD.root)
-    for cred in ov.WORKER_CREDS:
-        ledger.append("CredentialIssued", {"credential": cred.signed}, ov.CROWD_KEY)
-    ledger.commit()
+    ledger = ov.bench_ledger(root / "ledger")
     ds = commit_dataset(ledger, ov.manifests_for(x, y), "bench-transformer", ov.WORLD.trainer, inputs=x)
     model = ov.tf_model()
     opt = ov.make_optimizer("transformer", model)

@@ -27,6 +27,7 @@ from typing import Any
 
 from .bundle import MAX_ARTIFACT_SIZE
 from .errors import ArtifactUnavailable, UnusableInput
+from .files import read_at_most
 
 __all__ = ["ArtifactStore", "INSTALL_HINT", "relative_path"]
 
@@ -110,20 +111,14 @@ class ArtifactStore:
                 raise ArtifactUnavailable(digest, f"the store's file has {st.st_size} bytes, above the {limit} an "
                                           "artifact may have")
             os.set_blocking(fd, True)
-            chunks, got = [], 0
-            while got <= limit:
-                chunk = os.read(fd, min(1 << 24, limit + 1 - got))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
+            data = read_at_most(fd, limit, chunk=1 << 24)
         except OSError as exc:
             raise ArtifactUnavailable(digest, f"cannot read it from the artifact store: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
-        if got > limit:
+        if len(data) > limit:
             raise ArtifactUnavailable(digest, f"the store's file grew past {limit} bytes while being read")
-        return b"".join(chunks)
+        return data
 
     def _read_fsspec(self, digest: bytes, path: str, limit: int) -> bytes:
         try:

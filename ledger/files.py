@@ -40,6 +40,19 @@ def open_regular(path: str | os.PathLike[str], what: str, error: type[UnusableIn
     return fd
 
 
+def read_at_most(fd: int, limit: int, chunk: int = 1 << 20) -> bytes:
+    """What ``fd`` holds, read until its end or until one byte past ``limit`` (so that a caller sees a
+    file that grew past its bound while it was read, without reading the rest)."""
+    chunks, got = [], 0
+    while got <= limit:
+        piece = os.read(fd, min(chunk, limit + 1 - got))
+        if not piece:
+            break
+        chunks.append(piece)
+        got += len(piece)
+    return b"".join(chunks)
+
+
 def read_regular(
     path: str | os.PathLike[str], limit: int, what: str, error: type[UnusableInput] = UnusableInput
 ) -> bytes:
@@ -49,16 +62,10 @@ def read_regular(
         size = os.fstat(fd).st_size
         if size > limit:
             raise error(f"{Path(path)}: {size} bytes, more than a {what} file may hold ({limit})")
-        chunks, got = [], 0
-        while got <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if got > limit:
+        data = read_at_most(fd, limit)
+        if len(data) > limit:
             raise error(f"{Path(path)}: grew past {limit} bytes while being read")
-        return b"".join(chunks)
+        return data
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     finally:

@@ -90,10 +90,16 @@ def _verify(bundle: Path) -> Any:
 
 
 def _updates(bundle: Path) -> list[dict[str, Any]]:
+    return [it.body for it in _contents(bundle)[0] if it.type == "GovernedUpdate"]
+
+
+def _contents(bundle: Path) -> tuple[list[Any], dict[bytes, bytes], str]:
+    """A bundle's records (as items a hostile trainer edits and reseals), artifacts and origin."""
     from gradledger.ledger.bundle import Bundle
 
     with Bundle.open(bundle) as b:
-        return [it.body for it in items_of([r for _, r in b.records()]) if it.type == "GovernedUpdate"]
+        recs = [r for _, r in b.records()]
+        return items_of(recs), {d: b.artifact(d) for d in b.artifact_digests()}, b.header["origin"]
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +153,7 @@ def test_a_forged_per_rank_loss_resigned_by_the_trainer_fails_naming_the_rank(tw
                                                                               tmp_path: Path) -> None:
     import struct
 
-    from gradledger.ledger.bundle import Bundle
-
-    bundle, _ = two
-    with Bundle.open(bundle) as b:
-        recs = [r for _, r in b.records()]
-        arts = {d: b.artifact(d) for d in b.artifact_digests()}
-        origin = b.header["origin"]
-    items = items_of(recs)
+    items, arts, origin = _contents(two[0])
     seq = next(i for i, it in enumerate(items) if it.type == "GovernedUpdate" and it.body["step"] == 4)
     body = dict(items[seq].body)
     losses = bytearray(body["example_losses"])
@@ -171,14 +170,7 @@ def test_a_forged_per_rank_loss_resigned_by_the_trainer_fails_naming_the_rank(tw
 @pytest.mark.parametrize("forgery", ["uneven shards", "world", "no ranks", "ranks on one process"])
 def test_forged_shards_or_world_fail_the_structural_checks(forgery: str, two: tuple[Path, list[str]],
                                                            tmp_path: Path) -> None:
-    from gradledger.ledger.bundle import Bundle
-
-    bundle, _ = two
-    with Bundle.open(bundle) as b:
-        recs = [r for _, r in b.records()]
-        arts = {d: b.artifact(d) for d in b.artifact_digests()}
-        origin = b.header["origin"]
-    items = items_of(recs)
+    items, arts, origin = _contents(two[0])
     run = next(i for i, it in enumerate(items) if it.type == "RunStarted" and it.body["run_id"] == "ddp")
     seq = next(i for i, it in enumerate(items) if it.type == "GovernedUpdate" and it.body["step"] == 1)
     recipe = dict(items[seq].body["recipe"])

@@ -192,44 +192,25 @@ class Replayer:
         for group, recorded in zip(self.optimizer.param_groups, original["optimizer"]["groups"]):
             for k, v in recorded.items():
                 group[k] = tuple(v) if k == "betas" else v
-        index = torch.tensor(batch, dtype=torch.int64)
         rules = [self.rules[i] for i in batch]
         limits = batch_limits(self.policy.compiled, rules)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.world is not None:
-            return self._sharded(original, batch, rules, limits, inspect)
-        torch.default_generator.manual_seed(original["seeds"]["step"])
-        try:
-            out = self.module(*self.rows(index), self.profiles[index])
-        except ProgramError as exc:
-            raise ReplayError(f"step {original['step']}: the run's program fails: {exc.args[0]}") from None
-        labels = self.labels[index]
-        if inspect is not None:
-            inspect(out, labels, index)
-        loss_t = self.loss_fn(out, labels)
-        loss = float(loss_t.detach())
-        each = None
-        if self.records_example_losses:
-            with torch.no_grad():
-                each = example_loss_bytes([self.example_loss_fn(out.detach(), labels)])
-        loss_t.backward()
-        return self._finish(original, batch, rules, limits, loss, each)
-
-    def _sharded(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
-                 limits: tuple[float | None, ...], inspect: Inspect | None) -> dict[str, Any]:
-        """A step of a run over ranks (specs/distributed.md §2-4): each rank's shard in rank order as a
-        micro-batch (its own seed, the loss undivided, gradients adding up), then divided by the world size."""
-        assert self.world is not None
-        step, world = original["step"], self.world
-        if len(batch) < world:
-            raise ReplayError(f"step {step}: {len(batch)} examples are left of its batch, fewer than the run's {world} "
-                              "ranks: a shard would be empty (specs/distributed.md §2); not replayable yet")
-        sizes = shard_sizes(len(batch), world)
+        step = original["step"]
+        if self.world is None:
+            sizes = [len(batch)]
+        elif len(batch) < self.world:
+            raise ReplayError(f"step {step}: {len(batch)} examples are left of its batch, fewer than the run's "
+                              f"{self.world} ranks: a shard would be empty (specs/distributed.md §2); not replayable yet")
+        else:
+            sizes = shard_sizes(len(batch), self.world)
+        # Each piece in order (one, or each rank's shard: specs/distributed.md §2-4): its own seed (piece 0 the
+        # step's), forward, the loss undivided, backward; the gradients add up.
         losses, each, pos = [], [], 0
         for r, size in enumerate(sizes):
             index = torch.tensor(batch[pos:pos + size], dtype=torch.int64)
             pos += size
-            torch.default_generator.manual_seed(micro_seed(original["seeds"]["run"], step, r))
+            seed = original["seeds"]["step"] if r == 0 else micro_seed(original["seeds"]["run"], step, r)
+            torch.default_generator.manual_seed(seed)
             try:
                 out = self.module(*self.rows(index), self.profiles[index])
             except ProgramError as exc:
@@ -243,12 +224,15 @@ class Replayer:
                 with torch.no_grad():
                     each.append(self.example_loss_fn(out.detach(), labels))
             loss_t.backward()
-        for p in self.module.parameters():
-            if p.grad is not None:
-                p.grad.div_(world)
-        body = self._finish(original, batch, rules, limits, math.fsum(losses) / world,
+        if self.world is not None:  # the shards' sum, in rank order, over the world size (§3)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.world)
+        loss = losses[0] if self.world is None else math.fsum(losses) / self.world
+        body = self._finish(original, batch, rules, limits, loss,
                             example_loss_bytes(each) if self.records_example_losses else None)
-        body["recipe"] = {"ranks": sizes, "losses": losses}
+        if self.world is not None:
+            body["recipe"] = {"ranks": sizes, "losses": losses}
         return body
 
     def _finish(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
