@@ -960,6 +960,8 @@ class Governance:
         if self.started and self._writer is None:  # a rank that does not write: rank 0 closes the run
             self.closed = True
             self._end()
+            if self.ranks is not None and self.step > 0:
+                self.ranks.agree(None, "closing the run")  # returns once rank 0 has committed the run's end
             return None
         if self.started and self.step == 0:
             # No update was made: nothing of the run is committed, and nothing is (specs/training.md §1).
@@ -967,13 +969,21 @@ class Governance:
             self._end(GovernanceError("the run was closed before its first step; it records nothing"))
             self.last_checkpoint = None
             return None
+        failure: BaseException | None = None
         try:
             if self.started and self._checkpointed != self.step:
                 self._checkpoint()
             self._drain()  # the last checkpoint is committed before close returns it
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self.closed = True
             self._end()
+            if self.ranks is not None and self.started:
+                # Every rank leaves close together, after the run's end is committed (or with its failure):
+                # no rank tears the process group down under another (specs/distributed.md §1).
+                self.ranks.agree(None if failure is None else str(failure), "closing the run")
         return self.last_checkpoint
 
 
