@@ -329,7 +329,7 @@ class StepRecorder:
             self._gather.discard()
             raise
         shared = [f for _, f in everyone]
-        batch = getattr(run, "step_indices", [])
+        batch = run.step_indices
         for r, f in enumerate(shared):
             want = run.shard_batch(step, batch, r).indices
             problem = None

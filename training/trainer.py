@@ -231,6 +231,8 @@ class Governance:
         self.inputs = InputStructure("tensor")
         self.step = 0
         self.drawn = 0  # batches drawn in the run, micro-batches included
+        #: Over torch.distributed ranks: the whole batch of the step being drawn (this rank trains its shard).
+        self.step_indices: list[int] = []
         self.closed = False
         self.started = False
         self.last_checkpoint: CheckpointData | None = None
