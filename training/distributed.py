@@ -119,9 +119,16 @@ class RankGroup:
             for t in state.values():
                 dist.broadcast(t.data, src=0)
 
-    def gradient_gather(self, params: Sequence[Tensor], bucket_elements: int = 1 << 21) -> "GradientGather":
-        """A ``GradientGather`` over ``params`` (the run's band parameters, in band order)."""
-        return GradientGather(self, params, bucket_elements)
+    def new_group(self) -> Any:
+        """A second process group of the same ranks (every rank calls it at the same point of the run)."""
+        import torch.distributed as dist
+
+        return dist.new_group(backend=self.backend)
+
+    def gradient_gather(self, params: Sequence[Tensor], group: Any = None,
+                        bucket_elements: int = 1 << 21) -> "GradientGather":
+        """A ``GradientGather`` over ``params`` (the run's band parameters, in band order), on ``group``."""
+        return GradientGather(self, params, bucket_elements, group)
 
 
 class GradientGather:
@@ -139,8 +146,10 @@ class GradientGather:
     Nothing is written to a gradient before ``reduce``: a step refused after the gather changes nothing.
     """
 
-    def __init__(self, ranks: RankGroup, params: Sequence[Tensor], bucket_elements: int) -> None:
+    def __init__(self, ranks: RankGroup, params: Sequence[Tensor], bucket_elements: int, group: Any = None) -> None:
         self.ranks = ranks
+        #: The gathers' own process group: the step's small exchanges (default group) do not queue behind them.
+        self.group = group
         self.buckets: list[list[Tensor]] = []
         current: list[Tensor] = []
         size = 0
@@ -175,7 +184,7 @@ class GradientGather:
         bucket = self.buckets[i]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
         gathered = [torch.empty_like(flat) for _ in range(self.ranks.world)]
-        self._started.append((dist.all_gather(gathered, flat, async_op=True), gathered))
+        self._started.append((dist.all_gather(gathered, flat, group=self.group, async_op=True), gathered))
 
     def reduce(self, has_grad: Sequence[Tensor]) -> None:
         """Start what backward left unstarted, wait for every bucket, and write the reduction into the

@@ -125,7 +125,7 @@ class StepRecorder:
         self._global: list[Micro] = []
         self._handles: list[RemovableHandle] = []
         #: Over torch.distributed ranks: the gradients' all-gather, started during backward (distributed.py).
-        self._gather = run.ranks.gradient_gather(self.flat) if run.ranks is not None else None
+        self._gather = run.ranks.gradient_gather(self.flat, run.gather_group) if run.ranks is not None else None
         for p in self.flat:
             self._handles.append(p.register_post_accumulate_grad_hook(self._backward_left))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))

@@ -233,6 +233,7 @@ class Governance:
         self.drawn = 0  # batches drawn in the run, micro-batches included
         #: Over torch.distributed ranks: the whole batch of the step being drawn (this rank trains its shard).
         self.step_indices: list[int] = []
+        self.gather_group: Any = None
         self.closed = False
         self.started = False
         self.last_checkpoint: CheckpointData | None = None
@@ -319,6 +320,7 @@ class Governance:
             why = str(exc)
         ranks.agree(why, "governing the run")
         ranks.broadcast_state(model)
+        self.gather_group = ranks.new_group()  # the gradients' gathers (distributed.GradientGather)
         ranks.same(self._shared_settings(optimizer), "the run's settings")
         why, started = None, None
         if ranks.writer:
