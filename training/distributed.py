@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from gradledger.ledger import encoding
 
 from .errors import GovernanceError
 
-__all__ = ["RankGroup", "RankRefused", "shard_sizes"]
+__all__ = ["RankGroup", "RankRefused", "divide_gradients", "shard_sizes", "shards"]
 
 
 class RankRefused(GovernanceError):
@@ -44,6 +44,23 @@ def shard_sizes(batch: int, world: int) -> list[int]:
                               "rank; use a batch size of at least one example per rank")
     q, r = divmod(batch, world)
     return [q + 1 if i < r else q for i in range(world)]
+
+
+def shards(indices: Sequence[int], world: int) -> list[list[int]]:
+    """A batch's indices cut into its shards (``shard_sizes``), rank 0 first."""
+    out, start = [], 0
+    for size in shard_sizes(len(indices), world):
+        out.append(list(indices[start : start + size]))
+        start += size
+    return out
+
+
+def divide_gradients(params: Iterable[Tensor], world: int) -> None:
+    """specs/distributed.md §3: the shards' gradients, accumulated in rank order, divided once by ``world``
+    (what a one-process replay of a step over ranks does after its last shard's backward)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(world)
 
 
 @dataclass(frozen=True)
@@ -71,12 +88,6 @@ class RankGroup:
     def settings(self) -> dict[str, Any]:
         """RunStarted ``settings.distributed`` (format 7)."""
         return {"world": self.world, "backend": self.backend}
-
-    def shard(self, indices: Sequence[int]) -> list[int]:
-        """This rank's shard of a batch."""
-        sizes = shard_sizes(len(indices), self.world)
-        start = sum(sizes[: self.rank])
-        return list(indices[start : start + sizes[self.rank]])
 
     # -- collectives: every rank calls each one, in the same order ----------------------------------
 

@@ -39,8 +39,8 @@ from .bands import ResolvedBands
 from .errors import GovernanceError
 from .gate import clip_bands
 from .loss_grad import direct_loss_grads
+from .distributed import RankRefused, shards
 from .order import micro_seed
-from .distributed import RankRefused
 from .registry import LossFn
 from .updates import delta_norms
 
@@ -329,9 +329,8 @@ class StepRecorder:
             self._gather.discard()
             raise
         shared = [f for _, f in everyone]
-        batch = run.step_indices
-        for r, f in enumerate(shared):
-            want = run.shard_batch(step, batch, r).indices
+        cut = shards(run.step_indices, ranks.world)
+        for r, (f, want) in enumerate(zip(shared, cut)):
             problem = None
             if f["indices"] != want:
                 problem = f"it trained examples {f['indices'][:8]}, the run's shard {r} of step {step} is {want[:8]}"
@@ -348,8 +347,8 @@ class StepRecorder:
         if ranks.writer:
             everything = []
             for r, f in enumerate(shared):
-                m = micros[0] if r == 0 else Micro(run.shard_batch(step, batch, r), micro_seed(run.seed, step, r),
-                                                   autocast=micros[0].autocast)
+                m = micros[0] if r == 0 else Micro(run.shard_batch(step, cut[r], micros[0].batch.limits),
+                                                   micro_seed(run.seed, step, r), autocast=micros[0].autocast)
                 m.example_losses = torch.tensor(f["example_losses"], dtype=torch.float32)
                 everything.append(m)
             self._global = everything

@@ -24,7 +24,7 @@ from gradledger.ledger.program import load_program as read_program
 
 from .bands import BandLayout, ResolvedBands
 from .checkpoints import read_checkpoint, restore
-from .distributed import shard_sizes
+from .distributed import divide_gradients, shards
 from .dataset import CommittedDataset, load_inputs
 from .errors import GovernanceError
 from .gate import clip_bands
@@ -197,18 +197,17 @@ class Replayer:
         self.optimizer.zero_grad(set_to_none=True)
         step = original["step"]
         if self.world is None:
-            sizes = [len(batch)]
+            pieces = [batch]
         elif len(batch) < self.world:
             raise ReplayError(f"step {step}: {len(batch)} examples are left of its batch, fewer than the run's "
                               f"{self.world} ranks: a shard would be empty (specs/distributed.md §2); not replayable yet")
         else:
-            sizes = shard_sizes(len(batch), self.world)
+            pieces = shards(batch, self.world)
         # Each piece in order (one, or each rank's shard: specs/distributed.md §2-4): its own seed (piece 0 the
         # step's), forward, the loss undivided, backward; the gradients add up.
-        losses, each, pos = [], [], 0
-        for r, size in enumerate(sizes):
-            index = torch.tensor(batch[pos:pos + size], dtype=torch.int64)
-            pos += size
+        losses, each = [], []
+        for r, piece in enumerate(pieces):
+            index = torch.tensor(piece, dtype=torch.int64)
             seed = original["seeds"]["step"] if r == 0 else micro_seed(original["seeds"]["run"], step, r)
             torch.default_generator.manual_seed(seed)
             try:
@@ -225,14 +224,12 @@ class Replayer:
                     each.append(self.example_loss_fn(out.detach(), labels))
             loss_t.backward()
         if self.world is not None:  # the shards' sum, in rank order, over the world size (§3)
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.div_(self.world)
+            divide_gradients(self.module.parameters(), self.world)
         loss = losses[0] if self.world is None else math.fsum(losses) / self.world
         body = self._finish(original, batch, rules, limits, loss,
                             example_loss_bytes(each) if self.records_example_losses else None)
         if self.world is not None:
-            body["recipe"] = {"ranks": sizes, "losses": losses}
+            body["recipe"] = {"ranks": [len(piece) for piece in pieces], "losses": losses}
         return body
 
     def _finish(self, original: Mapping[str, Any], batch: list[int], rules: list[int],

@@ -16,6 +16,7 @@ import torch
 from gradledger.ledger.program import Program, ProgramError, ProgramModule
 
 from . import clipping
+from .distributed import divide_gradients
 from .gate import GatedModel
 from .inputs import InputStructure
 from .recorder import Micro, StepRefused, autocast, float_leaves
@@ -54,9 +55,7 @@ def replay_gradients(program: Program, gated: GatedModel, micros: Sequence[Micro
                 loss = loss_fn(leaf, m.batch.labels)
             (loss / divisor if divisor != 1 else loss).backward()
     if "ranks" in recipe:  # the shards' gradients, summed in rank order above, divided by the world size
-        for p in params.values():
-            if p.grad is not None:
-                p.grad.div_(len(recipe["ranks"]))
+        divide_gradients(params.values(), len(recipe["ranks"]))
     if "clip" in recipe:
         order = [params["model." + n] for n in trainable if params["model." + n].grad is not None]
         clipping.replay_clip(order, recipe["clip"])

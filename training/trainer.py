@@ -41,7 +41,7 @@ from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, read_checkpoint, restore,
                           start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
-from .distributed import RankGroup, RankRefused
+from .distributed import RankGroup, RankRefused, shards
 from .dynamics.memorization import LossTraces, MemorizationScan
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
@@ -671,12 +671,9 @@ class Governance:
             limits = batch_limits(self.policy.compiled, rules)
         return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
 
-    def shard_batch(self, step: int, indices: Sequence[int], rank: int) -> Batch:
-        """Rank ``rank``'s shard of the step's batch ``indices``, with the whole batch's band limits."""
-        assert self.ranks is not None
-        limits = batch_limits(self.policy.compiled, [self._rules[i] for i in indices])
-        group = RankGroup(rank, self.ranks.world, self.ranks.backend)
-        return self._batch(step, group.shard(indices), limits)
+    def shard_batch(self, step: int, shard: Sequence[int], limits: tuple[float | None, ...]) -> Batch:
+        """One rank's shard (its indices) of step ``step``, with the whole batch's band ``limits``."""
+        return self._batch(step, shard, limits)
 
     def sampler_epoch(self) -> Iterator[list[int]]:
         """One epoch of the user loader's batch sampler (order ``"loader"``), each batch checked; it ends
@@ -693,7 +690,8 @@ class Governance:
         chosen = self._indices(self.drawn) if indices is None else indices
         if self.ranks is not None:
             self.step_indices = list(chosen)  # the whole batch: every rank knows every shard
-            batch = self.shard_batch(self.step, chosen, self.ranks.rank)
+            limits = batch_limits(self.policy.compiled, [self._rules[i] for i in chosen])
+            batch = self.shard_batch(self.step, shards(chosen, self.ranks.world)[self.ranks.rank], limits)
         else:
             batch = self._batch(self.step, chosen)
         self.recorder.drew(batch)
