@@ -27,6 +27,7 @@ from .errors import ArtifactUnavailable, BundleError, EncodingError, ProofError,
 from .files import open_regular
 from .keys import SIGNATURE_SIZE
 from .ledger import Ledger
+from .observations import TYPES
 from .store import exists as ledger_exists
 
 if TYPE_CHECKING:
@@ -342,10 +343,13 @@ def checkpoint_artifacts(ledger: Ledger, size: int) -> set[bytes]:
     # Anything else that might name one of them keeps it in the file: every 32-byte value of every
     # other record but the updates (which name no artifact), a superset of the fields of
     # specs/verification.md §3, so the exporter needs no copy of the verifier's table.
-    for seq in range(size):
-        obs = ledger.observation(seq)
-        if obs.type not in ("GovernedUpdate", "Checkpoint"):
-            checkpoints -= set(_byte_values(obs.body))
+    # Found through the type index, so the updates (the bulk of a ledger) are never decoded here.
+    for type_name in TYPES:
+        if type_name in ("GovernedUpdate", "Checkpoint"):
+            continue
+        for seq in ledger.by_type(type_name):
+            if seq < size:
+                checkpoints -= set(_byte_values(ledger.observation(seq).body))
     return checkpoints
 
 
