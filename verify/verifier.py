@@ -328,8 +328,8 @@ class Verifier:
         if fetcher.external:
             fetcher.check_heads(observations[runs[seq][-1].end_seq] for seq in sorted(replayed) if runs.get(seq))
             report.figures.update(fetcher.figures())
-            if fetcher.first_failure() is not None:
-                exc = fetcher.first_failure()
+            if (failed_fetch := fetcher.first_failure()) is not None:
+                exc = failed_fetch
                 report.add("replay", "fail", str(exc.args[0]), seq=exc.seq, step=exc.step)
                 _certificate_replay(report, observations, error=exc)
                 return {}
@@ -351,7 +351,6 @@ class Verifier:
             done = sum(1 for ctx, _ in jobs if ctx.run_seq == seq)
             covered[seq] = (done if failed is None else 0, len(segs))
         return covered
-
 
     def _run(self, jobs: list[Any], path: str, source: Source, report: Report, *, exact: bool,
              probes: dict[int, Any], progress: Any, sandbox: SandboxSpec, pool: WorkerPool | None) -> list[SegmentResult]:

@@ -17,7 +17,7 @@ against its record, as the ``artifacts`` check does for a checkpoint in the bund
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from gradledger.ledger.artifact_store import ArtifactStore
 from gradledger.ledger.envelope import Sealed
@@ -25,14 +25,7 @@ from gradledger.ledger.errors import ArtifactUnavailable
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .replay import ReplayError
-
-
-class Source(Protocol):
-    def records(self) -> Iterator[tuple[int, bytes]]: ...
-
-    def artifact(self, digest: bytes) -> bytes | None: ...
-
-    def close(self) -> None: ...
+from .sources import Source
 
 
 class ExternalFetcher:
