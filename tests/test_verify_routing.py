@@ -55,6 +55,8 @@ def matches(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         m["aggregation"] = draw(st.lists(st.sampled_from(["single", "majority", "label-model", "typo"]),
                                          min_size=1, max_size=3, unique=True))
+    if draw(st.booleans()):
+        m["memorized"] = draw(st.booleans())  # specs/dynamics.md §2.4
     return m
 
 
@@ -63,6 +65,8 @@ def policies(draw: st.DrawFn) -> TP.SignedPolicy:
     n = draw(st.integers(1, 4))
     rules = [{"name": f"r{i}", "match": draw(matches()), **draw(outcomes(n))} for i in range(draw(st.integers(0, 6)))]
     fields = {"name": "p", "bands": [f"b{k}" for k in range(n)], "rules": rules, "default": draw(outcomes(n))}
+    if any("memorized" in r["match"] for r in rules):  # a rule on the flags needs the scans that flag
+        fields["monitors"] = {"memorization": {"fraction": 0.1, "min_trace": 2}}
     return TP.sign_policy(fields, WORLD.root, 5)
 
 
@@ -80,13 +84,15 @@ def routable(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @settings(max_examples=120, deadline=None)
-@given(sp=policies(), batch=st.lists(routable(), min_size=0, max_size=12))
-def test_routing_and_batch_limits_equal_the_trainers(sp: TP.SignedPolicy, batch: list[dict[str, Any]]) -> None:
+@given(sp=policies(), batch=st.lists(st.tuples(routable(), st.booleans()), min_size=0, max_size=12))
+def test_routing_and_batch_limits_equal_the_trainers(sp: TP.SignedPolicy, batch: list[tuple[dict[str, Any], bool]]
+                                                     ) -> None:
     policy = VR.parse_policy(sp.signed)
     assert policy.digest == sp.digest and policy.bands == sp.bands
-    mine = VR.route_examples(policy, batch, PATH_OF_KID.__getitem__)
-    for m, r in zip(batch, mine):
-        want = TP.route(sp, m, {s["source"]: SOURCES[s["source"]] for s in m["sources"]})
+    assert policy.matches_flags == sp.compiled.matches_flags
+    mine = [VR.route_example(policy, m, PATH_OF_KID.__getitem__, flagged) for m, flagged in batch]
+    for (m, flagged), r in zip(batch, mine):
+        want = TP.route(sp, m, {s["source"]: SOURCES[s["source"]] for s in m["sources"]}, flagged)
         assert (r.rule, r.profile) == (want.rule, want.profile)
         assert r.paths == tuple(sorted({SOURCES[s["source"]] for s in m["sources"]}))
         assert r.sources == tuple(s["source"] for s in m["sources"])

@@ -87,6 +87,7 @@ MATCH_SCHEMA = s.record(
     min_consensus=(_unit, False),
     review=(_distinct(s.one_of(*REVIEW_STATES), len(REVIEW_STATES)), False),
     aggregation=(_distinct(s.name, MAX_AGGREGATIONS), False),
+    memorized=(s.boolean, False),
 )
 _PROFILE = s.array(_unit, max_items=MAX_BANDS)
 _LIMITS = s.array(_limit, max_items=MAX_BANDS)
@@ -141,6 +142,10 @@ def _check_semantics(policy: Mapping[str, Any]) -> None:
             if low is not None and high is not None and low > high:
                 # Such a rule can never match; it is a mistake, not a policy.
                 raise SchemaError(f"{where}.match: min_confidence {low} exceeds max_confidence {high}")
+            if "memorized" in match and scan is None:
+                # The flags it matches are the ones the required scans record (specs/dynamics.md §2.4):
+                # without the requirement a run could decide alone whether to flag anything.
+                raise SchemaError(f"{where}.match: memorized needs monitors.memorization, the scans that flag")
 
 
 def validate_policy(policy: Any) -> None:
@@ -208,6 +213,7 @@ class _Rule:
     min_consensus: float | None
     review: frozenset[str] | None
     aggregation: frozenset[str] | None
+    memorized: bool | None
     profile: Profile
     limits: Limits
 
@@ -240,6 +246,7 @@ class CompiledPolicy:
                     min_consensus=m.get("min_consensus"),
                     review=frozenset(m["review"]) if "review" in m else None,
                     aggregation=frozenset(m["aggregation"]) if "aggregation" in m else None,
+                    memorized=m.get("memorized"),
                     profile=tuple(rule["profile"]),
                     limits=tuple(rule["limits"]),
                 )
@@ -248,6 +255,8 @@ class CompiledPolicy:
         default = policy["default"]
         self.default = Routing(DEFAULT_INDEX, DEFAULT_NAME, tuple(default["profile"]), tuple(default["limits"]))
         self.routings: tuple[Routing, ...] = tuple(Routing(r.index, r.name, r.profile, r.limits) for r in rules)
+        #: Whether routing reads the memorization flags in force (specs/dynamics.md §2.4).
+        self.matches_flags = any(r.memorized is not None for r in rules)
 
     def routing_of(self, rule: int) -> Routing:
         """The outcome of rule ``rule`` (-1: the default)."""
@@ -440,11 +449,14 @@ def route(
     policy: SignedPolicy | CompiledPolicy | Mapping[str, Any],
     manifest: Mapping[str, Any],
     source_paths: Mapping[str, str],
+    flagged: bool = False,
 ) -> Routing:
     """The routing of one example: the first rule whose every condition holds, else the default.
 
     ``source_paths`` maps each source name in the manifest to its credential's
-    authority path (the caller resolves names through the registry).
+    authority path (the caller resolves names through the registry); ``flagged``:
+    whether the example is among the memorization flags in force at the step
+    (specs/dynamics.md §2.4), read only by a rule's ``memorized`` condition.
     """
     compiled = _compiled(policy)
     paths, confidence, consensus, review, aggregation = _facts(manifest, source_paths)
@@ -462,6 +474,8 @@ def route(
         if rule.review is not None and review not in rule.review:
             continue
         if rule.aggregation is not None and aggregation not in rule.aggregation:
+            continue
+        if rule.memorized is not None and rule.memorized != flagged:
             continue
         return compiled.routings[rule.index]
     return compiled.default

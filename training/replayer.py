@@ -31,7 +31,7 @@ from .gate import clip_bands
 from .order import micro_seed
 from .policy import batch_limits, load_adopted, profiles_tensor
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
-from .updates import example_loss_bytes, route_examples, step_and_measure, update_body
+from .updates import RouteTables, example_loss_bytes, step_and_measure, update_body
 
 __all__ = ["Inspect", "RecordedRun", "ReplayError", "Replayer", "governed_original", "load_program", "program_inputs",
            "recorded_run", "run_records", "runs_in", "run_extent"]
@@ -129,7 +129,7 @@ class Replayer:
     """
 
     def __init__(self, ledger: Ledger, run: RecordedRun, dataset: CommittedDataset,
-                 fields: Sequence[Mapping[str, Any]]) -> None:
+                 fields: Sequence[Mapping[str, Any]], *, freeze_flags_at: int | None = None) -> None:
         settings = run.settings
         data = ledger.artifact(run.program)
         if data is None:
@@ -165,12 +165,31 @@ class Replayer:
         self.policy = load_adopted(ledger, settings["policy_seq"])
         if self.policy.digest != settings["policy"]:
             raise ReplayError(f"run {run.run_id!r}: policy at seq {settings['policy_seq']} is not the recorded one")
-        routed = route_examples(fields, ledger.registry, self.policy.compiled)
-        self.rules, self.names = routed.rules, routed.names
-        self.writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(fields))]
-        self.profiles = profiles_tensor(routed.profiles, self.n_bands)
+        self.routes = RouteTables.build(fields, ledger.registry, self.policy.compiled)
+        #: The memorization flags in force at a step, where the policy routes by them (specs/dynamics.md §2.4);
+        #: ``freeze_flags_at``: unlearning's branch keeps those of its rewind step.
+        self.flags_at: Callable[[int], frozenset[int]] | None = None
+        if self.routes.flagged is not None:
+            from .dynamics.flags import recorded_flags
+
+            self.flags_at = recorded_flags(ledger, run.seq, settings, freeze_flags_at)
+        self._flags: frozenset[int] | None = None
+        self._use_flags(frozenset())
         self.labels = torch.tensor([f["label"] for f in fields], dtype=torch.int64)
         self.inputs = load_inputs(ledger, dataset)
+
+    def _use_flags(self, flags: frozenset[int]) -> None:
+        if flags == self._flags:
+            return
+        routed, self._flags = self.routes.at(flags), flags
+        self.rules, self.names = routed.rules, routed.names
+        self.writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(routed.rules))]
+        self.profiles = profiles_tensor(routed.profiles, self.n_bands)
+
+    def route_at(self, step: int) -> None:
+        """Route as the run did at ``step`` (its memorization flags then, where the policy reads them)."""
+        if self.flags_at is not None:
+            self._use_flags(self.flags_at(step))
 
     def rows(self, index: Tensor) -> list[Tensor]:
         """The program's inputs for the dataset rows ``index`` (``program_inputs``)."""
@@ -185,6 +204,7 @@ class Replayer:
             raise ReplayError(f"checkpoint artifact {body['artifact'].hex()[:16]} is not stored in the ledger")
         tensors, scalars = read_checkpoint(data, body)
         restore(self.inner, self.optimizer, tensors, scalars)
+        self.route_at(body["step"])
 
     def step(self, original: Mapping[str, Any], batch: list[int], inspect: Inspect | None = None) -> dict[str, Any]:
         """One governed step of ``batch`` with the original step's number, seed and optimizer settings;
@@ -192,6 +212,7 @@ class Replayer:
         for group, recorded in zip(self.optimizer.param_groups, original["optimizer"]["groups"]):
             for k, v in recorded.items():
                 group[k] = tuple(v) if k == "betas" else v
+        self.route_at(original["step"])
         rules = [self.rules[i] for i in batch]
         limits = batch_limits(self.policy.compiled, rules)
         self.optimizer.zero_grad(set_to_none=True)

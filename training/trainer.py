@@ -42,7 +42,7 @@ from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, rea
                           start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
 from .distributed import RankGroup, RankRefused, shards
-from .dynamics.memorization import LossTraces, MemorizationScan
+from .dynamics.memorization import LossTraces, MemorizationScan, flag
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -57,7 +57,7 @@ from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, ex
                        optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
 from .self_check import replay_gradients
-from .updates import example_loss_bytes, example_loss_values, route_examples, update_body
+from .updates import RouteTables, example_loss_bytes, example_loss_values, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
@@ -211,6 +211,10 @@ class Governance:
             raise GovernanceError("a run over torch.distributed ranks follows the committed order "
                                   "(order='committed'): every rank must know every rank's shard of each batch, "
                                   "which a per-rank sampler (DistributedSampler, shuffle=True) does not tell")
+        if self.ranks is not None and policy.compiled.matches_flags:
+            # Rank 0 alone holds the losses the flags come from (specs/dynamics.md §2.4).
+            raise GovernanceError(f"policy {policy.policy['name']!r} routes by memorization flags, which a run over "
+                                  "torch.distributed ranks does not compute yet: train it on one process")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -375,6 +379,10 @@ class Governance:
                 if run_seq < seq < ckpt_seq:
                     u = self.ledger.observation(seq).body
                     self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
+            if self._routes.flagged is not None and self.step > 0:  # the flags of the scan at that checkpoint
+                assert self.memorization is not None
+                found = flag(self._traces.scores(self.memorization.min_trace), self.memorization.fraction)
+                self._use_flags(frozenset(i for i, _ in found))
         check_routing(gated, self._batch(self.step, self._probe_indices()).inputs)
         self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
         self._run_optimizer = settings["optimizer"]
@@ -477,20 +485,34 @@ class Governance:
                     )
 
     def _route_all(self) -> None:
-        # Routing is a pure function of manifest and policy: once per index, at setup, so an
-        # unroutable example stops the run before its first step.
-        routed = route_examples([m.manifest for m in self.dataset.manifests], self.ledger.registry, self.policy.compiled)
-        rules, profiles, paths, names = routed.rules, routed.profiles, routed.paths, routed.names
-        self._rules, self._sources = rules, names
+        # Routing is a pure function of manifest, policy and (where a rule matches them) the memorization
+        # flags in force: once per index at setup, flagged and not, so an unroutable example stops the run
+        # before its first step and a checkpoint's new flags only pick rows.
+        self._routes = RouteTables.build([m.manifest for m in self.dataset.manifests], self.ledger.registry,
+                                         self.policy.compiled)
         n = len(self.layout)
-        self._profile_table = profiles_tensor(profiles, n)
-        # Validated once here; a batch's profiles and ratios are rows of these tables (row-wise
-        # elementwise ops, so a row of the table's ratios equals the ratios of the row).
-        validate_profiles(self._profile_table, n)
-        self._ratio_table = routing_ratios(self._profile_table)
+        for table in (self._routes.plain, self._routes.flagged):
+            if table is not None:  # validated once here; a batch's profiles are rows of these tables
+                validate_profiles(profiles_tensor(table.profiles, n), n)
         self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)
+        self._use_flags(frozenset())
+
+    def _use_flags(self, flags: frozenset[int]) -> None:
+        """Route from now on with ``flags`` the memorization flags in force (specs/dynamics.md §2.4)."""
+        if self.recorder is not None and self.recorder.pending:
+            # Its batches were routed by the flags before this checkpoint: recording them would not be
+            # what the verifier recomputes for the step.
+            raise GovernanceError("a batch of the next step was drawn before the checkpoint that changed the "
+                                  "memorization flags its routing reads: draw each step's batches after the "
+                                  "previous optimizer.step()")
+        self._flags = flags
+        routed = self._routes.at(flags)
+        self._rules, self._sources = routed.rules, routed.names
+        self._profile_table = profiles_tensor(routed.profiles, len(self.layout))
+        # A row of the table's ratios equals the ratios of the row (row-wise elementwise ops).
+        self._ratio_table = routing_ratios(self._profile_table)
         # Per index, what the example adds to authority_writes: (its paths, its float64 profile).
-        self._writes_of = [(paths[i], tuple(profiles[i])) for i in range(len(profiles))]
+        self._writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(routed.profiles))]
 
     def _adopted_seq(self) -> int | None:
         latest = latest_adopted(self.ledger)
@@ -832,6 +854,8 @@ class Governance:
         described, self._described = self._described or describe_optimizer(optimizer), None
         recipe = dict(recipe)
         each = [m.example_losses for m in micros]
+        # The tables as they route this step: a checkpoint's new flags replace them before build() runs.
+        writes_of, names = self._writes_of, self._sources
         if self._traces is not None and all(t is not None for t in each):
             self._traces.add(indices, torch.cat([t.detach().reshape(-1) for t in each]))  # type: ignore[union-attr]
 
@@ -839,8 +863,8 @@ class Governance:
             body = update_body(
                 step, indices, rules, limits, policy=self.policy.digest, loss=loss,
                 grad_norms=grad_norms, update_norms=update_norms, optimizer=described,
-                seeds={"run": self.seed, "step": step_seed(self.seed, step)}, writes_of=self._writes_of,
-                names=self._sources, n_bands=len(self.layout), example_losses=example_loss_bytes(each),
+                seeds={"run": self.seed, "step": step_seed(self.seed, step)}, writes_of=writes_of,
+                names=names, n_bands=len(self.layout), example_losses=example_loss_bytes(each),
             )
             if recipe:
                 body["recipe"] = recipe
@@ -935,10 +959,17 @@ class Governance:
 
     def _scan_job(self) -> Any:
         """The MemorizationScan of the checkpoint being taken (specs/dynamics.md §2.2): a function for the
-        recorder thread, over the traces as they stand now (the list is copied: training goes on)."""
+        recorder thread, over the traces as they stand now (the list is copied: training goes on). Where
+        the policy routes by the flags (§2.4), they are computed here, before the next step is drawn."""
         if self._traces is None or self.step == 0 or self.memorization is None or self.run_seq is None:
             return None
-        traces, step, params, run_seq = self._traces.copy(), self.step, self.memorization, self.run_seq
+        step, params, run_seq = self.step, self.memorization, self.run_seq
+        if self._routes.flagged is not None:
+            scores = self._traces.scores(params.min_trace)
+            body = scan_body(run_seq, step, scores, params)
+            self._use_flags(frozenset(i for i, _ in body["flagged"]))
+            return lambda: body
+        traces = self._traces.copy()
         return lambda: scan_body(run_seq, step, traces.scores(params.min_trace), params)
 
     def __enter__(self) -> "Governance":

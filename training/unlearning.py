@@ -186,7 +186,8 @@ def unlearn(
         # The counterfactual dataset: relabeled manifests' labels and routing, the rest unchanged.
         fields = [deps.relabeled.get(i, m.manifest) for i, m in enumerate(dataset.manifests)]
         with _as_unlearning():
-            replayer = Replayer(ledger, run, dataset, fields)
+            # The branch routes by the memorization flags in force at its rewind step (specs/dynamics.md §2.4).
+            replayer = Replayer(ledger, run, dataset, fields, freeze_flags_at=rewind["step"])
         with _as_unlearning():
             replayer.restore(ledger, rewind)
         # Digested in place, not serialized: the branch re-records the rewind checkpoint's own artifact.

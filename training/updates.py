@@ -33,20 +33,43 @@ class RoutedExamples:
     names: list[tuple[str, ...]]
 
 
-def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> RoutedExamples:
-    """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``."""
+def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any,
+                   flagged: bool = False) -> RoutedExamples:
+    """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``;
+    each example as ``flagged`` by memorization or not (specs/dynamics.md §2.4)."""
     rules, profiles, paths, names = [], [], [], []
     for i, m in enumerate(manifests):
         try:
             src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m["sources"]}
         except CredentialError as exc:
             raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
-        r = route(compiled, m, src_paths)
+        r = route(compiled, m, src_paths, flagged)
         rules.append(r.rule)
         profiles.append(r.profile)
         paths.append(tuple(sorted(set(src_paths.values()))))
         names.append(tuple(src_paths))
     return RoutedExamples(rules, profiles, paths, names)
+
+
+@dataclass(frozen=True)
+class RouteTables:
+    """Every example's routing as not flagged and, where the policy matches memorization flags, as
+    flagged (specs/dynamics.md §2.4): a step's table is ``at(flags)``, the flags in force at it."""
+
+    plain: RoutedExamples
+    flagged: RoutedExamples | None
+
+    @classmethod
+    def build(cls, manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> "RouteTables":
+        plain = route_examples(manifests, registry, compiled)
+        return cls(plain, route_examples(manifests, registry, compiled, True) if compiled.matches_flags else None)
+
+    def at(self, flags: frozenset[int]) -> RoutedExamples:
+        if self.flagged is None or not flags:
+            return self.plain
+        pick = [self.flagged if i in flags else self.plain for i in range(len(self.plain.rules))]
+        return RoutedExamples([t.rules[i] for i, t in enumerate(pick)], [t.profiles[i] for i, t in enumerate(pick)],
+                              self.plain.paths, self.plain.names)
 
 
 def step_and_measure(
@@ -138,4 +161,4 @@ def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[
     return torch.stack(out).tolist()
 
 
-__all__ = ["RoutedExamples", "delta_norms", "example_loss_bytes", "example_loss_values", "route_examples", "step_and_measure", "update_body"]
+__all__ = ["RouteTables", "RoutedExamples", "delta_norms", "example_loss_bytes", "example_loss_values", "route_examples", "step_and_measure", "update_body"]

@@ -61,6 +61,7 @@ _MATCH = s.record(
     min_consensus=(_unit, False),
     review=(_distinct(s.one_of(*REVIEWS), 4), False),
     aggregation=(_distinct(s.name, 64), False),
+    memorized=(s.boolean, False),
 )
 _PROFILE = s.array(_unit, max_items=64)
 _LIMITS = s.array(_limit, max_items=64)
@@ -106,6 +107,11 @@ class Policy:
         return self.fields["name"]
 
     @property
+    def matches_flags(self) -> bool:
+        """Whether a rule reads the memorization flags in force (specs/dynamics.md §2.4)."""
+        return any("memorized" in r.match for r in self.rules)
+
+    @property
     def monitors(self) -> dict[str, Any]:
         """What every run under the policy must record at its checkpoints (specs/policy.md §1)."""
         return dict(self.fields.get("monitors", {}))
@@ -139,6 +145,9 @@ def policy_from_fields(fields: dict[str, Any], signed: bytes = b"", body: bytes 
         m = r["match"]
         if "min_confidence" in m and "max_confidence" in m and m["min_confidence"] > m["max_confidence"]:
             raise PolicyInvalid(f"rule {i} ({r['name']!r}) can never match: min_confidence > max_confidence")
+        if "memorized" in m and "memorization" not in fields.get("monitors", {}):
+            raise PolicyInvalid(f"rule {i} ({r['name']!r}) matches memorization flags, but the policy requires no "
+                                "memorization scans (monitors.memorization) to flag them")
         rules.append(Rule(r["name"], dict(m), _outcome(f"rule {i} ({r['name']!r})", r, n)))
     if len({r.name for r in rules}) != len(rules):
         raise PolicyInvalid("rule names are not distinct")
@@ -195,8 +204,9 @@ def _number(fields: Mapping[str, Any], key: str) -> float:
     return value
 
 
-def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str]) -> int:
-    """The index of the first rule whose every present condition holds, else -1."""
+def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str], flagged: bool = False) -> int:
+    """The index of the first rule whose every present condition holds, else -1; ``flagged``: the example
+    is among the memorization flags in force (specs/dynamics.md §2.4)."""
     confidence, consensus = _number(fields, "confidence"), _number(fields, "consensus")
     review, aggregation = fields.get("review"), fields.get("aggregation")
     if review not in REVIEWS or type(aggregation) is not str:
@@ -216,11 +226,14 @@ def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str])
             continue
         if "aggregation" in m and aggregation not in m["aggregation"]:
             continue
+        if "memorized" in m and m["memorized"] is not flagged:
+            continue
         return i
     return DEFAULT
 
 
-def route_example(policy: Policy, fields: Mapping[str, Any], path_of: Callable[[bytes], str]) -> ExampleRouting:
+def route_example(policy: Policy, fields: Mapping[str, Any], path_of: Callable[[bytes], str],
+                  flagged: bool = False) -> ExampleRouting:
     """One example's routing; every listed source must resolve to a credential path."""
     paths, names = [], []
     for entry in fields["sources"]:
@@ -230,15 +243,17 @@ def route_example(policy: Policy, fields: Mapping[str, Any], path_of: Callable[[
             raise Unroutable(f"source {entry['source']!r} has no credential to route by") from None
         paths.append(path)
         names.append(entry["source"])
-    rule = first_match(policy, fields, paths)
+    rule = first_match(policy, fields, paths, flagged)
     return ExampleRouting(fields["label"], rule, policy.outcome(rule).profile, tuple(sorted(set(paths))), tuple(names))
 
 
 def route_examples(
-    policy: Policy, manifests: Sequence[Manifest | Mapping[str, Any]], path_of: Callable[[bytes], str]
+    policy: Policy, manifests: Sequence[Manifest | Mapping[str, Any]], path_of: Callable[[bytes], str],
+    flagged: bool = False,
 ) -> list[ExampleRouting]:
-    """The routing of every manifest, in order (``path_of``: source key id -> credential path)."""
-    return [route_example(policy, m.fields if isinstance(m, Manifest) else m, path_of) for m in manifests]
+    """The routing of every manifest, in order (``path_of``: source key id -> credential path), each as
+    flagged or not."""
+    return [route_example(policy, m.fields if isinstance(m, Manifest) else m, path_of, flagged) for m in manifests]
 
 
 def batch_limits(policy: Policy, rules: Sequence[int]) -> tuple[float | None, ...]:

@@ -44,8 +44,9 @@ from .manifests import (
 )
 from .routing import (
     ExampleRouting, Policy, PolicyInvalid, Unroutable, authority_writes, batch_limits, parse_policy, route_example,
-    route_examples, verify_policy,
+    verify_policy,
 )
+from .flags import FlagsMissing, flag_schedule, frozen_at
 
 
 class Source(Protocol):
@@ -551,13 +552,15 @@ def _check_routing(
             skipped += 1  # its dataset or policy failed its own check
             continue
         try:
-            table = _route_run(run, policy, ds, path_of)
+            table, at_step = _route_run(run, policy, ds, path_of, observations, runs)
         except Unroutable as exc:
             raise _Failed(f"run {run.run_id!r} (RunStarted {run.seq}): a manifest of dataset {ds.name!r} cannot be "
                           f"routed: {_bare(exc)}", seq=run.seq) from None
+        except FlagsMissing as exc:
+            raise _Failed(f"run {run.run_id!r} (RunStarted {run.seq}): {exc}", seq=exc.seq) from None
         out[run.seq] = table
         for seq in run.updates:
-            examples += _check_update(observations[seq], policy, ds, table)
+            examples += _check_update(observations[seq], policy, ds, at_step(observations[seq].body["step"]))
         checked += 1
     if skipped and not checked:
         return "skip", f"{skipped} runs not routed: their dataset or policy failed its check"
@@ -566,15 +569,43 @@ def _check_routing(
                     f"authority_writes and sources match every GovernedUpdate{tail}")
 
 
+Table = Sequence["ExampleRouting | None"]
+
+
 def _route_run(
-    run: Run, policy: Policy, ds: Dataset, path_of: Callable[[bytes], str]
-) -> list[ExampleRouting | None]:
-    if run.retired is None:
-        return list(route_examples(policy, ds.manifests, path_of))
+    run: Run, policy: Policy, ds: Dataset, path_of: Callable[[bytes], str], observations: list[Sealed],
+    runs: dict[int, Run],
+) -> tuple[Table, Callable[[int], Table]]:
+    """The run's routing table per dataset index (labels for replay; a branch's for its certificate) and,
+    per step, the table its batch is routed by: the same one, unless the policy matches memorization
+    flags (specs/dynamics.md §2.4), where a flagged example takes its flagged routing."""
     # The counterfactual dataset of an unlearning branch: every manifest re-aggregated
     # without the retired source; an example with no vote left is gone.
-    fields = [relabel_without(m.fields, run.retired) for m in ds.manifests]
-    return [None if f is None else route_example(policy, f, path_of) for f in fields]
+    fields = [m.fields if run.retired is None else relabel_without(m.fields, run.retired) for m in ds.manifests]
+    plain = [None if f is None else route_example(policy, f, path_of) for f in fields]
+    if not policy.matches_flags:
+        return plain, lambda step: plain
+    flagged = [None if f is None else route_example(policy, f, path_of, flagged=True) for f in fields]
+    original = run if run.branch_of is None else runs[run.branch_of]
+    schedule = flag_schedule(observations, original.seq, original.updates, original.checkpoints, ds.count)
+    if run.branch_of is not None:
+        frozen = _Flagged(plain, flagged, frozen_at(schedule, run.rewind_step).at(0))
+        table = [frozen[i] for i in range(len(plain))]
+        return table, lambda step: table
+    return plain, lambda step: _Flagged(plain, flagged, schedule.at(step))
+
+
+class _Flagged(Sequence["ExampleRouting | None"]):
+    """A run's table at one step: the flagged routing at the flagged indices, the plain one elsewhere."""
+
+    def __init__(self, plain: Table, flagged: Table, flags: frozenset[int]) -> None:
+        self.plain, self.flagged, self.flags = plain, flagged, flags
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def __getitem__(self, i: Any) -> Any:
+        return (self.flagged if i in self.flags else self.plain)[i]
 
 
 def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[ExampleRouting | None]) -> int:

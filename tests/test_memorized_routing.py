@@ -1,0 +1,250 @@
+"""Routing on memorization flags (issue 16; specs/dynamics.md §2.4, policy.md §1 and §3): a policy rule may
+match ``memorized``, so that an example a checkpoint's scan flags stops writing into the deep bands from that
+checkpoint on. The trainer routes by the flags in force, the verifier recomputes the flags from the recorded
+losses and the routing from them, unlearning keeps the flags of its rewind step, and every lie a hostile
+trainer (trainer key only, everything re-signed) can tell about them is caught."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradledger.ledger import encoding
+from gradledger.ledger.bundle import export_bundle
+from gradledger.ledger.keys import write_public_keys
+from gradledger.ledger.ledger import Ledger
+from gradledger.training.bands import sequential_bands
+from gradledger.training.errors import PolicyError
+from gradledger.training.policy import sign_policy, validate_policy
+from gradledger.training.retirement import retire
+from gradledger.training.trainer import Governance, Trainer
+from gradledger.training.unlearning import unlearn
+from gradledger.verify._internal.routing import PolicyInvalid, policy_from_fields
+from forging import Forge
+from helpers import CROWD_KEY, policy_fields, verify_cli
+from test_idioms import assert_caught, assert_verified
+from test_unlearning import FAULTY, MANIFESTS, SEED, WORLD, X, make_model, new_ledger
+
+EPOCH = 10  # 240 examples, batches of 24
+STEPS, EVERY = 3 * EPOCH, 5
+SCANS = {"memorization": {"fraction": 0.05, "min_trace": 2}}
+#: Flagged examples may tune the head only, whatever their labels' authority.
+MEMORIZED = {"name": "memorized", "match": {"memorized": True}, "profile": [1, 0, 0], "limits": [None, None, None]}
+POLICY = sign_policy({**policy_fields("digits-mem"), "rules": [MEMORIZED, *policy_fields("x")["rules"]],
+                      "monitors": SCANS}, WORLD.root, 10)
+KEYS = [WORLD.root, WORLD.trainer, WORLD.authority, WORLD.source, CROWD_KEY]
+
+
+def _train(led: Ledger, ds: Any, steps: int = STEPS, close: bool = True, **kw: Any) -> Governance:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = DataLoader(TensorDataset(X, torch.zeros(len(X))), batch_size=24)
+    engine = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
+                        run_id="mem-run", checkpoint_every=EVERY, seed=SEED, root_key=WORLD.root, **kw)
+    gm, gopt, gloader = engine.make_governed(model, opt, loader)
+    Trainer(engine).fit(gm, gopt, gloader, steps, close=close)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mem") / "ledger"
+    led, ds = new_ledger(path, MANIFESTS, X)
+    _train(led, ds)
+    led.close()
+    return path
+
+
+@pytest.fixture
+def led(original: Path) -> Iterator[Ledger]:
+    ledger = Ledger.open(original)
+    yield ledger
+    ledger.close()
+
+
+def _flags_by_step(led: Ledger) -> dict[int, frozenset[int]]:
+    return {led.observation(s).body["through"]: frozenset(i for i, _ in led.observation(s).body["flagged"])
+            for s in led.by_type("MemorizationScan")}
+
+
+def _updates(led: Ledger, after: int = 0, until: int | None = None) -> list[dict[str, Any]]:
+    return [led.observation(s).body for s in led.by_type("GovernedUpdate")
+            if s > after and (until is None or s < until)]
+
+
+def _in_force(scans: dict[int, frozenset[int]], step: int, freeze: int | None = None) -> frozenset[int]:
+    step = step if freeze is None else min(step, freeze)
+    return max(((t, f) for t, f in scans.items() if t <= step), default=(0, frozenset()))[1]
+
+
+def _verify(led: Ledger, out: Path, forge: Any = None, *args: str) -> tuple[int, dict[str, Any]]:
+    bundle = out / "run.glb"
+    export_bundle(led, bundle, with_data=True)
+    roots = write_public_keys(out / "roots.pub", [(WORLD.root.public_key, "root")])
+    if forge is not None:
+        keys = out / "keys"
+        keys.mkdir(exist_ok=True)
+        for k in KEYS:
+            k.save(keys / f"{k.label}.key")
+        forged = Forge.from_bundle(bundle, keys_dir=keys)
+        forge(forged)
+        bundle = forged.write(out / "forged.glb")
+    return verify_cli(bundle, roots, *args)
+
+
+# -- the policy field --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("monitors, memorized", [(None, True), (SCANS, 1), (SCANS, "yes")])
+def test_a_memorized_condition_is_refused_by_both_parsers_without_scans_or_as_a_non_bool(
+        monitors: Any, memorized: Any) -> None:
+    good = POLICY.policy
+    fields = encoding.decode(encoding.encode({k: v for k, v in good.items() if k != "monitors"}))
+    fields["rules"][0]["match"]["memorized"] = memorized
+    if monitors is not None:
+        fields["monitors"] = monitors
+    with pytest.raises(PolicyError, match="memorized"):
+        validate_policy(fields)
+    with pytest.raises(PolicyInvalid):
+        policy_from_fields(fields)
+
+
+def test_both_parsers_see_the_policy_read_flags() -> None:
+    assert POLICY.compiled.matches_flags and policy_from_fields(dict(POLICY.policy)).matches_flags
+    assert not sign_policy(policy_fields("plain"), WORLD.root, 10).compiled.matches_flags
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def test_flagged_examples_route_by_the_memorized_rule_from_their_checkpoint_on(led: Ledger, tmp_path: Path) -> None:
+    scans = _flags_by_step(led)
+    assert sorted(scans) == list(range(EVERY, STEPS + 1, EVERY))
+    assert scans[EVERY] == frozenset()  # no example has two losses after half an epoch
+    assert scans[EPOCH + EVERY] and scans[2 * EPOCH]
+    moved = 0
+    for u in _updates(led):
+        flags = _in_force(scans, u["step"])
+        for i, rule in zip(u["batch"], u["routing"]["rules"]):
+            assert (rule == 0) == (i in flags), (u["step"], i)
+            moved += i in flags
+    assert moved >= 5  # flagged examples trained after their flag (each is drawn once an epoch)
+    code, report = _verify(led, tmp_path)  # full replay: the recorded routing is what was trained
+    assert_verified(code, report)
+    assert {c["name"]: c["status"] for c in report["checks"]}["scans"] == "pass"
+
+
+def _flagged_step(led: Ledger) -> tuple[int, int, int]:
+    """(seq of the first update that trains a flagged example, its batch position, the example)."""
+    scans = _flags_by_step(led)
+    for s in led.by_type("GovernedUpdate"):
+        u = led.observation(s).body
+        for j, i in enumerate(u["batch"]):
+            if i in _in_force(scans, u["step"]):
+                return s, j, i
+    raise AssertionError("no flagged example trained")
+
+
+def _scan_at(f: Forge, through: int) -> int:
+    return next(s for s in f.seqs("MemorizationScan") if f.body(s)["through"] == through)
+
+
+def _unflag(f: Forge, led: Ledger) -> None:
+    """The consistent lie: one flagged example dropped from every scan that flags it, and every step from the
+    first of them on routes it as unflagged (rules, limits, authority_writes recomputed as the verifier would)."""
+    from gradledger.training.policy import batch_limits, route
+
+    _, _, index = _flagged_step(led)
+    through = min(t for t, fl in _flags_by_step(led).items() if index in fl)
+    for scan in f.seqs("MemorizationScan"):
+        f.set(scan, ("flagged",), [e for e in f.body(scan)["flagged"] if e[0] != index])
+
+    def paths(i: int) -> list[str]:
+        return sorted({led.registry.get(s["key_id"]).path for s in MANIFESTS[i].manifest["sources"]})
+
+    plain = route(POLICY, MANIFESTS[index].manifest,
+                  {s["source"]: led.registry.get(s["key_id"]).path for s in MANIFESTS[index].manifest["sources"]})
+    for s in f.seqs("GovernedUpdate"):
+        u = f.body(s)
+        if index not in u["batch"] or u["step"] < through:
+            continue
+        rules = [plain.rule if i == index else r for i, r in zip(u["batch"], u["routing"]["rules"])]
+        writes: dict[str, list[float]] = {}
+        for i, r in zip(u["batch"], rules):  # binary64 sums in batch order (specs/training.md §3.1)
+            for path in paths(i):
+                acc = writes.setdefault(path, [0.0] * 3)
+                for k, m in enumerate(POLICY.compiled.routing_of(r).profile):
+                    acc[k] += m
+        f.set(s, ("routing", "rules"), rules)
+        f.set(s, ("routing", "limits"), list(batch_limits(POLICY, rules)))
+        f.set(s, ("authority_writes",), writes)
+
+
+FORGERIES = {
+    # the trainer let a flagged example write into the deep bands and recorded the rule it took
+    "a flagged example recorded under its unflagged rule": (
+        lambda f, led: f.set(_flagged_step(led)[0], ("routing", "rules", _flagged_step(led)[1]), 1),
+        ("routing",), "recorded rule"),
+    # the same, with the scan changed to agree: the flags are recomputed from the recorded losses
+    "a flag dropped from the scan and its routing made to agree": (_unflag, ("scans",), "MemorizationScan"),
+    "the scan whose flags a step reads removed": (
+        lambda f, led: f.remove(_scan_at(f, EPOCH + EVERY)), ("routing",), "no MemorizationScan"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_lie_about_the_flags_or_their_routing_is_caught(led: Ledger, tmp_path: Path, name: str) -> None:
+    forge, checks, words = FORGERIES[name]
+    code, report = _verify(led, tmp_path, lambda f: forge(f, led), "--replay", "none")
+    assert_caught(code, report, words)
+    assert report["first_failure"]["name"] in checks, report["first_failure"]
+
+
+def test_a_resumed_run_routes_by_the_flags_of_its_checkpoint(tmp_path: Path, led: Ledger) -> None:
+    class Crash(Exception):
+        pass
+
+    path = tmp_path / "c"
+    resumed, ds = new_ledger(path, MANIFESTS, X)
+    with pytest.raises(Crash), resumed:
+        _train(resumed, ds, 2 * EPOCH + 3, close=False)
+        raise Crash
+    resumed = Ledger.open(path, writable=True)
+    try:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loader = DataLoader(TensorDataset(X, torch.zeros(len(X))), batch_size=24)
+        engine = Governance(resumed, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
+                            run_id="mem-run", checkpoint_every=EVERY, seed=SEED, root_key=WORLD.root)
+        gm, gopt, gloader = engine.resume(model, opt, loader)
+        Trainer(engine).fit(gm, gopt, gloader, STEPS)
+        # the same steps as the uninterrupted run: routing, losses and flags
+        assert [u["routing"] for u in _updates(resumed)] == [u["routing"] for u in _updates(led)]
+        assert _flags_by_step(resumed) == _flags_by_step(led)
+    finally:
+        resumed.close()
+
+
+def test_an_unlearning_branch_keeps_the_flags_of_its_rewind_step_and_verifies(original: Path, tmp_path: Path) -> None:
+    shutil.copytree(original, tmp_path / "ledger")
+    led = Ledger.open(tmp_path / "ledger", writable=True)
+    try:
+        scans = _flags_by_step(led)
+        retire(led, FAULTY, CROWD_KEY, "swaps 3 and 8")
+        result = unlearn(led, FAULTY, WORLD.trainer)
+        branch = _updates(led, result.branch_seq, result.certificate_seq)
+        assert branch and result.rewind_step < STEPS
+        frozen = _in_force(scans, result.rewind_step)
+        for u in branch:
+            assert all((rule == 0) == (i in frozen) for i, rule in zip(u["batch"], u["routing"]["rules"])), u["step"]
+        assert any(_in_force(scans, u["step"]) != frozen for u in branch)  # the original's flags moved on
+        code, report = _verify(led, tmp_path)
+        assert_verified(code, report)
+        assert any(c["name"] == "certificates" and c["status"] == "pass" for c in report["checks"])
+    finally:
+        led.close()

@@ -1,0 +1,54 @@
+"""The memorization flags in force at a recorded run's steps (specs/dynamics.md §2.4), for replaying it.
+
+While a run trains, the trainer puts each checkpoint's flags in force itself (``Governance``). A run
+replayed later (unlearning, forensics) reads them back: from each Checkpoint after step 0 on, the flags
+of the MemorizationScan the run recorded at it. An unlearning branch keeps the flags in force at its
+rewind step for every step it records.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Any, Callable, Mapping
+
+from gradledger.ledger.ledger import Ledger
+
+from ..errors import GovernanceError
+from ..replayer import run_records
+
+__all__ = ["FlagsAt", "recorded_flags"]
+
+#: step -> the dataset indices flagged at it.
+FlagsAt = Callable[[int], frozenset[int]]
+
+
+def recorded_flags(ledger: Ledger, run_seq: int, settings: Mapping[str, Any], freeze_at: int | None = None) -> FlagsAt:
+    """The flags in force at each step of the run started at ``run_seq`` (an unlearning branch: of the run it
+    branches from, frozen at its rewind step); ``freeze_at``: a step from which they stay as they are there
+    (unlearning replays the original's steps from its rewind step as a branch)."""
+    branch = settings.get("branch")
+    if isinstance(branch, Mapping):
+        run_seq = branch["of"]
+        settings = ledger.observation(run_seq).body["settings"]
+        freeze_at = ledger.observation(branch["rewind"]).body["step"]
+    params = (settings.get("monitors") or {}).get("memorization")
+    if params is None:
+        raise GovernanceError(f"run at seq {run_seq} declares no memorization scans, yet its policy routes by them")
+    scans = run_records(ledger, run_seq, "MemorizationScan")
+    starts: list[int] = []
+    flags: list[frozenset[int]] = []
+    for seq, body in run_records(ledger, run_seq, "Checkpoint"):
+        step = body["step"]
+        found = next((b for s, b in scans if s > seq and b["run"] == run_seq and b["through"] == step
+                      and b["parameters"] == params), None)
+        if step == 0 or found is None:
+            continue  # the verifier requires the scan before the next step; a run that ends here reads none
+        starts.append(step)
+        flags.append(frozenset(i for i, _ in found["flagged"]))
+
+    def at(step: int) -> frozenset[int]:
+        if freeze_at is not None:
+            step = min(step, freeze_at)
+        j = bisect_right(starts, step)
+        return flags[j - 1] if j else frozenset()
+    return at

@@ -1,0 +1,90 @@
+"""The memorization flags in force at each step of a run (specs/dynamics.md §2.4), read from its scans.
+
+A policy rule may match ``memorized``: the example is among the flags of the scan recorded at the run's
+last Checkpoint after step 0 at or before the step. The flags are read here from the scan records; the
+scans check recomputes every one of them from the recorded losses, so a routing check that reads a
+forged flag list still ends in a failed report (the scans check is never skipped where a policy reads
+flags: such a policy requires the scans, and a run under it declares them or fails its settings).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from gradledger.ledger.envelope import Sealed
+
+from .settings import monitors
+
+__all__ = ["FlagSchedule", "FlagsMissing", "flag_schedule", "frozen_at"]
+
+
+class FlagsMissing(Exception):
+    """The flags a step's routing reads are not recorded (or not readable); the message says where."""
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class FlagSchedule:
+    """From each ``starts[j]`` on, the dataset indices ``flags[j]`` are flagged (none before the first)."""
+
+    starts: tuple[int, ...]
+    flags: tuple[frozenset[int], ...]
+
+    def at(self, step: int) -> frozenset[int]:
+        j = bisect_right(self.starts, step)
+        return self.flags[j - 1] if j else frozenset()
+
+
+def flag_schedule(observations: Sequence[Sealed], run_seq: int, updates: Sequence[int], checkpoints: Sequence[int],
+                  count: int) -> FlagSchedule:
+    """§2.4 for an original run: each Checkpoint after step 0 puts in force, from its step on, the flags of
+    the first MemorizationScan after it by the run's trainer, of the run, ``through`` its step and with the
+    declared parameters; the scan must come before the run's next GovernedUpdate."""
+    started = observations[run_seq]
+    declared = monitors(started.body["settings"], lambda why: FlagsMissing(f"RunStarted {run_seq}: {why}", run_seq))
+    params = declared.get("memorization")
+    if params is None:
+        raise FlagsMissing(f"RunStarted {run_seq}: its policy routes by memorization flags, but the run declares no "
+                           "memorization scans (settings.monitors)", run_seq)
+    starts: list[int] = []
+    flags: list[frozenset[int]] = []
+    for c in checkpoints:
+        step = observations[c].body["step"]
+        if step == 0:
+            continue
+        end = min((u for u in updates if u > c), default=len(observations))
+        scan = next((o for o in observations[c + 1 : end] if _scan_of(o, run_seq, step, params, started.signer)), None)
+        if scan is None:
+            if end == len(observations):
+                continue  # the run's last checkpoint: no step reads its flags (the scans check requires it)
+            raise FlagsMissing(f"Checkpoint {c} (step {step}): no MemorizationScan of the run through step {step} "
+                               "before its next step, whose routing reads the flags (specs/dynamics.md §2.4)", c)
+        flags.append(_indices(scan, count))
+        starts.append(step)
+    return FlagSchedule(tuple(starts), tuple(flags))
+
+
+def frozen_at(schedule: FlagSchedule, rewind_step: int) -> FlagSchedule:
+    """An unlearning branch's flags: those in force at its rewind step, for every step it records (§2.4)."""
+    return FlagSchedule((0,), (schedule.at(rewind_step),))
+
+
+def _scan_of(obs: Sealed, run: int, through: int, params: Any, trainer: bytes) -> bool:
+    b = obs.body
+    return obs.type == "MemorizationScan" and obs.signer == trainer and b.get("run") == run \
+        and b.get("through") == through and b.get("parameters") == params
+
+
+def _indices(scan: Sealed, count: int) -> frozenset[int]:
+    entries = scan.body.get("flagged")
+    out: set[int] = set()
+    for e in entries if isinstance(entries, list) else [None]:
+        if not (isinstance(e, list) and len(e) == 2 and type(e[0]) is int and 0 <= e[0] < count):
+            raise FlagsMissing(f"MemorizationScan {scan.seq}: flagged entry {e!r} names no dataset index", scan.seq)
+        out.add(e[0])
+    return frozenset(out)
