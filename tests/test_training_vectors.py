@@ -95,7 +95,7 @@ def test_route_trainer(case: dict[str, Any]) -> None:
     fields = policy_fields(case["policy"])
 
     def run() -> dict[str, Any]:
-        r = TP.route(fields, case["manifest"], paths)
+        r = TP.route(fields, case["manifest"], paths, case.get("flagged", False))
         return {"rule": r.rule, "name": r.name, "profile": list(r.profile),
                 "limits": list(TP.batch_limits(fields, [r.rule]))}
 
@@ -112,7 +112,7 @@ def test_route_verifier(case: dict[str, Any]) -> None:
 
     def run() -> dict[str, Any]:
         policy = VR.policy_from_fields(policy_fields(case["policy"]))
-        r = VR.route_example(policy, manifest, by_key.__getitem__)
+        r = VR.route_example(policy, manifest, by_key.__getitem__, case.get("flagged", False))
         name = "default" if r.rule == VR.DEFAULT else policy.rules[r.rule].name
         return {"rule": r.rule, "name": name, "profile": list(r.profile),
                 "limits": list(VR.batch_limits(policy, [r.rule]))}
