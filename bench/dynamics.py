@@ -107,6 +107,7 @@ from gradledger.training.bands import sequential_bands  # noqa: E402
 from gradledger.training.dataset import commit_dataset  # noqa: E402
 from gradledger.training.dynamics import LossTraces, MemorizationScan, scan, scan_body  # noqa: E402
 from gradledger.training.forensics import lineage  # noqa: E402
+from gradledger.training.policy import sign_policy  # noqa: E402
 from gradledger.training.trainer import Governance  # noqa: E402
 from gradledger.training.updates import example_loss_values  # noqa: E402
 
@@ -118,6 +119,12 @@ EPOCHS = 60
 QUICK_EPOCHS = 20
 EVERY = 100  # checkpoint_every: the library's default
 PARAMS = MemorizationScan()  # fraction 0.01, min_trace 4: the library's defaults
+#: The flat policy with detection made governance (specs/dynamics.md §2.4): a flagged example tunes the head only.
+ROUTED_POLICY = sign_policy({
+    "name": "flat-memorized", "bands": ["head", "mid", "embedding"],
+    "rules": [{"name": "memorized", "match": {"memorized": True}, "profile": [1, 0, 0], "limits": [None, None, None]}],
+    "default": {"profile": [1, 1, 1], "limits": [None, None, None]}, "monitors": {"memorization": PARAMS.parameters},
+}, FB.WORLD.root, FB.T)
 FPR = 1e-3
 log = FB.log
 
@@ -177,7 +184,8 @@ def train_shadow(x: Tensor, y: Tensor, seed: int, epochs: int) -> tuple[nn.Modul
 
 
 def governed(path: Path, x: Tensor, labels: list[int], *, epochs: int, seed: int,
-             memorization: MemorizationScan | None) -> tuple[Ledger, nn.Module, float, float, int]:
+             memorization: MemorizationScan | None, policy: Any = FB.FLAT_POLICY
+             ) -> tuple[Ledger, nn.Module, float, float, int]:
     """The target: a governed run of the user's own loop over a committed dataset of ``x`` (the members);
     (ledger, model, training wall seconds, training CPU seconds of the process, steps)."""
     led = FB.new_ledger(path)
@@ -187,7 +195,7 @@ def governed(path: Path, x: Tensor, labels: list[int], *, epochs: int, seed: int
     opt = make_optimizer(model)
     y = torch.tensor(labels, dtype=torch.int64)
     t0, c0 = time.perf_counter(), time.process_time()
-    run = Governance(led, FB.WORLD.trainer, dataset=ds, policy=FB.FLAT_POLICY, layout=sequential_bands(model),
+    run = Governance(led, FB.WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                      run_id="bench-dynamics", checkpoint_every=EVERY, seed=seed, root_key=FB.WORLD.root,
                      order="loader", memorization=memorization)
     gm, gopt, gl = run.make_governed(model, opt, loader(x, y, seed=seed))
@@ -198,6 +206,17 @@ def governed(path: Path, x: Tensor, labels: list[int], *, epochs: int, seed: int
             gopt.step()
     run.close()  # the last checkpoint (and its scan) is committed before close returns
     return led, model, time.perf_counter() - t0, time.process_time() - c0, run.step
+
+
+def routed_figures(led: Ledger, model: nn.Module, x: Tensor, y: Tensor, members: Tensor, held: Tensor
+                   ) -> dict[str, Any]:
+    """What routing by the flags did in the run under ROUTED_POLICY: how many flagged examples it trained
+    head-only and how often, and the model's accuracy next to the plain run's."""
+    hits = [i for s in led.by_type("GovernedUpdate") for i, r in
+            zip(led.observation(s).body["batch"], led.observation(s).body["routing"]["rules"]) if r == 0]
+    return {"routed_flagged_examples": len(set(hits)), "routed_flagged_trainings": len(hits),
+            "routed_train_accuracy": accuracy(model, x[members], y[members]),
+            "routed_test_accuracy": accuracy(model, x[held], y[held])}
 
 
 # -- LiRA ---------------------------------------------------------------------------------------------
@@ -353,20 +372,26 @@ def main() -> None:
         # An untimed warm-up (the first governed run in a process pays one-time costs), then the target
         # with its scan and the same run (same seed, same batches) without it, in ABBA order.
         governed(work / "warm-up", xm, labels, epochs=2, seed=seeds[0], memorization=PARAMS)[0].close()
-        wall: dict[bool, list[float]] = {True: [], False: []}
-        cpu: dict[bool, list[float]] = {True: [], False: []}
+        # A third variant routes by the scans' flags (ROUTED_POLICY): the scan then runs on the training
+        # thread at each checkpoint, before the next step is drawn.
+        wall: dict[Any, list[float]] = {True: [], False: [], "routed": []}
+        cpu: dict[Any, list[float]] = {True: [], False: [], "routed": []}
         led = target = None
         for r in range(timing_runs):
-            for scanned in ((True, False) if r % 2 == 0 else (False, True)):
+            for scanned in ((True, False, "routed") if r % 2 == 0 else ("routed", False, True)):
                 led_r, model_r, secs, cpu_s, steps_n = governed(
                     work / f"run-{r}-{scanned}", xm, labels, epochs=epochs, seed=seeds[0],
-                    memorization=PARAMS if scanned else None)
+                    memorization=PARAMS if scanned is True else None,
+                    policy=ROUTED_POLICY if scanned == "routed" else FB.FLAT_POLICY)
                 wall[scanned].append(secs)
                 cpu[scanned].append(cpu_s)
-                log(f"governed target run {'with' if scanned else 'without'} its memorization scan "
-                    f"({r + 1}/{timing_runs}): {steps_n} steps, {secs:.1f}s")
-                if scanned and led is None:
+                what = {True: "with its memorization scan", False: "without it", "routed": "routing by its flags"}
+                log(f"governed target run {what[scanned]} ({r + 1}/{timing_runs}): {steps_n} steps, {secs:.1f}s")
+                if scanned is True and led is None:
                     led, target, result["steps"] = led_r, model_r, steps_n  # the run measured below
+                elif scanned == "routed" and r == 0:
+                    result.update(routed_figures(led_r, model_r, x, y, members, held))
+                    led_r.close()
                 else:
                     led_r.close()
         assert led is not None and target is not None
@@ -456,6 +481,8 @@ def main() -> None:
     result["train_s_without_scan_runs"] = wall[False]
     result["monitor_overhead"] = w / wo - 1.0
     result["monitor_overhead_cpu"] = statistics.median(cpu[True]) / statistics.median(cpu[False]) - 1.0
+    result["monitor_overhead_routed"] = statistics.median(wall["routed"]) / wo - 1.0
+    result["train_s_routed_runs"] = wall["routed"]
     result["monitor_overhead_direct"] = statistics.median((a + s) / (d * per_step) for d, a, s in costs)
     result["monitor_append_us_per_step"] = 1e6 * sum(a for _, a, _ in costs) / result["steps"]
     result["scan_s_per_checkpoint_median"] = statistics.median(s for _, _, s in costs)

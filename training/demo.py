@@ -322,6 +322,9 @@ def routing_policy(tax: Taxonomy, at: int) -> SignedPolicy:
         "bands": list(BANDS),
         "rules": [
             {"name": "rejected", "match": {"review": ["rejected"]}, "profile": [0, 0, 0], "limits": [None, None, None]},
+            # An example a checkpoint's memorization scan flags tunes the head only from then on
+            # (specs/dynamics.md §2.4): what the model memorizes stays out of its deeper bands.
+            {"name": "memorized", "match": {"memorized": True}, "profile": [1, 0, 0], "limits": [10.0, None, None]},
             {"name": "expert", "match": {"authority": CLASS_PATHS["experts"], "min_confidence": 0.9},
              "profile": [1, 1, 1], "limits": [None, 10.0, 10.0]},
             {"name": "crowd-consensus",
@@ -491,6 +494,20 @@ def stage_trace(ledger: Ledger, query: Path, tax: Taxonomy, console: Console) ->
     return detail, {"report": report, "top": top["source"], "command": command}
 
 
+def _memorized_routing(ledger: Ledger, updates: list[tuple[int, dict[str, Any]]]) -> tuple[int, int] | None:
+    """How many distinct examples the policy's ``memorized`` rule routed in ``updates``, and how many times
+    (specs/dynamics.md §2.4); None for a policy without that rule."""
+    from .policy import latest_adopted
+
+    adopted = latest_adopted(ledger)
+    rules = [] if adopted is None else [r["name"] for r in adopted[1].policy["rules"]]
+    if "memorized" not in rules:
+        return None
+    rule = rules.index("memorized")
+    hits = [i for _, u in updates for i, r in zip(u["batch"], u["routing"]["rules"]) if r == rule]
+    return len(set(hits)), len(hits)
+
+
 def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     """What to review next (`gradledger feedback`, specs/dynamics.md §3), before the retirement: the run's
     examples ranked by the evidence that their labels need a second look, the top 5% written for Label
@@ -512,6 +529,10 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     if scan is not None:
         detail += (f"; the last checkpoint's MemorizationScan flags {len(scan['flagged'])} of {scan['scored']} examples "
                    "(LT-IQR)")
+    routed = _memorized_routing(ledger, lin.run.updates)
+    if routed is not None:
+        detail += (f"; the policy's memorized rule routed {routed[0]} flagged examples to the head only, "
+                   f"{routed[1]} times in all")
     examples = [{"index": e.index, "label": e.label, "sources": e.sources, "priority": e.priority,
                  "reasons": e.reasons} for e in items[:10]]
     memorized = [] if scan is None else [
