@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
     """One rank of a governed run: the user's own loop on every rank; rank 0 writes the ledger."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{variant}", rank=rank, world_size=world)
     led = Ledger.open(Path(root) / "ledger", writable=rank == 0)
     outcome = "done"
     try:
@@ -47,7 +47,10 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
         loader = DataLoader(TensorDataset(X, Y), batch_size=per_rank)
         run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
                          run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root)
-        gm, gopt, gloader = run.make_governed(model, opt, loader)
+        if variant == "resume":  # the same run, continued from its last checkpoint by a fresh set of ranks
+            gm, gopt, gloader = run.resume(model, opt, loader)
+        else:
+            gm, gopt, gloader = run.make_governed(model, opt, loader)
         gm.train()
         while run.step < STEPS:
             for x, y in gloader:
@@ -62,6 +65,12 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
                 if variant == "clip" and rank == 1:
                     torch.nn.utils.clip_grad_norm_(gm.parameters(), 1.0)
                 gopt.step()
+                if variant == "crash" and run.step == STEPS - 1:
+                    # Every rank dies here, one step short and without closing: the ledger keeps what was
+                    # committed (the checkpoint of step EVERY, once rank 0's recorder has committed it).
+                    run._drain()
+                    (Path(root) / f"rank{rank}.out").write_text("crashed")
+                    os._exit(0)
                 if run.step >= STEPS:
                     break
         run.close()
@@ -233,6 +242,48 @@ def test_both_shard_rules_agree(world: int, batch: int) -> None:
     assert sizes == verifier_shard_sizes(batch, world)
     assert sum(sizes) == batch and len(sizes) == world and max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_a_run_over_ranks_that_crashed_resumes_over_ranks_to_the_same_weights(two: tuple[Path, list[str]],
+                                                                              tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "ledger")
+    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    led.close()
+    for variant in ("crash", "resume"):
+        mp.spawn(_rank, args=(2, str(tmp_path), ds.seq, 4, variant), nprocs=2, join=True)
+        outcomes = [(tmp_path / f"rank{r}.out").read_text() for r in range(2)]
+        assert outcomes == ["crashed" if variant == "crash" else "done"] * 2, outcomes
+        if variant == "crash":
+            with Ledger.open(tmp_path / "ledger") as led:  # the log ends at the step-EVERY checkpoint
+                assert [led.observation(s).body["step"] for s in led.by_type("Checkpoint")] == [0, EVERY]
+    with Ledger.open(tmp_path / "ledger") as led:
+        export_bundle(led, tmp_path / "resumed.glb", with_data=True)
+    report = _verify(tmp_path / "resumed.glb")
+    assert report.verified and report.replay_mode == "exact", report.render()
+    # the interrupted run ends where the uninterrupted one did, bit for bit, step by step
+    resumed, honest = _updates(tmp_path / "resumed.glb"), _updates(two[0])
+    assert [u["step"] for u in resumed] == list(range(STEPS))
+    fields = ("batch", "loss", "band_update_norms", "recipe")
+    for a, b in zip(resumed, honest):
+        assert [a[f] for f in fields] == [b[f] for f in fields], a["step"]
+
+
+def test_a_run_over_ranks_resumed_over_another_world_size_is_refused(two: tuple[Path, list[str]],
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(two[0].parent / "ledger", tmp_path / "ledger")
+    led = Ledger.open(tmp_path / "ledger", writable=True)
+    try:
+        ds = load_dataset(led, led.by_type("DatasetCommitted")[-1])
+        model = make_model()
+        run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
+                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root)
+        with pytest.raises(Exception, match="recorded over 2 rank"):
+            run.resume(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                       DataLoader(TensorDataset(X, Y), batch_size=8))
+    finally:
+        led.close()
 
 
 def test_unlearning_a_run_over_ranks_replays_its_shards_and_the_certificate_verifies(tmp_path: Path) -> None:

@@ -357,11 +357,44 @@ class Governance:
     def resume(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
-        """Continue run ``run_id`` from its last Checkpoint: same settings, restored state, same chain."""
+        """Continue run ``run_id`` from its last Checkpoint: same settings, restored state, same chain.
+
+        Over torch.distributed ranks every rank restores the same checkpoint from the ledger (rank 0's,
+        opened read-only on the others) and the ranks agree on it before rank 0 goes on writing
+        (specs/distributed.md §5)."""
         self._require_fresh()
+        why: str | None = None
+        try:
+            gated, run_seq, run_body, ckpt_seq = self._restore_last(model, optimizer, loader)
+        except GovernanceError as exc:
+            if self.ranks is None:
+                raise
+            why = str(exc)
         if self.ranks is not None:
-            raise GovernanceError("resuming a run over torch.distributed ranks is not supported yet: resume it on "
-                                  "one process, or start a new run")
+            ranks = self.ranks
+            ranks.agree(why, "resuming the run")
+            assert self.last_checkpoint is not None
+            # The same checkpoint on every rank: a rank reading a stale copy of the ledger would fork the run.
+            ranks.same([run_seq, self.last_checkpoint.digest, self.step, self.drawn], "the checkpoint resumed from")
+            self.gather_group = ranks.new_group()  # the gradients' gathers, as at the start
+            ranks.same(self._shared_settings(optimizer), "the run's settings")
+        if self._traces is not None and (self.ranks is None or self.ranks.writer):
+            self._read_back_traces(run_seq, ckpt_seq)
+        self.run_seq, self.policy_seq = run_seq, run_body["settings"].get("policy_seq")
+        self._run_optimizer = run_body["settings"]["optimizer"]
+        self._program = run_body["artifacts"]["program"]
+        stored = self.ledger.artifact(self._program)
+        if stored is None:
+            raise GovernanceError(f"the run's program artifact {self._program.hex()[:16]} is not stored in the ledger")
+        self._checked_program = self._parse_program(stored)
+        del stored
+        self._begin(gated, optimizer)
+        return gated, optimizer, GovernedLoader(self)
+
+    def _restore_last(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
+                      ) -> tuple[GovernedModel, int, dict[str, Any], int]:
+        """The run's last Checkpoint restored into ``model`` and ``optimizer`` after the setup checks and the
+        settings compared: (governed model, RunStarted seq and body, the checkpoint's seq)."""
         run_seq, run_body = self._find_run()
         settings = run_body["settings"]
         ckpt_seq, drawn = self._last_checkpoint_seq(run_seq)
@@ -374,28 +407,22 @@ class Governance:
         tensors, scalars = read_checkpoint(data, body)
         restore(model, optimizer, tensors, scalars)
         self.step, self.drawn = body["step"], drawn
-        if self._traces is not None:  # the scans after the resume cover the steps before it too
-            for seq in self.ledger.by_type("GovernedUpdate"):
-                if run_seq < seq < ckpt_seq:
-                    u = self.ledger.observation(seq).body
-                    self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
-            if self._routes.flagged is not None and self.step > 0:  # the flags of the scan at that checkpoint
-                assert self.memorization is not None
-                found = flag(self._traces.scores(self.memorization.min_trace), self.memorization.fraction)
-                self._use_flags(frozenset(i for i, _ in found))
         check_routing(gated, self._batch(self.step, self._probe_indices()).inputs)
-        self.run_seq, self.policy_seq = run_seq, settings.get("policy_seq")
-        self._run_optimizer = settings["optimizer"]
-        self._program = run_body["artifacts"]["program"]
-        stored = self.ledger.artifact(self._program)
-        if stored is None:
-            raise GovernanceError(f"the run's program artifact {self._program.hex()[:16]} is not stored in the ledger")
-        self._checked_program = self._parse_program(stored)
-        del stored
         self.last_checkpoint = CheckpointData(body["step"], tensors, dict(body["tensors"]), body["digest"], data)
         self._checkpointed = body["step"]
-        self._begin(gated, optimizer)
-        return gated, optimizer, GovernedLoader(self)
+        return gated, run_seq, run_body, ckpt_seq
+
+    def _read_back_traces(self, run_seq: int, ckpt_seq: int) -> None:
+        """The losses recorded before the resume, so that the scans after it cover those steps too; and
+        where the policy routes by the flags, the flags of the resume checkpoint's scan (dynamics.md §2.4)."""
+        assert self._traces is not None and self.memorization is not None
+        for seq in self.ledger.by_type("GovernedUpdate"):
+            if run_seq < seq < ckpt_seq:
+                u = self.ledger.observation(seq).body
+                self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
+        if self._routes.flagged is not None and self.step > 0:
+            found = flag(self._traces.scores(self.memorization.min_trace), self.memorization.fraction)
+            self._use_flags(frozenset(i for i, _ in found))
 
     def _require_fresh(self) -> None:
         if self.started or self.closed:
@@ -594,6 +621,11 @@ class Governance:
                 raise GovernanceError(f"cannot resume run {self.run_id!r}: {key} was {recorded.get(key)!r}, now {now[key]!r}")
         if recorded["optimizer"]["name"] != now["optimizer"]["name"]:
             raise GovernanceError(f"cannot resume run {self.run_id!r}: the optimizer was {recorded['optimizer']['name']}")
+        if recorded.get("distributed") != now.get("distributed"):
+            # The shards of every later step are cut by the world size (specs/distributed.md §2).
+            was, is_ = (s.get("distributed", {}).get("world", 1) for s in (recorded, now))
+            raise GovernanceError(f"cannot resume run {self.run_id!r}: it was recorded over {was} rank(s) "
+                                  f"({recorded.get('distributed')!r}); resume it over the same, now {is_}")
 
     def _find_run(self) -> tuple[int, dict[str, Any]]:
         for seq in reversed(self.ledger.by_type("RunStarted")):
