@@ -62,8 +62,8 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
                 opt.zero_grad()
                 loss = torch.nn.functional.cross_entropy(gm(x), y)
                 loss.backward()
-                if variant == "clip" and rank == 1:
-                    torch.nn.utils.clip_grad_norm_(gm.parameters(), 1.0)
+                if (variant == "clip" and rank == 1) or variant == "userclip":
+                    torch.nn.utils.clip_grad_norm_(gm.parameters(), 0.5)
                 gopt.step()
                 if variant == "crash" and run.step == STEPS - 1:
                     # Every rank dies here, one step short and without closing: the ledger keeps what was
@@ -209,8 +209,8 @@ def test_forged_shards_or_world_fail_the_structural_checks(forgery: str, two: tu
 
 
 def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(tmp_path: Path) -> None:
-    _, outcomes = _train(tmp_path, 2, per_rank=4, variant="clip")
-    assert all("rank 1" in o and "clip" in o for o in outcomes), outcomes
+    _, outcomes = _train(tmp_path, 2, per_rank=4, variant="clip")  # rank 1 alone clips
+    assert all("rank 1" in o and "clip" in o and "every rank runs one recipe" in o for o in outcomes), outcomes
     assert "(this rank)" in outcomes[1] and "(this rank)" not in outcomes[0]
     with Ledger.open(tmp_path / "ledger") as led:
         assert not led.by_type("GovernedUpdate") and not led.by_type("Checkpoint")  # nothing committed
@@ -242,6 +242,31 @@ def test_both_shard_rules_agree(world: int, batch: int) -> None:
     assert sizes == verifier_shard_sizes(batch, world)
     assert sum(sizes) == batch and len(sizes) == world and max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_the_users_clip_on_every_rank_clips_the_reduced_gradient_and_replays(tmp_path: Path) -> None:
+    bundle, outcomes = _train(tmp_path, 2, per_rank=4, variant="userclip")
+    assert outcomes == ["done"] * 2, outcomes
+    updates = _updates(bundle)
+    assert len(updates) == STEPS
+    for u in updates:  # one clip, of the step's gradient (the shards' sum over the world), recorded with ranks
+        clip = u["recipe"]["clip"]
+        assert clip["kind"] == "norm" and clip["max_norm"] == 0.5 and u["recipe"]["ranks"] == [4, 4]
+    assert any(u["recipe"]["clip"]["total_norm"] > 0.5 for u in updates)  # it did clip
+    report = _verify(bundle)
+    assert report.verified and report.replay_mode == "exact", report.render()
+    # The hostile trainer (its key only, everything re-signed) claims a looser clip at step 2, or none:
+    # replay clips the reduced gradient as recorded, and the weights it reaches are not the checkpoint's.
+    for forged in ({**updates[2]["recipe"]["clip"], "max_norm": 1.0}, None):
+        items, arts, origin = _contents(bundle)
+        seq = next(i for i, it in enumerate(items) if it.type == "GovernedUpdate" and it.body["step"] == 2)
+        recipe = {k: v for k, v in items[seq].body["recipe"].items() if k != "clip"}
+        if forged is not None:
+            recipe["clip"] = forged
+        items[seq].body = {**items[seq].body, "recipe": recipe}
+        report = _verify(write_bundle(tmp_path / "forged.glb", reseal(items), arts, origin))
+        failure = report.first_failure
+        assert failure is not None and failure.name == "replay" and failure.step == 2, report.render()
 
 
 def test_a_run_over_ranks_that_crashed_resumes_over_ranks_to_the_same_weights(two: tuple[Path, list[str]],

@@ -29,9 +29,18 @@ _LISTENERS: list["ClipListener"] = []
 
 
 class ClipListener(Protocol):
-    """What a governed run implements to hear of a clip: the tensors clipped, the call, torch's result."""
+    """What a governed run implements to hear of a clip: the tensors about to be clipped (a run over
+    torch.distributed ranks reduces its gradients first, so that the clip sees the step's gradient, as under
+    DDP), then the tensors clipped, the call and torch's result."""
+
+    def clipping(self, params: list[Tensor]) -> None: ...
 
     def clipped(self, params: list[Tensor], call: dict[str, Any], total_norm: float | None) -> None: ...
+
+
+def _before(params: list[Tensor]) -> None:
+    for listener in list(_LISTENERS):
+        listener.clipping(params)
 
 
 def _tensors(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -42,6 +51,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
                     error_if_nonfinite: bool = False, foreach: bool | None = None) -> Tensor:
     """torch's ``clip_grad_norm_``, then the call is reported to every active governed run."""
     params = _tensors(parameters)
+    _before(params)
     total = _ORIGINAL_NORM(params, max_norm, norm_type, error_if_nonfinite, foreach)
     call = {"kind": "norm", "max_norm": float(max_norm), "norm_type": float(norm_type),
             "error_if_nonfinite": bool(error_if_nonfinite), "foreach": foreach}
@@ -53,6 +63,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:
     """torch's ``clip_grad_value_``, then the call is reported to every active governed run."""
     params = _tensors(parameters)
+    _before(params)
     _ORIGINAL_VALUE(params, clip_value, foreach)
     call = {"kind": "value", "clip_value": float(clip_value), "foreach": foreach}
     for listener in list(_LISTENERS):

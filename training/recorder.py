@@ -126,6 +126,9 @@ class StepRecorder:
         self._handles: list[RemovableHandle] = []
         #: Over torch.distributed ranks: the gradients' all-gather, started during backward (distributed.py).
         self._gather = run.ranks.gradient_gather(self.flat, run.gather_group) if run.ranks is not None else None
+        #: Over ranks, once the step's gradients are reduced (at the user's clip, else at the step): the
+        #: step's recipe before any clip and every rank's facts (_reduce).
+        self._reduced: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         for p in self.flat:
             self._handles.append(p.register_post_accumulate_grad_hook(self._backward_left))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -229,6 +232,15 @@ class StepRecorder:
         if p.grad is not None:
             self._stamps[id(p)] = (p.grad, p.grad._version)
 
+    def clipping(self, params: list[Tensor]) -> None:
+        """torch's clip function is about to run over ``params`` (clipping.py). Over torch.distributed ranks the
+        step's gradients are reduced first (specs/distributed.md §3), as DDP has reduced them by then: the clip
+        sees, on every rank alike, the gradient one process replays (the shards' sum over the world size)."""
+        governed = {id(p) for p in self.flat}
+        if self.run.ranks is None or self._reduced is not None or not any(id(p) in governed for p in params):
+            return
+        self._reduce(self.pending)
+
     def clipped(self, params: list[Tensor], call: dict[str, Any], total_norm: float | None) -> None:
         """torch's clip function ran over ``params`` (clipping.py): record it, or note it cannot be."""
         governed = {id(p) for p in self.flat}
@@ -300,50 +312,39 @@ class StepRecorder:
         self.run.record_step(everyone, facts["recipe"], facts["loss"], grad_norms, update_norms, optimizer)
 
     def _distributed(self, optimizer: torch.optim.Optimizer, micros: list[Micro]) -> tuple[dict[str, Any], list[float]]:
-        """A step over torch.distributed ranks (specs/distributed.md §3): each rank's own checks, agreed by all;
-        the gradients reduced in rank order; the step's recipe over every shard; the self-check on rank 0,
-        agreed by all. Every rank decides alike from the same exchanged facts, so all refuse or none."""
+        """A step over torch.distributed ranks (specs/distributed.md §3): the gradients reduced in rank order
+        (here, or already at the user's clip); then every rank's hyper-parameters and recipe (its clip
+        included) agreed; the self-check on rank 0, agreed by all. Every rank decides alike from the same
+        exchanged facts, so all refuse or none; every rank runs the same collectives in the same order."""
         run, ranks, step = self.run, self.run.ranks, self.run.step
         assert ranks is not None and self._gather is not None
-        why, facts = None, None
+        early = self._reduced is not None  # reduced at the user's clip: its gradients may have changed since
+        if not early:
+            self._reduce(micros)
+        assert self._reduced is not None
+        (pre, shared), self._reduced = self._reduced, None
+        why, recipe = None, None
         try:
             run.check_hyperparameters(optimizer)
-            recipe, losses = self._recipe(micros)
-            self._check_gradients(recipe)
-            unsupported = sorted(set(recipe) - {"autocast", "loss_autocast", "output"})
-            if unsupported:
-                raise StepRefused(f"step {step}: recipe.{unsupported[0]} over torch.distributed ranks is not recorded "
-                                  "yet (the user's clip, loss scaling, accumulation); leave clipping to the policy's "
-                                  "band limits and backpropagate each rank's own loss")
-            m = micros[0]
-            assert m.example_losses is not None
-            facts = {"recipe": recipe, "loss": losses[0], "indices": m.batch.indices,
-                     "example_losses": m.example_losses.detach().reshape(-1).tolist(),
-                     "grads": [p.grad is not None for p in self.flat]}
+            recipe = dict(pre)
+            clip = self._clip(step)
+            if clip is not None:
+                recipe["clip"] = clip
+            if early:
+                self._check_gradients(recipe)
         except GovernanceError as exc:
             why = str(exc)
-        everyone = ranks.exchange((why, facts))
-        try:
-            ranks.verdict([w for w, _ in everyone], f"step {step}")
-        except RankRefused:
-            self._gather.discard()
-            raise
-        shared = [f for _, f in everyone]
+        everyone = ranks.exchange((why, recipe))
+        ranks.verdict([w for w, _ in everyone], f"step {step}")
+        for r, (_, theirs) in enumerate(everyone):
+            if theirs != everyone[0][1]:
+                mine = " (this rank)" if r == ranks.rank else ""
+                raise RankRefused(f"step {step}: rank {r}{mine}: its step did {theirs}, rank 0's did "
+                                  f"{everyone[0][1]}; every rank runs one recipe (clip on every rank, or on none)")
+        assert recipe is not None
         cut = shards(run.step_indices, ranks.world)
-        for r, (f, want) in enumerate(zip(shared, cut)):
-            problem = None
-            if f["indices"] != want:
-                problem = f"it trained examples {f['indices'][:8]}, the run's shard {r} of step {step} is {want[:8]}"
-            elif f["recipe"] != shared[0]["recipe"]:
-                problem = f"its step did {f['recipe']}, rank 0's did {shared[0]['recipe']}; every rank runs one recipe"
-            elif f["grads"] != shared[0]["grads"]:
-                problem = "a parameter has a gradient on some ranks and none on others"
-            if problem is not None:
-                self._gather.discard()
-                raise RankRefused(f"step {step}: rank {r}: {problem}")
-        self._gather.reduce([p for p, has in zip(self.flat, shared[0]["grads"]) if has])
         losses = [f["loss"] for f in shared]
-        recipe = {**shared[0]["recipe"], "ranks": [len(f["indices"]) for f in shared], "losses": losses}
+        recipe = {**recipe, "ranks": [len(f["indices"]) for f in shared], "losses": losses}
         if ranks.writer:
             everything = []
             for r, f in enumerate(shared):
@@ -363,6 +364,51 @@ class StepRecorder:
             ranks.agree(why, f"step {step}")
             self._checked.add(signature)
         return recipe, losses
+
+    def _reduce(self, micros: list[Micro]) -> None:
+        """Every rank's own checks of what its backward left, agreed by all, its shard checked against the
+        step's cut; then the gradients reduced in rank order (distributed.GradientGather)."""
+        run, ranks, step = self.run, self.run.ranks, self.run.step
+        assert ranks is not None and self._gather is not None
+        why, facts, pre = None, None, None
+        try:
+            if not micros or any(not m.grads for m in micros):
+                raise StepRefused(f"step {step}: a gradient clip before loss.backward() of the batch drawn for it")
+            pre, losses = self._recipe(micros)
+            self._check_gradients(pre)
+            unsupported = sorted(set(pre) - {"autocast", "loss_autocast", "output"})
+            if unsupported:
+                raise StepRefused(f"step {step}: recipe.{unsupported[0]} over torch.distributed ranks is not recorded "
+                                  "yet (loss scaling, accumulation); backpropagate each rank's own loss once a step")
+            m = micros[0]
+            assert m.example_losses is not None
+            facts = {"loss": losses[0], "indices": m.batch.indices,
+                     "example_losses": m.example_losses.detach().reshape(-1).tolist(),
+                     "grads": [p.grad is not None for p in self.flat]}
+        except GovernanceError as exc:
+            why = str(exc)
+        everyone = ranks.exchange((why, facts))
+        try:
+            ranks.verdict([w for w, _ in everyone], f"step {step}")
+        except RankRefused:
+            self._gather.discard()
+            raise
+        shared = [f for _, f in everyone]
+        cut = shards(run.step_indices, ranks.world)
+        for r, (f, want) in enumerate(zip(shared, cut)):
+            problem = None
+            if f["indices"] != want:
+                problem = f"it trained examples {f['indices'][:8]}, the run's shard {r} of step {step} is {want[:8]}"
+            elif f["grads"] != shared[0]["grads"]:
+                problem = "a parameter has a gradient on some ranks and none on others"
+            if problem is not None:
+                self._gather.discard()
+                raise RankRefused(f"step {step}: rank {r}: {problem}")
+        self._gather.reduce([p for p, has in zip(self.flat, shared[0]["grads"]) if has])
+        for p in self.flat:  # the reduction is recorded (recipe.ranks): a later edit is not
+            self._stamp(p)
+        assert pre is not None
+        self._reduced = (pre, shared)
 
     def drop_snapshot(self) -> None:
         """Free the snapshot buffers (a checkpoint is about to copy the state)."""

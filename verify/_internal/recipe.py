@@ -119,7 +119,7 @@ def _check_ranks(recipe: Mapping[str, Any], batch: int, fmt: int, world: int | N
     losses = recipe.get("losses")
     if type(losses) is not list or len(losses) != world or not all(_float(v) for v in losses):
         raise RecipeInvalid(f"recipe.losses is not one finite loss per rank ({world})")
-    extra = sorted(set(recipe) & {"micro", "loss_divisor", "clip"})
+    extra = sorted(set(recipe) & {"micro", "loss_divisor"})  # a clip applies to the reduced gradient
     if extra:
         raise RecipeInvalid(f"recipe.{extra[0]} is not recorded with recipe.ranks (specs/distributed.md §3)")
 
