@@ -248,3 +248,37 @@ def test_an_unlearning_branch_keeps_the_flags_of_its_rewind_step_and_verifies(or
         assert any(c["name"] == "certificates" and c["status"] == "pass" for c in report["checks"])
     finally:
         led.close()
+
+
+# -- the project's taxonomy (specs/project.md §2.5) ----------------------------------------------
+
+
+def _taxonomy(tmp_path: Path, policy_extra: str, rule: str) -> Path:
+    from test_project import EXAMPLE
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    head, rules = text.split("[[policy.rules]]", 1)
+    path = tmp_path / "taxonomy.toml"
+    path.write_text(f"{head}{policy_extra}\n[[policy.rules]]\n{rule}\n[[policy.rules]]{rules}", encoding="utf-8")
+    return path
+
+
+def test_a_taxonomy_policy_may_route_by_the_flags_it_requires(tmp_path: Path) -> None:
+    from gradledger.training.errors import ProjectError
+    from gradledger.training.project import Project
+
+    rule = 'name = "memorized"\nmemorized = true\nprofile = [1, 0, 0]'
+    scans = "monitors = { memorization = { fraction = 0.02, min_trace = 3 } }"
+    with Project.init(tmp_path / "p", _taxonomy(tmp_path, scans, rule)) as project:
+        policy = project.policy
+        assert policy.compiled.matches_flags
+        assert policy.monitors == {"memorization": {"fraction": 0.02, "min_trace": 3}}
+        assert policy.policy["rules"][1] == {"name": "memorized", "match": {"memorized": True},
+                                             "profile": [1.0, 0.0, 0.0], "limits": [None, None, None]}
+    with Project.open(tmp_path / "p") as again:  # the canonical taxonomy in project.json reads back
+        assert again.policy.digest == policy.digest
+    for extra, bad, words in (("", rule, "must require the scans"),
+                              (scans, 'name = "m"\nmemorized = 1\nprofile = [1, 0, 0]', "true or false"),
+                              ("monitors = { memorization = { fraction = 2.0, min_trace = 3 } }", rule, "fraction")):
+        with pytest.raises(ProjectError, match=words):
+            Project.init(tmp_path / f"bad-{len(words)}", _taxonomy(tmp_path, extra, bad))

@@ -20,7 +20,7 @@ import os
 import re
 import reprlib
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from gradledger.ledger import schema as s
@@ -46,7 +46,7 @@ DEFAULT_EXCLUDE = ("rejected",)
 EXCLUDE_RULE = "excluded"
 #: Names become key file names and authority path segments, so they are both: one path segment.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
-MATCH_KEYS = ("min_confidence", "max_confidence", "min_consensus", "review", "aggregation")
+MATCH_KEYS = ("min_confidence", "max_confidence", "min_consensus", "review", "aggregation", "memorized")
 
 
 def _show(value: Any) -> str:
@@ -174,6 +174,9 @@ class PolicyTemplate:
     exclude_review: tuple[str, ...]
     rules: tuple[Mapping[str, Any], ...]  # canonical rule tables (authority by name)
     default: Mapping[str, Any]
+    #: What every run under the policy records at its checkpoints (specs/policy.md §1): {} or
+    #: {"memorization": {"fraction", "min_trace"}}.
+    monitors: Mapping[str, Any] = field(default_factory=dict)
 
     def fields(self, authorities: Mapping[str, AuthoritySpec], bands: Sequence[str] | None = None) -> dict[str, Any]:
         """Policy fields for ``sign_policy``; with ``bands`` (as many as the template's), the same
@@ -199,7 +202,10 @@ class PolicyTemplate:
                 if key in rule:
                     match[key] = list(rule[key]) if isinstance(rule[key], (list, tuple)) else rule[key]
             rules.append({"name": rule["name"], "match": match, **outcome(rule)})
-        return {"name": self.name, "bands": list(names), "rules": rules, "default": outcome(self.default)}
+        out = {"name": self.name, "bands": list(names), "rules": rules, "default": outcome(self.default)}
+        if self.monitors:
+            out["monitors"] = {k: dict(v) for k, v in self.monitors.items()}
+        return out
 
     def to_mapping(self) -> dict[str, Any]:
         def plain(t: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,8 +213,11 @@ class PolicyTemplate:
             out["limits"] = dict(t["limits"])
             return out
 
-        return {"name": self.name, "bands": list(self.bands), "exclude_review": list(self.exclude_review),
-                "default": plain(self.default), "rules": [plain(r) for r in self.rules]}
+        out = {"name": self.name, "bands": list(self.bands), "exclude_review": list(self.exclude_review),
+               "default": plain(self.default), "rules": [plain(r) for r in self.rules]}
+        if self.monitors:
+            out["monitors"] = {k: dict(v) for k, v in self.monitors.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -330,7 +339,7 @@ def parse_policy_template(value: Any, authorities: Mapping[str, Any], root_name:
     """The ``[policy]`` table (or a mapping in its format) against ``authorities`` (by name).
 
     ``bands``, when given, replaces the table's own ``bands`` (``Project.policy_for``)."""
-    t = _table(value, where, ("name", "bands", "exclude_review", "default", "rules"))
+    t = _table(value, where, ("name", "bands", "exclude_review", "default", "rules", "monitors"))
     name = _text(t.get("name", f"{root_name}-routing"), f"{where}.name")
     if bands is None:
         raw_bands = t.get("bands", list(DEFAULT_BANDS))
@@ -389,10 +398,35 @@ def parse_policy_template(value: Any, authorities: Mapping[str, Any], root_name:
                 raise _fail(f"{at}.aggregation", "at least one aggregation rule")
             rule["aggregation"] = [_text(a, f"{at}.aggregation[{k}]") for k, a in enumerate(rules_)]
             _distinct(rule["aggregation"], f"{at}.aggregation")
+        if "memorized" in rt:  # the memorization flags in force (specs/dynamics.md §2.4)
+            if type(rt["memorized"]) is not bool:
+                raise _fail(f"{at}.memorized", f"expected true or false, got {_show(rt['memorized'])}")
+            rule["memorized"] = rt["memorized"]
         rule.update(_outcome({k: rt[k] for k in ("profile", "limits") if k in rt}, band_names, at,
                              ("profile", "limits")))
         rules.append(rule)
-    return PolicyTemplate(name, band_names, tuple(exclude), tuple(rules), default)
+    monitors = _monitors(t.get("monitors", {}), f"{where}.monitors")
+    if any("memorized" in r for r in rules) and "memorization" not in monitors:
+        raise _fail(f"{where}.monitors", "a rule matches memorized, so the policy must require the scans that flag "
+                    "(monitors.memorization = { fraction = 0.01, min_trace = 4 })")
+    return PolicyTemplate(name, band_names, tuple(exclude), tuple(rules), default, monitors)
+
+
+def _monitors(value: Any, where: str) -> dict[str, Any]:
+    """``[policy.monitors]``: ``memorization = { fraction, min_trace }`` (specs/dynamics.md §1.1), or nothing."""
+    from .dynamics.memorization import MAX_MIN_TRACE
+
+    t = _table(value, where, ("memorization",))
+    if "memorization" not in t:
+        return {}
+    m = _table(t["memorization"], f"{where}.memorization", ("fraction", "min_trace"), ("fraction", "min_trace"))
+    fraction, min_trace = m["fraction"], m["min_trace"]
+    if type(fraction) not in (int, float) or not 0.0 < fraction <= 1.0:
+        raise _fail(f"{where}.memorization.fraction", f"expected a number in (0, 1], got {_show(fraction)}")
+    if type(min_trace) is not int or not 2 <= min_trace <= MAX_MIN_TRACE:
+        raise _fail(f"{where}.memorization.min_trace", f"expected an integer in [2, {MAX_MIN_TRACE}], "
+                    f"got {_show(min_trace)}")
+    return {"memorization": {"fraction": float(fraction), "min_trace": min_trace}}
 
 
 def parse_taxonomy(value: Any) -> Taxonomy:
