@@ -71,7 +71,14 @@ checkpoint's scan job (a copy of the traces, LT-IQR of every index, the flags an
 what ``Governance`` hands its recorder, ``scan_s_per_checkpoint_median``), over the training time of
 the steps since the previous checkpoint (the run without the scan, per step), median over checkpoints.
 ``recorded_scans_match`` checks that the scan the run recorded at its last checkpoint flags what
-``scan(ledger)`` recomputes.
+``scan(ledger)`` recomputes. A third variant of the same run, timed in the same ABBA rounds, is governed
+by ``ROUTED_POLICY``, whose ``memorized`` rule routes each flagged example to the head only from the
+checkpoint that flags it on (specs/dynamics.md §2.4): there the scan runs on the training thread before
+the next step is drawn. ``monitor_overhead_routed`` is its median wall time over the run's without a
+scan, minus 1; ``routed_flagged_examples`` and ``routed_flagged_trainings`` count the examples the rule
+moved and how often they were trained so; ``routed_train_accuracy`` / ``routed_test_accuracy`` sit
+beside ``target_train_accuracy`` / ``target_test_accuracy`` (the cost of keeping memorized examples out
+of the deeper bands).
 
 **Feedback value.** ``bench/feedback_gain.py``'s ``measure`` (its docstring has the protocol):
 ``feedback_gain`` is the accuracy gain of relabeling the top 5% ``gradledger feedback`` prioritizes over

@@ -205,3 +205,7 @@ def test_feedback_and_memorization_answer_from_the_ledger(run: tuple[Path, dict[
     assert D.FAULTY in shares and sum(r["prioritized"] for r in fb["classes"]) == fb["written"]
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "What to review next" in html and "MemorizationScan" in html
+    # the policy's memorized rule (specs/dynamics.md §2.4): the examples it moved, which the routing check passed
+    routed = fb["memorized_routing"]
+    assert routed is not None and 0 <= routed["examples"] <= routed["trainings"]
+    assert f'{routed["examples"]} flagged examples trained the head only' in html

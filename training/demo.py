@@ -541,6 +541,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
+                    "memorized_routing": None if routed is None else {"examples": routed[0], "trainings": routed[1]},
                     "command": command}
 
 

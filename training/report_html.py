@@ -236,6 +236,11 @@ def _feedback_section(fb: Mapping[str, Any]) -> str:
                  f'<td>{e["priority"]:.3f}</td><td>{escape(", ".join(f"{k} {v:.2f}" for k, v in e["reasons"].items()))}'
                  '</td></tr>' for e in fb["examples"])
     mem = ", ".join(f'#{m["index"]} (label {m["label"]}, {escape("/".join(m["sources"]))})' for m in fb["memorized"])
+    routed = fb.get("memorized_routing")
+    governance = "" if routed is None else (
+        f' The policy routes a flagged example by its <code>memorized</code> rule from the checkpoint that flags it on: '
+        f'{routed["examples"]} flagged examples trained the head only, {routed["trainings"]} times in all; the verifier '
+        'recomputed the flags and that routing (specs/dynamics.md §2.4).')
     return (f'<h2>What to review next</h2><p class="lead">The {fb["written"]} of {fb["trained"]} trained examples with '
             'the most evidence that their label needs a second look (recorded loss, memorization, disagreement between '
             f'sources, influence on the traced confusion), written as a Label Studio import '
@@ -244,7 +249,7 @@ def _feedback_section(fb: Mapping[str, Any]) -> str:
             f'<th>share</th></tr>{src}</table></div><div class="panel"><table><tr><th>example</th><th>label</th>'
             f'<th>sources</th><th>priority</th><th>reasons</th></tr>{ex}</table></div></div>'
             f'<p class="note">Memorized (the MemorizationScan the run recorded at its last checkpoint, LT-IQR, '
-            f'recomputed by the verifier): {mem or "none flagged"}. <code>{escape(fb["command"])}</code></p>')
+            f'recomputed by the verifier): {mem or "none flagged"}.{governance} <code>{escape(fb["command"])}</code></p>')
 
 
 def render_report(figures: Mapping[str, Any]) -> str:
