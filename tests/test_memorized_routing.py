@@ -6,7 +6,6 @@ trainer (trainer key only, everything re-signed) can tell about them is caught."
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -230,16 +229,24 @@ def test_a_resumed_run_routes_by_the_flags_of_its_checkpoint(tmp_path: Path, led
         resumed.close()
 
 
-def test_an_unlearning_branch_keeps_the_flags_of_its_rewind_step_and_verifies(original: Path, tmp_path: Path) -> None:
-    shutil.copytree(original, tmp_path / "ledger")
-    led = Ledger.open(tmp_path / "ledger", writable=True)
+def test_an_unlearning_branch_keeps_the_flags_of_its_rewind_step_and_verifies(tmp_path: Path) -> None:
+    # The retired worker's examples are trained only from step 2 * EPOCH on (explicit batches), so the
+    # branch rewinds to a checkpoint whose scan already flags examples: it must keep exactly those.
+    late = [i for i, m in enumerate(MANIFESTS) if FAULTY in m.source_names]
+    clean = [i for i in range(len(MANIFESTS)) if i not in set(late)]
+    everyone = late + clean  # step 2 * EPOCH starts with them
+    batches = [[clean[(24 * s + j) % len(clean)] for j in range(24)] for s in range(2 * EPOCH)]
+    batches += [[everyone[(24 * s + j) % len(everyone)] for j in range(24)] for s in range(EPOCH)]
+    led, ds = new_ledger(tmp_path / "ledger", MANIFESTS, X)
     try:
+        _train(led, ds, batches=batches)
         scans = _flags_by_step(led)
         retire(led, FAULTY, CROWD_KEY, "swaps 3 and 8")
         result = unlearn(led, FAULTY, WORLD.trainer)
         branch = _updates(led, result.branch_seq, result.certificate_seq)
-        assert branch and result.rewind_step < STEPS
+        assert branch and result.rewind_step == 2 * EPOCH
         frozen = _in_force(scans, result.rewind_step)
+        assert frozen  # flags were in force at the rewind
         for u in branch:
             assert all((rule == 0) == (i in frozen) for i, rule in zip(u["batch"], u["routing"]["rules"])), u["step"]
         assert any(_in_force(scans, u["step"]) != frozen for u in branch)  # the original's flags moved on
