@@ -57,7 +57,8 @@ candidate's precision averaged over all M models in turn as the target (each aga
 set of its own members, the shadows' traces standing for the ones a governed run of theirs would
 record), the steadier comparison, and ``mem_best_score`` is chosen by it.
 ``members_at_or_above_kth_tpr`` says how many members tie at or above the k-th vulnerable one's TPR
-(more than k: the mean score decided). ``random_baseline`` = k / members is the expected precision of
+(more than k: the mean score decided); ``mem_precision_at_1pct_ties_included`` counts a flag as a hit
+when it is any of those tied members (a reading beside the headline, never in its place). ``random_baseline`` = k / members is the expected precision of
 k random flags.
 
 **Cost.** ``monitor_overhead``: the governed target run timed with its memorization scan and, over the
@@ -464,6 +465,10 @@ def main() -> None:
     result["vulnerable_tpr"] = sorted((round(float(tpr[members[i]]), 4) for i in vulnerable), reverse=True)
     kth = min(float(tpr[members[i]]) for i in vulnerable)
     result["members_at_or_above_kth_tpr"] = int((tpr[members] >= kth).sum())  # > k: the tie-break decided
+    # The same flags against every member tied at or above the k-th TPR: with few shadows the per-example
+    # TPR takes few values, and which of the tied members the mean score puts in the top k is not LiRA's verdict.
+    tied = set(torch.nonzero(tpr[members] >= kth).flatten().tolist())
+    result["mem_precision_at_1pct_ties_included"] = len(set(flagged) & tied) / k
     result["flagged"] = flagged
     # Every candidate on the target (its recorded traces), then on every model in turn as the target
     # (the shadows' traces are what a governed run of theirs would record): k = 9 moves in steps of 1/9,

@@ -138,6 +138,16 @@ def test_flagged_examples_route_by_the_memorized_rule_from_their_checkpoint_on(l
     assert {c["name"]: c["status"] for c in report["checks"]}["scans"] == "pass"
 
 
+def test_the_scan_report_says_what_the_rule_moved(led: Ledger) -> None:
+    from gradledger.training.dynamics import scan
+
+    scans = _flags_by_step(led)
+    hits = [i for u in _updates(led) for i in u["batch"] if i in _in_force(scans, u["step"])]
+    report = scan(led, params=None)
+    assert report["memorized_routing"] == {"rules": ["memorized"], "examples": len(set(hits)), "trainings": len(hits)}
+    assert scan(led, through=EPOCH)["memorized_routing"]["trainings"] == 0  # nothing flagged in the first epoch
+
+
 def _flagged_step(led: Ledger) -> tuple[int, int, int]:
     """(seq of the first update that trains a flagged example, its batch position, the example)."""
     scans = _flags_by_step(led)

@@ -28,6 +28,10 @@ def _render(report: dict[str, Any]) -> str:
     if not report["flagged"]:
         lines.append("  (nothing flagged: no example has a long enough trace)")
     lines.append(f"scores digest {report['scores_digest'][:16]}")
+    routed = report.get("memorized_routing")
+    if routed is not None:
+        lines.append(f"the policy routes flagged examples by {', '.join(routed['rules'])} (specs/dynamics.md §2.4): "
+                     f"{routed['examples']} examples trained so, {routed['trainings']} times, in these steps")
     if "record" in report:
         lines.append(f"recorded as MemorizationScan at seq {report['record']['seq']}; the verifier recomputes it")
     return "\n".join(lines)

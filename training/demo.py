@@ -494,26 +494,13 @@ def stage_trace(ledger: Ledger, query: Path, tax: Taxonomy, console: Console) ->
     return detail, {"report": report, "top": top["source"], "command": command}
 
 
-def _memorized_routing(ledger: Ledger, updates: list[tuple[int, dict[str, Any]]]) -> tuple[int, int] | None:
-    """How many distinct examples the policy's ``memorized`` rule routed in ``updates``, and how many times
-    (specs/dynamics.md §2.4); None for a policy without that rule."""
-    from .policy import latest_adopted
-
-    adopted = latest_adopted(ledger)
-    rules = [] if adopted is None else [r["name"] for r in adopted[1].policy["rules"]]
-    if "memorized" not in rules:
-        return None
-    rule = rules.index("memorized")
-    hits = [i for _, u in updates for i, r in zip(u["batch"], u["routing"]["rules"]) if r == rule]
-    return len(set(hits)), len(hits)
-
-
 def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     """What to review next (`gradledger feedback`, specs/dynamics.md §3), before the retirement: the run's
     examples ranked by the evidence that their labels need a second look, the top 5% written for Label
     Studio; and the memorization scan the run recorded at its last checkpoint."""
     from .dynamics.export import render
     from .dynamics.feedback import priorities, summarize
+    from .dynamics.scan import memorized_routing
 
     lin, items = priorities(ledger, run_id=RUN_ID)
     top = -(-len(items) // 20)
@@ -529,10 +516,10 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     if scan is not None:
         detail += (f"; the last checkpoint's MemorizationScan flags {len(scan['flagged'])} of {scan['scored']} examples "
                    "(LT-IQR)")
-    routed = _memorized_routing(ledger, lin.run.updates)
+    routed = memorized_routing(ledger, lin.run.settings, lin.run.updates)
     if routed is not None:
-        detail += (f"; the policy's memorized rule routed {routed[0]} flagged examples to the head only, "
-                   f"{routed[1]} times in all")
+        detail += (f"; the policy's memorized rule routed {routed['examples']} flagged examples to the head only, "
+                   f"{routed['trainings']} times in all")
     examples = [{"index": e.index, "label": e.label, "sources": e.sources, "priority": e.priority,
                  "reasons": e.reasons} for e in items[:10]]
     memorized = [] if scan is None else [
@@ -541,7 +528,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
-                    "memorized_routing": None if routed is None else {"examples": routed[0], "trainings": routed[1]},
+                    "memorized_routing": routed,
                     "command": command}
 
 

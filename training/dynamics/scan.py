@@ -8,7 +8,7 @@ on demand. Both record the same body; the verifier recomputes every scan from th
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
@@ -19,7 +19,7 @@ from ..updates import example_loss_values
 from .memorization import METHOD, LossTraces, MemorizationScan
 from .record import record_scan, scan_body
 
-__all__ = ["ScanError", "recorded_traces", "scan"]
+__all__ = ["ScanError", "memorized_routing", "recorded_traces", "scan"]
 
 
 class ScanError(GovernanceError):
@@ -62,11 +62,27 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
         "parameters": params.parameters, "scored": body["scored"], "examples": lin.dataset.count,
         "scores_digest": body["scores_digest"].hex(),
         "flagged": [_describe(i, s, lin.fields[i]) for i, s in body["flagged"]],
+        "memorized_routing": memorized_routing(ledger, lin.run.settings, lin.run.updates[:through]),
     }
     if record is not None:
         sealed = record_scan(ledger, body, record)
         report["record"] = {"seq": sealed.seq}
     return report
+
+
+def memorized_routing(ledger: Ledger, settings: Mapping[str, Any], updates: Sequence[tuple[int, Mapping[str, Any]]]
+                      ) -> dict[str, Any] | None:
+    """Under a policy that routes by the memorization flags (specs/dynamics.md §2.4): the rules that match
+    them, and how many distinct examples ``updates`` routed by one of them and how many times; None for a
+    policy without such a rule."""
+    from ..policy import load_adopted
+
+    policy = load_adopted(ledger, settings["policy_seq"]).policy
+    rules = {i: r["name"] for i, r in enumerate(policy["rules"]) if "memorized" in r["match"]}
+    if not rules:
+        return None
+    hits = [i for _, u in updates for i, r in zip(u["batch"], u["routing"]["rules"]) if r in rules]
+    return {"rules": sorted(rules.values()), "examples": len(set(hits)), "trainings": len(hits)}
 
 
 def _describe(index: int, score: float, manifest: Mapping[str, Any]) -> dict[str, Any]:
