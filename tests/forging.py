@@ -376,12 +376,12 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
     if ungated:
         from unittest import mock
 
-        from gradledger.training import gate, trainer
+        from gradledger.training import gate, trainer, updates
 
         def no_gate(profiles: Any) -> Any:
             return profiles * 0.0 + 1.0
 
-        with mock.patch.object(gate, "routing_ratios", no_gate), mock.patch.object(trainer, "routing_ratios", no_gate), \
+        with mock.patch.object(gate, "routing_ratios", no_gate), mock.patch.object(updates, "routing_ratios", no_gate), \
                 mock.patch.object(trainer, "check_routing", lambda *a, **k: None):
             return build_demo(out, steps=steps, checkpoint_every=checkpoint_every, hidden=hidden, seed=seed, lr=lr)
     import time

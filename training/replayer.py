@@ -29,9 +29,9 @@ from .dataset import CommittedDataset, load_inputs
 from .errors import GovernanceError
 from .gate import clip_bands
 from .order import micro_seed
-from .policy import batch_limits, load_adopted, profiles_tensor
+from .policy import batch_limits, load_adopted
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
-from .updates import RouteTables, example_loss_bytes, step_and_measure, update_body
+from .updates import RouteTables, Routes, example_loss_bytes, step_and_measure, update_body
 
 __all__ = ["Inspect", "RecordedRun", "ReplayError", "Replayer", "governed_original", "load_program", "program_inputs",
            "recorded_run", "run_records", "runs_in", "run_extent"]
@@ -165,31 +165,26 @@ class Replayer:
         self.policy = load_adopted(ledger, settings["policy_seq"])
         if self.policy.digest != settings["policy"]:
             raise ReplayError(f"run {run.run_id!r}: policy at seq {settings['policy_seq']} is not the recorded one")
-        self.routes = RouteTables.build(fields, ledger.registry, self.policy.compiled)
+        self.routes = Routes(RouteTables.build(fields, ledger.registry, self.policy.compiled), self.n_bands)
         #: The memorization flags in force at a step, where the policy routes by them (specs/dynamics.md §2.4);
         #: ``freeze_flags_at``: unlearning's branch keeps those of its rewind step.
         self.flags_at: Callable[[int], frozenset[int]] | None = None
-        if self.routes.flagged is not None:
+        if self.routes.reads_flags:
             from .dynamics.flags import recorded_flags
 
             self.flags_at = recorded_flags(ledger, run.seq, settings, freeze_flags_at)
-        self._flags: frozenset[int] | None = None
-        self._use_flags(frozenset())
         self.labels = torch.tensor([f["label"] for f in fields], dtype=torch.int64)
         self.inputs = load_inputs(ledger, dataset)
 
-    def _use_flags(self, flags: frozenset[int]) -> None:
-        if flags == self._flags:
-            return
-        routed, self._flags = self.routes.at(flags), flags
-        self.rules, self.names = routed.rules, routed.names
-        self.writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(routed.rules))]
-        self.profiles = profiles_tensor(routed.profiles, self.n_bands)
+    @property
+    def profiles(self) -> Tensor:
+        """Every dataset index's gate profile row (float32) under the flags in force."""
+        return self.routes.profiles
 
     def route_at(self, step: int) -> None:
         """Route as the run did at ``step`` (its memorization flags then, where the policy reads them)."""
         if self.flags_at is not None:
-            self._use_flags(self.flags_at(step))
+            self.routes.use(self.flags_at(step))
 
     def rows(self, index: Tensor) -> list[Tensor]:
         """The program's inputs for the dataset rows ``index`` (``program_inputs``)."""
@@ -213,7 +208,7 @@ class Replayer:
             for k, v in recorded.items():
                 group[k] = tuple(v) if k == "betas" else v
         self.route_at(original["step"])
-        rules = [self.rules[i] for i in batch]
+        rules = [self.routes.rules[i] for i in batch]
         limits = batch_limits(self.policy.compiled, rules)
         self.optimizer.zero_grad(set_to_none=True)
         step = original["step"]
@@ -267,5 +262,5 @@ class Replayer:
         return update_body(
             original["step"], batch, rules, limits, policy=self.policy.digest, loss=loss, grad_norms=grad_norms,
             update_norms=update_norms, optimizer=described, seeds=dict(original["seeds"]),
-            writes_of=self.writes_of, names=self.names, n_bands=self.n_bands, example_losses=each,
+            writes_of=self.routes.writes_of, names=self.routes.names, n_bands=self.n_bands, example_losses=each,
         )

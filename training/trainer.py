@@ -46,18 +46,18 @@ from .dynamics.memorization import LossTraces, MemorizationScan, flag
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
-from .gate import GatedModel, batch_statistics_module, check_routing, export_gated, routing_ratios, validate_profiles
+from .gate import GatedModel, batch_statistics_module, check_routing, export_gated
 from .inputs import InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
-from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, profiles_tensor, verify_policy
+from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused
 from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, example_loss_function, loss_function,
                        optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
 from .self_check import replay_gradients
-from .updates import RouteTables, example_loss_bytes, example_loss_values, update_body
+from .updates import RouteTables, Routes, example_loss_bytes, example_loss_values, update_body
 
 #: The training format this trainer writes (specs/training.md §5): 2 adds gradient accumulation,
 #: loss scaling, the user's clip, autocast, per-step hyper-parameters and the loader's own order;
@@ -420,7 +420,7 @@ class Governance:
             if run_seq < seq < ckpt_seq:
                 u = self.ledger.observation(seq).body
                 self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
-        if self._routes.flagged is not None and self.step > 0:
+        if self._routes.reads_flags and self.step > 0:
             found = flag(self._traces.scores(self.memorization.min_trace), self.memorization.fraction)
             self._use_flags(frozenset(i for i, _ in found))
 
@@ -515,14 +515,10 @@ class Governance:
         # Routing is a pure function of manifest, policy and (where a rule matches them) the memorization
         # flags in force: once per index at setup, flagged and not, so an unroutable example stops the run
         # before its first step and a checkpoint's new flags only pick rows.
-        self._routes = RouteTables.build([m.manifest for m in self.dataset.manifests], self.ledger.registry,
-                                         self.policy.compiled)
-        n = len(self.layout)
-        for table in (self._routes.plain, self._routes.flagged):
-            if table is not None:  # validated once here; a batch's profiles are rows of these tables
-                validate_profiles(profiles_tensor(table.profiles, n), n)
+        tables = RouteTables.build([m.manifest for m in self.dataset.manifests], self.ledger.registry,
+                                   self.policy.compiled)
+        self._routes = Routes(tables, len(self.layout), ratios=True)
         self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)
-        self._use_flags(frozenset())
 
     def _use_flags(self, flags: frozenset[int]) -> None:
         """Route from now on with ``flags`` the memorization flags in force (specs/dynamics.md §2.4)."""
@@ -532,14 +528,7 @@ class Governance:
             raise GovernanceError("a batch of the next step was drawn before the checkpoint that changed the "
                                   "memorization flags its routing reads: draw each step's batches after the "
                                   "previous optimizer.step()")
-        self._flags = flags
-        routed = self._routes.at(flags)
-        self._rules, self._sources = routed.rules, routed.names
-        self._profile_table = profiles_tensor(routed.profiles, len(self.layout))
-        # A row of the table's ratios equals the ratios of the row (row-wise elementwise ops).
-        self._ratio_table = routing_ratios(self._profile_table)
-        # Per index, what the example adds to authority_writes: (its paths, its float64 profile).
-        self._writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(routed.profiles))]
+        self._routes.use(flags)
 
     def _adopted_seq(self) -> int | None:
         latest = latest_adopted(self.ledger)
@@ -719,8 +708,8 @@ class Governance:
         else:
             inputs = default_collate([_input_of(self._data[i]) for i in indices])
         labels = self._label_table[index]
-        rules = [self._rules[i] for i in indices]
-        profiles = self._profile_table[index]
+        rules = [self._routes.rules[i] for i in indices]
+        profiles = self._routes.profiles[index]
         if limits is None:
             limits = batch_limits(self.policy.compiled, rules)
         return Batch(step, list(indices), inputs, labels, profiles, rules, limits)
@@ -744,7 +733,7 @@ class Governance:
         chosen = self._indices(self.drawn) if indices is None else indices
         if self.ranks is not None:
             self.step_indices = list(chosen)  # the whole batch: every rank knows every shard
-            limits = batch_limits(self.policy.compiled, [self._rules[i] for i in chosen])
+            limits = batch_limits(self.policy.compiled, [self._routes.rules[i] for i in chosen])
             batch = self.shard_batch(self.step, shards(chosen, self.ranks.world)[self.ranks.rank], limits)
         else:
             batch = self._batch(self.step, chosen)
@@ -759,7 +748,9 @@ class Governance:
 
     def ratios_of(self, batch: Batch) -> Tensor:
         """The batch's gate ratios: rows of the table validated at setup."""
-        return self._ratio_table[torch.tensor(batch.indices, dtype=torch.int64)]
+        ratios = self._routes.ratios
+        assert ratios is not None
+        return ratios[torch.tensor(batch.indices, dtype=torch.int64)]
 
     def limits(self, micros: Sequence[Micro]) -> tuple[float | None, ...]:
         """The step's band limits: the policy's batch limits over every example of the step."""
@@ -887,7 +878,7 @@ class Governance:
         recipe = dict(recipe)
         each = [m.example_losses for m in micros]
         # The tables as they route this step: a checkpoint's new flags replace them before build() runs.
-        writes_of, names = self._writes_of, self._sources
+        writes_of, names = self._routes.writes_of, self._routes.names
         if self._traces is not None and all(t is not None for t in each):
             self._traces.add(indices, torch.cat([t.detach().reshape(-1) for t in each]))  # type: ignore[union-attr]
 
@@ -996,7 +987,7 @@ class Governance:
         if self._traces is None or self.step == 0 or self.memorization is None or self.run_seq is None:
             return None
         step, params, run_seq = self.step, self.memorization, self.run_seq
-        if self._routes.flagged is not None:
+        if self._routes.reads_flags:
             scores = self._traces.scores(params.min_trace)
             body = scan_body(run_seq, step, scores, params)
             self._use_flags(frozenset(i for i, _ in body["flagged"]))

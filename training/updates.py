@@ -19,8 +19,8 @@ from torch import Tensor
 from gradledger.ledger.errors import CredentialError
 
 from .errors import GovernanceError, ManifestError
-from .gate import _l2_of_norms
-from .policy import route
+from .gate import _l2_of_norms, routing_ratios, validate_profiles
+from .policy import profiles_tensor, route
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,37 @@ class RouteTables:
         pick = [self.flagged if i in flags else self.plain for i in range(len(self.plain.rules))]
         return RoutedExamples([t.rules[i] for i, t in enumerate(pick)], [t.profiles[i] for i, t in enumerate(pick)],
                               self.plain.paths, self.plain.names)
+
+
+class Routes:
+    """What a step reads of its examples' routing, per dataset index, under the memorization flags in force
+    (specs/dynamics.md §2.4): the rule, the gate's float32 profile row (and its mixing ratios when ``ratios``),
+    what the example adds to authority_writes (its paths, its binary64 profile) and its source names. The
+    trainer and unlearning's replay hold one each; ``use`` switches the flags (a no-op for the same ones).
+    Both tables are validated once, here, so a batch's profiles are rows of validated tables."""
+
+    def __init__(self, tables: RouteTables, n_bands: int, *, ratios: bool = False) -> None:
+        self.tables, self.n_bands, self._with_ratios = tables, n_bands, ratios
+        for table in (tables.plain, tables.flagged):
+            if table is not None:
+                validate_profiles(profiles_tensor(table.profiles, n_bands), n_bands)
+        self.flags: frozenset[int] | None = None
+        self.use(frozenset())
+
+    @property
+    def reads_flags(self) -> bool:
+        return self.tables.flagged is not None
+
+    def use(self, flags: frozenset[int]) -> None:
+        if flags == self.flags:
+            return
+        routed = self.tables.at(flags)
+        self.flags = flags
+        self.rules, self.names = routed.rules, routed.names
+        self.profiles = profiles_tensor(routed.profiles, self.n_bands)
+        # A row of the table's ratios equals the ratios of the row (row-wise elementwise ops).
+        self.ratios = routing_ratios(self.profiles) if self._with_ratios else None
+        self.writes_of = [(routed.paths[i], tuple(routed.profiles[i])) for i in range(len(routed.rules))]
 
 
 def step_and_measure(
@@ -161,4 +192,4 @@ def delta_norms(params: Sequence[Tensor], before: list[Tensor], sizes: Sequence[
     return torch.stack(out).tolist()
 
 
-__all__ = ["RouteTables", "RoutedExamples", "delta_norms", "example_loss_bytes", "example_loss_values", "route_examples", "step_and_measure", "update_body"]
+__all__ = ["RouteTables", "RoutedExamples", "Routes", "delta_norms", "example_loss_bytes", "example_loss_values", "route_examples", "step_and_measure", "update_body"]
