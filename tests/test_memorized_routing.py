@@ -135,7 +135,9 @@ def test_flagged_examples_route_by_the_memorized_rule_from_their_checkpoint_on(l
     assert moved >= 5  # flagged examples trained after their flag (each is drawn once an epoch)
     code, report = _verify(led, tmp_path)  # full replay: the recorded routing is what was trained
     assert_verified(code, report)
-    assert {c["name"]: c["status"] for c in report["checks"]}["scans"] == "pass"
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["scans"]["status"] == "pass"
+    assert "routes by memorization flags" in checks["routing"]["detail"]
 
 
 def test_the_scan_report_says_what_the_rule_moved(led: Ledger) -> None:

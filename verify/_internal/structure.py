@@ -543,7 +543,7 @@ def _check_routing(
     def path_of(kid: bytes) -> str:
         return registry.get(kid).path
 
-    checked = skipped = examples = 0
+    checked = skipped = examples = flagged_runs = 0
     for run in runs.values():
         if not run.governed:
             continue
@@ -559,12 +559,16 @@ def _check_routing(
         except FlagsMissing as exc:
             raise _Failed(f"run {run.run_id!r} (RunStarted {run.seq}): {exc}", seq=exc.seq) from None
         out[run.seq] = table
+        flagged_runs += policy.matches_flags
         for seq in run.updates:
             examples += _check_update(observations[seq], policy, ds, at_step(observations[seq].body["step"]))
         checked += 1
     if skipped and not checked:
         return "skip", f"{skipped} runs not routed: their dataset or policy failed its check"
     tail = f"; {skipped} runs not routed (their dataset or policy failed)" if skipped else ""
+    if flagged_runs:
+        tail += (f"; {flagged_runs} of them under a policy that routes by memorization flags, each step with the flags "
+                 "of the run's scans in force (specs/dynamics.md §2.4; the scans check recomputes them)")
     return "pass", (f"{checked} runs: {examples} batch examples routed from manifest and policy; rules, limits, "
                     f"authority_writes and sources match every GovernedUpdate{tail}")
 
