@@ -382,7 +382,7 @@ class StepRecorder:
                                   "yet (loss scaling, accumulation); backpropagate each rank's own loss once a step")
             m = micros[0]
             assert m.example_losses is not None
-            facts = {"loss": losses[0], "indices": m.batch.indices,
+            facts = {"recipe": pre, "loss": losses[0], "indices": m.batch.indices,
                      "example_losses": m.example_losses.detach().reshape(-1).tolist(),
                      "grads": [p.grad is not None for p in self.flat]}
         except GovernanceError as exc:
@@ -399,6 +399,8 @@ class StepRecorder:
             problem = None
             if f["indices"] != want:
                 problem = f"it trained examples {f['indices'][:8]}, the run's shard {r} of step {step} is {want[:8]}"
+            elif f["recipe"] != shared[0]["recipe"]:  # before the gradients are touched (its clip comes later)
+                problem = f"its step did {f['recipe']}, rank 0's did {shared[0]['recipe']}; every rank runs one recipe"
             elif f["grads"] != shared[0]["grads"]:
                 problem = "a parameter has a gradient on some ranks and none on others"
             if problem is not None:
