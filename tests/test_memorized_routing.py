@@ -11,6 +11,9 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as hst
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradledger.ledger import encoding
@@ -317,3 +320,71 @@ def test_a_run_over_ranks_under_a_policy_that_reads_flags_is_refused_at_construc
                        run_id="mem-ranks", root_key=WORLD.root)
     finally:
         led.close()
+
+
+# -- the flags in force: both implementations on any log (specs/dynamics.md §2.4) --------------------
+
+
+class _Log:
+    """A ledger's records as both readers see them: ``by_type``/``observation``/``size`` for the trainer's,
+    the list itself for the verifier's."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def add(self, type_name: str, body: dict[str, Any], signer: bytes = b"trainer") -> int:
+        from types import SimpleNamespace
+
+        self.records.append(SimpleNamespace(type=type_name, seq=len(self.records), body=body, signer=signer))
+        return len(self.records) - 1
+
+    @property
+    def size(self) -> int:
+        return len(self.records)
+
+    def by_type(self, type_name: str) -> list[int]:
+        return [r.seq for r in self.records if r.type == type_name]
+
+    def observation(self, seq: int) -> Any:
+        return self.records[seq]
+
+
+@hyp_settings(max_examples=150, deadline=None)
+@given(hst.data())
+def test_both_implementations_put_the_same_flags_in_force(data: Any) -> None:
+    from gradledger.training.dynamics.flags import recorded_flags
+    from gradledger.verify._internal import flags as VF
+
+    count, steps = 12, data.draw(hst.integers(1, 12))
+    params = {"fraction": 0.25, "min_trace": 2}
+    settings = {"format": 7, "monitors": {"memorization": params}}
+    every = data.draw(hst.integers(1, 4))
+    flag_sets = hst.lists(hst.integers(0, count - 1), max_size=4, unique=True)
+    log = _Log()
+    run = log.add("RunStarted", {"settings": settings})
+    updates, checkpoints = [], []
+
+    def checkpoint(step: int) -> None:
+        checkpoints.append(log.add("Checkpoint", {"step": step}))
+        if step == 0:
+            return
+        # decoys first: another through, other parameters, another signer; then the scan §2.2 requires
+        for decoy in data.draw(hst.lists(hst.sampled_from(["through", "params", "signer"]), max_size=2)):
+            body = {"run": run, "through": step + 1 if decoy == "through" else step, "flagged":
+                    [[i, 1.0] for i in data.draw(flag_sets)],
+                    "parameters": {**params, "fraction": 0.5} if decoy == "params" else params}
+            log.add("MemorizationScan", body, b"someone" if decoy == "signer" else b"trainer")
+        log.add("MemorizationScan", {"run": run, "through": step, "parameters": params,
+                                     "flagged": [[i, 1.0] for i in data.draw(flag_sets)]})
+
+    for s in range(steps):
+        if s % every == 0:
+            checkpoint(s)
+        updates.append(log.add("GovernedUpdate", {"step": s}))
+    checkpoint(steps)
+    schedule = VF.flag_schedule(log.records, run, updates, checkpoints, count)
+    mine = recorded_flags(log, run, settings)  # type: ignore[arg-type]
+    assert [mine(s) for s in range(steps + 1)] == [schedule.at(s) for s in range(steps + 1)]
+    rewind = data.draw(hst.integers(0, steps))
+    frozen = recorded_flags(log, run, settings, freeze_at=rewind)  # type: ignore[arg-type]
+    assert all(frozen(s) == VF.frozen_at(schedule, rewind).at(s) for s in range(rewind, steps + 1))

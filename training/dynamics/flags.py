@@ -34,7 +34,9 @@ def recorded_flags(ledger: Ledger, run_seq: int, settings: Mapping[str, Any], fr
     params = (settings.get("monitors") or {}).get("memorization")
     if params is None:
         raise GovernanceError(f"run at seq {run_seq} declares no memorization scans, yet its policy routes by them")
-    scans = run_records(ledger, run_seq, "MemorizationScan")
+    trainer = ledger.observation(run_seq).signer  # the scans §2.2 requires are the run's trainer's
+    scans = [(s, b) for s, b in run_records(ledger, run_seq, "MemorizationScan")
+             if ledger.observation(s).signer == trainer]
     starts: list[int] = []
     flags: list[frozenset[int]] = []
     for seq, body in run_records(ledger, run_seq, "Checkpoint"):
