@@ -17,7 +17,7 @@ from gradledger.ledger.envelope import Sealed
 
 from .settings import monitors
 
-__all__ = ["FlagSchedule", "FlagsMissing", "flag_schedule", "frozen_at"]
+__all__ = ["FlagSchedule", "FlagsMissing", "flag_schedule", "frozen_at", "next_after"]
 
 
 class FlagsMissing(Exception):
@@ -57,7 +57,7 @@ def flag_schedule(observations: Sequence[Sealed], run_seq: int, updates: Sequenc
         step = observations[c].body["step"]
         if step == 0:
             continue
-        end = min((u for u in updates if u > c), default=len(observations))
+        end = next_after(updates, c, len(observations))
         scan = next((o for o in observations[c + 1 : end] if _scan_of(o, run_seq, step, params, started.signer)), None)
         if scan is None:
             if end == len(observations):
@@ -67,6 +67,13 @@ def flag_schedule(observations: Sequence[Sealed], run_seq: int, updates: Sequenc
         flags.append(_indices(scan, count))
         starts.append(step)
     return FlagSchedule(tuple(starts), tuple(flags))
+
+
+def next_after(seqs: Sequence[int], seq: int, default: int) -> int:
+    """The first of the ascending ``seqs`` after ``seq`` (a run's next GovernedUpdate after a Checkpoint), else
+    ``default``: a bisection, so a run's checkpoints cost O(log n) each, not a walk of its updates."""
+    j = bisect_right(seqs, seq)
+    return seqs[j] if j < len(seqs) else default
 
 
 def frozen_at(schedule: FlagSchedule, rewind_step: int) -> FlagSchedule:

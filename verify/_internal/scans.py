@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from gradledger.ledger.envelope import Sealed
 
 from .example_losses import ExampleLossesInvalid, decode_example_losses
+from .flags import next_after
 from .settings import monitors, scan_parameters, training_format
 from .structure import Run, Structure
 from .traces import lineage_updates
@@ -157,7 +158,7 @@ def _check_required(st: Structure) -> int:
             if step == 0:
                 continue
             required += 1
-            nxt = min((u for u in run.updates if u > c), default=len(st.observations))
+            nxt = next_after(run.updates, c, len(st.observations))
             if not any(_is_scan_of(st.observations[s], run.seq, step, declared, trainer) for s in range(c + 1, nxt)):
                 raise ScanInvalid(f"Checkpoint {c} (step {step}) of run {run.run_id!r} has no MemorizationScan: the "
                                   "run's settings.monitors declares one at each checkpoint (specs/dynamics.md §2.2)", c)
