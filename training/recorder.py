@@ -113,6 +113,7 @@ class StepRecorder:
                  loss_fn: LossFn, param_order: Sequence[nn.Parameter]) -> None:
         self.run, self.model, self.bands, self.optimizer, self.loss_fn = run, model, bands, optimizer, loss_fn
         self.flat = [p for ps in bands.params for p in ps]
+        self._governed = {id(p) for p in self.flat}  # what a clip call is told apart by (another model's or ours)
         self.sizes = [len(ps) for ps in bands.params]
         self.param_order = list(param_order)
         self.pending: list[Micro] = []
@@ -232,19 +233,20 @@ class StepRecorder:
         if p.grad is not None:
             self._stamps[id(p)] = (p.grad, p.grad._version)
 
+    def _ours(self, params: list[Tensor]) -> bool:
+        return any(id(p) in self._governed for p in params)
+
     def clipping(self, params: list[Tensor]) -> None:
         """torch's clip function is about to run over ``params`` (clipping.py). Over torch.distributed ranks the
         step's gradients are reduced first (specs/distributed.md §3), as DDP has reduced them by then: the clip
         sees, on every rank alike, the gradient one process replays (the shards' sum over the world size)."""
-        governed = {id(p) for p in self.flat}
-        if self.run.ranks is None or self._reduced is not None or not any(id(p) in governed for p in params):
+        if self.run.ranks is None or self._reduced is not None or not self._ours(params):
             return
         self._reduce(self.pending)
 
     def clipped(self, params: list[Tensor], call: dict[str, Any], total_norm: float | None) -> None:
         """torch's clip function ran over ``params`` (clipping.py): record it, or note it cannot be."""
-        governed = {id(p) for p in self.flat}
-        if not any(id(p) in governed for p in params):
+        if not self._ours(params):
             return  # another model's parameters
         with_grad = [p for p in params if p.grad is not None]
         order = [p for p in self.param_order if p.grad is not None]
