@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import CROWD_KEY, crowd_credentials, genesis, make_world, policy_fields  # noqa: E402
+from helpers import CROWD_KEY, crowd_credentials, crowd_ledger, make_world, policy_fields  # noqa: E402
 
 from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.bands import sequential_bands, transformer_bands  # noqa: E402
@@ -69,7 +69,7 @@ T = 10
 SEED = 7
 CHECKPOINT_EVERY = 100
 WORLD = make_world()
-CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+_, WORKER_CREDS = crowd_credentials(WORLD)
 POLICY_FIELDS = policy_fields("bench-v1", 10.0)
 
 
@@ -203,13 +203,7 @@ class Plain:
 
 def bench_ledger(path: Path) -> Ledger:
     """A new ledger at ``path`` with the benchmarks' world: genesis, the crowd authority and its workers."""
-    ledger = Ledger.create(path)
-    genesis(ledger, WORLD)
-    ledger.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-    for cred in WORKER_CREDS:
-        ledger.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-    ledger.commit()
-    return ledger
+    return crowd_ledger(path, WORLD)
 
 
 class Governed:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import CROWD_KEY, crowd_credentials, genesis, make_world, policy_fields  # noqa: E402
+from helpers import CROWD_KEY, crowd_credentials, crowd_ledger, make_world, policy_fields  # noqa: E402
 
 from gradledger.ledger import credentials as C  # noqa: E402
 from gradledger.ledger.keys import SigningKey  # noqa: E402
@@ -67,7 +67,7 @@ from gradledger.verify import VerificationPolicy, Verifier  # noqa: E402
 WORLD = make_world()
 T, SEED = 10, 11
 POINTS = (10, 50, 90)
-CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+_, WORKER_CREDS = crowd_credentials(WORLD)
 LATE_KEYS = {p: SigningKey.from_seed(bytes([110 + p]) * 32, f"late-{p}") for p in POINTS}
 LATE_CREDS = {
     p: C.issue(CROWD_KEY, subject=f"late-{p}", path="acme/crowd/mturk", role="source", public_key=k.public_key)
@@ -113,12 +113,7 @@ def make_manifests(x: torch.Tensor, y: list[int], batch: int, steps: int) -> lis
 
 
 def new_ledger(path: Path, manifests: list[SignedManifest], x: torch.Tensor) -> tuple[Ledger, Any]:
-    led = Ledger.create(path)
-    genesis(led, WORLD)
-    led.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-    for cred in WORKER_CREDS + list(LATE_CREDS.values()):
-        led.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-    led.commit()
+    led = crowd_ledger(path, WORLD, list(LATE_CREDS.values()))
     return led, commit_dataset(led, manifests, "digits", WORLD.trainer, inputs=x)
 
 

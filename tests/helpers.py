@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from gradledger.ledger import credentials as C
 from gradledger.ledger.keys import SigningKey
@@ -98,6 +99,19 @@ def crowd_credentials(world: World) -> tuple[C.Credential, list[C.Credential]]:
         for i, k in enumerate(WORKER_KEYS)
     ]
     return crowd, workers
+
+
+def crowd_ledger(path: Path, world: World, sources: Sequence[C.Credential] = ()) -> Ledger:
+    """A new ledger at ``path`` with the world's genesis, the crowd authority and its two workers
+    (``crowd_credentials``), and ``sources`` the crowd credentials too; committed."""
+    crowd, workers = crowd_credentials(world)
+    ledger = Ledger.create(path)
+    genesis(ledger, world)
+    ledger.append("CredentialIssued", {"credential": crowd.signed}, world.root)
+    for cred in [*workers, *sources]:
+        ledger.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
+    ledger.commit()
+    return ledger
 
 
 def policy_fields(name: str, limit_scale: float = 1.0) -> dict:

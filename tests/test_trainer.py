@@ -21,13 +21,13 @@ from gradledger.training.errors import BandError, GovernanceError, ManifestError
 from gradledger.training.manifests import SignedManifest, example_id, label_example, source_entry
 from gradledger.training.policy import route, sign_policy
 from gradledger.training.trainer import Governance, Trainer, epoch_order, step_seed
-from helpers import CROWD_KEY, crowd_credentials, genesis, make_world, policy_fields
+from helpers import CROWD_KEY, crowd_credentials, crowd_ledger, make_world, policy_fields
 
 WORLD = make_world()
 T = 10
 N, BATCH, STEPS, EVERY = 240, 32, 8, 3
 
-CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)  # CROWD_CRED: tests/data/v1/make.py
 POLICY_FIELDS = policy_fields("digits-v1")
 
 
@@ -70,12 +70,7 @@ def _torch_flags() -> Iterator[None]:
 
 
 def new_ledger(path: Path) -> tuple[Ledger, CommittedDataset]:
-    led = Ledger.create(path)
-    genesis(led, WORLD)
-    led.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-    for cred in WORKER_CREDS:
-        led.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-    led.commit()
+    led = crowd_ledger(path, WORLD)
     return led, commit_dataset(led, MANIFESTS, "digits", WORLD.trainer)
 
 

@@ -28,7 +28,7 @@ from gradledger.training.policy import route, sign_policy
 from gradledger.training.retirement import RetirementError, dependents, retire
 from gradledger.training.trainer import Governance, Trainer, epoch_order
 from gradledger.training.unlearning import UnlearningError, UnlearningResult, unlearn
-from helpers import CROWD_KEY, WORKER_KEYS, crowd_credentials, genesis, make_world, policy_fields
+from helpers import CROWD_KEY, WORKER_KEYS, crowd_credentials, crowd_ledger, make_world, policy_fields
 
 WORLD = make_world()
 T = 10
@@ -36,7 +36,7 @@ N, BATCH, STEPS, EVERY, SEED = 240, 24, 10, 3, 7
 FAULTY, BATCH_OWNER = "worker-2", "worker-3"
 FIRST_STEP, OWNED_STEP = 4, 8  # worker-2 first labels at step 4; worker-3 alone labels all of step 8
 
-CROWD_CRED, WORKER_CREDS = crowd_credentials(WORLD)
+_, WORKER_CREDS = crowd_credentials(WORLD)
 EXTRA_KEYS = [SigningKey.from_seed(bytes([90 + i]) * 32, f"worker-{2 + i}") for i in range(2)]
 EXTRA_CREDS = [
     C.issue(CROWD_KEY, subject=f"worker-{2 + i}", path="acme/crowd/mturk", role="source", public_key=k.public_key)
@@ -87,12 +87,7 @@ def _torch_flags() -> Iterator[None]:
 
 
 def new_ledger(path: Path, manifests: list[SignedManifest], inputs: torch.Tensor) -> tuple[Ledger, CommittedDataset]:
-    led = Ledger.create(path)
-    genesis(led, WORLD)
-    led.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-    for cred in WORKER_CREDS + EXTRA_CREDS:
-        led.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-    led.commit()
+    led = crowd_ledger(path, WORLD, EXTRA_CREDS)
     return led, commit_dataset(led, manifests, "digits", WORLD.trainer, inputs=inputs)
 
 

@@ -21,15 +21,14 @@ from gradledger.ledger import credentials as C
 from gradledger.ledger import encoding
 from gradledger.ledger.envelope import GENESIS_PREV, seal, unseal
 from gradledger.ledger.keys import SigningKey
-from gradledger.ledger.ledger import Ledger
 from gradledger.ledger.merkle import CompactRange
 from gradledger.training.dataset import commit_dataset, encode_inputs, encode_manifests
 from gradledger.training.manifests import sign_manifest
 from gradledger.training.policy import route, sign_policy
 from gradledger.verify._internal.structure import Structure, check_structure
 from gradledger.verify.report import Report
-from helpers import CROWD_KEY, WORKER_KEYS, genesis
-from test_trainer import CROWD_CRED, MANIFESTS, PATHS, POLICY, POLICY_FIELDS, WORKER_CREDS, WORLD, X, full_run
+from helpers import CROWD_KEY, WORKER_KEYS, crowd_ledger
+from test_trainer import MANIFESTS, PATHS, POLICY, POLICY_FIELDS, WORKER_CREDS, WORLD, X, full_run
 
 ROOTS = [WORLD.root.public_key]
 KEYS = {k.key_id: k for k in (WORLD.root, WORLD.trainer, WORLD.authority, WORLD.source, CROWD_KEY, *WORKER_KEYS)}
@@ -242,12 +241,7 @@ def test_substituted_manifests_artifact_fails_dataset(honest: ListSource) -> Non
 
 
 def test_inputs_artifact_rows_are_checked(tmp_path: Path) -> None:
-    led = Ledger.create(tmp_path / "inputs")
-    genesis(led, WORLD)
-    led.append("CredentialIssued", {"credential": CROWD_CRED.signed}, WORLD.root)
-    for cred in WORKER_CREDS:
-        led.append("CredentialIssued", {"credential": cred.signed}, CROWD_KEY)
-    led.commit()
+    led = crowd_ledger(tmp_path / "inputs", WORLD)
     ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
     source = ListSource([r for _, r in led.records()], dict(led.artifacts()))
     report, structure = verify(source)
