@@ -71,10 +71,15 @@ def governed_original(body: Mapping[str, Any]) -> bool:
     return isinstance(settings, dict) and "dataset" in settings and "branch" not in settings
 
 
+def run_seqs(ledger: Ledger, seq: int, type_name: str) -> list[int]:
+    """The seqs of every ``type_name`` record of the run started at ``seq``, in log order."""
+    lo, hi = run_extent(ledger, runs_in(ledger), seq)
+    return [s for s in ledger.by_type(type_name) if lo < s < hi]
+
+
 def run_records(ledger: Ledger, seq: int, type_name: str) -> list[tuple[int, dict[str, Any]]]:
     """The (seq, body) of every ``type_name`` record of the run started at ``seq``, in log order."""
-    lo, hi = run_extent(ledger, runs_in(ledger), seq)
-    return [(s, ledger.observation(s).body) for s in ledger.by_type(type_name) if lo < s < hi]
+    return [(s, ledger.observation(s).body) for s in run_seqs(ledger, seq, type_name)]
 
 
 def recorded_run(ledger: Ledger, seq: int, body: Mapping[str, Any]) -> RecordedRun:

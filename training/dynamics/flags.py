@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 from gradledger.ledger.ledger import Ledger
 
 from ..errors import GovernanceError
-from ..replayer import run_records
+from ..replayer import run_records, run_seqs
 
 __all__ = ["FlagsAt", "recorded_flags"]
 
@@ -35,14 +35,16 @@ def recorded_flags(ledger: Ledger, run_seq: int, settings: Mapping[str, Any], fr
     if params is None:
         raise GovernanceError(f"run at seq {run_seq} declares no memorization scans, yet its policy routes by them")
     trainer = ledger.observation(run_seq).signer  # the scans §2.2 requires are the run's trainer's
-    scans = [(s, b) for s, b in run_records(ledger, run_seq, "MemorizationScan")
-             if ledger.observation(s).signer == trainer]
+    by_through: dict[Any, list[tuple[int, Mapping[str, Any]]]] = {}  # the run's own scans, in log order
+    for s in run_seqs(ledger, run_seq, "MemorizationScan"):
+        obs = ledger.observation(s)
+        if obs.signer == trainer and obs.body["run"] == run_seq and obs.body["parameters"] == params:
+            by_through.setdefault(obs.body["through"], []).append((s, obs.body))
     starts: list[int] = []
     flags: list[frozenset[int]] = []
     for seq, body in run_records(ledger, run_seq, "Checkpoint"):
         step = body["step"]
-        found = next((b for s, b in scans if s > seq and b["run"] == run_seq and b["through"] == step
-                      and b["parameters"] == params), None)
+        found = next((b for s, b in by_through.get(step, ()) if s > seq), None)
         if step == 0 or found is None:
             continue  # the verifier requires the scan before the next step; a run that ends here reads none
         starts.append(step)
