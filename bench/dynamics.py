@@ -333,7 +333,7 @@ def monitor_costs(steps: Steps, checkpoints: list[int], run_seq: int, count: int
             traces.add(batch, torch.cat([values.reshape(-1)]))  # as Governance.record_step does
         appended = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scan_body(run_seq, c, traces.copy().scores(PARAMS.min_trace), PARAMS)
+        scan_body(run_seq, c, traces.copy(), PARAMS)
         out.append((c - prev, appended, time.perf_counter() - t0))
         prev = c
     return out

@@ -197,6 +197,7 @@ TYPES: dict[str, ObservationType] = {
                 scored=s.uint,
                 flagged=any_value,
                 scores_digest=s.digest,
+                canaries=(any_value, False),
             ),
             frozenset({"root", "authority", "trainer"}),
         ),

@@ -113,8 +113,7 @@ def test_route_verifier(case: dict[str, Any]) -> None:
     def run() -> dict[str, Any]:
         policy = VR.policy_from_fields(policy_fields(case["policy"]))
         r = VR.route_example(policy, manifest, by_key.__getitem__, case.get("flagged", False))
-        name = "default" if r.rule == VR.DEFAULT else policy.rules[r.rule].name
-        return {"rule": r.rule, "name": name, "profile": list(r.profile),
+        return {"rule": r.rule, "name": policy.rule_name(r.rule), "profile": list(r.profile),
                 "limits": list(VR.batch_limits(policy, [r.rule]))}
 
     got = expect(case, "verifier", run)
@@ -305,6 +304,24 @@ def test_memorization_both(case: dict[str, Any]) -> None:
     assert [None if v is None else struct.pack("<d", v).hex() for v in mine] == want["scores"]
     assert [[i, struct.pack("<d", v).hex()] for i, v in VD.flagged(mine, case["fraction"])] == want["flagged"]
     assert VD.digest(mine).hex() == want["digest"]
+
+
+@pytest.mark.parametrize("case", cases("canaries"), ids=ids("canaries"))
+def test_canary_ranks_both(case: dict[str, Any]) -> None:
+    from gradledger.training.dynamics import LossTraces
+    from gradledger.training.dynamics.canaries import canary_exposure, canary_sets
+    from gradledger.verify._internal import scans as VD
+
+    fields = [{} if c is None else {"canary": c} for c in case["canaries"]]
+    steps = [[(i, struct.unpack("<f", bytes.fromhex(h))[0]) for i, h in s] for s in case["steps"]]
+    t = LossTraces(len(fields))  # the trainer's: appended step by step
+    last: list[float | None] = [None] * len(fields)  # the verifier's: the last value in step and batch order
+    for s in steps:
+        t.add([i for i, _ in s], torch.tensor([v for _, v in s], dtype=torch.float32))
+        for i, v in s:
+            last[i] = v
+    assert canary_exposure(t.last(), canary_sets(fields)) == case["want"]
+    assert VD.canary_ranks(fields, last) == case["want"]
 
 
 # -- shards over torch.distributed ranks (distributed.md §2) -----------------------------------

@@ -61,8 +61,11 @@ def part_names_problem(names: Sequence[Any]) -> str | None:
 #: The fields a caller supplies; ``v``, ``signer`` and ``time`` come from signing.
 CONTENT_FIELDS = (
     "example", "label", "sources", "aggregation", "consensus", "confidence",
-    "ontology", "review", "prelabel", "probs",
+    "ontology", "review", "prelabel", "probs", "canary",
 )
+
+#: specs/manifests.md §1: what a canary's manifest says it is (specs/dynamics.md §4).
+CANARY_ROLES = ("inserted", "reference")
 
 
 # -- schema ---------------------------------------------------------------
@@ -97,9 +100,12 @@ _SOURCE_FIELDS: dict[str, Any] = dict(source=s.name, key_id=s.digest, vote=_vote
 SOURCE_SCHEMA_V1 = s.record("source", **_SOURCE_FIELDS)
 SOURCE_SCHEMA = s.record("source", **_SOURCE_FIELDS, attested_by=(s.digest, False))
 PRELABEL_SCHEMA = s.record("prelabel", run=_short_text(255), checkpoint=s.digest)
+CANARY_SCHEMA = s.record("canary", set=s.name, role=s.one_of(*CANARY_ROLES))
 
 
 def _manifest_schema(version: int, source: s.Schema) -> s.Schema:
+    # ``canary`` is a version-2 field: a version-1 manifest never marks one.
+    extra: dict[str, Any] = {"canary": (CANARY_SCHEMA, False)} if version >= 2 else {}
     return s.record(
         "manifest",
         v=s.one_of(version),
@@ -115,6 +121,7 @@ def _manifest_schema(version: int, source: s.Schema) -> s.Schema:
         probs=(s.array(_unit, max_items=MAX_CLASSES, min_items=1), False),
         signer=s.digest,
         time=s.uint,
+        **extra,
     )
 
 
@@ -448,6 +455,7 @@ def sign_manifest(
     time: int,
     prelabel: Mapping[str, Any] | None = None,
     probs: Sequence[float] | None = None,
+    canary: Mapping[str, Any] | None = None,
 ) -> SignedManifest:
     """Build, check and sign a version-2 manifest. Refuses fields that ``parse_manifest`` would refuse.
 
@@ -472,6 +480,8 @@ def sign_manifest(
         body["prelabel"] = dict(prelabel)
     if probs is not None:
         body["probs"] = [float(p) for p in probs]
+    if canary is not None:
+        body["canary"] = dict(canary)
     _validate(body)
     data = encoding.encode(body)
     signature = key.sign("manifest", data)
@@ -490,13 +500,14 @@ def label_example(
     time: int,
     probs: Sequence[float] | None = None,
     prelabel: Mapping[str, Any] | None = None,
+    canary: Mapping[str, Any] | None = None,
 ) -> SignedManifest:
     """Aggregate ``sources`` with ``aggregate`` and sign the result."""
     label, consensus, confidence = aggregate(sources, aggregation, probs)
     return sign_manifest(
         example=example, label=label, sources=sources, aggregation=aggregation, consensus=consensus,
         confidence=confidence, ontology=ontology, review=review, key=key, time=time,
-        prelabel=prelabel, probs=probs,
+        prelabel=prelabel, probs=probs, canary=canary,
     )
 
 

@@ -46,6 +46,9 @@ REVIEW_STATES = ("accepted", "fixed", "rejected", "pending")
 #: The name a Routing carries when no rule matched (its index is -1).
 DEFAULT_NAME = "default"
 DEFAULT_INDEX = -1
+#: specs/policy.md §3: a reference canary's routing, whatever the rules say (it writes into no band).
+CANARY_REFERENCE_NAME = "canary-reference"
+CANARY_REFERENCE_INDEX = -2
 
 Profile = tuple[float, ...]
 Limits = tuple[float | None, ...]
@@ -221,8 +224,8 @@ class _Rule:
 class Routing(NamedTuple):
     """Where one example's gradient may go: the rule that decided it and what it gives."""
 
-    rule: int  # index into policy.rules, or -1 for the default
-    name: str  # the rule's name, or "default"
+    rule: int  # index into policy.rules, -1 for the default, -2 for a reference canary
+    name: str  # the rule's name, "default" or "canary-reference"
     profile: Profile  # one multiplier per band, head first
     limits: Limits  # one max gradient L2 norm per band, None for none
 
@@ -255,13 +258,17 @@ class CompiledPolicy:
         default = policy["default"]
         self.default = Routing(DEFAULT_INDEX, DEFAULT_NAME, tuple(default["profile"]), tuple(default["limits"]))
         self.routings: tuple[Routing, ...] = tuple(Routing(r.index, r.name, r.profile, r.limits) for r in rules)
+        n = len(self.bands)
+        self.canary_reference = Routing(CANARY_REFERENCE_INDEX, CANARY_REFERENCE_NAME, (0.0,) * n, (None,) * n)
         #: Whether routing reads the memorization flags in force (specs/dynamics.md §2.4).
         self.matches_flags = any(r.memorized is not None for r in rules)
 
     def routing_of(self, rule: int) -> Routing:
-        """The outcome of rule ``rule`` (-1: the default)."""
+        """The outcome of rule ``rule`` (-1: the default; -2: a reference canary's)."""
         if rule == DEFAULT_INDEX:
             return self.default
+        if rule == CANARY_REFERENCE_INDEX:
+            return self.canary_reference
         if not 0 <= rule < len(self.routings):
             raise PolicyError(f"policy has no rule {rule}")
         return self.routings[rule]
@@ -441,6 +448,11 @@ def _facts(
     return tuple(paths), _fraction(manifest, "confidence"), _fraction(manifest, "consensus"), review, aggregation
 
 
+def is_reference_canary(manifest: Mapping[str, Any]) -> bool:
+    canary = manifest.get("canary")
+    return isinstance(canary, Mapping) and canary.get("role") == "reference"
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
@@ -456,10 +468,14 @@ def route(
     ``source_paths`` maps each source name in the manifest to its credential's
     authority path (the caller resolves names through the registry); ``flagged``:
     whether the example is among the memorization flags in force at the step
-    (specs/dynamics.md §2.4), read only by a rule's ``memorized`` condition.
+    (specs/dynamics.md §2.4), read only by a rule's ``memorized`` condition. A reference canary
+    (specs/dynamics.md §4) writes into no band whatever the rules say: its recorded losses are those of
+    an example the model never learned.
     """
     compiled = _compiled(policy)
     paths, confidence, consensus, review, aggregation = _facts(manifest, source_paths)
+    if is_reference_canary(manifest):
+        return compiled.canary_reference
     for rule in compiled.rules:
         # Authority is all-sources: a mixed expert + crowd label is not expert.
         # No sources at all proves no authority.
@@ -528,6 +544,7 @@ def profiles_tensor(profiles: Sequence[Sequence[float]], n_bands: int | None = N
 
 __all__ = [
     "CompiledPolicy",
+    "CANARY_REFERENCE_INDEX",
     "DEFAULT_INDEX",
     "DEFAULT_NAME",
     "MAX_SIGNED_POLICY",

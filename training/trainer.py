@@ -43,6 +43,7 @@ from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, rea
 from .dataset import CommittedDataset, check_batch
 from .distributed import RankGroup, RankRefused, shards
 from .dynamics.memorization import LossTraces, MemorizationScan, flag
+from .dynamics.canaries import canary_sets
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -231,6 +232,8 @@ class Governance:
         #: The memorization scan recorded at each checkpoint after step 0, over every loss so far.
         self.memorization = memorization
         self._traces = LossTraces(dataset.count) if memorization is not None else None
+        # specs/dynamics.md §4: the dataset's canary sets, whose ranks every scan of the run records.
+        self._canaries = canary_sets(dataset.manifests) if memorization is not None else []
         #: How the user's model takes a batch's inputs (set from the dataset's first item).
         self.inputs = InputStructure("tensor")
         self.step = 0
@@ -986,14 +989,13 @@ class Governance:
         the policy routes by the flags (§2.4), they are computed here, before the next step is drawn."""
         if self._traces is None or self.step == 0 or self.memorization is None or self.run_seq is None:
             return None
-        step, params, run_seq = self.step, self.memorization, self.run_seq
+        step, params, run_seq, sets = self.step, self.memorization, self.run_seq, self._canaries
         if self._routes.reads_flags:
-            scores = self._traces.scores(params.min_trace)
-            body = scan_body(run_seq, step, scores, params)
+            body = scan_body(run_seq, step, self._traces, params, sets)
             self._use_flags(frozenset(i for i, _ in body["flagged"]))
             return lambda: body
         traces = self._traces.copy()
-        return lambda: scan_body(run_seq, step, traces.scores(params.min_trace), params)
+        return lambda: scan_body(run_seq, step, traces, params, sets)
 
     def __enter__(self) -> "Governance":
         return self

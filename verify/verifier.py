@@ -507,6 +507,6 @@ def _context(source: Source, structure: Structure, run: Sealed) -> RunContext | 
         # A removed example (None) keeps a placeholder: the routing check forbids training on it.
         labels = [r.label if r is not None else label for r, label in zip(routing, labels)]
     policy = structure.policies[settings["policy_seq"]]
-    profiles = {r: list(policy.outcome(r).profile) for r in range(-1, len(policy.rules))}
+    profiles = {r: list(policy.outcome(r).profile) for r in range(-2, len(policy.rules))}
     return RunContext(run.seq, run.body["artifacts"]["program"], dataset.data, settings, labels, profiles,
                       dict(run.body["environment"]))

@@ -157,6 +157,10 @@ def route_cases() -> list[dict[str, Any]]:
     ok("the same label unflagged: the expert rule", _manifest(["dr-a"]), [MEMORIZED, *BASE_RULES], flagged=False)
     ok("memorized false matches only unflagged examples: flagged falls through to the default",
        _manifest(["dr-a"]), [{**BASE_RULES[0], "match": {**BASE_RULES[0]["match"], "memorized": False}}], flagged=True)
+    ok("a reference canary writes into no band, before every rule (policy.md §3)",
+       {**_manifest(["dr-a"]), "canary": {"set": "noise", "role": "reference"}}, [MEMORIZED, *BASE_RULES],
+       flagged=True)
+    ok("an inserted canary routes like any label", {**_manifest(["dr-a"]), "canary": {"set": "noise", "role": "inserted"}})
     err("memorized without the scans that flag (monitors.memorization)", _manifest(["dr-a"]), "memorized",
         _policy([MEMORIZED, *BASE_RULES]))
     err("memorized is a bool, not 1", _manifest(["dr-a"]), "memorized",
@@ -485,6 +489,34 @@ def memorization_cases() -> list[dict[str, Any]]:
     return out
 
 
+def canary_cases() -> list[dict[str, Any]]:
+    """Steps of (index, binary32 loss) and each index's canary field -> each set's reference count and its
+    inserted canaries' ranks (dynamics.md §4.2)."""
+    from gradledger.training.dynamics import LossTraces
+    from gradledger.training.dynamics.canaries import canary_exposure, canary_sets
+
+    ins, ref = ({"set": s, "role": r} for s, r in (("a", "inserted"), ("a", "reference")))
+    out: list[dict[str, Any]] = []
+    for desc, canaries, steps in [
+        ("the lowest loss ranks first; ties count against the canary", [ins, ref, ref, ref],
+         [[(0, 0.5), (1, 0.5), (2, 2.0), (3, 0.25)]]),
+        ("the last recorded loss counts: a later step, then a later batch position", [ins, ref, None],
+         [[(0, 3.0), (1, 1.0)], [(0, 0.125), (2, 9.0), (0, 2.0)]]),
+        ("a reference never drawn is not counted; a canary never drawn has no rank", [ins, ins, ref, ref],
+         [[(0, 1.0), (2, 4.0)]]),
+        ("two sets, by name", [{"set": "b", "role": "inserted"}, ins, {"set": "b", "role": "reference"}, ref],
+         [[(0, 0.1), (1, 0.3), (2, 0.2), (3, 0.2)]]),
+    ]:
+        t = LossTraces(len(canaries))
+        for step in steps:
+            t.add([i for i, _ in step], torch.tensor([v for _, v in step], dtype=torch.float32))
+        fields = [{} if c is None else {"canary": c} for c in canaries]
+        out.append({"desc": desc, "canaries": canaries,
+                    "steps": [[[i, struct.pack("<f", v).hex()] for i, v in s] for s in steps],
+                    "want": canary_exposure(t.last(), canary_sets(fields))})
+    return out
+
+
 def document() -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -494,6 +526,8 @@ def document() -> dict[str, Any]:
             "route: sources resolve by name (trainer) or key_id (verifier) to the path in 'sources'; "
             "path null means no credential. want.limits is batch_limits of that one rule. 'flagged' (absent: "
             "false) is whether the example is among the memorization flags in force (dynamics.md §2.4).",
+            "canaries: steps are lists of [index, binary32 loss hex] in batch order; canaries gives each index's "
+            "manifest canary field (null: not a canary); want is the MemorizationScan's canaries (dynamics.md §4.2).",
             "step_seed and micro_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
             "tensor data is the little-endian C-order bytes in hex; wantErr is a substring of the message.",
             "example_losses: losses are each micro-batch's binary32 values as little-endian hex; want is the "
@@ -522,6 +556,7 @@ def document() -> dict[str, Any]:
         "source_shares": source_shares_cases(),
         "step_ranges": step_ranges_cases(),
         "memorization": memorization_cases(),
+        "canaries": canary_cases(),
         "shards": shards_cases(),
     }
 

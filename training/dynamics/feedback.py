@@ -110,7 +110,9 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
     params = memorization or MemorizationScan()
     lt = traces.scores(params.min_trace)
     flagged = {i for i, _ in flag(lt, params.fraction)}
-    trained = count > 0
+    # Canaries (§4) carry random labels on purpose: never a relabeling priority, nor in its percentiles.
+    canary = torch.tensor(["canary" in m for m in lin.fields], dtype=torch.bool)
+    trained = (count > 0) & ~canary
     loss_pct = _percentile(torch.nan_to_num(mean, nan=0.0), trained)
     mem_pct = _percentile(torch.nan_to_num(lt, nan=0.0), ~lt.isnan())
     influenced = _influenced(ledger, lin.run.seq)

@@ -92,6 +92,21 @@ class LossTraces:
             count.index_add_(0, index.to(torch.int64), torch.ones(index.numel(), dtype=torch.float64))
         return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan)), count
 
+    def last(self) -> Tensor:
+        """Every index's last recorded loss (binary64 of the binary32; NaN where never trained): at its
+        latest step, and within a step at its latest batch position (specs/dynamics.md §4.2)."""
+        out = torch.full((self.count,), math.nan, dtype=torch.float64)
+        if not self._indices:
+            return out
+        index = torch.cat(self._indices).to(torch.int64)
+        value = torch.cat(self._values)
+        # The latest position of each index, by a reduction (scattered writes would leave duplicates' order open).
+        pos = torch.full((self.count,), -1, dtype=torch.int64).scatter_reduce_(
+            0, index, torch.arange(index.numel()), "amax")
+        seen = pos >= 0
+        out[seen] = value[pos[seen]].to(torch.float64)
+        return out
+
     def scores(self, min_trace: int) -> Tensor:
         """LT-IQR of every index (binary64), NaN where its trace holds fewer than ``min_trace`` losses."""
         return lt_iqr(self._indices, self._values, self.count, min_trace)

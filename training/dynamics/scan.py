@@ -16,6 +16,7 @@ from gradledger.ledger.ledger import Ledger
 from ..errors import GovernanceError
 from ..forensics.lineage import Lineage, lineage
 from ..updates import example_loss_values
+from .canaries import canary_sets, exposure_bits
 from .memorization import METHOD, LossTraces, MemorizationScan
 from .record import record_scan, scan_body
 
@@ -55,8 +56,7 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
     appended it (the ledger must be open for writing)."""
     params = params or MemorizationScan()
     lin, traces, through = recorded_traces(ledger, run_id, ScanError, through)
-    scores = traces.scores(params.min_trace)
-    body = scan_body(lin.run.seq, through, scores, params)
+    body = scan_body(lin.run.seq, through, traces, params, canary_sets(lin.dataset.manifests))
     report: dict[str, Any] = {
         "run": lin.run.run_id, "branch_without": lin.retired, "through": through, "method": METHOD,
         "parameters": params.parameters, "scored": body["scored"], "examples": lin.dataset.count,
@@ -64,6 +64,8 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
         "flagged": [_describe(i, s, lin.fields[i]) for i, s in body["flagged"]],
         "memorized_routing": memorized_routing(ledger, lin.run.settings, lin.run.updates[:through]),
     }
+    if "canaries" in body:
+        report["canaries"] = [_exposure(c) for c in body["canaries"]]
     if record is not None:
         sealed = record_scan(ledger, body, record)
         report["record"] = {"seq": sealed.seq}
@@ -83,6 +85,16 @@ def memorized_routing(ledger: Ledger, settings: Mapping[str, Any], updates: Sequ
         return None
     hits = [i for _, u in updates for i, r in zip(u["batch"], u["routing"]["rules"]) if r in rules]
     return {"rules": sorted(rules.values()), "examples": len(set(hits)), "trainings": len(hits)}
+
+
+def _exposure(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A set's ranks with each canary's exposure in bits, and the bound ``log2(references + 1)``."""
+    n = entry["references"]
+    bits = [None if r is None or n == 0 else exposure_bits(r, n) for _, r in entry["inserted"]]
+    known = [b for b in bits if b is not None]
+    return {"set": entry["set"], "references": n, "bound_bits": exposure_bits(1, n) if n else None,
+            "mean_exposure_bits": sum(known) / len(known) if known else None,
+            "inserted": [{"index": i, "rank": r, "exposure_bits": b} for (i, r), b in zip(entry["inserted"], bits)]}
 
 
 def _describe(index: int, score: float, manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ PART_PREFIX = "x."
 #: The manifest fields a re-signer supplies (everything but v, signer and time).
 CONTENT_FIELDS = (
     "example", "label", "sources", "aggregation", "consensus", "confidence",
-    "ontology", "review", "prelabel", "probs",
+    "ontology", "review", "prelabel", "probs", "canary",
 )
 
 
@@ -73,6 +73,8 @@ _VOTE = dict(source=s.name, key_id=s.digest, vote=_int_in(ABSTAIN, MAX_CLASS), c
 #: Version 1 entries have no attestation field; version 2 entries name the attesting signer.
 _SOURCE = {1: s.record("source", **_VOTE), 2: s.record("source", **_VOTE, attested_by=(s.digest, False))}
 _PRELABEL = s.record("prelabel", run=_text(255), checkpoint=s.digest)
+#: §1: a canary's manifest says so, and which role it plays (version 2 only; dynamics.md §4).
+_CANARY = s.record("canary", set=s.name, role=s.one_of("inserted", "reference"))
 _MANIFEST = {
     v: s.record(
         "manifest",
@@ -89,6 +91,7 @@ _MANIFEST = {
         probs=(s.array(_unit, max_items=65536, min_items=1), False),
         signer=s.digest,
         time=s.uint,
+        **({"canary": (_CANARY, False)} if v == 2 else {}),
     )
     for v in (1, 2)
 }

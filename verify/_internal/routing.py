@@ -23,6 +23,8 @@ from .manifests import Manifest
 MAX_SIGNED_POLICY = 1 << 20
 REVIEWS = ("accepted", "fixed", "rejected", "pending")
 DEFAULT = -1
+#: §3: a reference canary's rule index; it writes into no band, whatever the rules say.
+CANARY_REFERENCE = -2
 
 
 class PolicyInvalid(VerificationError):
@@ -116,9 +118,21 @@ class Policy:
         """What every run under the policy must record at its checkpoints (specs/policy.md §1)."""
         return dict(self.fields.get("monitors", {}))
 
+    def rule_name(self, rule: int) -> str:
+        """§3: the name of rule ``rule``, ``"default"`` for -1 and ``"canary-reference"`` for -2."""
+        if rule == DEFAULT:
+            return "default"
+        if rule == CANARY_REFERENCE:
+            return "canary-reference"
+        self.outcome(rule)  # refuses an index the policy lacks
+        return self.rules[rule].name
+
     def outcome(self, rule: int) -> Outcome:
         if rule == DEFAULT:
             return self.default
+        if rule == CANARY_REFERENCE:
+            n = len(self.bands)
+            return Outcome((0.0,) * n, (None,) * n)
         if not 0 <= rule < len(self.rules):
             raise PolicyInvalid(f"policy {self.name!r} has no rule {rule}")
         return self.rules[rule].outcome
@@ -211,6 +225,9 @@ def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str],
     review, aggregation = fields.get("review"), fields.get("aggregation")
     if review not in REVIEWS or type(aggregation) is not str:
         raise Unroutable(f"manifest review {review!r} or aggregation {aggregation!r} cannot be routed")
+    canary = fields.get("canary")
+    if isinstance(canary, Mapping) and canary.get("role") == "reference":
+        return CANARY_REFERENCE  # before every rule: a reference canary must stay unlearned
     for i, rule in enumerate(policy.rules):
         m = rule.match
         # Conservative authority: every source, and at least one, lies at or below it.

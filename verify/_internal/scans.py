@@ -18,13 +18,15 @@ from gradledger.ledger.envelope import Sealed
 
 from .example_losses import ExampleLossesInvalid, decode_example_losses
 from .flags import next_after
-from .settings import monitors, scan_parameters, training_format
+from .settings import monitors, same_cbor, scan_parameters, training_format
 from .structure import Run, Structure
 from .traces import lineage_updates
 
 __all__ = ["ScanInvalid", "check_scans"]
 
 SCAN_FORMAT = 1
+#: §4.2: the format that adds the canaries' ranks, recorded exactly when the run's dataset holds canaries.
+CANARY_SCAN_FORMAT = 2
 METHOD = "lt-iqr"
 #: §1.3: an unscored index's binary64 in the digest.
 NO_SCORE = struct.pack("<Q", 0x7FF8000000000000)
@@ -48,12 +50,13 @@ def quantile(v: Sequence[float], p: float) -> float:
     return a + frac * (b - a)
 
 
-def scores(st: Structure, run: Run, through: int, min_trace: int,
-           decoded: dict[int, list[float]] | None = None) -> list[float | None]:
-    """§1.2 for every dataset index over the lineage's steps before ``through``; ``decoded``: each update's
-    losses by seq, filled and reused (a run's scans read the same steps)."""
+def traces(st: Structure, run: Run, through: int, decoded: dict[int, list[float]] | None = None
+           ) -> list[list[float]]:
+    """Every dataset index's recorded losses over the lineage's steps before ``through``, in step and then
+    batch order; ``decoded``: each update's losses by seq, filled and reused (a run's scans read the same
+    steps)."""
     count = st.datasets[run.dataset_seq].count  # type: ignore[index]
-    traces: list[list[float]] = [[] for _ in range(count)]
+    out: list[list[float]] = [[] for _ in range(count)]
     decoded = {} if decoded is None else decoded
     for s in lineage_updates(st, run):
         u = st.observations[s].body
@@ -62,14 +65,37 @@ def scores(st: Structure, run: Run, through: int, min_trace: int,
         if s not in decoded:
             decoded[s] = decode_example_losses(u["example_losses"])
         for i, v in zip(u["batch"], decoded[s]):
-            traces[i].append(v)
+            out[i].append(v)
+    return out
+
+
+def scores(trace: Sequence[list[float]], min_trace: int) -> list[float | None]:
+    """§1.2 for every dataset index; sorts each trace in place."""
     out: list[float | None] = []
-    for t in traces:
+    for t in trace:
         if len(t) < min_trace:
             out.append(None)
             continue
         t.sort()
         out.append(quantile(t, 0.75) - quantile(t, 0.25))
+    return out
+
+
+def canary_ranks(manifests: Sequence[Mapping[str, Any]], last: Sequence[float | None]) -> list[dict[str, Any]]:
+    """§4.2: per canary set of the dataset (its manifests' fields), by name: the references with a recorded
+    loss, and each inserted canary's rank, 1 + the references whose last loss is at most its own (None:
+    never trained); ``last``: each index's last recorded loss."""
+    sets: dict[str, tuple[list[int], list[int]]] = {}
+    for i, m in enumerate(manifests):
+        c = m.get("canary")
+        if c is not None:
+            sets.setdefault(c["set"], ([], []))[0 if c["role"] == "inserted" else 1].append(i)
+    out = []
+    for name in sorted(sets):
+        inserted, refs = sets[name]
+        measured = [last[r] for r in refs if last[r] is not None]
+        ranks = [[i, None if last[i] is None else 1 + sum(v <= last[i] for v in measured)] for i in inserted]
+        out.append({"set": name, "references": len(measured), "inserted": ranks})
     return out
 
 
@@ -103,8 +129,8 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
     def bad(why: str) -> ScanInvalid:
         return ScanInvalid(f"MemorizationScan {seq}: {why}", seq)
 
-    if body["format"] != SCAN_FORMAT:
-        raise bad(f"format {body['format']!r} is not {SCAN_FORMAT}")
+    if body["format"] not in (SCAN_FORMAT, CANARY_SCAN_FORMAT):
+        raise bad(f"format {body['format']!r} is not {SCAN_FORMAT} or {CANARY_SCAN_FORMAT}")
     run = st.run_before(seq, body["run"])
     if run is None:
         raise bad(f"run {body['run']!r} names no governed run recorded before it")
@@ -119,9 +145,11 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
     if through < 1 or len(before) != through or any(s > seq for s in before):
         raise bad(f"through {through} is not a step count the run had recorded before the scan")
     try:
-        values = scores(st, run, through, params["min_trace"], decoded)
+        recorded = traces(st, run, through, decoded)
     except (KeyError, ExampleLossesInvalid):
         raise bad("a step it covers records no per-example losses") from None
+    last = [t[-1] if t else None for t in recorded]  # before scores() sorts them
+    values = scores(recorded, params["min_trace"])
     scored = sum(v is not None for v in values)
     if body["scored"] != scored:
         raise bad(f"scored is {body['scored']!r}; {scored} examples have a trace of at least "
@@ -136,6 +164,14 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
             raise bad(f"flagged[{r}] is {g!r}; recomputed from the recorded losses it is {w!r}")
     if body["scores_digest"] != digest(values):
         raise bad("scores_digest is not the digest of the scores recomputed from the recorded losses")
+    ranks = canary_ranks([m.fields for m in st.datasets[run.dataset_seq].manifests], last)  # type: ignore[index]
+    if ranks:
+        if body["format"] != CANARY_SCAN_FORMAT or not same_cbor(body.get("canaries"), ranks):
+            raise bad(f"the run's dataset holds canaries, so the scan is format {CANARY_SCAN_FORMAT} with their "
+                      "ranks recomputed from the recorded losses (specs/dynamics.md §4.2); it records "
+                      f"{body.get('canaries')!r} in format {body['format']!r}, recomputed they are {ranks!r}")
+    elif body["format"] != SCAN_FORMAT or "canaries" in body:
+        raise bad(f"the run's dataset holds no canaries: a scan of it is format {SCAN_FORMAT}, without canaries")
 
 
 def _check_required(st: Structure) -> int:

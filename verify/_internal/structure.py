@@ -638,7 +638,7 @@ def _check_update(sealed: Sealed, policy: Policy, ds: Dataset, table: list[Examp
         raise fail(f"records {len(recorded['rules'])} routing rules for a batch of {len(rules)}")
     for j, (i, want, got) in enumerate(zip(batch, rules, recorded["rules"])):
         if not same_cbor(got, want):
-            name = "default" if want == -1 else policy.rules[want].name
+            name = policy.rule_name(want)
             raise fail(f"example at batch position {j} (dataset index {i}): recorded rule {got!r}, but its manifest "
                        f"under policy {policy.name!r} routes by rule {want} ({name}), profile {list(table[i].profile)}")
     limits = list(batch_limits(policy, rules))
