@@ -153,6 +153,9 @@ def test_every_scan_ranks_the_inserted_canaries_and_the_run_verifies(canaried: L
     assert entry["bound_bits"] == pytest.approx(math.log2(REFS + 1))
     assert entry["mean_exposure_bits"] == pytest.approx(sum(exposure_bits(r, REFS) for r in ranks) / COUNT)
     assert entry["mean_exposure_bits"] > 2.0  # a canary never trained: log2(e) = 1.44 bits expected
+    from gradledger.training.cli_scan import _render
+
+    assert f"mean exposure {entry['mean_exposure_bits']:.2f} bits of at most {math.log2(REFS + 1):.2f}" in _render(report)
     code, out = verify(canaried, tmp_path)
     assert_verified(code, out)
     assert any(r["name"] == "scans" and r["status"] == "pass" for r in out["checks"])
@@ -206,3 +209,45 @@ def test_bad_canary_draws_are_refused() -> None:
         draw_canaries(X, 1)
     with pytest.raises(GovernanceError, match="rows of one input tensor"):
         draw_canaries(torch.zeros(()), 10)
+
+
+# -- gradledger canary -----------------------------------------------------------------------------------
+
+
+def test_canary_command_commits_a_canaried_dataset_a_run_learns_from(tmp_path: Path, capsys: Any) -> None:
+    from sklearn.datasets import load_digits
+
+    from gradledger.training.cli import main as cli_main
+    from gradledger.training.dataset import load_inputs
+    from gradledger.training.project import Project
+    from test_project import EXAMPLE
+
+    d = load_digits()
+    x = torch.tensor(d.data[:40] / 16.0, dtype=torch.float32)
+    with Project.init(tmp_path / "p", EXAMPLE) as project:
+        project.label(x, torch.tensor(d.target[:40]), source="worker-1")
+    args = ["canary", "--project", str(tmp_path / "p"), "--dataset", "dataset", "--name", "canaried",
+            "--authority", "crowd", "--count", "4", "--references", "12", "--seed", "7"]
+    assert cli_main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["count"] == 56 and out["inserted"] == [40, 41, 42, 43] and out["references"] == list(range(44, 56))
+    with Project.open(tmp_path / "p") as project:
+        ds = project.dataset("canaried")
+        assert [m.manifest for m in ds.manifests[:40]] == [m.manifest for m in project.dataset("dataset").manifests]
+        got = load_inputs(project.ledger, ds)  # every stored row is the example its manifest names
+        assert torch.equal(got[:40], x) and bool((got[40:] >= 0).all()) and bool((got[40:] <= 1).all())
+        assert canary_sets(ds.manifests) == [CanarySet("canaries", (40, 41, 42, 43), tuple(range(44, 56)))]
+        registry = project.ledger.registry
+        for m in ds.manifests[40:]:
+            cred = registry.by_key_id[m.manifest["sources"][0]["key_id"]]
+            assert (cred.subject, cred.path) == ("canary", "acme/crowd/canaries")
+            paths = {"canary": cred.path}
+            assert (route(project.policy, m.manifest, paths).rule == CANARY_REFERENCE_INDEX) == (
+                m.manifest["canary"]["role"] == "reference")
+        project.ledger.verify(trusted_roots=project.trusted_roots)
+    # the same set again, an unknown dataset, an empty draw: one line, exit 2
+    for bad in ([*args[:4], "canaried", *args[5:]], [*args[:4], "nope", *args[5:]],
+                [*args[:-6], "--set", "other", "--count", "0"]):
+        assert cli_main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err

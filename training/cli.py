@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the verifier replays (default full)")
     demo.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
     demo.set_defaults(run=_demo)
+    from gradledger.training.cli_canary import add_command as add_canary
     from gradledger.training.cli_feedback import add_command as add_feedback
     from gradledger.training.cli_labels import add_command as add_labels
     from gradledger.training.cli_publish import add_commands
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_trace(sub)
     add_scan(sub)
+    add_canary(sub)
     add_feedback(sub)
     add_labels(sub)
     return parser

@@ -32,6 +32,12 @@ def _render(report: dict[str, Any]) -> str:
     if routed is not None:
         lines.append(f"the policy routes flagged examples by {', '.join(routed['rules'])} (specs/dynamics.md §2.4): "
                      f"{routed['examples']} examples trained so, {routed['trainings']} times, in these steps")
+    for c in report.get("canaries", []):
+        mean = c["mean_exposure_bits"]
+        lines.append(f"canary set {c['set']!r}: {len(c['inserted'])} inserted, {c['references']} references measured; "
+                     + ("mean exposure "
+                        f"{mean:.2f} bits of at most {c['bound_bits']:.2f} (log2(e) = 1.44 expected of a canary not "
+                        "memorized)" if mean is not None else "no canary measured yet"))
     if "record" in report:
         lines.append(f"recorded as MemorizationScan at seq {report['record']['seq']}; the verifier recomputes it")
     return "\n".join(lines)
