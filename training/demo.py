@@ -6,7 +6,9 @@
 2. A root-signed routing policy: experts write into every band, crowd consensus into the head and
    half into the mid band, heuristics and low-consensus crowd labels into the head only.
 3. Governed training of a small MLP, every step a signed GovernedUpdate, checkpoints every N steps,
-   the inputs stored in the ledger so that anyone can replay from it alone.
+   the inputs stored in the ledger so that anyone can replay from it alone. A canary set rides along
+   (specs/dynamics.md §4): every checkpoint's memorization scan ranks the trained canaries' losses
+   among reference canaries that train nothing.
 4. The crowd authority retires ``worker-4``; exact unlearning replays without it; the run is
    exported to ``DIR/run.glb`` and the standalone verifier checks it as a regulator would, from
    the bundle and ``DIR/roots.pub`` only, in a subprocess.
@@ -44,6 +46,7 @@ from gradledger.ledger.ledger import Ledger
 from .bands import sequential_bands
 from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
+from .dynamics.canaries import canary_manifests, draw_canaries, exposure_bits
 from .forensics import trace
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
@@ -66,6 +69,9 @@ LOOKALIKES = (3, 5, 8, 9)
 BANDS = ("head", "mid", "embedding")
 ONTOLOGY = "digits-v1"
 RUN_ID = "digits-demo"
+#: A canary set (specs/dynamics.md §4): inserted canaries trained, references never; every scan ranks them.
+CANARY_SOURCE, CANARY_PATH = "canary", f"{ROOT_PATH}/experts/canaries"
+CANARY_COUNT, CANARY_REFERENCES = 8, 64
 REPLAY_MODES = ("full", "sample", "certificates", "none")
 
 
@@ -178,6 +184,11 @@ def make_taxonomy() -> Taxonomy:
             cred = C.issue(authorities[c], subject=name, path=path, role="source", public_key=key.public_key)
             source_creds[name] = cred
             creds.append((cred, authorities[c]))
+    # The canaries' source: an expert path, so the inserted ones train every band (the most exposed route).
+    sources[CANARY_SOURCE] = key = SigningKey.generate(CANARY_SOURCE)
+    source_creds[CANARY_SOURCE] = cred = C.issue(authorities["experts"], subject=CANARY_SOURCE, path=CANARY_PATH,
+                                                 role="source", public_key=key.public_key)
+    creds.append((cred, authorities["experts"]))
     return Taxonomy(root, trainer, authorities, sources, creds, source_creds)
 
 
@@ -364,12 +375,12 @@ def open_ledger(path: Path, tax: Taxonomy) -> Ledger:
     return ledger
 
 
-def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPolicy, data: Digits,
+def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPolicy, inputs: torch.Tensor,
           cfg: DemoConfig, console: Console) -> list[float]:
     model = make_model(cfg.hidden, cfg.seed)
     optimizer = make_optimizer(model, cfg.lr)
     labels = torch.tensor([m.label for m in ds.manifests], dtype=torch.int64)
-    loader = DataLoader(TensorDataset(data.x_train, labels), batch_size=cfg.batch_size, shuffle=True)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=cfg.batch_size, shuffle=True)
     engine = Governance(ledger, tax.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                         run_id=RUN_ID, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, root_key=tax.root,
                         description="gradledger demo: digits MLP under the acme routing policy")
@@ -516,6 +527,16 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     if scan is not None:
         detail += (f"; the last checkpoint's MemorizationScan flags {len(scan['flagged'])} of {scan['scored']} examples "
                    "(LT-IQR)")
+    canaries = None
+    if scan is not None and scan.get("canaries"):
+        c = scan["canaries"][0]
+        ranks = [r for _, r in c["inserted"] if r is not None]
+        if ranks and c["references"]:
+            canaries = {"set": c["set"], "inserted": len(c["inserted"]), "references": c["references"],
+                        "ranks": ranks, "bound_bits": exposure_bits(1, c["references"]),
+                        "mean_exposure_bits": sum(exposure_bits(r, c["references"]) for r in ranks) / len(ranks)}
+            detail += (f"; its {canaries['inserted']} canaries have a mean exposure of "
+                       f"{canaries['mean_exposure_bits']:.2f} bits of at most {canaries['bound_bits']:.2f}")
     routed = memorized_routing(ledger, lin.run.settings, lin.run.updates)
     if routed is not None:
         detail += (f"; the policy's memorized rule routed {routed['examples']} flagged examples to the head only, "
@@ -528,7 +549,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
-                    "memorized_routing": routed,
+                    "memorized_routing": routed, "canaries": canaries,
                     "command": command}
 
 
@@ -637,9 +658,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages: list[Stage] = []
     try:
         t0 = time.perf_counter()
-        ds = commit_dataset(ledger, labels.manifests, "digits-train", tax.trainer, inputs=data.x_train)
-        console.line(f"dataset committed with its inputs: root {ds.root.hex()[:16]}..., {ds.count} manifests")
-        losses = train(ledger, tax, ds, policy, data, cfg, console)
+        canaries = draw_canaries(data.x_train, 10, count=CANARY_COUNT, references=CANARY_REFERENCES, seed=cfg.seed,
+                                 name="demo-canaries")
+        signed = canary_manifests(canaries, key=tax.sources[CANARY_SOURCE], source=tax.source_credentials[CANARY_SOURCE],
+                                  ontology=ONTOLOGY, time=at)
+        inputs = torch.cat([data.x_train, canaries.inputs])
+        ds = commit_dataset(ledger, labels.manifests + signed, "digits-train", tax.trainer, inputs=inputs)
+        console.line(f"dataset committed with its inputs: root {ds.root.hex()[:16]}..., {ds.count} manifests "
+                     f"({CANARY_COUNT} canaries and {CANARY_REFERENCES} reference canaries among them)")
+        losses = train(ledger, tax, ds, policy, inputs, cfg, console)
         timings["training"] = time.perf_counter() - t0
         updates = run_updates(ledger)
         ckpts = ledger.by_type("Checkpoint")  # all the original run's: no branch exists yet

@@ -241,6 +241,13 @@ def _feedback_section(fb: Mapping[str, Any]) -> str:
         f' The policy routes a flagged example by its <code>memorized</code> rule from the checkpoint that flags it on: '
         f'{routed["examples"]} flagged examples trained the head only, {routed["trainings"]} times in all; the verifier '
         'recomputed the flags and that routing (specs/dynamics.md §2.4).')
+    c = fb.get("canaries")
+    if c is not None:
+        governance += (f' Canaries: {c["inserted"]} random digits with random labels were trained, {c["references"]} '
+                       'more were drawn into batches but routed into no band; the last scan ranks each trained '
+                       f'canary\'s recorded loss among the references: a mean exposure of {c["mean_exposure_bits"]:.2f} '
+                       f'bits of at most {c["bound_bits"]:.2f} (1.44 expected of canaries not memorized; '
+                       'specs/dynamics.md §4).')
     return (f'<h2>What to review next</h2><p class="lead">The {fb["written"]} of {fb["trained"]} trained examples with '
             'the most evidence that their label needs a second look (recorded loss, memorization, disagreement between '
             f'sources, influence on the traced confusion), written as a Label Studio import '

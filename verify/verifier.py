@@ -374,14 +374,16 @@ def _check_scans(st: Structure, report: Report) -> None:
     recorded losses, and a scan at every checkpoint of a run that declares one. No result without either."""
     started = time.perf_counter()
     try:
-        n, required = check_scans(st)
+        n, required, canaried = check_scans(st)
     except ScanInvalid as exc:
         report.add("scans", "fail", str(exc), seq=exc.seq)
         return
     if n:
         report.figures["scans_seconds"] = round(time.perf_counter() - started, 3)
         report.add("scans", "pass", f"{n} memorization scan(s) recomputed from the recorded per-example losses, "
-                   f"every score and flag the same; {required} required at checkpoints, all present")
+                   f"every score and flag the same; {required} required at checkpoints, all present"
+                   + (f"; {canaried} rank their dataset's canaries, every rank the same (specs/dynamics.md §4.2)"
+                      if canaried else ""))
 
 
 def _heads(observations: list[Sealed], report: Report) -> dict[int, tuple[Sealed, Sealed]]:

@@ -112,15 +112,16 @@ def digest(values: Sequence[float | None]) -> bytes:
     return hashlib.sha256(b"".join(NO_SCORE if v is None else struct.pack("<d", v) for v in values)).digest()
 
 
-def check_scans(st: Structure) -> tuple[int, int]:
-    """Every MemorizationScan, checked and recomputed (§2.3), then every required one present; (scans,
-    required). Raises ScanInvalid for the first that fails."""
-    n, decoded = 0, {}  # type: int, dict[int, list[float]]
+def check_scans(st: Structure) -> tuple[int, int, int]:
+    """Every MemorizationScan, checked and recomputed (§2.3, §4.2), then every required one present; (scans,
+    required, scans with canary ranks). Raises ScanInvalid for the first that fails."""
+    n, canaried, decoded = 0, 0, {}  # type: int, int, dict[int, list[float]]
     for obs in st.observations:
         if obs.type == "MemorizationScan":
             _check(obs, st, decoded)
             n += 1
-    return n, _check_required(st)
+            canaried += "canaries" in obs.body
+    return n, _check_required(st), canaried
 
 
 def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
