@@ -209,3 +209,10 @@ def test_feedback_and_memorization_answer_from_the_ledger(run: tuple[Path, dict[
     routed = fb["memorized_routing"]
     assert routed is not None and 0 <= routed["examples"] <= routed["trainings"]
     assert f'{routed["examples"]} flagged examples trained the head only' in html
+    # the canary set (specs/dynamics.md §4): ranked at every scan, recomputed by the verifier, never a review task
+    assert "rank their dataset's canaries, every rank the same" in scans["detail"]
+    c = fb["canaries"]
+    assert c["inserted"] == D.CANARY_COUNT and c["references"] <= D.CANARY_REFERENCES
+    assert 0.0 <= c["mean_exposure_bits"] <= c["bound_bits"] and f"{c['mean_exposure_bits']:.2f} bits" in html
+    n = figures["labels"]["train"]
+    assert all(t["data"]["gradledger_index"] < n for t in tasks)
