@@ -389,7 +389,6 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
     import torch
 
     from gradledger.training import demo as D
-    from gradledger.training.dataset import commit_dataset
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,8 +405,8 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
     console = D.Console(False)
     ledger = D.open_ledger(out / "ledger", tax)
     try:
-        ds = commit_dataset(ledger, labels.manifests, "digits-train", tax.trainer, inputs=data.x_train)
-        D.train(ledger, tax, ds, policy, data, cfg, console)
+        ds, inputs = D.commit_training_set(ledger, tax, labels, data, seed, at)
+        D.train(ledger, tax, ds, policy, inputs, cfg, console)
         if trace:
             D.stage_trace(ledger, D.write_query(data, out), tax, console)
         D.stage_retire(ledger, tax, f"swaps digits {D.SWAP[0]} and {D.SWAP[1]}")

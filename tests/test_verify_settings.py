@@ -136,12 +136,13 @@ def test_a_run_whose_last_updates_are_not_checkpointed_fails(demo: dict[str, Any
 
 
 def test_a_consistent_batch_size_and_steps_per_epoch_fail_the_order(demo: dict[str, Any]) -> None:
-    """batch_size 65 with steps_per_epoch 21 agree with each other, not with the recorded batches."""
+    """batch_size 65 with its steps_per_epoch agree with each other, not with the recorded batches."""
     at = demo["layout"]
 
     def change(g: F.Forge) -> None:
+        count = g.body(g.seqs("DatasetCommitted")[-1])["count"]
         _every_run(("batch_size",), 65)(g)
-        _every_run(("steps_per_epoch",), 21)(g)
+        _every_run(("steps_per_epoch",), -(-count // 65))(g)
 
     report = _verify(demo, change)
     _fails(report, at.updates[0], "settings.order", "batch_size 65", step=0)

@@ -375,6 +375,18 @@ def open_ledger(path: Path, tax: Taxonomy) -> Ledger:
     return ledger
 
 
+def commit_training_set(ledger: Ledger, tax: Taxonomy, labels: Labels, data: Digits, seed: int, at: int
+                        ) -> tuple[CommittedDataset, torch.Tensor]:
+    """The labeled training digits and then the demo's canary set (specs/dynamics.md §4), committed with
+    their inputs; the dataset and the inputs in its order."""
+    canaries = draw_canaries(data.x_train, 10, count=CANARY_COUNT, references=CANARY_REFERENCES, seed=seed,
+                             name="demo-canaries")
+    signed = canary_manifests(canaries, key=tax.sources[CANARY_SOURCE], source=tax.source_credentials[CANARY_SOURCE],
+                              ontology=ONTOLOGY, time=at)
+    inputs = torch.cat([data.x_train, canaries.inputs])
+    return commit_dataset(ledger, labels.manifests + signed, "digits-train", tax.trainer, inputs=inputs), inputs
+
+
 def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPolicy, inputs: torch.Tensor,
           cfg: DemoConfig, console: Console) -> list[float]:
     model = make_model(cfg.hidden, cfg.seed)
@@ -658,12 +670,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages: list[Stage] = []
     try:
         t0 = time.perf_counter()
-        canaries = draw_canaries(data.x_train, 10, count=CANARY_COUNT, references=CANARY_REFERENCES, seed=cfg.seed,
-                                 name="demo-canaries")
-        signed = canary_manifests(canaries, key=tax.sources[CANARY_SOURCE], source=tax.source_credentials[CANARY_SOURCE],
-                                  ontology=ONTOLOGY, time=at)
-        inputs = torch.cat([data.x_train, canaries.inputs])
-        ds = commit_dataset(ledger, labels.manifests + signed, "digits-train", tax.trainer, inputs=inputs)
+        ds, inputs = commit_training_set(ledger, tax, labels, data, cfg.seed, at)
         console.line(f"dataset committed with its inputs: root {ds.root.hex()[:16]}..., {ds.count} manifests "
                      f"({CANARY_COUNT} canaries and {CANARY_REFERENCES} reference canaries among them)")
         losses = train(ledger, tax, ds, policy, inputs, cfg, console)
