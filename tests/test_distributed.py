@@ -31,6 +31,8 @@ from test_verify_structure import items_of, reseal
 from gradledger.training.bands import sequential_bands
 
 STEPS, EVERY = 6, 3
+#: Past the first epoch of a DistributedSampler over 239 examples, 2 ranks of 16: 8 steps, the last padded.
+SAMPLER_STEPS = 10
 
 
 def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: str) -> None:
@@ -44,15 +46,31 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
         ds = load_dataset(led, seq)
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        loader = DataLoader(TensorDataset(X, Y), batch_size=per_rank)
+        data = TensorDataset(X[:ds.count], Y[:ds.count])
+        order, steps, sampler = "committed", STEPS, None
+        if variant == "sampler":  # every rank's own DistributedSampler, shuffled, padded where W does not divide
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(data, shuffle=True, seed=5)
+            loader = DataLoader(data, batch_size=per_rank, sampler=sampler)
+            order, steps = "loader", SAMPLER_STEPS
+        elif variant == "unequal":  # rank 1's sampler draws fewer examples at the second step
+            loader = DataLoader(data, batch_size=8, sampler=list(range(rank * 40, rank * 40 + (16 if rank == 0 else 13))))
+            order = "loader"
+        else:
+            loader = DataLoader(data, batch_size=per_rank)
         run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
-                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root)
+                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root, order=order)
         if variant == "resume":  # the same run, continued from its last checkpoint by a fresh set of ranks
             gm, gopt, gloader = run.resume(model, opt, loader)
         else:
             gm, gopt, gloader = run.make_governed(model, opt, loader)
         gm.train()
-        while run.step < STEPS:
+        epoch = 0
+        while run.step < steps:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            epoch += 1
             for x, y in gloader:
                 if variant == "poison" and rank == 1 and run.step == 2:
                     # A hostile rank trains on inputs that are not the committed examples (after the step-0
@@ -71,7 +89,7 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
                     run._drain()
                     (Path(root) / f"rank{rank}.out").write_text("crashed")
                     os._exit(0)
-                if run.step >= STEPS:
+                if run.step >= steps:
                     break
         run.close()
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank met
@@ -86,9 +104,10 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
     os._exit(0)
 
 
-def _train(root: Path, world: int, per_rank: int = 16, variant: str = "honest") -> tuple[Path, list[str]]:
+def _train(root: Path, world: int, per_rank: int = 16, variant: str = "honest", count: int = len(MANIFESTS)
+           ) -> tuple[Path, list[str]]:
     led, _ = new_ledger(root / "ledger")
-    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    ds = commit_dataset(led, MANIFESTS[:count], "digits-with-inputs", WORLD.trainer, inputs=X[:count])
     led.close()
     mp.spawn(_rank, args=(world, str(root), ds.seq, per_rank, variant), nprocs=world, join=True)
     outcomes = [(root / f"rank{r}.out").read_text() for r in range(world)]
@@ -214,6 +233,30 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(tmp_path: Path) -> Non
     assert "(this rank)" in outcomes[1] and "(this rank)" not in outcomes[0]
     with Ledger.open(tmp_path / "ledger") as led:
         assert not led.by_type("GovernedUpdate") and not led.by_type("Checkpoint")  # nothing committed
+
+
+def test_every_ranks_own_distributed_sampler_is_recorded_padding_included_and_replays(tmp_path: Path) -> None:
+    """order='loader' over ranks (specs/distributed.md §2): each rank's DistributedSampler draws its own shard;
+    the step records their concatenation in rank order, the sampler's padding (a repeated example where 2
+    ranks do not divide 239) included, and one process replays it bit for bit."""
+    bundle, outcomes = _train(tmp_path, 2, per_rank=16, variant="sampler", count=239)
+    assert outcomes == ["done", "done"], outcomes
+    ups = _updates(bundle)
+    assert len(ups) == SAMPLER_STEPS and [len(u["batch"]) for u in ups[:8]] == [32] * 7 + [16]
+    first_epoch = [i for u in ups[:8] for i in u["batch"]]
+    assert sorted(set(first_epoch)) == list(range(239)) and len(first_epoch) == 240  # one padded repeat
+    assert first_epoch != sorted(first_epoch)  # the samplers' shuffle, not the committed order
+    report = _verify(bundle)
+    assert report.verified and report.verdict == "exact", report.render()
+
+
+def test_ranks_whose_loaders_draw_shards_of_other_sizes_refuse_the_step(tmp_path: Path) -> None:
+    _, outcomes = _train(tmp_path, 2, per_rank=8, variant="unequal")
+    assert all("drew [8, 5] examples" in o and "DistributedSampler" in o for o in outcomes), outcomes
+    with Ledger.open(tmp_path / "ledger") as led:
+        # the loop let the refusal end the run unclosed: it ends as after a crash, with what its checkpoints
+        # had committed (nothing: the first step, where both drew 8, was never checkpointed)
+        assert not led.by_type("GovernedUpdate")
 
 
 def test_ddp_wrapping_and_the_loaders_own_order_are_refused_with_their_remedy(tmp_path: Path) -> None:

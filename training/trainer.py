@@ -41,7 +41,7 @@ from .bands import BandLayout, ResolvedBands, resolve_bands
 from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, read_checkpoint, restore,
                           start_checkpoint, tensor_digest)
 from .dataset import CommittedDataset, check_batch
-from .distributed import RankGroup, RankRefused, shards
+from .distributed import RankGroup, RankRefused, shard_sizes, shards
 from .dynamics.memorization import LossTraces, MemorizationScan, flag
 from .dynamics.canaries import canary_sets
 from .dynamics.record import record_scan, scan_body
@@ -208,10 +208,10 @@ class Governance:
                                       f"the run asks for {memorization.parameters}: leave memorization= unset")
         #: The torch.distributed ranks of the run (None: one process); rank 0 alone writes (specs/distributed.md).
         self.ranks = RankGroup.current()
-        if self.ranks is not None and (order == "loader" or batches is not None):
-            raise GovernanceError("a run over torch.distributed ranks follows the committed order "
-                                  "(order='committed'): every rank must know every rank's shard of each batch, "
-                                  "which a per-rank sampler (DistributedSampler, shuffle=True) does not tell")
+        if self.ranks is not None and batches is not None:
+            raise GovernanceError("a run over torch.distributed ranks draws its batches from the committed order "
+                                  "(order='committed') or from every rank's own loader (order='loader', a "
+                                  "DistributedSampler say), not from explicit batches: pass the loader instead")
         if self.ranks is not None and policy.compiled.matches_flags:
             # Rank 0 alone holds the losses the flags come from (specs/dynamics.md §2.4).
             raise GovernanceError(f"policy {policy.policy['name']!r} routes by memorization flags, which a run over "
@@ -667,6 +667,11 @@ class Governance:
         if discard:  # the ledger drops its pending records: the run ends with them, as after a crash
             self.closed = True
             self._end(GovernanceError("the ledger discarded the run's pending records"))
+        elif self.ranks is not None:
+            # Rank 0's ledger closing under a run still open is no moment the other ranks share (close() is
+            # collective): the run ends as after a crash, with what its checkpoints committed.
+            self.closed = True
+            self._end(GovernanceError("the ledger was closed under a run over ranks that was not closed"))
         else:
             self.close()
 
@@ -735,6 +740,8 @@ class Governance:
             raise GovernanceError("the run is not active")
         chosen = self._indices(self.drawn) if indices is None else indices
         if self.ranks is not None:
+            if self.order == "loader":
+                chosen = self._ranks_drew(chosen)
             self.step_indices = list(chosen)  # the whole batch: every rank knows every shard
             limits = batch_limits(self.policy.compiled, [self._routes.rules[i] for i in chosen])
             batch = self.shard_batch(self.step, shards(chosen, self.ranks.world)[self.ranks.rank], limits)
@@ -743,6 +750,21 @@ class Governance:
         self.recorder.drew(batch)
         self.drawn += 1
         return batch
+
+    def _ranks_drew(self, mine: Sequence[int]) -> list[int]:
+        """specs/distributed.md §2: under order ``"loader"`` over ranks, the step's batch is every rank's own
+        draw in rank order, which must be the shards the shard rule cuts from it (every rank draws as
+        many, a DistributedSampler's padding included); otherwise every rank refuses the step."""
+        assert self.ranks is not None
+        drawn = self.ranks.exchange(list(mine))
+        sizes = [len(d) for d in drawn]
+        if sum(sizes) < self.ranks.world or sizes != shard_sizes(sum(sizes), self.ranks.world):
+            raise GovernanceError(
+                f"step {self.step}: the ranks' loaders drew {sizes} examples (rank order); a run over ranks "
+                "records one batch cut into shards whose sizes differ by at most one, the larger first: give "
+                "every rank's loader the same batch size and a sampler that gives every rank as many examples "
+                "(DistributedSampler does, padding with repeated examples; or drop_last=True)")
+        return [i for d in drawn for i in d]
 
     @property
     def micro_batches(self) -> int:
