@@ -21,7 +21,9 @@ from gradledger.ledger.bundle import export_bundle
 from gradledger.ledger.ledger import Ledger
 from gradledger.training.dataset import commit_dataset, load_dataset
 from gradledger.training.distributed import shard_sizes
+from gradledger.training.policy import sign_policy
 from gradledger.training.trainer import Governance
+from helpers import policy_fields
 from gradledger.verify import VerificationPolicy, Verifier
 from gradledger.verify._internal.recipe import shard_sizes as verifier_shard_sizes
 from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, make_model, new_ledger
@@ -31,6 +33,14 @@ from test_verify_structure import items_of, reseal
 from gradledger.training.bands import sequential_bands
 
 STEPS, EVERY = 6, 3
+#: Three epochs of 240 examples in batches of 24 under a policy whose first rule routes the memorization
+#: flags in force to the head only (specs/dynamics.md §2.4): the scans score examples from the second epoch on.
+FLAG_POLICY = sign_policy({**policy_fields("digits-mem"), "rules": [
+    {"name": "memorized", "match": {"memorized": True}, "profile": [1, 0, 0], "limits": [None, None, None]},
+    *policy_fields("x")["rules"]], "monitors": {"memorization": {"fraction": 0.2, "min_trace": 2}}}, WORLD.root, 10)
+FLAG_STEPS = 30
+#: Where such a run crashes: the resume at the checkpoint of step 21 re-routes most of the last epoch by flags.
+FLAG_CRASH = 22
 #: Past the first epoch of a DistributedSampler over 239 examples, 2 ranks of 16: 8 steps, the last padded.
 SAMPLER_STEPS = 10
 
@@ -59,9 +69,13 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
             order = "loader"
         else:
             loader = DataLoader(data, batch_size=per_rank)
-        run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model),
+        kinds = set(variant.split("+"))  # "flags+crash": a run under FLAG_POLICY that crashes
+        policy = FLAG_POLICY if "flags" in kinds else POLICY
+        if "flags" in kinds:
+            steps = FLAG_STEPS
+        run = Governance(led, WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                          run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root, order=order)
-        if variant == "resume":  # the same run, continued from its last checkpoint by a fresh set of ranks
+        if "resume" in kinds:  # the same run, continued from its last checkpoint by a fresh set of ranks
             gm, gopt, gloader = run.resume(model, opt, loader)
         else:
             gm, gopt, gloader = run.make_governed(model, opt, loader)
@@ -83,7 +97,7 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
                 if (variant == "clip" and rank == 1) or variant == "userclip":
                     torch.nn.utils.clip_grad_norm_(gm.parameters(), 0.5)
                 gopt.step()
-                if variant == "crash" and run.step == STEPS - 1:
+                if "crash" in kinds and run.step == (FLAG_CRASH if "flags" in kinds else steps - 1):
                     # Every rank dies here, one step short and without closing: the ledger keeps what was
                     # committed (the checkpoint of step EVERY, once rank 0's recorder has committed it).
                     run._drain()
@@ -250,6 +264,49 @@ def test_every_ranks_own_distributed_sampler_is_recorded_padding_included_and_re
     assert report.verified and report.verdict == "exact", report.render()
 
 
+def test_a_run_over_ranks_routes_by_rank_0s_memorization_flags_and_replays(tmp_path: Path) -> None:
+    """Rank 0 alone holds the losses; at each checkpoint its scan's flags reach every rank before the next
+    draw, every rank routes its shard by them, and one process replays the run bit for bit."""
+    bundle, outcomes = _train(tmp_path, 2, per_rank=12, variant="flags")
+    assert outcomes == ["done", "done"], outcomes
+    ups = _updates(bundle)
+    assert len(ups) == FLAG_STEPS
+    moved = [(u["step"], i) for u in ups for i, r in zip(u["batch"], u["routing"]["rules"]) if r == 0]
+    assert moved and min(s for s, _ in moved) >= 2 * 10  # scored from the second epoch's scans on
+    # every rank's shard took them: the memorized rule's examples lie in both halves of the batches
+    halves = {u["batch"].index(i) * 2 // len(u["batch"]) for u in ups for s, i in moved if u["step"] == s}
+    assert halves == {0, 1}
+    report = _verify(bundle)
+    assert report.verified and report.verdict == "exact", report.render()
+    routing = next(c for c in report.checks if c.name == "routing")
+    assert "memorization flags" in routing.detail
+
+
+def test_a_run_over_ranks_under_flags_resumes_with_rank_0s_flags_of_its_checkpoint(tmp_path: Path) -> None:
+    """A crash one step short; the resumed ranks route by the flags rank 0 recomputes from the losses it
+    reads back, and every step after the resume is the uninterrupted run's, bit for bit."""
+    honest, outcomes = _train(tmp_path / "honest", 2, per_rank=12, variant="flags")
+    assert outcomes == ["done", "done"], outcomes
+    root = tmp_path / "crashed"
+    root.mkdir()
+    led, _ = new_ledger(root / "ledger")
+    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    led.close()
+    for variant in ("flags+crash", "flags+resume"):
+        mp.spawn(_rank, args=(2, str(root), ds.seq, 12, variant), nprocs=2, join=True)
+        outcomes = [(root / f"rank{r}.out").read_text() for r in range(2)]
+        assert outcomes == ["crashed" if "crash" in variant else "done"] * 2, outcomes
+    with Ledger.open(root / "ledger") as led:
+        export_bundle(led, root / "resumed.glb", with_data=True)
+    resumed, want = _updates(root / "resumed.glb"), _updates(honest)
+    last = FLAG_CRASH // EVERY * EVERY  # the checkpoint resumed from
+    assert any(r == 0 for u in resumed[last:] for r in u["routing"]["rules"])  # flags in force there
+    fields = ("batch", "loss", "band_update_norms", "routing")
+    assert [[u[f] for f in fields] for u in resumed] == [[u[f] for f in fields] for u in want]
+    report = _verify(root / "resumed.glb")
+    assert report.verified and report.replay_mode == "exact", report.render()
+
+
 def test_ranks_whose_loaders_draw_shards_of_other_sizes_refuse_the_step(tmp_path: Path) -> None:
     _, outcomes = _train(tmp_path, 2, per_rank=8, variant="unequal")
     assert all("drew [8, 5] examples" in o and "DistributedSampler" in o for o in outcomes), outcomes
@@ -259,7 +316,7 @@ def test_ranks_whose_loaders_draw_shards_of_other_sizes_refuse_the_step(tmp_path
         assert not led.by_type("GovernedUpdate")
 
 
-def test_ddp_wrapping_and_the_loaders_own_order_are_refused_with_their_remedy(tmp_path: Path) -> None:
+def test_ddp_wrapping_is_refused_with_its_remedy(tmp_path: Path) -> None:
     led, _ = new_ledger(tmp_path / "ledger")
     ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
     model = make_model()

@@ -306,22 +306,6 @@ def test_a_taxonomy_policy_may_route_by_the_flags_it_requires(tmp_path: Path) ->
             Project.init(tmp_path / f"bad-{len(words)}", _taxonomy(tmp_path, extra, bad))
 
 
-def test_a_run_over_ranks_under_a_policy_that_reads_flags_is_refused_at_construction(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradledger.training.distributed import RankGroup
-    from gradledger.training.errors import GovernanceError
-
-    led, ds = new_ledger(tmp_path / "ledger", MANIFESTS, X)
-    try:
-        # as torch.distributed would report two ranks: rank 0 alone holds the losses the flags come from
-        monkeypatch.setattr(RankGroup, "current", classmethod(lambda cls: cls(0, 2, "gloo")))
-        with pytest.raises(GovernanceError, match="routes by memorization flags.*one process"):
-            Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(make_model()),
-                       run_id="mem-ranks", root_key=WORLD.root)
-    finally:
-        led.close()
-
-
 # -- the flags in force: both implementations on any log (specs/dynamics.md §2.4) --------------------
 
 

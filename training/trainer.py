@@ -212,10 +212,6 @@ class Governance:
             raise GovernanceError("a run over torch.distributed ranks draws its batches from the committed order "
                                   "(order='committed') or from every rank's own loader (order='loader', a "
                                   "DistributedSampler say), not from explicit batches: pass the loader instead")
-        if self.ranks is not None and policy.compiled.matches_flags:
-            # Rank 0 alone holds the losses the flags come from (specs/dynamics.md §2.4).
-            raise GovernanceError(f"policy {policy.policy['name']!r} routes by memorization flags, which a run over "
-                                  "torch.distributed ranks does not compute yet: train it on one process")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -383,6 +379,8 @@ class Governance:
             ranks.same(self._shared_settings(optimizer), "the run's settings")
         if self._traces is not None and (self.ranks is None or self.ranks.writer):
             self._read_back_traces(run_seq, ckpt_seq)
+        if self.ranks is not None and self._routes.reads_flags and self.step > 0:
+            self._use_flags(self._rank0_flags(self._routes.flags))  # what rank 0 read back
         self.run_seq, self.policy_seq = run_seq, run_body["settings"].get("policy_seq")
         self._run_optimizer = run_body["settings"]["optimizer"]
         self._program = run_body["artifacts"]["program"]
@@ -522,6 +520,14 @@ class Governance:
                                    self.policy.compiled)
         self._routes = Routes(tables, len(self.layout), ratios=True)
         self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)
+
+    def _rank0_flags(self, flags: frozenset[int] | None) -> frozenset[int]:
+        """Over ranks, rank 0's ``flags`` on every rank: it alone holds the losses they come from
+        (specs/dynamics.md §2.4, distributed.md §1). Every rank calls it at the same point of the run."""
+        if self.ranks is None:
+            return flags or frozenset()
+        sent = sorted(flags) if self.ranks.writer and flags is not None else None
+        return frozenset(self.ranks.exchange(sent)[0] or ())
 
     def _use_flags(self, flags: frozenset[int]) -> None:
         """Route from now on with ``flags`` the memorization flags in force (specs/dynamics.md §2.4)."""
@@ -895,6 +901,8 @@ class Governance:
         step = self.step
         if self._writer is None:  # another rank than 0 of a distributed run: rank 0 records the step
             self.step += 1
+            if self._routes.reads_flags and self.step % self.checkpoint_every == 0:
+                self._use_flags(self._rank0_flags(None))  # rank 0's scan at this checkpoint (_scan_job)
             return
         indices = [i for m in micros for i in m.batch.indices]
         rules = [r for m in micros for r in m.batch.rules]
@@ -1014,7 +1022,7 @@ class Governance:
         step, params, run_seq, sets = self.step, self.memorization, self.run_seq, self._canaries
         if self._routes.reads_flags:
             body = scan_body(run_seq, step, self._traces, params, sets)
-            self._use_flags(frozenset(i for i, _ in body["flagged"]))
+            self._use_flags(self._rank0_flags(frozenset(i for i, _ in body["flagged"])))
             return lambda: body
         traces = self._traces.copy()
         return lambda: scan_body(run_seq, step, traces, params, sets)
