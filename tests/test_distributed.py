@@ -118,6 +118,33 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
     os._exit(0)
 
 
+def _sum_rank(rank: int, root: str) -> None:
+    """One of two gloo ranks: all_reduce of a tensor made to trip an order-sensitive sum (signed zeros,
+    subnormals, values that cancel, every float32 exponent), against the rank-order sum g0 + g1."""
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-sum", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        n = 1 << 16
+        base = [torch.randn(n, generator=g) * torch.exp2(torch.randint(-149, 127, (n,), generator=g).float())
+                for _ in range(2)]
+        special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
+        mine = [torch.cat([b, special, special.flip(0)]) for b in base]
+        want = mine[0] + mine[1]
+        got = mine[rank].clone()
+        dist.all_reduce(got)
+        same = torch.equal(got.view(torch.int32), want.view(torch.int32))
+        (Path(root) / f"sum{rank}.out").write_text("same" if same else "differs")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_two_gloo_ranks_all_reduce_to_the_rank_order_sum_bit_for_bit(tmp_path: Path) -> None:
+    """Why two gloo ranks may reduce by all_reduce (distributed.GradientGather.sum_by_allreduce)."""
+    mp.spawn(_sum_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    assert [(tmp_path / f"sum{r}.out").read_text() for r in range(2)] == ["same", "same"]
+
+
 def _train(root: Path, world: int, per_rank: int = 16, variant: str = "honest", count: int = len(MANIFESTS)
            ) -> tuple[Path, list[str]]:
     led, _ = new_ledger(root / "ledger")
