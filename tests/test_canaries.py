@@ -251,3 +251,20 @@ def test_canary_command_commits_a_canaried_dataset_a_run_learns_from(tmp_path: P
         assert cli_main(bad) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_dataset_of_more_canary_sets_than_a_scan_ranks_is_refused_before_training(tmp_path: Path) -> None:
+    from gradledger.training.dynamics.canaries import MAX_SETS
+
+    many = [canary_manifests(draw_canaries(X, 10, count=1, references=1, seed=s, name=f"s{s}"), key=CROWD_KEY,
+                             source=WORKER_CREDS[0], ontology="digits-v1", time=1) for s in range(MAX_SETS + 1)]
+    inputs = [draw_canaries(X, 10, count=1, references=1, seed=s).inputs for s in range(MAX_SETS + 1)]
+    led, _ = new_ledger(tmp_path / "ledger")
+    try:
+        ds = commit_dataset(led, MANIFESTS + [m for ms in many for m in ms], "many", WORLD.trainer,
+                            inputs=torch.cat([X, *inputs]))
+        with pytest.raises(GovernanceError, match=f"{MAX_SETS + 1} canary sets"):
+            Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(make_model()),
+                       run_id="many", root_key=WORLD.root, memorization=PARAMS)
+    finally:
+        led.close()

@@ -69,11 +69,11 @@ def canary_exposure(last: Tensor, sets: Sequence[CanarySet]) -> list[dict[str, A
     out = []
     for cs in sets:
         refs = last[list(cs.references)] if cs.references else torch.zeros(0, dtype=torch.float64)
-        refs = refs[~refs.isnan()]
-        ranks: list[list[Any]] = []
-        for i in cs.inserted:
-            v = last[i]
-            ranks.append([i, None if bool(v.isnan()) else 1 + int((refs <= v).sum())])
+        refs = refs[~refs.isnan()].sort().values
+        mine = last[list(cs.inserted)] if cs.inserted else torch.zeros(0, dtype=torch.float64)
+        # 1 + the references at or below each canary's loss: a search in the sorted references
+        above = torch.searchsorted(refs, mine, right=True).tolist()
+        ranks = [[i, None if math.isnan(v) else 1 + a] for i, v, a in zip(cs.inserted, mine.tolist(), above)]
         out.append({"set": cs.name, "references": int(refs.numel()), "inserted": ranks})
     return out
 

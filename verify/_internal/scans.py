@@ -9,6 +9,7 @@ its recorded binary32 losses as binary64, sorted; the score the type-7 interquar
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import struct
@@ -27,6 +28,8 @@ __all__ = ["ScanInvalid", "check_scans"]
 SCAN_FORMAT = 1
 #: §4.2: the format that adds the canaries' ranks, recorded exactly when the run's dataset holds canaries.
 CANARY_SCAN_FORMAT = 2
+#: §4.1: the canary sets a scan ranks, at most.
+MAX_CANARY_SETS = 64
 METHOD = "lt-iqr"
 #: §1.3: an unscored index's binary64 in the digest.
 NO_SCORE = struct.pack("<Q", 0x7FF8000000000000)
@@ -93,8 +96,10 @@ def canary_ranks(manifests: Sequence[Mapping[str, Any]], last: Sequence[float | 
     out = []
     for name in sorted(sets):
         inserted, refs = sets[name]
-        measured = [last[r] for r in refs if last[r] is not None]
-        ranks = [[i, None if last[i] is None else 1 + sum(v <= last[i] for v in measured)] for i in inserted]
+        # Sorted once and bisected: a hostile dataset's sets cost (canaries + references) log references,
+        # never their product.
+        measured = sorted(last[r] for r in refs if last[r] is not None)
+        ranks = [[i, None if last[i] is None else 1 + bisect.bisect_right(measured, last[i])] for i in inserted]
         out.append({"set": name, "references": len(measured), "inserted": ranks})
     return out
 
@@ -166,6 +171,9 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
     if body["scores_digest"] != digest(values):
         raise bad("scores_digest is not the digest of the scores recomputed from the recorded losses")
     ranks = canary_ranks([m.fields for m in st.datasets[run.dataset_seq].manifests], last)  # type: ignore[index]
+    if len(ranks) > MAX_CANARY_SETS:
+        raise bad(f"the run's dataset holds {len(ranks)} canary sets; a scan ranks at most {MAX_CANARY_SETS} "
+                  "(specs/dynamics.md §4.1)")
     if ranks:
         if body["format"] != CANARY_SCAN_FORMAT or not same_cbor(body.get("canaries"), ranks):
             raise bad(f"the run's dataset holds canaries, so the scan is format {CANARY_SCAN_FORMAT} with their "
