@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -156,6 +156,26 @@ def _train(root: Path, world: int, per_rank: int = 16, variant: str = "honest", 
     with Ledger.open(root / "ledger") as led:
         export_bundle(led, bundle, with_data=True)
     return bundle, outcomes
+
+
+def _crash_then_resume(root: Path, per_rank: int, kind: str = "",
+                       after_crash: Callable[[Ledger], None] | None = None) -> Path:
+    """A 2-rank run (``kind``: "" or "flags") that crashes short of its end without closing, then resumed
+    by a fresh set of ranks to its end; ``after_crash`` reads the ledger between; the exported bundle."""
+    led, _ = new_ledger(root / "ledger")
+    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
+    led.close()
+    for stage in ("crash", "resume"):
+        mp.spawn(_rank, args=(2, str(root), ds.seq, per_rank, f"{kind}+{stage}" if kind else stage), nprocs=2,
+                 join=True)
+        outcomes = [(root / f"rank{r}.out").read_text() for r in range(2)]
+        assert outcomes == ["crashed" if stage == "crash" else "done"] * 2, outcomes
+        if stage == "crash" and after_crash is not None:
+            with Ledger.open(root / "ledger") as led:
+                after_crash(led)
+    with Ledger.open(root / "ledger") as led:
+        export_bundle(led, root / "resumed.glb", with_data=True)
+    return root / "resumed.glb"
 
 
 def _verify(bundle: Path) -> Any:
@@ -314,23 +334,14 @@ def test_a_run_over_ranks_under_flags_resumes_with_rank_0s_flags_of_its_checkpoi
     reads back, and every step after the resume is the uninterrupted run's, bit for bit."""
     honest, outcomes = _train(tmp_path / "honest", 2, per_rank=12, variant="flags")
     assert outcomes == ["done", "done"], outcomes
-    root = tmp_path / "crashed"
-    root.mkdir()
-    led, _ = new_ledger(root / "ledger")
-    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
-    led.close()
-    for variant in ("flags+crash", "flags+resume"):
-        mp.spawn(_rank, args=(2, str(root), ds.seq, 12, variant), nprocs=2, join=True)
-        outcomes = [(root / f"rank{r}.out").read_text() for r in range(2)]
-        assert outcomes == ["crashed" if "crash" in variant else "done"] * 2, outcomes
-    with Ledger.open(root / "ledger") as led:
-        export_bundle(led, root / "resumed.glb", with_data=True)
-    resumed, want = _updates(root / "resumed.glb"), _updates(honest)
+    (tmp_path / "crashed").mkdir()
+    bundle = _crash_then_resume(tmp_path / "crashed", 12, "flags")
+    resumed, want = _updates(bundle), _updates(honest)
     last = FLAG_CRASH // EVERY * EVERY  # the checkpoint resumed from
     assert any(r == 0 for u in resumed[last:] for r in u["routing"]["rules"])  # flags in force there
     fields = ("batch", "loss", "band_update_norms", "routing")
     assert [[u[f] for f in fields] for u in resumed] == [[u[f] for f in fields] for u in want]
-    report = _verify(root / "resumed.glb")
+    report = _verify(bundle)
     assert report.verified and report.replay_mode == "exact", report.render()
 
 
@@ -398,22 +409,14 @@ def test_the_users_clip_on_every_rank_clips_the_reduced_gradient_and_replays(tmp
 
 def test_a_run_over_ranks_that_crashed_resumes_over_ranks_to_the_same_weights(two: tuple[Path, list[str]],
                                                                               tmp_path: Path) -> None:
-    led, _ = new_ledger(tmp_path / "ledger")
-    ds = commit_dataset(led, MANIFESTS, "digits-with-inputs", WORLD.trainer, inputs=X)
-    led.close()
-    for variant in ("crash", "resume"):
-        mp.spawn(_rank, args=(2, str(tmp_path), ds.seq, 4, variant), nprocs=2, join=True)
-        outcomes = [(tmp_path / f"rank{r}.out").read_text() for r in range(2)]
-        assert outcomes == ["crashed" if variant == "crash" else "done"] * 2, outcomes
-        if variant == "crash":
-            with Ledger.open(tmp_path / "ledger") as led:  # the log ends at the step-EVERY checkpoint
-                assert [led.observation(s).body["step"] for s in led.by_type("Checkpoint")] == [0, EVERY]
-    with Ledger.open(tmp_path / "ledger") as led:
-        export_bundle(led, tmp_path / "resumed.glb", with_data=True)
-    report = _verify(tmp_path / "resumed.glb")
+    def crashed(led: Ledger) -> None:  # the log ends at the step-EVERY checkpoint
+        assert [led.observation(s).body["step"] for s in led.by_type("Checkpoint")] == [0, EVERY]
+
+    bundle = _crash_then_resume(tmp_path, 4, after_crash=crashed)
+    report = _verify(bundle)
     assert report.verified and report.replay_mode == "exact", report.render()
     # the interrupted run ends where the uninterrupted one did, bit for bit, step by step
-    resumed, honest = _updates(tmp_path / "resumed.glb"), _updates(two[0])
+    resumed, honest = _updates(bundle), _updates(two[0])
     assert [u["step"] for u in resumed] == list(range(STEPS))
     fields = ("batch", "loss", "band_update_norms", "recipe")
     for a, b in zip(resumed, honest):
