@@ -253,18 +253,46 @@ def test_canary_command_commits_a_canaried_dataset_a_run_learns_from(tmp_path: P
         assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_a_dataset_of_more_canary_sets_than_a_scan_ranks_is_refused_before_training(tmp_path: Path) -> None:
+def test_more_canary_sets_than_a_scan_ranks_are_refused_by_the_trainer_and_failed_by_the_verifier(
+        tmp_path: Path) -> None:
+    from gradledger.training.dynamics import ScanError
     from gradledger.training.dynamics.canaries import MAX_SETS
+    from gradledger.training.dynamics.memorization import LossTraces
+    from gradledger.training.dynamics.record import record_scan, scan_body
 
-    many = [canary_manifests(draw_canaries(X, 10, count=1, references=1, seed=s, name=f"s{s}"), key=CROWD_KEY,
-                             source=WORKER_CREDS[0], ontology="digits-v1", time=1) for s in range(MAX_SETS + 1)]
-    inputs = [draw_canaries(X, 10, count=1, references=1, seed=s).inputs for s in range(MAX_SETS + 1)]
+    drawn = [draw_canaries(X, 10, count=1, references=1, seed=s, name=f"s{s}") for s in range(MAX_SETS + 1)]
+    many = [m for d in drawn for m in canary_manifests(d, key=CROWD_KEY, source=WORKER_CREDS[0], ontology="digits-v1",
+                                                       time=1)]
     led, _ = new_ledger(tmp_path / "ledger")
-    try:
-        ds = commit_dataset(led, MANIFESTS + [m for ms in many for m in ms], "many", WORLD.trainer,
-                            inputs=torch.cat([X, *inputs]))
-        with pytest.raises(GovernanceError, match=f"{MAX_SETS + 1} canary sets"):
-            Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(make_model()),
-                       run_id="many", root_key=WORLD.root, memorization=PARAMS)
-    finally:
-        led.close()
+    ds = commit_dataset(led, MANIFESTS + many, "many", WORLD.trainer, inputs=torch.cat([X, *(d.inputs for d in drawn)]))
+    with pytest.raises(GovernanceError, match=f"{MAX_SETS + 1} canary sets"):
+        Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(make_model()),
+                   run_id="many", root_key=WORLD.root, memorization=PARAMS)
+    # a run without the monitor trains; a scan of it on demand is refused too
+    model = make_model()
+    loader = DataLoader(TensorDataset(torch.cat([X, *(d.inputs for d in drawn)]),
+                                      torch.tensor([m.label for m in ds.manifests])), batch_size=BATCH)
+    run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model), run_id="many",
+                     checkpoint_every=4, seed=3, root_key=WORLD.root)
+    gm, gopt, gl = run.make_governed(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    for xb, yb in gl:
+        gopt.zero_grad()
+        F.cross_entropy(gm(xb), yb).backward()
+        gopt.step()
+        if run.step == 4:
+            break
+    run.close()
+    with pytest.raises(ScanError, match="at most 64"):
+        scan(led, params=PARAMS, record=WORLD.trainer)
+    # the hostile trainer records one anyway: the verifier fails it
+    from gradledger.training.updates import example_loss_values
+
+    traces = LossTraces(ds.count)
+    for s in led.by_type("GovernedUpdate"):
+        u = led.observation(s).body
+        traces.add(u["batch"], example_loss_values(u["example_losses"]))
+    record_scan(led, scan_body(led.by_type("RunStarted")[-1], 4, traces, PARAMS, canary_sets(ds.manifests)),
+                WORLD.trainer)
+    code, report = _structure(led, tmp_path, lambda f: None)
+    led.close()
+    assert_caught(code, report, "canary sets")
