@@ -39,6 +39,8 @@ FLAG_POLICY = sign_policy({**policy_fields("digits-mem"), "rules": [
     {"name": "memorized", "match": {"memorized": True}, "profile": [1, 0, 0], "limits": [None, None, None]},
     *policy_fields("x")["rules"]], "monitors": {"memorization": {"fraction": 0.2, "min_trace": 2}}}, WORLD.root, 10)
 FLAG_STEPS = 30
+#: Explicit batches (order "explicit"): four steps' batches of 8, 9 (shards of 5 and 4), 8 and 6, repeated.
+EXPLICIT = [list(range(0, 8)), list(range(100, 109)), list(range(50, 58))[::-1], [3, 3, 200, 201, 7, 9]]
 #: Where such a run crashes: the resume at the checkpoint of step 21 re-routes most of the last epoch by flags.
 FLAG_CRASH = 22
 #: Past the first epoch of a DistributedSampler over 239 examples, 2 ranks of 16: 8 steps, the last padded.
@@ -69,12 +71,16 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
             order = "loader"
         else:
             loader = DataLoader(data, batch_size=per_rank)
+        explicit = {}
+        if variant.startswith("explicit"):  # the user's own list of step batches, every rank given it
+            explicit = {"batches": EXPLICIT if variant == "explicit" or rank == 0 else EXPLICIT[::-1]}
         kinds = set(variant.split("+"))  # "flags+crash": a run under FLAG_POLICY that crashes
         policy = FLAG_POLICY if "flags" in kinds else POLICY
         if "flags" in kinds:
             steps = FLAG_STEPS
         run = Governance(led, WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
-                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root, order=order)
+                         run_id="ddp", checkpoint_every=EVERY, seed=11, root_key=WORLD.root, order=order,
+                         **explicit)
         if "resume" in kinds:  # the same run, continued from its last checkpoint by a fresh set of ranks
             gm, gopt, gloader = run.resume(model, opt, loader)
         else:
@@ -343,6 +349,22 @@ def test_a_run_over_ranks_under_flags_resumes_with_rank_0s_flags_of_its_checkpoi
     assert [[u[f] for f in fields] for u in resumed] == [[u[f] for f in fields] for u in want]
     report = _verify(bundle)
     assert report.verified and report.replay_mode == "exact", report.render()
+
+
+def test_explicit_batches_over_ranks_are_cut_into_shards_and_replay(tmp_path: Path) -> None:
+    bundle, outcomes = _train(tmp_path / "same", 2, per_rank=4, variant="explicit")
+    assert outcomes == ["done", "done"], outcomes
+    ups = _updates(bundle)
+    assert [u["batch"] for u in ups] == [EXPLICIT[s % len(EXPLICIT)] for s in range(STEPS)]
+    assert ups[1]["recipe"]["ranks"] == [5, 4]
+    report = _verify(bundle)
+    assert report.verified and report.verdict == "exact", report.render()
+    # ranks given other batches train other shards than the others' view of the step: every rank refuses
+    # the first step, naming the rank that differs from its own view
+    _, outcomes = _train(tmp_path / "other", 2, per_rank=4, variant="explicit-other")
+    assert all(o.startswith("RankRefused: step 0: rank ") and "the run's shard" in o for o in outcomes), outcomes
+    with Ledger.open(tmp_path / "other" / "ledger") as led:
+        assert not led.by_type("GovernedUpdate")
 
 
 def test_ranks_whose_loaders_draw_shards_of_other_sizes_refuse_the_step(tmp_path: Path) -> None:

@@ -208,10 +208,6 @@ class Governance:
                                       f"the run asks for {memorization.parameters}: leave memorization= unset")
         #: The torch.distributed ranks of the run (None: one process); rank 0 alone writes (specs/distributed.md).
         self.ranks = RankGroup.current()
-        if self.ranks is not None and batches is not None:
-            raise GovernanceError("a run over torch.distributed ranks draws its batches from the committed order "
-                                  "(order='committed') or from every rank's own loader (order='loader', a "
-                                  "DistributedSampler say), not from explicit batches: pass the loader instead")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
