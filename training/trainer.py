@@ -43,7 +43,7 @@ from .checkpoints import (CheckpointData, LiveCheckpoint, checkpoint_digest, rea
 from .dataset import CommittedDataset, check_batch
 from .distributed import RankGroup, RankRefused, shard_sizes, shards
 from .dynamics.memorization import LossTraces, MemorizationScan, flag
-from .dynamics.canaries import MAX_SETS, canary_sets
+from .dynamics.canaries import scanned_sets
 from .dynamics.record import record_scan, scan_body
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
@@ -225,10 +225,8 @@ class Governance:
         self.memorization = memorization
         self._traces = LossTraces(dataset.count) if memorization is not None else None
         # specs/dynamics.md §4: the dataset's canary sets, whose ranks every scan of the run records.
-        self._canaries = canary_sets(dataset.manifests) if memorization is not None else []
-        if len(self._canaries) > MAX_SETS:
-            raise GovernanceError(f"dataset {dataset.name!r} holds {len(self._canaries)} canary sets; a memorization "
-                                  f"scan ranks at most {MAX_SETS} (specs/dynamics.md §4.1): merge them")
+        self._canaries = (scanned_sets(dataset.manifests, dataset.name, GovernanceError)
+                          if memorization is not None else [])
         #: How the user's model takes a batch's inputs (set from the dataset's first item).
         self.inputs = InputStructure("tensor")
         self.step = 0

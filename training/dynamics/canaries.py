@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..project import Project
 
 __all__ = ["CanarySet", "Canaries", "canary_exposure", "canary_manifests", "canary_sets", "draw_canaries",
-           "exposure_bits", "insert_canaries"]
+           "exposure_bits", "insert_canaries", "scanned_sets"]
 
 #: §4.1: the most canary sets one dataset holds, and canaries (inserted plus references) in one set.
 MAX_SETS = 64
@@ -59,6 +59,17 @@ def canary_sets(manifests: Sequence[SignedManifest | Mapping[str, Any]]) -> list
             inserted, refs = found.setdefault(canary["set"], ([], []))
             (inserted if canary["role"] == "inserted" else refs).append(i)
     return [CanarySet(name, tuple(ins), tuple(refs)) for name, (ins, refs) in sorted(found.items())]
+
+
+def scanned_sets(manifests: Sequence[SignedManifest | Mapping[str, Any]], dataset: str,
+                 error: type[Exception]) -> list[CanarySet]:
+    """§4.1: the canary sets a scan of dataset ``dataset`` ranks; ``error`` where it holds more than a scan
+    ranks (refused before anything is recorded that the verifier would fail)."""
+    sets = canary_sets(manifests)
+    if len(sets) > MAX_SETS:
+        raise error(f"dataset {dataset!r} holds {len(sets)} canary sets; a memorization scan ranks at most "
+                    f"{MAX_SETS} (specs/dynamics.md §4.1): merge them")
+    return sets
 
 
 def canary_exposure(last: Tensor, sets: Sequence[CanarySet]) -> list[dict[str, Any]]:
@@ -154,9 +165,10 @@ def insert_canaries(project: "Project", *, dataset: str, name: str, authority: s
     from ..labels.signing import issued_sources, keyless_source, signer_and_ontology
 
     base = project.dataset(dataset)
-    if any(cs.name == set_name for cs in canary_sets(base.manifests)):
+    held = canary_sets(base.manifests)
+    if any(cs.name == set_name for cs in held):
         raise ProjectError(f"dataset {dataset!r} already holds canary set {set_name!r}")
-    if len(canary_sets(base.manifests)) >= MAX_SETS:
+    if len(held) >= MAX_SETS:
         raise ProjectError(f"dataset {dataset!r} already holds {MAX_SETS} canary sets")
     inputs = load_inputs(project.ledger, base)
     if not isinstance(inputs, Tensor):

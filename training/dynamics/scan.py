@@ -16,7 +16,7 @@ from gradledger.ledger.ledger import Ledger
 from ..errors import GovernanceError
 from ..forensics.lineage import Lineage, lineage
 from ..updates import example_loss_values
-from .canaries import MAX_SETS, canary_sets, exposure_bits
+from .canaries import exposure_bits, scanned_sets
 from .memorization import METHOD, LossTraces, MemorizationScan
 from .record import record_scan, scan_body
 
@@ -56,10 +56,7 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
     appended it (the ledger must be open for writing)."""
     params = params or MemorizationScan()
     lin, traces, through = recorded_traces(ledger, run_id, ScanError, through)
-    sets = canary_sets(lin.dataset.manifests)
-    if len(sets) > MAX_SETS:
-        raise ScanError(f"dataset {lin.dataset.name!r} holds {len(sets)} canary sets; a scan ranks at most {MAX_SETS} "
-                        "(specs/dynamics.md §4.1)")
+    sets = scanned_sets(lin.dataset.manifests, lin.dataset.name, ScanError)
     body = scan_body(lin.run.seq, through, traces, params, sets)
     report: dict[str, Any] = {
         "run": lin.run.run_id, "branch_without": lin.retired, "through": through, "method": METHOD,
