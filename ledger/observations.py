@@ -201,6 +201,23 @@ TYPES: dict[str, ObservationType] = {
             ),
             frozenset({"root", "authority", "trainer"}),
         ),
+        ObservationType(
+            "DepthProfile",
+            s.record(
+                "DepthProfile",
+                format=s.uint,
+                run=s.uint,
+                step=s.uint,
+                dataset=s.uint,
+                method=s.one_of("ncm-entropy"),
+                parameters=any_value,
+                classes=any_value,
+                counts=any_value,
+                entropy=any_value,
+                mean=any_value,
+            ),
+            frozenset({"trainer"}),
+        ),
     )
 }
 

@@ -45,6 +45,7 @@ from .distributed import RankGroup, RankRefused, shard_sizes, shards
 from .dynamics.memorization import LossTraces, MemorizationScan, flag
 from .dynamics.canaries import scanned_sets
 from .dynamics.record import record_scan, scan_body
+from .dynamics.profiles import DepthProfiles, ProfileJob
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated
@@ -65,8 +66,9 @@ from .updates import RouteTables, Routes, example_loss_bytes, example_loss_value
 #: 3 models of parts; 4 every example's loss in each GovernedUpdate, for a model of one tensor or of parts;
 #: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted; 6 the monitors the
 #: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2); 7 runs over torch.distributed
-#: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md).
-FORMAT = 7
+#: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md); 8 depth profiles among the
+#: monitors (``settings.monitors.profiles``, specs/dynamics.md §5).
+FORMAT = 8
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -190,6 +192,7 @@ class Governance:
         description: str | None = None,
         call: str = "spread",
         memorization: MemorizationScan | None = None,
+        profiles: DepthProfiles | None = None,
     ) -> None:
         if type(checkpoint_every) is not int or checkpoint_every < 1:
             raise GovernanceError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
@@ -208,6 +211,8 @@ class Governance:
                                       f"the run asks for {memorization.parameters}: leave memorization= unset")
         #: The torch.distributed ranks of the run (None: one process); rank 0 alone writes (specs/distributed.md).
         self.ranks = RankGroup.current()
+        #: specs/dynamics.md §5: the depth profile recorded at every checkpoint, over a held-out dataset.
+        self.profiles = None if profiles is None else ProfileJob.of(ledger, profiles, dataset, self.ranks)
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -594,7 +599,10 @@ class Governance:
     def _monitors(self) -> dict[str, Any]:
         # settings.monitors (format 6): what the run records at each checkpoint; the verifier then
         # requires it there (specs/dynamics.md §2.2).
-        return {} if self.memorization is None else {"memorization": self.memorization.parameters}
+        found: dict[str, Any] = {} if self.memorization is None else {"memorization": self.memorization.parameters}
+        if self.profiles is not None:
+            found["profiles"] = self.profiles.settings
+        return found
 
     def _group_names(self, optimizer: torch.optim.Optimizer) -> list[list[str]]:
         # Optimizer state is numbered by position in param_groups; replay needs the names.
@@ -978,6 +986,9 @@ class Governance:
         self._checkpointed = self.step
         ledger, key = self.ledger, self.key
         scan = self._scan_job()
+        # The profile reads the weights of this step now, before the next optimizer step moves them.
+        profile = None if self.profiles is None or self.run_seq is None else \
+            self.profiles.body(self._gated, self.run_seq, self.step)
 
         def store() -> None:
             if live is not None:
@@ -994,6 +1005,8 @@ class Governance:
             ledger.append("Checkpoint", made.body(artifact), key)
             if scan is not None:
                 record_scan(ledger, scan(), key, commit=False)
+            if profile is not None:
+                ledger.append("DepthProfile", profile, key, commit=False)
             if commit:
                 ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,

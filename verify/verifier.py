@@ -29,6 +29,7 @@ from ._internal.external import ExternalFetcher
 from ._internal.release import ReleaseInputs, check_release
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
+from ._internal.profiles import ProfileClaim, ProfileInvalid, check_profiles, compare_profiles, held_out_request
 from ._internal.scans import ScanInvalid, check_scans
 from ._internal.pool import WorkerPool
 from ._internal.segments import iter_jobs, plan_segments, run_jobs
@@ -111,6 +112,11 @@ class Verifier:
         _check_scans(structure, report)
         if report.first_failure is not None:
             return report
+        try:
+            profile_claims = check_profiles(structure)
+        except ProfileInvalid as exc:
+            report.add("profiles", "fail", str(exc), seq=exc.seq)
+            return report
         if self.policy.release is not None:
             started = time.perf_counter()
             facts = check_release(self.policy.release, structure, report)
@@ -135,12 +141,45 @@ class Verifier:
         if report.first_failure is not None:
             return report
         terms: dict[int, dict[tuple[int, int], Any]] = {}
+        profiles: dict[tuple[int, int], Any] = {}
         jobs = self._replay(source, path, structure, report, progress, pool,
-                            claims if self.policy.check_traces else [], terms, plan, store)
+                            claims if self.policy.check_traces else [], terms, plan, store, profiles)
         report.heads = _describe_heads(heads, runs_of=jobs, mode=self.policy.replay)
+        if profile_claims and report.first_failure is None:
+            self._check_profiles(profile_claims, profiles, report)
         if claims:
             self._check_traces(claims, structure, report, terms)
         return report
+
+    def _check_profiles(self, claims: list[ProfileClaim], found: dict[tuple[int, int], Any], report: Report) -> None:
+        """The ``profiles`` check (specs/dynamics.md §5.4): each recorded DepthProfile whose checkpoint a
+        replayed segment reached, recomputed from its weights; in full replay every one of them."""
+        n = len(claims)
+        if self.policy.replay == "none":
+            report.add("profiles", "pass", f"{n} depth profile(s) well formed, one at every checkpoint that declares "
+                       "them; their values are recomputed by replay, which was not requested")
+            return
+        errors = [(k, v[0]) for k, v in found.items() if isinstance(v, tuple) and len(v) == 1]
+        if errors:
+            (run, step), why = errors[0]
+            claim = next((c for c in claims if (c.run, c.step) == (run, step)), None)
+            report.add("profiles", "fail", f"the depth profile of step {step} of run {run} cannot be recomputed: {why}",
+                       seq=claim.seq if claim else run)
+            return
+        try:
+            done, worst = compare_profiles(claims, found, exact=report.replay_mode != "tolerance")
+        except ProfileInvalid as exc:
+            report.add("profiles", "fail", str(exc), seq=exc.seq)
+            return
+        if self.policy.replay == "full" and done < n:
+            missing = next(c for c in claims if (c.run, c.step) not in found)
+            report.add("profiles", "fail", f"DepthProfile {missing.seq} (step {missing.step}) was not recomputed: no "
+                       "replayed segment reached its checkpoint", seq=missing.seq)
+            return
+        report.figures["profile_deviation_bits"] = worst
+        report.add("profiles", "pass", f"{done} of {n} depth profile(s) recomputed from the replayed checkpoints' "
+                   f"weights over the held-out examples (largest deviation {worst:.2g} bits)"
+                   + ("" if done == n else "; the others are at checkpoints outside the replayed segments"))
 
     def _check_traces(self, claims: list[TraceClaim], st: Structure, report: Report,
                       terms: dict[int, dict[tuple[int, int], Any]]) -> None:
@@ -193,7 +232,7 @@ class Verifier:
                 progress: bool, pool: WorkerPool | None = None, claims: list[TraceClaim] | None = None,
                 terms: dict[int, dict[tuple[int, int], Any]] | None = None,
                 plan: dict[int, list[Any]] | None = None, store: ArtifactStore | None = None,
-                ) -> dict[int, tuple[int, int]]:
+                profiles: dict[tuple[int, int], Any] | None = None) -> dict[int, tuple[int, int]]:
         """Replay what the policy asks for; per replayed run, (segments replayed, segments in all).
         ``claims``: recorded traces to recompute: every segment of their lineages is replayed and computes
         their terms, which go into ``terms`` (trace seq -> (run seq, segment index) -> terms).
@@ -338,6 +377,9 @@ class Verifier:
             for found in r.traces if r.ok and terms is not None else ():
                 if isinstance(found, dict) and type(found.get("trace")) is int:
                     terms.setdefault(found["trace"], {})[(ctx.run_seq, seg.index)] = found
+            for entry in r.profiles if r.ok and profiles is not None else ():
+                # [step, entropy, mean], or [step, why] where the values could not be computed
+                profiles[(ctx.run_seq, entry[0])] = tuple(entry[1:])
         failed = _first_failed(results)
         label = f"{len(jobs)} segment(s), {steps} step(s), {'bit for bit' if exact else 'within tolerance'}"
         if failed is not None:
@@ -511,4 +553,4 @@ def _context(source: Source, structure: Structure, run: Sealed) -> RunContext | 
     policy = structure.policies[settings["policy_seq"]]
     profiles = {r: list(policy.outcome(r).profile) for r in range(-2, len(policy.rules))}
     return RunContext(run.seq, run.body["artifacts"]["program"], dataset.data, settings, labels, profiles,
-                      dict(run.body["environment"]))
+                      dict(run.body["environment"]), held_out_request(structure, structure.runs[run.seq]))

@@ -23,6 +23,7 @@ from torch import Tensor
 from gradledger.ledger.errors import VerificationError
 
 from .attribution import Probe, SegmentTracer
+from .profiles import ProfileInvalid, segment_profiles
 from .checkpoint import CheckpointError, digest_state, load_checkpoint
 from .hyperparams import (
     VARYING, HyperParameterMismatch, apply_step, check_checkpoint_groups, check_description, check_loss, check_step,
@@ -69,18 +70,21 @@ class RunContext:
     labels: list[int]  # per dataset index
     rule_profiles: dict[int, list[float]]  # rule index (-1 default) -> binary64 multipliers
     environment: dict[str, Any]  # RunStarted.environment
+    #: specs/dynamics.md §5: the held-out set whose depth profile each checkpoint of the run records
+    #: (profiles.held_out_request), or None.
+    held_out: dict[str, Any] | None = None
 
     def to_obj(self) -> dict[str, Any]:
         return {
             "run_seq": self.run_seq, "program": self.program, "inputs": self.inputs, "settings": self.settings,
             "labels": self.labels, "rule_profiles": {str(k): v for k, v in self.rule_profiles.items()},
-            "environment": self.environment,
+            "environment": self.environment, "held_out": self.held_out,
         }
 
     @classmethod
     def from_obj(cls, obj: Mapping[str, Any]) -> "RunContext":
         return cls(obj["run_seq"], obj["program"], obj["inputs"], obj["settings"], obj["labels"],
-                   {int(k): v for k, v in obj["rule_profiles"].items()}, obj["environment"])
+                   {int(k): v for k, v in obj["rule_profiles"].items()}, obj["environment"], obj.get("held_out"))
 
 
 @dataclass
@@ -115,10 +119,14 @@ class SegmentResult:
     max_deviation: float = 0.0
     #: The recorded traces' terms in this segment (attribution.Terms.to_obj), one per probe it was given.
     traces: list[Any] = field(default_factory=list)
+    #: Depth profiles recomputed at the segment's checkpoints (specs/dynamics.md §5): ``[step, entropy,
+    #: mean]``, or ``[step, error]`` where the program's values cannot give one.
+    profiles: list[Any] = field(default_factory=list)
 
     def to_obj(self) -> dict[str, Any]:
         return {"index": self.index, "ok": self.ok, "steps": self.steps, "seconds": self.seconds, "reason": self.reason,
-                "seq": self.seq, "step": self.step, "max_deviation": self.max_deviation, "traces": self.traces}
+                "seq": self.seq, "step": self.step, "max_deviation": self.max_deviation, "traces": self.traces,
+                "profiles": self.profiles}
 
     @classmethod
     def from_obj(cls, obj: Mapping[str, Any]) -> "SegmentResult":
@@ -282,17 +290,38 @@ def replay_segment(
     ``probes``: recorded traces whose terms this segment also computes (attribution.py)."""
     started = time.perf_counter()
     traces: list[Any] = []
+    profiles: list[Any] = []
     try:
-        dev = _replay(ctx, seg, artifact, exact, cache, probes, traces)
+        dev = _replay(ctx, seg, artifact, exact, cache, probes, traces, profiles)
     except (ReplayError, CheckpointError, VerificationError) as exc:
         return SegmentResult(seg.index, False, len(seg.updates), time.perf_counter() - started,
                              str(exc.args[0]), exc.seq, getattr(exc, "step", None))
     return SegmentResult(seg.index, True, len(seg.updates), time.perf_counter() - started, max_deviation=dev,
-                         traces=traces)
+                         traces=traces, profiles=profiles)
+
+
+def _profile(ctx: RunContext, module: Any, artifact: Callable[[bytes], bytes | None], step: int) -> list[Any]:
+    """specs/dynamics.md §5: the depth profile of the module's weights now, at checkpoint ``step``."""
+    from safetensors.torch import load
+
+    assert ctx.held_out is not None
+    data = artifact(ctx.held_out["inputs"])
+    if data is None:
+        return [step, "the held-out dataset's inputs are not in the bundle"]
+    tensors = load(data)
+    names = [c.tensor for c in program_columns(ctx.settings)]
+    if set(tensors) != set(names):
+        return [step, f"the held-out inputs hold {sorted(tensors)[:4]}, the program takes {names}"]
+    try:
+        entropy, mean = segment_profiles(module, [tensors[n] for n in names], ctx.held_out)
+    except ProfileInvalid as exc:
+        return [step, str(exc)]
+    return [step, entropy, mean]
 
 
 def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool,
-            cache: ReplayCache | None, probes: Sequence[Probe] = (), traces: list[Any] | None = None) -> float:
+            cache: ReplayCache | None, probes: Sequence[Probe] = (), traces: list[Any] | None = None,
+            profiles: list[Any] | None = None) -> float:
     settings = ctx.settings
     loaded = _load(ctx, artifact, cache)
     module, inputs, params = loaded.module, loaded.inputs, loaded.by_name
@@ -311,6 +340,8 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
         raise ReplayError(f"Checkpoint for step {seg.start['step']}: {exc}", seq=seg.start_seq,
                           step=seg.start["step"]) from None
     del tensors
+    if ctx.held_out is not None and profiles is not None and seg.start["step"] == 0:
+        profiles.append(_profile(ctx, module, artifact, 0))
     bands = [[params["model." + n] for n in ns] for ns in settings["band_params"]]
     flat = [p for ps in bands for p in ps]
     sizes = [len(ps) for ps in bands]
@@ -415,6 +446,8 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
             if not ok:
                 raise fail(f"band {k} update norm {a!r} replayed, {b!r} recorded")
     worst = max(worst, _compare_end(module, opt, seg, artifact, exact, fmt))
+    if ctx.held_out is not None and profiles is not None:
+        profiles.append(_profile(ctx, module, artifact, seg.end["step"]))
     if tracer is not None and traces is not None:
         traces.extend(t.to_obj() for t in tracer.terms)
     return worst

@@ -57,13 +57,15 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4, 5, 6, 7)
+FORMATS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
 FROZEN_FORMAT = 5
 #: Format 6: ``settings.monitors`` declares what the run records at its checkpoints (specs/dynamics.md §2.2).
 MONITORS_FORMAT = 6
 #: Format 7: ``settings.distributed``, a run over torch.distributed ranks (specs/distributed.md).
 DISTRIBUTED_FORMAT = 7
+#: Format 8: ``settings.monitors`` may declare depth profiles (specs/dynamics.md §5.1).
+PROFILES_FORMAT = 8
 #: The largest world size a run may declare (a bound on what a recipe may claim, not on torch).
 MAX_WORLD = 1 << 16
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
@@ -389,12 +391,33 @@ def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError
             raise fail("settings.monitors is a format-6 field, in a run of an earlier format")
         return {}
     m = s.get("monitors")
-    if not isinstance(m, dict) or not set(m) <= {"memorization"}:
-        raise fail("settings.monitors is not a map of the monitors specs/dynamics.md §2.2 names")
+    known = {"memorization", "profiles"} if training_format(s) >= PROFILES_FORMAT else {"memorization"}
+    if not isinstance(m, dict) or not set(m) <= known:
+        raise fail("settings.monitors is not a map of the monitors specs/dynamics.md §2.2 and §5.1 name "
+                   "(profiles from format 8)")
     p = m.get("memorization")
     if p is not None and not scan_parameters(p):
         raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
+    if "profiles" in m and not profile_settings(m["profiles"]):
+        raise fail("settings.monitors.profiles is not {dataset: {name, seq, root, count in [1, 4096]}, method: "
+                   "'ncm-entropy', temperature: float in [0.001, 1000]} (specs/dynamics.md §5.1)")
     return dict(m)
+
+
+#: specs/dynamics.md §5.1: the held-out set's bound, and the temperature's.
+MAX_PROFILE_EXAMPLES = 4096
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def profile_settings(p: Any) -> bool:
+    """§5.1: ``{"dataset": {"name", "seq", "root", "count"}, "method": "ncm-entropy", "temperature"}``."""
+    if not isinstance(p, dict) or set(p) != {"dataset", "method", "temperature"} or p["method"] != "ncm-entropy":
+        return False
+    d, t = p["dataset"], p["temperature"]
+    return isinstance(d, dict) and set(d) == {"name", "seq", "root", "count"} and type(d["name"]) is str \
+        and type(d["seq"]) is int and d["seq"] >= 0 and isinstance(d["root"], bytes) and len(d["root"]) == 32 \
+        and type(d["count"]) is int and 1 <= d["count"] <= MAX_PROFILE_EXAMPLES \
+        and type(t) is float and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE
 
 
 def distributed_world(s: Mapping[str, Any], fail: Callable[[str], Exception] | None = None) -> int | None:

@@ -1,0 +1,206 @@
+"""Entropy depth profiles: how sure the model is of each class at each band's boundary (specs/dynamics.md §5).
+
+At each checkpoint a governed run declared with ``Governance(..., profiles=DepthProfiles("heldout"))``
+runs the model over a held-out committed dataset, reads each band's boundary output (the head band:
+the model's first floating output) and scores it with a nearest-class-mean read-out: the entropy, in
+bits, of each held-out example's class evidence there, averaged per class. A deep band whose
+evidence for a class stays near ``log2(C)`` has not separated that class yet: confusion at depth,
+which ``gradledger feedback`` turns into annotation priorities. The body is a signed
+``DepthProfile`` observation; the verifier recomputes it in replay from the checkpoint's weights
+(verify/_internal/profiles.py, its twin from the spec).
+
+The read-out needs no training and no choice from the trainer beyond a temperature: features are
+centred and scaled to unit mean squared norm (so bands of any width compare), each class's mean
+is taken over its held-out examples, and an example's evidence is the softmax of its negative
+squared distances over the temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import GovernanceError
+
+__all__ = ["CHUNK", "MAX_PROFILE_EXAMPLES", "METHOD", "PROFILE_FORMAT", "DepthProfiles", "ProfileJob",
+           "band_features", "entropy_profile", "profile_body"]
+
+#: §5.1: the one read-out of format 1.
+METHOD = "ncm-entropy"
+PROFILE_FORMAT = 1
+#: §5.1: held-out examples are run this many at a time, in committed order; chunk ``j``'s forward runs
+#: with the default generator seeded ``j`` (a program with dropout draws the same masks in replay).
+CHUNK = 256
+#: §5.1: a bound on the held-out set (its features are held per band: examples x width x 8 bytes).
+MAX_PROFILE_EXAMPLES = 4096
+#: §5.1: the temperature's bounds.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+@dataclass(frozen=True)
+class DepthProfiles:
+    """Record a ``DepthProfile`` at every checkpoint, over the committed dataset named ``dataset`` (held
+    out: committed with its inputs, never trained on by the run), read out at ``temperature``."""
+
+    dataset: str
+    temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise GovernanceError(f"profiles dataset must be a committed dataset's name, got {self.dataset!r}")
+        t = self.temperature
+        if type(t) is not float or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise GovernanceError(f"profiles temperature must be a float in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                                  f"got {t!r}")
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
+                    ) -> tuple[list[float], float]:
+    """§5.2: per class in ``classes`` (ascending), the mean entropy in bits of the nearest-class-mean
+    evidence of ``features`` ``[N, D]`` (binary64) for its examples (``labels`` ``[N]``), and the mean over
+    all N. Each line is one step of §5.2, in its order: the verifier's twin must get the same bits."""
+    z = features - features.mean(dim=0)
+    scale = z.square().sum(dim=1).mean().sqrt()
+    if float(scale) > 0.0:
+        z = z / scale
+    d2 = torch.stack([(z - z[labels == c].mean(dim=0)).square().sum(dim=1) for c in classes], dim=1)
+    p = torch.softmax(-d2 / temperature, dim=1)
+    h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
+    return [float(h[labels == c].mean()) for c in classes], float(h.mean())
+
+
+def _first_float(value: Any) -> Tensor | None:
+    """The one floating tensor of a boundary module's output (a tensor, or a tuple/list holding one)."""
+    from ..recorder import float_leaves
+
+    leaves = float_leaves(value)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> list[Tensor]:
+    """Per band (head first), the ``[count, width]`` binary64 features of the held-out examples: the
+    gated model run at profiles of ones (the identity gate) on chunks of ``CHUNK`` rows, chunk ``j``
+    under the default generator seeded ``j`` in a forked generator (the run's own draws never move)."""
+    from ..gate import GatedModel
+    from ..recorder import float_leaves
+
+    n = len(gated.bands)
+    seen: list[Tensor | None] = [None] * n
+    handles = []
+    for k in range(1, n):
+        def hook(_m: Any, _i: Any, out: Any, k: int = k) -> None:
+            seen[k] = _first_float(out)
+            if seen[k] is None:
+                raise GovernanceError(f"boundary {gated.layout.bands[k].boundary!r} of band {gated.bands.names[k]!r} "
+                                      "does not output exactly one floating tensor: its depth profile has no "
+                                      "features (specs/dynamics.md §5.1)")
+        handles.append(gated.bands.boundary_modules[k].register_forward_hook(hook))
+    chunks: list[list[Tensor]] = [[] for _ in range(n)]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for j, start in enumerate(range(0, count, CHUNK)):
+                torch.default_generator.manual_seed(j)
+                x = rows(start, min(start + CHUNK, count))
+                batch = gated.inputs.flatten(x)[0].shape[0]
+                # The gate's own forward at ratios of one (not the governed model's, which would take
+                # this for a training step): the plain model's values, as replay's program gives them.
+                out = float_leaves(GatedModel.forward(gated, x, torch.ones(batch, n)))
+                if not out:
+                    raise GovernanceError("the model has no floating output: its depth profile has no features")
+                seen[0] = out[0]
+                for k in range(n):
+                    f = seen[k]
+                    assert f is not None
+                    if f.dim() == 0 or f.shape[0] != batch:
+                        raise GovernanceError(f"band {gated.bands.names[k]!r}'s boundary output has shape "
+                                              f"{list(f.shape)}, not the batch ({batch}) first")
+                    chunks[k].append(f.detach().reshape(batch, -1).to(torch.float64))
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(c) for c in chunks]
+
+
+def profile_body(run_seq: int, step: int, dataset_seq: int, features: Sequence[Tensor], labels: Sequence[int],
+                 params: DepthProfiles) -> dict[str, Any]:
+    """The DepthProfile body (§5.3) of one checkpoint's ``features`` (``band_features``) for held-out
+    examples with ``labels``."""
+    y = torch.tensor(list(labels), dtype=torch.int64)
+    classes = sorted(set(int(v) for v in labels))
+    entropy, mean = [], []
+    for f in features:
+        per, m = entropy_profile(f, y, classes, params.temperature)
+        entropy.append(per)
+        mean.append(m)
+    return {"format": PROFILE_FORMAT, "run": run_seq, "step": step, "dataset": dataset_seq, "method": METHOD,
+            "parameters": params.parameters, "classes": classes,
+            "counts": [int((y == c).sum()) for c in classes], "entropy": entropy, "mean": mean}
+
+
+class ProfileJob:
+    """A run's depth profiles: the held-out dataset, its inputs and labels, and the parameters."""
+
+    def __init__(self, params: DepthProfiles, dataset: Any, columns: Any) -> None:
+        self.params, self.dataset, self.columns = params, dataset, columns
+        self.labels = [int(m.label) for m in dataset.manifests]
+
+    @classmethod
+    def of(cls, ledger: Any, params: DepthProfiles, trained: Any, ranks: Any = None) -> "ProfileJob":
+        """The held-out dataset ``params.dataset`` (the latest committed under that name), checked."""
+        from ..dataset import load_dataset, load_inputs
+
+        if not isinstance(params, DepthProfiles):
+            raise GovernanceError(f"profiles must be a DepthProfiles, got {type(params).__name__}")
+        if ranks is not None:
+            raise GovernanceError("depth profiles are not recorded over torch.distributed ranks yet: run the "
+                                  "profiles with gradledger on one process, or leave profiles= unset")
+        seqs = [q for q in ledger.by_type("DatasetCommitted")
+                if ledger.observation(q).body["name"] == params.dataset]
+        if not seqs:
+            raise GovernanceError(f"profiles dataset {params.dataset!r} is not committed in this ledger: commit the "
+                                  "held-out examples with their inputs first")
+        dataset = load_dataset(ledger, seqs[-1])
+        check_held_out(dataset, trained, params.dataset)
+        return cls(params, dataset, load_inputs(ledger, dataset))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """``settings.monitors.profiles`` (§5.1)."""
+        ds = self.dataset
+        return {"dataset": {"name": ds.name, "seq": ds.seq, "root": ds.root, "count": ds.count},
+                "method": METHOD, **self.params.parameters}
+
+    def rows(self, inputs: Any) -> Callable[[int, int], Any]:
+        cols = self.columns
+        if isinstance(cols, Mapping):
+            return lambda a, b: inputs.rebuild([cols[n][a:b] for n in inputs.parts])
+        return lambda a, b: cols[a:b]
+
+    def body(self, gated: Any, run_seq: int, step: int) -> dict[str, Any]:
+        """The DepthProfile body of ``gated``'s weights now (step ``step`` of run ``run_seq``)."""
+        features = band_features(gated, self.rows(gated.inputs), self.dataset.count)
+        assert self.dataset.seq is not None
+        return profile_body(run_seq, step, self.dataset.seq, features, self.labels, self.params)
+
+
+def check_held_out(dataset: Any, trained: Any, name: str) -> None:
+    """A held-out set the profile can use: committed with its inputs, at most ``MAX_PROFILE_EXAMPLES``
+    examples, none of them an example of the training set ``trained``."""
+    if dataset.data is None:
+        raise GovernanceError(f"profiles dataset {name!r} was committed without its inputs: commit it with "
+                              "inputs= so that the verifier can run the model on it")
+    if dataset.count > MAX_PROFILE_EXAMPLES:
+        raise GovernanceError(f"profiles dataset {name!r} has {dataset.count} examples; a profile reads at most "
+                              f"{MAX_PROFILE_EXAMPLES} (specs/dynamics.md §5.1)")
+    shared = {m.example for m in dataset.manifests} & {m.example for m in trained.manifests}
+    if shared:
+        raise GovernanceError(f"profiles dataset {name!r} shares {len(shared)} example(s) with the training set "
+                              f"{trained.name!r}: a depth profile reads held-out examples")

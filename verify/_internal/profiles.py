@@ -1,0 +1,259 @@
+"""Recorded entropy depth profiles (specs/dynamics.md §5): every DepthProfile's form, one at each
+checkpoint of a run that declares them, and their values recomputed in replay from the weights.
+
+The verifier's own reading of §5.2 (it never imports ``gradledger.training``). The driver checks the
+form (``check_profiles``) before replay; a replay worker that restores or reaches a checkpoint of such
+a run runs the program over the held-out inputs (``segment_profiles``), and the driver compares what
+came back with what was recorded (``compare_profiles``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradledger.ledger.envelope import Sealed
+from gradledger.ledger.program import run as run_program
+
+from .flags import next_after
+from .graph_routing import program_inputs
+from .settings import monitors
+from .structure import Run, Structure
+
+__all__ = ["CHUNK", "ProfileClaim", "ProfileInvalid", "check_profiles", "compare_profiles", "entropy_profile",
+           "held_out_request", "segment_profiles"]
+
+PROFILE_FORMAT = 1
+METHOD = "ncm-entropy"
+#: §5.1: held-out examples are run this many at a time; chunk ``j`` under the default generator seeded ``j``.
+CHUNK = 256
+#: §5.4: how far a recomputed entropy may be from the recorded one, in bits: in exact replay (the
+#: weights bit for bit) and in tolerance mode (specs/replay.md §4).
+EXACT_BITS, TOLERANCE_BITS = 1e-9, 1e-4
+
+
+class ProfileInvalid(Exception):
+    """A DepthProfile that is malformed, missing, or does not recompute (the message says why)."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class ProfileClaim:
+    """One recorded profile: its seq, run, checkpoint step, and values (per band, per class; per band)."""
+
+    seq: int
+    run: int
+    step: int
+    entropy: list[list[float]]
+    mean: list[float]
+
+
+# -- §5.2 the read-out, the verifier's twin ----------------------------------------------------
+
+
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
+                    ) -> tuple[list[float], float]:
+    """§5.2, step by step: centre, scale to unit mean squared norm (unless every row is the same),
+    squared distance to each class's mean, softmax of ``-d2 / temperature``, entropy in bits; its mean
+    per class and over every example."""
+    z = features - features.mean(dim=0)
+    scale = z.square().sum(dim=1).mean().sqrt()
+    if float(scale) > 0.0:
+        z = z / scale
+    d2 = torch.stack([(z - z[labels == c].mean(dim=0)).square().sum(dim=1) for c in classes], dim=1)
+    p = torch.softmax(-d2 / temperature, dim=1)
+    h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
+    return [float(h[labels == c].mean()) for c in classes], float(h.mean())
+
+
+def _values(node_outputs: Sequence[str | None], value: Any) -> list[tuple[str, Any]]:
+    """A node's named results (as ``boundary_hook`` reads them): one value, or one per output."""
+    if not isinstance(value, (tuple, list)):
+        return [(node_outputs[0], value)] if len(node_outputs) == 1 and node_outputs[0] is not None else []
+    return [(o, v) for o, v in zip(node_outputs, value) if o is not None]
+
+
+def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str, Any]) -> tuple[list[list[float]], list[float]]:
+    """§5.1, §5.2 for the module's weights now: ``inputs`` the held-out examples' program inputs (one
+    tensor, or parts in canonical order), ``request`` from ``held_out_request``. Band ``k >= 1`` reads
+    its boundary's one value (routing.md §6.1), band 0 the program's first floating output."""
+    graph, boundaries = module.program.graph, module.boundaries
+    n = len(boundaries)
+    want: dict[str, int] = {}
+    for k in range(1, n):
+        if len(boundaries[k]) != 1:
+            raise ProfileInvalid(f"band {k}'s boundary yields {len(boundaries[k])} values in the program; a depth "
+                                 "profile reads exactly one (specs/dynamics.md §5.1)")
+        want[boundaries[k][0]] = k
+    count = int(inputs[0].shape[0])
+    chunks: list[list[Tensor]] = [[] for _ in range(n)]
+    state = module.live_state()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for j, start in enumerate(range(0, count, CHUNK)):
+            torch.default_generator.manual_seed(j)
+            parts = tuple(t[start:start + CHUNK] for t in inputs)
+            x = parts[0] if len(parts) == 1 else parts
+            seen: dict[int, Any] = {}
+
+            def after(node: Any, value: Any) -> Any:
+                for name, v in _values(node.outputs, value):
+                    if name in want:
+                        seen[want[name]] = v
+                return value
+
+            outs = [o for o in run_program(graph, program_inputs(graph, x, n), state, after=after)
+                    if isinstance(o, Tensor) and o.is_floating_point()]
+            if not outs:
+                raise ProfileInvalid("the program has no floating output: the head band's profile has no features")
+            seen[0] = outs[0]
+            rows = int(parts[0].shape[0])
+            for k in range(n):
+                f = seen.get(k)
+                if not isinstance(f, Tensor) or not f.is_floating_point() or f.dim() == 0 or f.shape[0] != rows:
+                    raise ProfileInvalid(f"band {k}'s boundary value is not a floating tensor with the batch first")
+                chunks[k].append(f.detach().reshape(rows, -1).to(torch.float64))
+    labels = torch.tensor(request["labels"], dtype=torch.int64)
+    classes = sorted(set(request["labels"]))
+    entropy, mean = [], []
+    for c in chunks:
+        per, m = entropy_profile(torch.cat(c), labels, classes, request["temperature"])
+        entropy.append(per)
+        mean.append(m)
+    return entropy, mean
+
+
+# -- §5.3 the records, before replay -----------------------------------------------------------
+
+
+def held_out_request(st: Structure, run: Run) -> dict[str, Any] | None:
+    """What a replay worker needs to recompute ``run``'s profiles (None: the run declares none, or is an
+    unlearning branch, which records none): the held-out inputs' digest, labels and temperature."""
+    declared = monitors(run.settings).get("profiles") if run.branch_of is None else None
+    if declared is None:
+        return None
+    ds = st.datasets[declared["dataset"]["seq"]]
+    return {"inputs": ds.data, "labels": [int(m.label) for m in ds.manifests], "temperature": declared["temperature"]}
+
+
+def check_profiles(st: Structure) -> list[ProfileClaim]:
+    """Every DepthProfile's form (§5.3) and every required one present (§5.1); the claims to recompute.
+    Raises ProfileInvalid for the first that fails."""
+    claims: list[ProfileClaim] = []
+    for obs in st.observations:
+        if obs.type == "DepthProfile":
+            claims.append(_check(obs, st))
+    seen = {(c.run, c.step) for c in claims}
+    if len(seen) != len(claims):
+        dup = next(c for c in claims if sum((d.run, d.step) == (c.run, c.step) for d in claims) > 1)
+        raise ProfileInvalid(f"DepthProfile {dup.seq}: a second profile of step {dup.step} of the run", dup.seq)
+    for run in st.runs.values():
+        declared = _declared(st, run)
+        if declared is None:
+            continue
+        for c in run.checkpoints:
+            step = st.observations[c].body["step"]
+            if (run.seq, step) not in seen:
+                raise ProfileInvalid(f"Checkpoint {c} (step {step}) of run {run.run_id!r} has no DepthProfile: the "
+                                     "run's settings.monitors declares one at each checkpoint (specs/dynamics.md §5.1)", c)
+    return claims
+
+
+def _declared(st: Structure, run: Run) -> dict[str, Any] | None:
+    """A governed original run's declared profiles, its held-out dataset checked against the record."""
+    if not run.governed or run.branch_of is not None:
+        return None
+    try:
+        declared = monitors(run.settings).get("profiles")
+    except ValueError as exc:
+        raise ProfileInvalid(f"RunStarted {run.seq}: {exc}", run.seq) from None
+    if declared is None:
+        return None
+    d = declared["dataset"]
+    ds = st.datasets.get(d["seq"])
+    if ds is None or d["seq"] > run.seq or (ds.name, ds.root, ds.count) != (d["name"], d["root"], d["count"]):
+        raise ProfileInvalid(f"RunStarted {run.seq}: settings.monitors.profiles names dataset {d['name']!r} at "
+                             f"{d['seq']}, which is not a DatasetCommitted before the run with that name, root and "
+                             "count", run.seq)
+    if ds.data is None:
+        raise ProfileInvalid(f"RunStarted {run.seq}: the profiles' dataset {d['name']!r} was committed without its "
+                             "inputs", run.seq)
+    trained = {m.fields["example"] for m in st.datasets[run.dataset_seq or 0].manifests}
+    if any(m.fields["example"] in trained for m in ds.manifests):
+        raise ProfileInvalid(f"RunStarted {run.seq}: the profiles' dataset {d['name']!r} shares examples with the "
+                             "training set: a depth profile reads held-out examples (specs/dynamics.md §5.1)", run.seq)
+    return dict(declared)
+
+
+def _floats(v: Any, n: int, top: float) -> bool:
+    return isinstance(v, list) and len(v) == n and all(
+        type(x) is float and math.isfinite(x) and -EXACT_BITS <= x <= top + EXACT_BITS for x in v)
+
+
+def _check(obs: Sealed, st: Structure) -> ProfileClaim:
+    body, seq = obs.body, obs.seq
+
+    def bad(why: str) -> ProfileInvalid:
+        return ProfileInvalid(f"DepthProfile {seq}: {why}", seq)
+
+    if body["format"] != PROFILE_FORMAT:
+        raise bad(f"format {body['format']!r} is not {PROFILE_FORMAT}")
+    run = st.run_before(seq, body["run"])
+    if run is None:
+        raise bad(f"run {body['run']!r} names no governed run recorded before it")
+    declared = _declared(st, run)
+    if declared is None:
+        raise bad(f"run {run.run_id!r} declares no depth profiles (settings.monitors.profiles)")
+    if obs.signer != st.observations[run.seq].signer:
+        raise bad("it is not signed by the run's trainer")
+    if body["dataset"] != declared["dataset"]["seq"] or body["parameters"] != {"temperature": declared["temperature"]}:
+        raise bad("its dataset and parameters are not the ones the run's settings.monitors.profiles declares")
+    step = body["step"]
+    at = [c for c in run.checkpoints if st.observations[c].body["step"] == step]
+    if type(step) is not int or not at or not at[0] < seq < next_after(run.updates, at[0], len(st.observations)):
+        raise bad(f"step {step!r} is not a checkpoint of the run recorded before it with no update between")
+    labels = [int(m.label) for m in st.datasets[declared["dataset"]["seq"]].manifests]
+    classes = sorted(set(labels))
+    if body["classes"] != classes or body["counts"] != [labels.count(c) for c in classes]:
+        raise bad("classes and counts are not the held-out dataset's labels and how many examples carry each")
+    n_bands, top = len(run.settings["band_params"]), math.log2(len(classes)) if len(classes) > 1 else 0.0
+    entropy, mean = body["entropy"], body["mean"]
+    if not (isinstance(entropy, list) and len(entropy) == n_bands and all(_floats(e, len(classes), top) for e in entropy)
+            and _floats(mean, n_bands, top)):
+        raise bad(f"entropy is not {n_bands} bands x {len(classes)} classes, and mean {n_bands} values, each a float "
+                  f"in [0, log2({len(classes)})]")
+    return ProfileClaim(seq, run.seq, step, entropy, mean)
+
+
+# -- §5.4 recomputed against recorded ------------------------------------------------------------
+
+
+def compare_profiles(claims: Sequence[ProfileClaim], found: Mapping[tuple[int, int], Any], *, exact: bool
+                     ) -> tuple[int, float]:
+    """Each claim whose checkpoint a replayed segment recomputed (``found``: (run, step) -> (entropy, mean))
+    within §5.4's bound; (claims recomputed, largest deviation in bits). Raises ProfileInvalid."""
+    bound = EXACT_BITS if exact else TOLERANCE_BITS
+    done, worst = 0, 0.0
+    for c in claims:
+        got = found.get((c.run, c.step))
+        if got is None:
+            continue
+        entropy, mean = got
+        pairs = [(f"band {k} class position {i}", a, b) for k, (es, fs) in enumerate(zip(c.entropy, entropy))
+                 for i, (a, b) in enumerate(zip(es, fs))] + [(f"band {k} mean", a, b) for k, (a, b) in enumerate(zip(c.mean, mean))]
+        if len(entropy) != len(c.entropy) or any(len(a) != len(b) for a, b in zip(c.entropy, entropy)):
+            raise ProfileInvalid(f"DepthProfile {c.seq}: the recomputed profile has another shape", c.seq)
+        for where, a, b in pairs:
+            d = abs(a - b)
+            if not d <= bound:
+                raise ProfileInvalid(f"DepthProfile {c.seq} (step {c.step}): {where} records {a!r} bits, recomputed "
+                                     f"from the checkpoint's weights it is {b!r} (specs/dynamics.md §5.4)", c.seq)
+            worst = max(worst, d)
+        done += 1
+    return done, worst
