@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MemorizationScan", "Project", "StepRefused", "Verifier", "VerificationPolicy", "govern"]
+__all__ = ["DepthProfiles", "MemorizationScan", "Project", "StepRefused", "Verifier", "VerificationPolicy", "govern"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("MemorizationScan", "Project", "StepRefused", "govern"):
+    if name in ("DepthProfiles", "MemorizationScan", "Project", "StepRefused", "govern"):
         from gradledger import training
 
         return getattr(training, name)

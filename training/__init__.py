@@ -22,7 +22,7 @@ public API; the modules behind them may change.
 from .api import govern
 from .bands import Band, BandLayout, sequential_bands, transformer_bands
 from .dataset import CommittedDataset, commit_dataset
-from .dynamics import MemorizationScan, scan
+from .dynamics import DepthProfiles, MemorizationScan, scan
 from .errors import BandError, DatasetError, GovernanceError, ManifestError, PolicyError, ProjectError
 from .layouts import default_layout, describe_layout
 from .policy import SignedPolicy, sign_policy
@@ -37,6 +37,7 @@ __all__ = [
     "BandLayout",
     "CommittedDataset",
     "DatasetError",
+    "DepthProfiles",
     "Governance",
     "GovernanceError",
     "ManifestError",

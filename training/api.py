@@ -32,6 +32,7 @@ from .dynamics.memorization import MemorizationScan
 from .errors import GovernanceError
 from .layouts import default_layout
 from .policy import SignedPolicy
+from .dynamics.profiles import DepthProfiles
 from .trainer import Governance, GovernedLoader, GovernedModel
 
 __all__ = ["govern"]
@@ -58,6 +59,7 @@ def govern(
     description: str | None = None,
     call: str = "spread",
     memorization: MemorizationScan | None = None,
+    profiles: DepthProfiles | None = None,
 ) -> tuple[GovernedModel, torch.optim.Optimizer, GovernedLoader]:
     """Govern the user's three objects; return them ready for the user's own loop.
 
@@ -72,7 +74,9 @@ def govern(
     ``attention_mask``...) is a model of parts: ``call="spread"`` calls the model as ``model(**x)`` /
     ``model(*x)`` (a HuggingFace model's way), ``"whole"`` as ``model(x)``. The run is ``model.run``
     (also ``loader.run``): ``model.run.close()`` at the end. ``memorization``: also record a signed
-    memorization scan (every example's LT-IQR, specs/dynamics.md) at each checkpoint.
+    memorization scan (every example's LT-IQR, specs/dynamics.md) at each checkpoint. ``profiles``:
+    also record a signed entropy depth profile over a held-out committed dataset at each checkpoint
+    (``DepthProfiles("heldout")``, specs/dynamics.md §5).
     """
     if project is not None:
         ledger = ledger if ledger is not None else project.ledger
@@ -91,5 +95,6 @@ def govern(
         layout = default_layout(model, n_bands=len(policy.bands), names=tuple(policy.bands))
     run = Governance(ledger, key, dataset=dataset, policy=policy, layout=layout, run_id=run_id, loss=loss,
                      loss_settings=loss_settings, checkpoint_every=checkpoint_every, seed=seed, root_key=root_key,
-                     order=order, description=description, call=call, memorization=memorization)
+                     order=order, description=description, call=call, memorization=memorization,
+                     profiles=profiles)
     return run.make_governed(model, optimizer, loader)

@@ -1,0 +1,194 @@
+"""Entropy depth profiles (issue 16; specs/dynamics.md §5): a DepthProfile at every checkpoint of a run
+that declares them, the read-out twin in both implementations, every profile recomputed by replay from
+the checkpoint's weights, and the lies a hostile trainer (trainer key only, everything re-signed) can
+tell about them caught."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradledger.ledger.ledger import Ledger
+from gradledger.training import DepthProfiles
+from gradledger.training.bands import sequential_bands
+from gradledger.training.dataset import commit_dataset
+from gradledger.training.dynamics import profiles as TP
+from gradledger.training.errors import GovernanceError
+from gradledger.training.manifests import example_id, label_example, source_entry
+from gradledger.training.trainer import Governance
+from gradledger.verify._internal import profiles as VP
+from helpers import verify_cli
+from test_idioms import BATCH, _keys, assert_caught, assert_verified, make_model, verify
+from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, T, new_ledger
+
+EVERY, EPOCHS = 8, 4
+
+
+def _held_out(lo: int = 240, hi: int = 400) -> tuple[torch.Tensor, list[Any]]:
+    d = load_digits()
+    x = torch.tensor(d.data[lo:hi] / 16.0, dtype=torch.float32)
+    signed = [label_example(example=example_id(x[i]), sources=[source_entry(WORLD.source_cred, int(d.target[lo + i]), 0.95)],
+                            aggregation="single", ontology="digits-v1", review="accepted", key=WORLD.source, time=T)
+              for i in range(len(x))]
+    return x, signed
+
+
+HX, HELD = _held_out()
+
+
+def _run(led: Ledger, profiles: Any, **kw: Any) -> Governance:
+    ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model), run_id="profiled",
+                     checkpoint_every=EVERY, seed=3, root_key=WORLD.root, profiles=profiles, **kw)
+    gm, gopt, gl = run.make_governed(model, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH))
+    gm.train()
+    for _ in range(EPOCHS):
+        for xb, yb in gl:
+            gopt.zero_grad()
+            F.cross_entropy(gm(xb), yb).backward()
+            gopt.step()
+    run.close()
+    return run
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    led, _ = new_ledger(tmp_path_factory.mktemp("profiled") / "ledger")
+    commit_dataset(led, HELD, "heldout", WORLD.trainer, inputs=HX)
+    _run(led, DepthProfiles("heldout"))
+    return led
+
+
+def _bodies(led: Ledger) -> list[dict[str, Any]]:
+    return [led.observation(s).body for s in led.by_type("DepthProfile")]
+
+
+# -- §5.2 the read-out, both implementations ---------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_both_implementations_read_out_alike(data: Any) -> None:
+    n_classes = data.draw(st.integers(1, 5))
+    per = data.draw(st.lists(st.integers(1, 6), min_size=n_classes, max_size=n_classes))
+    width = data.draw(st.integers(1, 9))
+    seed = data.draw(st.integers(0, 2**31))
+    temperature = data.draw(st.floats(1e-3, 1e3))
+    classes = sorted(data.draw(st.lists(st.integers(0, 50), min_size=n_classes, max_size=n_classes, unique=True)))
+    labels = torch.tensor([c for c, k in zip(classes, per) for _ in range(k)], dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(len(labels), width, generator=g, dtype=torch.float64) * data.draw(st.sampled_from([0.0, 1e-3, 1.0, 1e4]))
+    got = TP.entropy_profile(f, labels, classes, temperature)
+    want = VP.entropy_profile(f, labels, classes, temperature)
+    assert got == want  # the same bits
+    top = math.log2(n_classes) if n_classes > 1 else 0.0
+    assert all(-1e-12 <= v <= top + 1e-12 for v in got[0] + [got[1]])
+
+
+def test_the_read_out_is_sure_of_separated_classes_and_unsure_of_identical_ones() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    apart = torch.tensor([[0.0], [0.0], [10.0], [10.0], [20.0], [20.0]], dtype=torch.float64)
+    per, mean = TP.entropy_profile(apart, labels, [0, 1, 2], 0.01)
+    assert max(per) < 1e-6 and mean < 1e-6
+    per, mean = TP.entropy_profile(torch.ones(6, 3, dtype=torch.float64), labels, [0, 1, 2], 0.5)
+    assert per == [math.log2(3)] * 3 or all(abs(v - math.log2(3)) < 1e-12 for v in per)
+
+
+# -- the records, and their recomputation -------------------------------------------------------
+
+
+def test_every_checkpoint_has_a_profile_and_replay_recomputes_them(profiled: Ledger, tmp_path: Path) -> None:
+    bodies = _bodies(profiled)
+    checkpoints = [profiled.observation(s).body["step"] for s in profiled.by_type("Checkpoint")]
+    assert [b["step"] for b in bodies] == checkpoints and checkpoints[0] == 0 and len(checkpoints) >= 4
+    first, last = bodies[0], bodies[-1]
+    assert first["classes"] == list(range(10)) and sum(first["counts"]) == len(HELD)
+    assert len(first["entropy"]) == 3 and all(len(e) == 10 for e in first["entropy"])
+    # training separates the classes: the head's evidence is surer at the end than at step 0
+    assert last["mean"][0] < first["mean"][0] - 0.1, (first["mean"], last["mean"])
+    code, report = verify(profiled, tmp_path)
+    assert_verified(code, report)
+    check = next(c for c in report["checks"] if c["name"] == "profiles")
+    assert check["status"] == "pass" and f"{len(bodies)} of {len(bodies)} depth profile(s) recomputed" in check["detail"]
+    assert report["figures"]["profile_deviation_bits"] == 0.0
+
+
+def test_without_replay_only_their_form_is_checked_and_the_report_says_so(profiled: Ledger, tmp_path: Path) -> None:
+    from gradledger.ledger.bundle import export_bundle
+    from gradledger.ledger.keys import write_public_keys
+
+    bundle = tmp_path / "run.glb"
+    export_bundle(profiled, bundle, with_data=True)
+    roots = write_public_keys(tmp_path / "roots.pub", [(WORLD.root.public_key, "root")])
+    code, report = verify_cli(bundle, roots, "--replay", "none")
+    check = next(c for c in report["checks"] if c["name"] == "profiles")
+    assert check["status"] == "pass" and "not requested" in check["detail"]
+    assert report["weights_verified"] is False
+
+
+# -- a hostile trainer ---------------------------------------------------------------------------
+
+
+def _last(f: Any) -> int:
+    return f.seqs("DepthProfile")[-1]
+
+
+def _training_set_as_held_out(f: Any) -> None:
+    """The run claims its training set as the held-out one (profiles that flatter the model)."""
+    run = f.first("RunStarted")
+    while "monitors" not in f.body(run).get("settings", {}) or "profiles" not in f.body(run)["settings"]["monitors"]:
+        run = f.seqs("RunStarted", run + 1)[0]
+    trained = f.body(run)["settings"]["dataset"]
+    f.set(run, ("settings", "monitors", "profiles", "dataset"), dict(trained))
+    for k in f.seqs("DepthProfile"):
+        f.set(k, ("dataset",), trained["seq"])
+
+
+FORGERIES = {
+    # the recorded values, lowered where replay reads them back from the weights
+    "a class's entropy flattered": (lambda f: f.set(_last(f), ("entropy", 0, 3), f.body(_last(f))["entropy"][0][3] / 2),
+                                    "recomputed"),
+    "a band's mean flattered": (lambda f: f.set(_last(f), ("mean", 2), 0.0), "recomputed"),
+    "the read-out's temperature": (lambda f: f.set(_last(f), ("parameters", "temperature"), 5.0), "parameters"),
+    "a class's count": (lambda f: f.set(_last(f), ("counts", 0), f.body(_last(f))["counts"][0] + 1), "counts"),
+    "a profile left out": (lambda f: f.remove(_last(f)), "has no DepthProfile"),
+    "a profile of no checkpoint": (lambda f: f.set(_last(f), ("step",), 1), "not a checkpoint"),
+    "the training set as held out": (_training_set_as_held_out, "training set"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_lie_about_the_profiles_is_caught(profiled: Ledger, tmp_path: Path, name: str) -> None:
+    forge, words = FORGERIES[name]
+    code, report = verify(profiled, tmp_path, forge)
+    assert_caught(code, report, words)
+    assert report["first_failure"]["name"] in ("profiles", "settings"), report["first_failure"]
+
+
+# -- what the trainer refuses ----------------------------------------------------------------------
+
+
+def test_the_trainer_refuses_a_held_out_set_it_cannot_profile(tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "l")
+    with pytest.raises(GovernanceError, match="not committed"):
+        _run(led, DepthProfiles("nowhere"))
+    commit_dataset(led, HELD, "no-inputs", WORLD.trainer)
+    with pytest.raises(GovernanceError, match="without its inputs"):
+        _run(led, DepthProfiles("no-inputs"))
+    commit_dataset(led, MANIFESTS[:20], "overlap", WORLD.trainer, inputs=X[:20])
+    with pytest.raises(GovernanceError, match="shares 20 example"):
+        _run(led, DepthProfiles("overlap"))
+    with pytest.raises(GovernanceError, match="temperature"):
+        DepthProfiles("heldout", temperature=0.0)
+    assert _keys  # the forging helpers' key directory is what verify() uses
