@@ -406,7 +406,8 @@ def build_demo(out: str | Path, *, steps: int = 6, checkpoint_every: int = 3, hi
     ledger = D.open_ledger(out / "ledger", tax)
     try:
         ds, inputs = D.commit_training_set(ledger, tax, labels, data, seed, at)
-        D.train(ledger, tax, ds, policy, inputs, cfg, console)
+        held = D.commit_held_out(ledger, tax, data, ds, at)
+        D.train(ledger, tax, ds, policy, inputs, cfg, console, D.DepthProfiles(held.name))
         if trace:
             D.stage_trace(ledger, D.write_query(data, out), tax, console)
         D.stage_retire(ledger, tax, f"swaps digits {D.SWAP[0]} and {D.SWAP[1]}")
@@ -546,7 +547,7 @@ class Layout:
     def of(cls, f: Forge) -> "Layout":
         runs = f.seqs("RunStarted")
         branch_run = runs[-1]
-        (dataset,) = f.seqs("DatasetCommitted")
+        dataset = f.seqs("DatasetCommitted")[0]  # the training set; the held-out set the profiles read follows
         (policy,) = f.seqs("PolicyAdopted")
         (retired,) = f.seqs("SourceRetired")
         (cert,) = f.seqs("UnlearningCertificate")
@@ -1001,8 +1002,37 @@ def _memorization_scan(f: Forge, at: Layout, add: Add) -> None:
             "its checkpoints; that is the trainer's choice unless the policy in force requires it"))
 
 
+def _depth_profile(f: Forge, at: Layout, add: Add) -> None:
+    """DepthProfile (trainer-signed at each checkpoint, specs/dynamics.md §5): its values, which replay
+    recomputes from the checkpoint's weights, its form, and its presence."""
+    profiles = f.seqs("DepthProfile")
+    if not profiles:
+        return
+    k = profiles[-1]
+    body = f.body(k)
+    add("DepthProfile.entropy[0][3]: one class's confusion halved", "DepthProfile",
+        lambda g: g.set(k, ("entropy", 0, 3), body["entropy"][0][3] / 2))
+    add("DepthProfile.mean[2]: the deepest band's mean lowered", "DepthProfile",
+        lambda g: g.set(k, ("mean", 2), body["mean"][2] * 0.9))
+    for field_name in ("step", "dataset", "format", "run"):
+        add(f"DepthProfile.{field_name}", "DepthProfile", lambda g, n=field_name: g.set(k, (n,), other(body[n])))
+    add("DepthProfile.parameters.temperature", "DepthProfile", lambda g: g.set(k, ("parameters", "temperature"), 1.0))
+    add("DepthProfile.counts[0]", "DepthProfile", lambda g: g.set(k, ("counts", 0), body["counts"][0] + 1))
+    add("DepthProfile: the last checkpoint's profile removed", "DepthProfile", lambda g: g.remove(k) and None)
+
+    def undeclared(g: Forge) -> None:
+        for s in reversed(g.seqs("DepthProfile")):
+            g.remove(s)
+        for r in g.seqs("RunStarted"):
+            g.delete(r, ("settings", "monitors", "profiles"))
+    add("DepthProfile: every profile removed and settings.monitors.profiles dropped", "DepthProfile", undeclared,
+        harmless=Harmless("dynamics.md", "§5.1 Declaring profiles (training format 8)",
+                          "A run whose settings declare no profiles records none; that is the trainer's choice"))
+
+
 SECTIONS = (_run_started, _governed_updates, _checkpoints, _tree_heads, _dataset, _policy, _credentials, _retirement,
-            _certificate, _program, _runs, _tolerance, _bundle, _time, _forensic_trace, _memorization_scan)
+            _certificate, _program, _runs, _tolerance, _bundle, _time, _forensic_trace, _memorization_scan,
+            _depth_profile)
 
 
 def lr_catalogue(f: Forge) -> list[Forgery]:
@@ -1264,6 +1294,8 @@ QUICK_NAMES = (
     "MemorizationScan.flagged: an example flagged that the scores do not put on top",
     "MemorizationScan: the last checkpoint's scan removed",
     "MemorizationScan: every scan removed and settings.monitors emptied",
+    "DepthProfile.entropy[0][3]: one class's confusion halved",
+    "DepthProfile: the last checkpoint's profile removed",
     "artifact: the trace's query file, one row changed, digest re-derived",
     "artifact: unlearning removed, one entry dropped, digest re-derived",
     "artifact: program, a byte flipped in a weight (CRC left), digest re-derived",

@@ -216,3 +216,18 @@ def test_feedback_and_memorization_answer_from_the_ledger(run: tuple[Path, dict[
     assert 0.0 <= c["mean_exposure_bits"] <= c["bound_bits"] and f"{c['mean_exposure_bits']:.2f} bits" in html
     n = figures["labels"]["train"]
     assert all(t["data"]["gradledger_index"] < n for t in tasks)
+
+
+def test_depth_profiles_are_recorded_recomputed_and_drawn(run: tuple[Path, dict[str, Any], float]) -> None:
+    """Issue 16: a DepthProfile at every checkpoint over the held-out test digits, recomputed by the
+    verifier from the weights, and the report's heat maps of the first and the last."""
+    out, figures, _ = run
+    check = next(c for c in figures["verifier"]["checks"] if c["name"] == "profiles")
+    d = figures["feedback"]["depth"]
+    n = len(d["steps"])
+    assert check["status"] == "pass" and f"{n} of {n} depth profile(s) recomputed" in check["detail"]
+    assert d["steps"][0] == 0 and d["classes"] == list(range(10)) and d["bands"] == ["head", "mid", "embedding"]
+    # training separated the classes: every band is surer at the end than at step 0
+    assert all(last < first for first, last in zip(d["means"][0], d["last_mean"]))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Confusion at depth" in html and html.count("bits</title></rect>") == 2 * 3 * 10

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
 from .retirement import retire
 from .snorkel import import_label_matrix
+from .dynamics.profiles import DepthProfiles
 from .trainer import Governance
 from .unlearning import unlearn
 
@@ -63,6 +65,8 @@ EXPERTS = {"dr-lee": "acme/experts/reviewers", "dr-okafor": "acme/experts/review
 WORKERS = {f"worker-{i}": "acme/crowd/pool" for i in range(1, 5)}
 LFS = {"lf-centroid": "acme/heuristics/lfs", "lf-top-half": "acme/heuristics/lfs", "lf-bottom-half": "acme/heuristics/lfs"}
 FAULTY = "worker-4"
+#: The held-out set the run's depth profiles read (the test digits, labeled by an expert).
+HELD_OUT = "digits-heldout"
 SWAP = (3, 8)
 #: The digits a labeling platform would send to its specialist queue.
 LOOKALIKES = (3, 5, 8, 9)
@@ -387,15 +391,33 @@ def commit_training_set(ledger: Ledger, tax: Taxonomy, labels: Labels, data: Dig
     return commit_dataset(ledger, labels.manifests + signed, "digits-train", tax.trainer, inputs=inputs), inputs
 
 
+def commit_held_out(ledger: Ledger, tax: Taxonomy, data: Digits, train: CommittedDataset, at: int) -> CommittedDataset:
+    """The test digits, labeled with their ground truth by an expert and committed with their inputs as
+    the run's held-out set: the depth profiles read the model's class evidence on them (specs/dynamics.md
+    §5). A test digit whose pixels equal a training digit's is left out (held out means never trained)."""
+    trained = {m.example for m in train.manifests}
+    name = sorted(EXPERTS)[0]
+    rows, signed = [], []
+    for i in range(len(data.y_test)):
+        ex = example_id(data.x_test[i])
+        if ex in trained:
+            continue
+        rows.append(i)
+        src = [source_entry(tax.source_credentials[name], int(data.y_test[i]), 1.0)]
+        signed.append(label_example(example=ex, sources=src, aggregation="single", ontology=ONTOLOGY,
+                                    review="accepted", key=tax.sources[name], time=at))
+    return commit_dataset(ledger, signed, HELD_OUT, tax.trainer, inputs=data.x_test[rows])
+
+
 def train(ledger: Ledger, tax: Taxonomy, ds: CommittedDataset, policy: SignedPolicy, inputs: torch.Tensor,
-          cfg: DemoConfig, console: Console) -> list[float]:
+          cfg: DemoConfig, console: Console, profiles: DepthProfiles | None = None) -> list[float]:
     model = make_model(cfg.hidden, cfg.seed)
     optimizer = make_optimizer(model, cfg.lr)
     labels = torch.tensor([m.label for m in ds.manifests], dtype=torch.int64)
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=cfg.batch_size, shuffle=True)
     engine = Governance(ledger, tax.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                         run_id=RUN_ID, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, root_key=tax.root,
-                        description="gradledger demo: digits MLP under the acme routing policy")
+                        description="gradledger demo: digits MLP under the acme routing policy", profiles=profiles)
     gm, gopt, gloader = engine.make_governed(model, optimizer, loader)
     losses: list[float] = []
     gm.train()
@@ -558,11 +580,31 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     memorized = [] if scan is None else [
         {"index": i, "score": v, "label": int(lin.fields[i]["label"]),
          "sources": sorted({x["source"] for x in lin.fields[i]["sources"]})} for i, v in scan["flagged"]]
+    depth = depth_figures(ledger, lin.run.seq, lin.run.settings)
+    if depth is not None:
+        worst = max(range(len(depth["classes"])), key=lambda i: depth["last"][-1][i])
+        detail += (f"; {len(depth['steps'])} depth profiles: at the last checkpoint the head's evidence holds "
+                   f"{depth['last_mean'][0]:.2f} bits of at most {depth['top_bits']:.2f}, the deepest band's "
+                   f"{depth['last_mean'][-1]:.2f}; most confused at depth: digit {depth['classes'][worst]}")
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
-                    "memorized_routing": routed, "canaries": canaries,
+                    "memorized_routing": routed, "canaries": canaries, "depth": depth,
                     "command": command}
+
+
+def depth_figures(ledger: Ledger, run_seq: int, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's DepthProfiles (specs/dynamics.md §5) for the report: per band and class the entropy at
+    the first and the last checkpoint, and each band's mean at every checkpoint; None without profiles."""
+    bodies = [b for b in (ledger.observation(q).body for q in ledger.by_type("DepthProfile")) if b["run"] == run_seq]
+    if not bodies:
+        return None
+    classes = bodies[-1]["classes"]
+    return {"bands": [b["name"] for b in settings["bands"]["bands"]], "classes": classes,
+            "top_bits": math.log2(len(classes)) if len(classes) > 1 else 0.0,
+            "steps": [b["step"] for b in bodies], "means": [b["mean"] for b in bodies],
+            "first": bodies[0]["entropy"], "last": bodies[-1]["entropy"], "last_mean": bodies[-1]["mean"],
+            "held_out": sum(bodies[-1]["counts"])}
 
 
 def stage_retire(ledger: Ledger, tax: Taxonomy, reason: str) -> tuple[str, dict[str, Any]]:
@@ -673,7 +715,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         ds, inputs = commit_training_set(ledger, tax, labels, data, cfg.seed, at)
         console.line(f"dataset committed with its inputs: root {ds.root.hex()[:16]}..., {ds.count} manifests "
                      f"({CANARY_COUNT} canaries and {CANARY_REFERENCES} reference canaries among them)")
-        losses = train(ledger, tax, ds, policy, inputs, cfg, console)
+        held = commit_held_out(ledger, tax, data, ds, at)
+        losses = train(ledger, tax, ds, policy, inputs, cfg, console, DepthProfiles(held.name))
         timings["training"] = time.perf_counter() - t0
         updates = run_updates(ledger)
         ckpts = ledger.by_type("Checkpoint")  # all the original run's: no branch exists yet

@@ -205,6 +205,51 @@ def profile_svg(profile: Sequence[float], bands: Sequence[str], *, width: int = 
     return "".join(parts)
 
 
+def heat_map(title: str, rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float]], top: float, *,
+             cell: int = 24) -> str:
+    """A rows x columns grid shaded by ``value / top`` (white: 0, dark: ``top``), each cell labelled."""
+    left, head = 62, 30
+    w, h = left + cell * len(cols) + 4, head + cell * len(rows) + 4
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{escape(title)}">',
+             f'<text x="2" y="12" font-size="11" font-weight="600" fill="#2d3748">{escape(title)}</text>']
+    for j, c in enumerate(cols):
+        parts.append(f'<text x="{left + j * cell + cell / 2:.1f}" y="{head - 4}" font-size="10" text-anchor="middle" '
+                     f'fill="#4a5568">{escape(c)}</text>')
+    for i, r in enumerate(rows):
+        y = head + i * cell
+        parts.append(f'<text x="{left - 4}" y="{y + cell / 2 + 4:.1f}" font-size="10" text-anchor="end" '
+                     f'fill="#4a5568">{escape(r)}</text>')
+        for j, v in enumerate(values[i]):
+            share = 0.0 if top <= 0 else max(0.0, min(1.0, v / top))
+            shade = int(round(255 - 200 * share))
+            ink = "#fff" if share > 0.55 else "#2d3748"
+            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                         f'fill="rgb({shade},{shade},{min(255, shade + 30)})"><title>{escape(r)}, {escape(cols[j])}: '
+                         f'{v:.2f} bits</title></rect>')
+            parts.append(f'<text x="{left + j * cell + cell / 2 - 0.5:.1f}" y="{y + cell / 2 + 3:.1f}" font-size="8.5" '
+                         f'text-anchor="middle" fill="{ink}">{v:.1f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _depth_section(d: Mapping[str, Any]) -> str:
+    """Entropy depth profiles (specs/dynamics.md §5): per band (deepest on top) and class, how many bits of
+    uncertainty the model's evidence still holds on the held-out digits, at step 0 and at the end."""
+    order = list(range(len(d["bands"])))[::-1]
+    rows = [d["bands"][k] for k in order]
+    cols = [str(c) for c in d["classes"]]
+    first = heat_map(f"step {d['steps'][0]}", rows, cols, [d["first"][k] for k in order], d["top_bits"])
+    last = heat_map(f"step {d['steps'][-1]}", rows, cols, [d["last"][k] for k in order], d["top_bits"])
+    worst = sorted(range(len(cols)), key=lambda i: -d["last"][-1][i])[:3]
+    means = ", ".join(f'{b} {d["means"][0][k]:.2f} &#8594; {d["last_mean"][k]:.2f}' for k, b in enumerate(d["bands"]))
+    return ('<h2>Confusion at depth</h2><p class="lead">How unsure the model\'s class evidence is at each band\'s '
+            f'boundary, in bits (0: sure; {d["top_bits"]:.2f}: no idea), on the {d["held_out"]} held-out test digits: '
+            'a nearest-class-mean read-out recorded at every checkpoint as a signed DepthProfile and recomputed by the '
+            f'verifier from the checkpoint\'s weights. Band means: {means}. Deepest band most confused about digits '
+            f'{", ".join(cols[i] for i in worst)}: where the next annotation budget goes.</p>'
+            f'<div class="row"><div class="panel">{first}</div><div class="panel">{last}</div></div>')
+
+
 def _card(key: str, value: str, sub: str = "") -> str:
     return f'<div class="card"><div class="k">{escape(key)}</div><div class="v">{value}</div><div class="s">{sub}</div></div>'
 
@@ -336,6 +381,8 @@ def render_report(figures: Mapping[str, Any]) -> str:
                     f'<code>{escape(figures["trace"]["command"])}</code>.{recorded}</p>')
     if figures.get("feedback") is not None:
         body.append(_feedback_section(figures["feedback"]))
+        if figures["feedback"].get("depth") is not None:
+            body.append(_depth_section(figures["feedback"]["depth"]))
     body.append(f"<h2>Before and after unlearning {faulty}</h2>")
     body.append(f'<div class="panel">{legend2}<div class="row">{acc_chart}{swap_chart}</div>'
                 f'<div class="row" style="margin-top:10px">{mats}</div>'

@@ -12,7 +12,9 @@ which ``gradledger feedback`` turns into annotation priorities. The body is a si
 The read-out needs no training and no choice from the trainer beyond a temperature: features are
 centred and scaled to unit mean squared norm (so bands of any width compare), each class's mean
 is taken over its held-out examples, and an example's evidence is the softmax of its negative
-squared distances over the temperature.
+squared distances over the temperature. The default 0.2 was measured on the demo's final model
+(nearest-class-mean accuracy 0.90 to 0.92 per band): its head reads 0.74 bits there, near the 0.79
+bits of a calibrated 90%-accurate ten-class classifier (0.1 gave 0.33, 0.5 gave 1.91).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class DepthProfiles:
     out: committed with its inputs, never trained on by the run), read out at ``temperature``."""
 
     dataset: str
-    temperature: float = 0.5
+    temperature: float = 0.2
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
