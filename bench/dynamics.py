@@ -112,8 +112,8 @@ import forensics as FB  # noqa: E402  (its world, credentials, manifests, flat p
 
 from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.bands import sequential_bands  # noqa: E402
-from gradledger.training.dataset import commit_dataset  # noqa: E402
-from gradledger.training.dynamics import LossTraces, MemorizationScan, scan, scan_body  # noqa: E402
+from gradledger.training.dataset import commit_dataset, load_dataset  # noqa: E402
+from gradledger.training.dynamics import DepthProfiles, LossTraces, MemorizationScan, scan, scan_body  # noqa: E402
 from gradledger.training.forensics import lineage  # noqa: E402
 from gradledger.training.policy import sign_policy  # noqa: E402
 from gradledger.training.trainer import Governance  # noqa: E402
@@ -192,20 +192,27 @@ def train_shadow(x: Tensor, y: Tensor, seed: int, epochs: int) -> tuple[nn.Modul
 
 
 def governed(path: Path, x: Tensor, labels: list[int], *, epochs: int, seed: int,
-             memorization: MemorizationScan | None, policy: Any = FB.FLAT_POLICY
-             ) -> tuple[Ledger, nn.Module, float, float, int]:
+             memorization: MemorizationScan | None, policy: Any = FB.FLAT_POLICY,
+             held_out: tuple[Tensor, list[int]] | None = None) -> tuple[Ledger, nn.Module, float, float, int]:
     """The target: a governed run of the user's own loop over a committed dataset of ``x`` (the members);
-    (ledger, model, training wall seconds, training CPU seconds of the process, steps)."""
+    with ``held_out`` (inputs, labels) also a depth profile over them at every checkpoint (committed
+    before the timer starts). (ledger, model, training wall seconds, training CPU seconds of the process,
+    steps)."""
     led = FB.new_ledger(path)
     owner = [FB.SOURCES[i % len(FB.SOURCES)] for i in range(len(labels))]
     ds = commit_dataset(led, FB.manifests(x, labels, owner), "digits", FB.WORLD.trainer, inputs=x)
+    profiles = None
+    if held_out is not None:
+        hx, hy = held_out
+        commit_dataset(led, FB.manifests(hx, hy, [FB.SOURCES[0]] * len(hy)), "heldout", FB.WORLD.trainer, inputs=hx)
+        profiles = DepthProfiles("heldout")
     model = make_model(seed)
     opt = make_optimizer(model)
     y = torch.tensor(labels, dtype=torch.int64)
     t0, c0 = time.perf_counter(), time.process_time()
     run = Governance(led, FB.WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model),
                      run_id="bench-dynamics", checkpoint_every=EVERY, seed=seed, root_key=FB.WORLD.root,
-                     order="loader", memorization=memorization)
+                     order="loader", memorization=memorization, profiles=profiles)
     gm, gopt, gl = run.make_governed(model, opt, loader(x, y, seed=seed))
     for _ in range(epochs):
         for xb, yb in gl:
@@ -339,6 +346,23 @@ def monitor_costs(steps: Steps, checkpoints: list[int], run_seq: int, count: int
     return out
 
 
+def profile_cost(led: Ledger, model: nn.Module, rounds: int = 5) -> float:
+    """The depth profile's work at one checkpoint, redone here on one thread: the held-out forward through
+    the gate (``Governance`` runs it on the training thread) and the read-out of every band (on its
+    recorder thread); median seconds."""
+    from gradledger.training.dynamics.profiles import ProfileJob
+    from gradledger.training.gate import GatedModel
+
+    job = ProfileJob.of(led, DepthProfiles("heldout"), load_dataset(led, led.by_type("DatasetCommitted")[0]))
+    gated = GatedModel(model, sequential_bands(model))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        job.body(0, 0, job.features(gated))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 # -- the benchmark --------------------------------------------------------------------------------------
 
 
@@ -370,6 +394,8 @@ def main() -> None:
     members = torch.nonzero(keep[0]).flatten()  # dataset index j is pool example members[j]
     xm, labels = x[members].contiguous(), [int(v) for v in y[members]]
     held = torch.nonzero(~keep[0]).flatten()
+    # The depth profiles' held-out set: the target's non-members (none of them trained).
+    held_out = (x[held].contiguous(), [int(v) for v in y[held]])
     result: dict[str, Any] = {
         "seed": args.seed, "pool": pool, "members": len(members), "n_shadows": args.shadows, "epochs": epochs,
         "recipe": f"MLP 64-{HIDDEN}-{HIDDEN}-10, SGD lr {LR} momentum {MOMENTUM}, batch {BATCH}, {epochs} epochs",
@@ -390,7 +416,8 @@ def main() -> None:
                 led_r, model_r, secs, cpu_s, steps_n = governed(
                     work / f"run-{r}-{scanned}", xm, labels, epochs=epochs, seed=seeds[0],
                     memorization=PARAMS if scanned is True else None,
-                    policy=ROUTED_POLICY if scanned == "routed" else FB.FLAT_POLICY)
+                    policy=ROUTED_POLICY if scanned == "routed" else FB.FLAT_POLICY,
+                    held_out=held_out if scanned is True else None)
                 wall[scanned].append(secs)
                 cpu[scanned].append(cpu_s)
                 what = {True: "with its memorization scan", False: "without it", "routed": "routing by its flags"}
@@ -417,6 +444,11 @@ def main() -> None:
             [[i, s] for i, s in recorded[-1]["flagged"]] == [[f["index"], f["score"]] for f in report["flagged"]]
             and recorded[-1]["through"] == result["steps"])
         costs = monitor_costs(steps, checkpoints, run_seq, len(members))
+        profile_s = profile_cost(led, target)
+        result["profile_s_per_checkpoint_median"] = profile_s
+        profiles = [led.observation(s).body for s in led.by_type("DepthProfile")]
+        result["recorded_profiles"] = len(profiles)
+        result["profile_head_mean_bits_first_last"] = [profiles[0]["mean"][0], profiles[-1]["mean"][0]]
         led.close()
 
     # The shadows, plain torch, same recipe; their loss traces give the candidates' precision on them too.
@@ -495,7 +527,7 @@ def main() -> None:
     result["monitor_overhead_cpu"] = statistics.median(cpu[True]) / statistics.median(cpu[False]) - 1.0
     result["monitor_overhead_routed"] = statistics.median(wall["routed"]) / wo - 1.0
     result["train_s_routed_runs"] = wall["routed"]
-    result["monitor_overhead_direct"] = statistics.median((a + s) / (d * per_step) for d, a, s in costs)
+    result["monitor_overhead_direct"] = statistics.median((a + s + profile_s) / (d * per_step) for d, a, s in costs)
     result["monitor_append_us_per_step"] = 1e6 * sum(a for _, a, _ in costs) / result["steps"]
     result["scan_s_per_checkpoint_median"] = statistics.median(s for _, _, s in costs)
     result["scan_s_last_checkpoint"] = costs[-1][2]

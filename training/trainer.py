@@ -986,9 +986,12 @@ class Governance:
         self._checkpointed = self.step
         ledger, key = self.ledger, self.key
         scan = self._scan_job()
-        # The profile reads the weights of this step now, before the next optimizer step moves them.
-        profile = None if self.profiles is None or self.run_seq is None else \
-            self.profiles.body(self._gated, self.run_seq, self.step)
+        # The profile's forward reads the weights of this step now, before the next optimizer step moves
+        # them; its read-out runs on the recorder thread.
+        profile, features = None, None
+        if self.profiles is not None and self.run_seq is not None:
+            profile, features = self.profiles, self.profiles.features(self._gated)
+        run_seq, step = self.run_seq, self.step
 
         def store() -> None:
             if live is not None:
@@ -1005,8 +1008,8 @@ class Governance:
             ledger.append("Checkpoint", made.body(artifact), key)
             if scan is not None:
                 record_scan(ledger, scan(), key, commit=False)
-            if profile is not None:
-                ledger.append("DepthProfile", profile, key, commit=False)
+            if profile is not None and features is not None and run_seq is not None:
+                ledger.append("DepthProfile", profile.body(run_seq, step, features), key, commit=False)
             if commit:
                 ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,

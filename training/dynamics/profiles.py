@@ -73,8 +73,10 @@ def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], te
     scale = z.square().sum(dim=1).mean().sqrt()
     if float(scale) > 0.0:
         z = z / scale
-    d2 = torch.stack([(z - z[labels == c].mean(dim=0)).square().sum(dim=1) for c in classes], dim=1)
-    p = torch.softmax(-d2 / temperature, dim=1)
+    mu = torch.stack([z[labels == c].mean(dim=0) for c in classes])
+    # -|z - mu|^2 without the example's own |z|^2, which softmax ignores: one product, no cancellation
+    logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / temperature
+    p = torch.softmax(logits, dim=1)
     h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
     return [float(h[labels == c].mean()) for c in classes], float(h.mean())
 
@@ -186,9 +188,13 @@ class ProfileJob:
             return lambda a, b: inputs.rebuild([cols[n][a:b] for n in inputs.parts])
         return lambda a, b: cols[a:b]
 
-    def body(self, gated: Any, run_seq: int, step: int) -> dict[str, Any]:
-        """The DepthProfile body of ``gated``'s weights now (step ``step`` of run ``run_seq``)."""
-        features = band_features(gated, self.rows(gated.inputs), self.dataset.count)
+    def features(self, gated: Any) -> list[Tensor]:
+        """``band_features`` of ``gated``'s weights now: what must be read before the next step moves them."""
+        return band_features(gated, self.rows(gated.inputs), self.dataset.count)
+
+    def body(self, run_seq: int, step: int, features: Sequence[Tensor]) -> dict[str, Any]:
+        """The DepthProfile body of step ``step`` of run ``run_seq`` from its ``features`` (the read-out:
+        the recorder thread's work, while training goes on)."""
         assert self.dataset.seq is not None
         return profile_body(run_seq, step, self.dataset.seq, features, self.labels, self.params)
 

@@ -67,8 +67,10 @@ def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], te
     scale = z.square().sum(dim=1).mean().sqrt()
     if float(scale) > 0.0:
         z = z / scale
-    d2 = torch.stack([(z - z[labels == c].mean(dim=0)).square().sum(dim=1) for c in classes], dim=1)
-    p = torch.softmax(-d2 / temperature, dim=1)
+    mu = torch.stack([z[labels == c].mean(dim=0) for c in classes])
+    # -|z - mu|^2 without the example's own |z|^2, which softmax ignores: one product, no cancellation
+    logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / temperature
+    p = torch.softmax(logits, dim=1)
     h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
     return [float(h[labels == c].mean()) for c in classes], float(h.mean())
 
