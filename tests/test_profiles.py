@@ -28,6 +28,9 @@ from gradledger.training.trainer import Governance
 from gradledger.verify._internal import profiles as VP
 from helpers import verify_cli
 from test_idioms import BATCH, _keys, assert_caught, assert_verified, make_model, verify
+from gradledger.training.policy import sign_policy, suspended_rules
+from gradledger.verify._internal import routing as VR
+from helpers import policy_fields
 from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, T, new_ledger
 
 EVERY, EPOCHS = 8, 4
@@ -45,11 +48,11 @@ def _held_out(lo: int = 240, hi: int = 400) -> tuple[torch.Tensor, list[Any]]:
 HX, HELD = _held_out()
 
 
-def _run(led: Ledger, profiles: Any, **kw: Any) -> Governance:
+def _run(led: Ledger, profiles: Any, policy: Any = POLICY, **kw: Any) -> Governance:
     ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model), run_id="profiled",
+    run = Governance(led, WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model), run_id="profiled",
                      checkpoint_every=EVERY, seed=3, root_key=WORLD.root, profiles=profiles, **kw)
     gm, gopt, gl = run.make_governed(model, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH))
     gm.train()
@@ -192,3 +195,112 @@ def test_the_trainer_refuses_a_held_out_set_it_cannot_profile(tmp_path: Path) ->
     with pytest.raises(GovernanceError, match="temperature"):
         DepthProfiles("heldout", temperature=0.0)
     assert _keys  # the forging helpers' key directory is what verify() uses
+
+
+# -- §5.5 entropy budgets -------------------------------------------------------------------------
+
+#: The confident crowd may write into the mid band only while that band's mean profile moves by at most
+#: 0.02 bits between checkpoints; past it, the rule is suspended and crowd labels fall to the default (head).
+BUDGET = 0.02
+BUDGET_FIELDS = policy_fields("digits-budget")
+BUDGET_FIELDS["rules"][2] = {**BUDGET_FIELDS["rules"][2], "entropy_budget": {"band": "mid", "max_change": BUDGET}}
+BUDGET_POLICY = sign_policy(BUDGET_FIELDS, WORLD.root, T)
+CROWD = 2  # the rule's index
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    led, _ = new_ledger(tmp_path_factory.mktemp("budgeted") / "ledger")
+    commit_dataset(led, HELD, "heldout", WORLD.trainer, inputs=HX)
+    _run(led, DepthProfiles("heldout"), policy=BUDGET_POLICY)
+    return led
+
+
+def _suspended_steps(led: Ledger) -> dict[int, frozenset[int]]:
+    """Checkpoint step -> the rules its profile suspends, recomputed from the recorded means."""
+    bodies, out, before = _bodies(led), {}, None
+    for b in bodies:
+        out[b["step"]] = suspended_rules(BUDGET_POLICY, before, b["mean"])
+        before = b["mean"]
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.floats(0.0, 3.4), min_size=3, max_size=3), min_size=1, max_size=6))
+def test_both_implementations_suspend_the_same_rules(means: list[list[float]]) -> None:
+    policy = VR.parse_policy(BUDGET_POLICY.signed)
+    before = None
+    for now in means:
+        assert suspended_rules(BUDGET_POLICY, before, now) == policy.suspended(before, now)
+        want = frozenset({CROWD}) if before is not None and abs(now[1] - before[1]) > BUDGET else frozenset()
+        assert policy.suspended(before, now) == want
+        before = now
+
+
+def test_a_budget_exceeded_suspends_its_rule_until_the_next_checkpoint_and_the_run_verifies(
+        budgeted: Ledger, tmp_path: Path) -> None:
+    at = _suspended_steps(budgeted)
+    assert any(at.values()) and not all(at.values()), at  # the budget bit at some checkpoints, not all
+    crowd_confident = {i for i, m in enumerate(MANIFESTS) if _crowd_confident(m.manifest)}
+    assert crowd_confident
+    starts = sorted(at)
+    for s in budgeted.by_type("GovernedUpdate"):
+        u = budgeted.observation(s).body
+        off = at[max(c for c in starts if c <= u["step"])]
+        for i, r in zip(u["batch"], u["routing"]["rules"]):
+            if i in crowd_confident:
+                assert r == (-1 if CROWD in off else CROWD), (u["step"], i, r)
+    code, report = verify(budgeted, tmp_path)
+    assert_verified(code, report)
+
+
+def _first_suspending(f: Any) -> tuple[int, int]:
+    """The first DepthProfile whose mid-band mean moved past the budget, and its predecessor."""
+    seqs = f.seqs("DepthProfile")
+    for a, b in zip(seqs, seqs[1:]):
+        if abs(f.body(b)["mean"][1] - f.body(a)["mean"][1]) > BUDGET:
+            return a, b
+    raise AssertionError("no profile exceeds the budget")
+
+
+def _crowd_confident(m: Any) -> bool:
+    """The examples the budgeted rule matches (tests/test_trainer.py's crowd labels, confident enough)."""
+    return m["aggregation"] == "majority" and m["confidence"] >= 0.75
+
+
+def _route_as_unsuspended(f: Any) -> None:
+    """The trainer ignores the suspension: the steps after it record the crowd rule for its examples."""
+    a, b = _first_suspending(f)
+    step = f.body(b)["step"]
+    for k in f.seqs("GovernedUpdate"):
+        u = f.body(k)
+        if step <= u["step"] < step + EVERY:
+            rules = [CROWD if r == -1 and _crowd_confident(MANIFESTS[i].manifest) else r
+                     for i, r in zip(u["batch"], u["routing"]["rules"])]
+            f.set(k, ("routing", "rules"), rules)
+
+
+def _hide_the_change(f: Any) -> None:
+    """The trainer records a mid-band mean within the budget, so that no rule is suspended on paper."""
+    a, b = _first_suspending(f)
+    f.set(b, ("mean", 1), f.body(a)["mean"][1])
+
+
+@pytest.mark.parametrize("name,forge", [("routing ignores the suspension", _route_as_unsuspended),
+                                        ("a profile's change hidden", _hide_the_change)])
+def test_a_trainer_that_escapes_its_budget_is_caught(budgeted: Ledger, tmp_path: Path, name: str, forge: Any) -> None:
+    code, report = verify(budgeted, tmp_path, forge)
+    assert_caught(code, report)
+    assert report["first_failure"]["name"] in ("routing", "profiles"), report["first_failure"]
+
+
+def test_a_budget_needs_profiles_and_a_band_of_the_policy(tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "l")
+    with pytest.raises(GovernanceError, match="entropy budget"):
+        _run(led, None, policy=BUDGET_POLICY)
+    bad = policy_fields("bad")
+    bad["rules"][2] = {**bad["rules"][2], "entropy_budget": {"band": "nowhere", "max_change": 0.1}}
+    from gradledger.training.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="entropy_budget"):
+        sign_policy(bad, WORLD.root, T)

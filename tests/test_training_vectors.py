@@ -95,7 +95,7 @@ def test_route_trainer(case: dict[str, Any]) -> None:
     fields = policy_fields(case["policy"])
 
     def run() -> dict[str, Any]:
-        r = TP.route(fields, case["manifest"], paths, case.get("flagged", False))
+        r = TP.route(fields, case["manifest"], paths, case.get("flagged", False), frozenset(case.get("suspended", ())))
         return {"rule": r.rule, "name": r.name, "profile": list(r.profile),
                 "limits": list(TP.batch_limits(fields, [r.rule]))}
 
@@ -112,13 +112,27 @@ def test_route_verifier(case: dict[str, Any]) -> None:
 
     def run() -> dict[str, Any]:
         policy = VR.policy_from_fields(policy_fields(case["policy"]))
-        r = VR.route_example(policy, manifest, by_key.__getitem__, case.get("flagged", False))
+        r = VR.route_example(policy, manifest, by_key.__getitem__, case.get("flagged", False),
+                             frozenset(case.get("suspended", ())))
         return {"rule": r.rule, "name": policy.rule_name(r.rule), "profile": list(r.profile),
                 "limits": list(VR.batch_limits(policy, [r.rule]))}
 
     got = expect(case, "verifier", run)
     if "want" in case:
         assert got == case["want"]
+
+
+@pytest.mark.parametrize("case", cases("budgets"), ids=ids("budgets"))
+def test_budgets_both(case: dict[str, Any]) -> None:
+    """dynamics.md §5.5: the rules each checkpoint's profile suspends, in both implementations."""
+    fields = policy_fields(case["policy"])
+    policy = VR.policy_from_fields(fields)
+    for name, suspend in (("trainer", lambda b, n: TP.suspended_rules(fields, b, n)), ("verifier", policy.suspended)):
+        got, before = [], None
+        for now in case["means"]:
+            got.append(sorted(suspend(before, now)))
+            before = now
+        assert got == case["want"], name
 
 
 @pytest.mark.parametrize("case", cases("batch_limits"), ids=ids("batch_limits"))

@@ -94,7 +94,15 @@ MATCH_SCHEMA = s.record(
 )
 _PROFILE = s.array(_unit, max_items=MAX_BANDS)
 _LIMITS = s.array(_limit, max_items=MAX_BANDS)
-RULE_SCHEMA = s.record("rule", name=s.name, match=MATCH_SCHEMA, profile=_PROFILE, limits=_LIMITS)
+def _budget_bits(value: Any, where: str) -> None:
+    if type(value) is not float or not math.isfinite(value) or not value > 0.0:
+        raise SchemaError(f"{where}: expected a positive finite float (bits), got {value!r}")
+
+
+#: specs/dynamics.md §5.5: a rule's entropy budget, the most its band's mean profile may move between checkpoints.
+BUDGET_SCHEMA = s.record("entropy_budget", band=s.name, max_change=_budget_bits)
+RULE_SCHEMA = s.record("rule", name=s.name, match=MATCH_SCHEMA, profile=_PROFILE, limits=_LIMITS,
+                       entropy_budget=(BUDGET_SCHEMA, False))
 DEFAULT_SCHEMA = s.record("default", profile=_PROFILE, limits=_LIMITS)
 POLICY_SCHEMA = s.record(
     "policy",
@@ -145,6 +153,9 @@ def _check_semantics(policy: Mapping[str, Any]) -> None:
             if low is not None and high is not None and low > high:
                 # Such a rule can never match; it is a mistake, not a policy.
                 raise SchemaError(f"{where}.match: min_confidence {low} exceeds max_confidence {high}")
+            budget = outcome.get("entropy_budget")
+            if budget is not None and budget["band"] not in policy["bands"]:
+                raise SchemaError(f"{where}.entropy_budget: band {budget['band']!r} is not one of the policy's bands")
             if "memorized" in match and scan is None:
                 # The flags it matches are the ones the required scans record (specs/dynamics.md §2.4):
                 # without the requirement a run could decide alone whether to flag anything.
@@ -189,6 +200,8 @@ def normalize_policy(fields: Mapping[str, Any]) -> dict[str, Any]:
                 if isinstance(match.get(key), tuple):
                     match[key] = list(match[key])
             o["match"] = match
+        if isinstance(o.get("entropy_budget"), Mapping) and "max_change" in o["entropy_budget"]:
+            o["entropy_budget"] = {**o["entropy_budget"], "max_change": _floats(o["entropy_budget"]["max_change"])}
         return o
 
     if isinstance(out.get("rules"), (list, tuple)):
@@ -219,6 +232,8 @@ class _Rule:
     memorized: bool | None
     profile: Profile
     limits: Limits
+    #: specs/dynamics.md §5.5: (band index, max_change in bits), or None.
+    budget: tuple[int, float] | None = None
 
 
 class Routing(NamedTuple):
@@ -252,6 +267,9 @@ class CompiledPolicy:
                     memorized=m.get("memorized"),
                     profile=tuple(rule["profile"]),
                     limits=tuple(rule["limits"]),
+                    budget=None if "entropy_budget" not in rule else (
+                        list(policy["bands"]).index(rule["entropy_budget"]["band"]),
+                        rule["entropy_budget"]["max_change"]),
                 )
             )
         self.rules: tuple[_Rule, ...] = tuple(rules)
@@ -262,6 +280,8 @@ class CompiledPolicy:
         self.canary_reference = Routing(CANARY_REFERENCE_INDEX, CANARY_REFERENCE_NAME, (0.0,) * n, (None,) * n)
         #: Whether routing reads the memorization flags in force (specs/dynamics.md §2.4).
         self.matches_flags = any(r.memorized is not None for r in rules)
+        #: specs/dynamics.md §5.5: rule index -> (band index, max_change) of the rules with an entropy budget.
+        self.budgets: dict[int, tuple[int, float]] = {r.index: r.budget for r in rules if r.budget is not None}
 
     def routing_of(self, rule: int) -> Routing:
         """The outcome of rule ``rule`` (-1: the default; -2: a reference canary's)."""
@@ -462,6 +482,7 @@ def route(
     manifest: Mapping[str, Any],
     source_paths: Mapping[str, str],
     flagged: bool = False,
+    suspended: frozenset[int] = frozenset(),
 ) -> Routing:
     """The routing of one example: the first rule whose every condition holds, else the default.
 
@@ -470,13 +491,16 @@ def route(
     whether the example is among the memorization flags in force at the step
     (specs/dynamics.md §2.4), read only by a rule's ``memorized`` condition. A reference canary
     (specs/dynamics.md §4) writes into no band whatever the rules say: its recorded losses are those of
-    an example the model never learned.
+    an example the model never learned. ``suspended``: the rules whose entropy budget the last checkpoint's
+    depth profile exceeded (specs/dynamics.md §5.5, ``suspended_rules``): they match nothing.
     """
     compiled = _compiled(policy)
     paths, confidence, consensus, review, aggregation = _facts(manifest, source_paths)
     if is_reference_canary(manifest):
         return compiled.canary_reference
     for rule in compiled.rules:
+        if rule.index in suspended:
+            continue
         # Authority is all-sources: a mixed expert + crowd label is not expert.
         # No sources at all proves no authority.
         if rule.authority is not None and not (paths and all(_under(p, rule.authority) for p in paths)):
@@ -495,6 +519,16 @@ def route(
             continue
         return compiled.routings[rule.index]
     return compiled.default
+
+
+def suspended_rules(policy: SignedPolicy | CompiledPolicy | Mapping[str, Any], before: Sequence[float] | None,
+                    now: Sequence[float]) -> frozenset[int]:
+    """specs/dynamics.md §5.5: the rules whose entropy budget a checkpoint's depth profile exceeds: its band's
+    ``mean`` moved by more than ``max_change`` bits since the previous checkpoint's (``before``; None at the
+    first checkpoint, where nothing is suspended)."""
+    if before is None:
+        return frozenset()
+    return frozenset(i for i, (band, most) in _compiled(policy).budgets.items() if abs(now[band] - before[band]) > most)
 
 
 def route_batch(

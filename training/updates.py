@@ -34,16 +34,17 @@ class RoutedExamples:
 
 
 def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any,
-                   flagged: bool = False) -> RoutedExamples:
+                   flagged: bool = False, suspended: frozenset[int] = frozenset()) -> RoutedExamples:
     """Route every manifest (a manifest map) under ``compiled``, resolving source paths in ``registry``;
-    each example as ``flagged`` by memorization or not (specs/dynamics.md §2.4)."""
+    each example as ``flagged`` by memorization or not (specs/dynamics.md §2.4), with the ``suspended``
+    rules (§5.5) matching nothing."""
     rules, profiles, paths, names = [], [], [], []
     for i, m in enumerate(manifests):
         try:
             src_paths = {s["source"]: registry.get(s["key_id"]).path for s in m["sources"]}
         except CredentialError as exc:
             raise ManifestError(f"manifest {i}: a source has no credential in the ledger: {exc}") from None
-        r = route(compiled, m, src_paths, flagged)
+        r = route(compiled, m, src_paths, flagged, suspended)
         rules.append(r.rule)
         profiles.append(r.profile)
         paths.append(tuple(sorted(set(src_paths.values()))))
@@ -51,25 +52,42 @@ def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compil
     return RoutedExamples(rules, profiles, paths, names)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RouteTables:
     """Every example's routing as not flagged and, where the policy matches memorization flags, as
-    flagged (specs/dynamics.md §2.4): a step's table is ``at(flags)``, the flags in force at it."""
+    flagged (specs/dynamics.md §2.4); and, where rules carry entropy budgets, the same under each set of
+    suspended rules a checkpoint put in force (§5.5), built the first time it is. A step's table is
+    ``at(flags, suspended)``."""
 
     plain: RoutedExamples
     flagged: RoutedExamples | None
+    _route: Any = None  # (suspended, flagged) -> RoutedExamples, for the budgets' tables
+    _suspended: dict[frozenset[int], tuple[RoutedExamples, RoutedExamples | None]] | None = None
 
     @classmethod
     def build(cls, manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> "RouteTables":
         plain = route_examples(manifests, registry, compiled)
-        return cls(plain, route_examples(manifests, registry, compiled, True) if compiled.matches_flags else None)
+        flagged = route_examples(manifests, registry, compiled, True) if compiled.matches_flags else None
 
-    def at(self, flags: frozenset[int]) -> RoutedExamples:
-        if self.flagged is None or not flags:
-            return self.plain
-        pick = [self.flagged if i in flags else self.plain for i in range(len(self.plain.rules))]
+        def route(suspended: frozenset[int], flag: bool) -> RoutedExamples:
+            return route_examples(manifests, registry, compiled, flag, suspended)
+        return cls(plain, flagged, route if compiled.budgets else None, {frozenset(): (plain, flagged)})
+
+    def pair(self, suspended: frozenset[int]) -> tuple[RoutedExamples, RoutedExamples | None]:
+        if not suspended or self._suspended is None:
+            return self.plain, self.flagged
+        if suspended not in self._suspended:
+            self._suspended[suspended] = (self._route(suspended, False),
+                                          self._route(suspended, True) if self.flagged is not None else None)
+        return self._suspended[suspended]
+
+    def at(self, flags: frozenset[int], suspended: frozenset[int] = frozenset()) -> RoutedExamples:
+        plain, flagged = self.pair(suspended)
+        if flagged is None or not flags:
+            return plain
+        pick = [flagged if i in flags else plain for i in range(len(plain.rules))]
         return RoutedExamples([t.rules[i] for i, t in enumerate(pick)], [t.profiles[i] for i, t in enumerate(pick)],
-                              self.plain.paths, self.plain.names)
+                              plain.paths, plain.names)
 
 
 class Routes:
@@ -85,17 +103,26 @@ class Routes:
             if table is not None:
                 validate_profiles(profiles_tensor(table.profiles, n_bands), n_bands)
         self.flags: frozenset[int] | None = None
+        #: The rules an entropy budget suspends now (specs/dynamics.md §5.5).
+        self.suspended: frozenset[int] = frozenset()
         self.use(frozenset())
 
     @property
     def reads_flags(self) -> bool:
         return self.tables.flagged is not None
 
-    def use(self, flags: frozenset[int]) -> None:
-        if flags == self.flags:
+    def use(self, flags: frozenset[int], suspended: frozenset[int] | None = None) -> None:
+        """Route with ``flags`` in force and (given) the ``suspended`` rules, else those in force."""
+        suspended = self.suspended if suspended is None else suspended
+        if flags == self.flags and suspended == self.suspended:
             return
-        routed = self.tables.at(flags)
-        self.flags = flags
+        routed = self.tables.at(flags, suspended)
+        if suspended:
+            plain, flagged = self.tables.pair(suspended)
+            for table in (plain, flagged):
+                if table is not None:
+                    validate_profiles(profiles_tensor(table.profiles, self.n_bands), self.n_bands)
+        self.flags, self.suspended = flags, suspended
         self.rules, self.names = routed.rules, routed.names
         self.profiles = profiles_tensor(routed.profiles, self.n_bands)
         # A row of the table's ratios equals the ratios of the row (row-wise elementwise ops).

@@ -86,10 +86,11 @@ def fields(policy: dict[str, Any]) -> dict[str, Any]:
     return {**policy, "signer": bytes.fromhex(policy["signer"])}
 
 
-def _route_want(policy: dict[str, Any], manifest: dict[str, Any], flagged: bool) -> dict[str, Any]:
+def _route_want(policy: dict[str, Any], manifest: dict[str, Any], flagged: bool,
+                suspended: frozenset[int] = frozenset()) -> dict[str, Any]:
     policy = fields(policy)
     paths = {n: v["path"] for n, v in SOURCES.items() if v["path"] is not None}
-    r = TP.route(policy, manifest, paths, flagged)
+    r = TP.route(policy, manifest, paths, flagged, suspended)
     return {"rule": r.rule, "name": r.name, "profile": list(r.profile),
             "limits": list(TP.batch_limits(policy, [r.rule]))}
 
@@ -98,13 +99,16 @@ def route_cases() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def ok(desc: str, manifest: dict[str, Any], rules: list[dict[str, Any]] = BASE_RULES,
-           flagged: bool | None = None) -> None:
-        # ``flagged``: the example is among the memorization flags in force (absent: not flagged)
+           flagged: bool | None = None, suspended: list[int] | None = None) -> None:
+        # ``flagged``: the example is among the memorization flags in force (absent: not flagged);
+        # ``suspended``: the rules an entropy budget suspends at the step (dynamics.md §5.5; absent: none)
         p = _policy(rules, monitors=SCANS if any("memorized" in r["match"] for r in rules) else None)
         case = {"desc": desc, "policy": p, "manifest": manifest}
         if flagged is not None:
             case["flagged"] = flagged
-        out.append({**case, "want": _route_want(p, manifest, bool(flagged))})
+        if suspended is not None:
+            case["suspended"] = suspended
+        out.append({**case, "want": _route_want(p, manifest, bool(flagged), frozenset(suspended or ()))})
 
     def err(desc: str, manifest: dict[str, Any], want_err: str, policy: dict[str, Any] | None = None) -> None:
         p = policy or _policy(BASE_RULES)
@@ -161,6 +165,17 @@ def route_cases() -> list[dict[str, Any]]:
        {**_manifest(["dr-a"]), "canary": {"set": "noise", "role": "reference"}}, [MEMORIZED, *BASE_RULES],
        flagged=True)
     ok("an inserted canary routes like any label", {**_manifest(["dr-a"]), "canary": {"set": "noise", "role": "inserted"}})
+    budgeted = [{**BASE_RULES[0], "entropy_budget": {"band": "mid", "max_change": 0.25}}, *BASE_RULES[1:]]
+    ok("an expert label under its rule's entropy budget: the expert rule", _manifest(["dr-a"]), budgeted,
+       suspended=[])
+    ok("the expert rule suspended by its budget (dynamics.md §5.5): the label falls to the default",
+       _manifest(["dr-a"]), budgeted, suspended=[0])
+    ok("a suspended rule another label does not match changes nothing", _manifest(["crowd-1", "crowd-2"]), budgeted,
+       suspended=[0])
+    err("a budget on a band the policy lacks", _manifest(["dr-a"]), "entropy_budget",
+        _policy([{**BASE_RULES[0], "entropy_budget": {"band": "nowhere", "max_change": 0.25}}]))
+    err("a budget of no bits", _manifest(["dr-a"]), "max_change",
+        _policy([{**BASE_RULES[0], "entropy_budget": {"band": "mid", "max_change": 0.0}}]))
     err("memorized without the scans that flag (monitors.memorization)", _manifest(["dr-a"]), "memorized",
         _policy([MEMORIZED, *BASE_RULES]))
     err("memorized is a bool, not 1", _manifest(["dr-a"]), "memorized",
@@ -517,6 +532,29 @@ def canary_cases() -> list[dict[str, Any]]:
     return out
 
 
+def budget_cases() -> list[dict[str, Any]]:
+    """dynamics.md §5.5: per checkpoint in order, the profile's mean per band -> the rules it suspends."""
+    rules = [{**BASE_RULES[0], "entropy_budget": {"band": "mid", "max_change": 0.25}},
+             {**BASE_RULES[1], "entropy_budget": {"band": "body", "max_change": 0.5}}, *BASE_RULES[2:]]
+    policy = _policy(rules)
+    out = []
+    for desc, means in [
+        ("the first checkpoint suspends nothing", [[1.0, 2.0, 3.0]]),
+        ("changes within the budgets", [[1.0, 2.0, 3.0], [0.5, 1.75, 2.5]]),
+        ("exactly the budget is within it (the change must exceed it)", [[1.0, 2.0, 3.0], [1.0, 1.75, 3.5]]),
+        ("the mid band falls past its budget: the expert rule", [[1.0, 2.0, 3.0], [1.0, 1.5, 3.0]]),
+        ("a rise counts as a fall does; both bands past: both rules", [[1.0, 2.0, 3.0], [1.0, 2.5, 3.75]]),
+        ("each checkpoint against the previous one, not the first", [[3.0, 3.0, 3.0], [3.0, 2.0, 3.0],
+                                                                      [3.0, 1.9, 3.0]]),
+    ]:
+        want, before = [], None
+        for now in means:
+            want.append(sorted(TP.suspended_rules(fields(policy), before, now)))
+            before = now
+        out.append({"desc": desc, "policy": policy, "means": means, "want": want})
+    return out
+
+
 def document() -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -525,7 +563,9 @@ def document() -> dict[str, Any]:
             "through training/ and verify/_internal/.",
             "route: sources resolve by name (trainer) or key_id (verifier) to the path in 'sources'; "
             "path null means no credential. want.limits is batch_limits of that one rule. 'flagged' (absent: "
-            "false) is whether the example is among the memorization flags in force (dynamics.md §2.4).",
+            "false) is whether the example is among the memorization flags in force (dynamics.md §2.4); "
+            "'suspended' (absent: none) the rules an entropy budget suspends at the step (dynamics.md §5.5).",
+            "budgets: per checkpoint in order its profile's mean per band; want the rules each suspends (§5.5).",
             "canaries: steps are lists of [index, binary32 loss hex] in batch order; canaries gives each index's "
             "manifest canary field (null: not a canary); want is the MemorizationScan's canaries (dynamics.md §4.2).",
             "step_seed and micro_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",
@@ -558,6 +598,7 @@ def document() -> dict[str, Any]:
         "memorization": memorization_cases(),
         "canaries": canary_cases(),
         "shards": shards_cases(),
+        "budgets": budget_cases(),
     }
 
 

@@ -1,4 +1,5 @@
-"""The memorization flags in force at each step of a run (specs/dynamics.md §2.4), read from its scans.
+"""The memorization flags in force at each step of a run (specs/dynamics.md §2.4), read from its scans;
+and the rules its entropy budgets suspend (§5.5), read from its depth profiles.
 
 A policy rule may match ``memorized``: the example is among the flags of the scan recorded at the run's
 last Checkpoint after step 0 at or before the step. The flags are read here from the scan records; the
@@ -9,6 +10,7 @@ flags: such a policy requires the scans, and a run under it declares them or fai
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -17,7 +19,7 @@ from gradledger.ledger.envelope import Sealed
 
 from .settings import monitors
 
-__all__ = ["FlagSchedule", "FlagsMissing", "flag_schedule", "frozen_at", "next_after"]
+__all__ = ["FlagSchedule", "FlagsMissing", "flag_schedule", "frozen_at", "next_after", "suspension_schedule"]
 
 
 class FlagsMissing(Exception):
@@ -95,3 +97,40 @@ def _indices(scan: Sealed, count: int) -> frozenset[int]:
             raise FlagsMissing(f"MemorizationScan {scan.seq}: flagged entry {e!r} names no dataset index", scan.seq)
         out.add(e[0])
     return frozenset(out)
+
+
+# -- §5.5 the entropy budgets' suspended rules ------------------------------------------------------
+
+
+def suspension_schedule(observations: Sequence[Sealed], run_seq: int, updates: Sequence[int],
+                        checkpoints: Sequence[int], policy: Any) -> FlagSchedule:
+    """§5.5 for an original run under a policy with entropy budgets: from each Checkpoint's step on, the rules
+    its DepthProfile (the run trainer's, of that step, before the run's next GovernedUpdate) suspends against
+    the previous checkpoint's. The values are read from the records here; the profiles check recomputes
+    them from the weights (a forged mean that spares a rule fails there)."""
+    started = observations[run_seq]
+    declared = monitors(started.body["settings"], lambda why: FlagsMissing(f"RunStarted {run_seq}: {why}", run_seq))
+    if "profiles" not in declared:
+        raise FlagsMissing(f"RunStarted {run_seq}: its policy gives rules an entropy budget, but the run declares no "
+                           "depth profiles (settings.monitors.profiles, specs/dynamics.md §5.5)", run_seq)
+    n_bands = len(policy.bands)
+    starts: list[int] = []
+    sets: list[frozenset[int]] = []
+    before: list[float] | None = None
+    for c in checkpoints:
+        step = observations[c].body["step"]
+        end = next_after(updates, c, len(observations))
+        found = next((o for o in observations[c + 1:end] if o.type == "DepthProfile" and o.signer == started.signer
+                      and o.body["run"] == run_seq and o.body["step"] == step), None)
+        if found is None:
+            if end == len(observations):
+                continue  # the run's last checkpoint: no step reads it (the profiles check requires it)
+            raise FlagsMissing(f"Checkpoint {c} (step {step}): no DepthProfile of the run at step {step} before its "
+                               "next step, whose routing its entropy budgets read (specs/dynamics.md §5.5)", c)
+        now = found.body["mean"]
+        if not (isinstance(now, list) and len(now) == n_bands and all(type(v) is float and math.isfinite(v) for v in now)):
+            raise FlagsMissing(f"DepthProfile {found.seq}: mean is not {n_bands} finite floats", found.seq)
+        starts.append(step)
+        sets.append(policy.suspended(before, now))
+        before = now
+    return FlagSchedule(tuple(starts), tuple(sets))

@@ -67,7 +67,14 @@ _MATCH = s.record(
 )
 _PROFILE = s.array(_unit, max_items=64)
 _LIMITS = s.array(_limit, max_items=64)
-_RULE = s.record("rule", name=s.name, match=_MATCH, profile=_PROFILE, limits=_LIMITS)
+def _bits(value: Any, where: str) -> None:
+    if type(value) is not float or not math.isfinite(value) or not value > 0.0:
+        raise SchemaError(f"{where}: expected a positive finite float (bits), got {value!r}")
+
+
+#: specs/dynamics.md §5.5: a rule's entropy budget.
+_BUDGET = s.record("entropy_budget", band=s.name, max_change=_bits)
+_RULE = s.record("rule", name=s.name, match=_MATCH, profile=_PROFILE, limits=_LIMITS, entropy_budget=(_BUDGET, False))
 _OUTCOME = s.record("default", profile=_PROFILE, limits=_LIMITS)
 _POLICY = s.record(
     "policy", v=s.one_of(1), name=s.name, bands=_distinct(s.name, 64), rules=s.array(_RULE, max_items=1024),
@@ -88,6 +95,8 @@ class Rule:
     name: str
     match: dict[str, Any]
     outcome: Outcome
+    #: specs/dynamics.md §5.5: (band index, max_change in bits), or None.
+    budget: tuple[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,18 @@ class Policy:
     def matches_flags(self) -> bool:
         """Whether a rule reads the memorization flags in force (specs/dynamics.md §2.4)."""
         return any("memorized" in r.match for r in self.rules)
+
+    @property
+    def budgets(self) -> dict[int, tuple[int, float]]:
+        """Rule index -> (band index, max_change) of the rules with an entropy budget (specs/dynamics.md §5.5)."""
+        return {i: r.budget for i, r in enumerate(self.rules) if r.budget is not None}
+
+    def suspended(self, before: Sequence[float] | None, now: Sequence[float]) -> frozenset[int]:
+        """§5.5: the rules a checkpoint's profile means ``now`` suspend, against the previous checkpoint's
+        ``before`` (None at the first: none)."""
+        if before is None:
+            return frozenset()
+        return frozenset(i for i, (band, most) in self.budgets.items() if abs(now[band] - before[band]) > most)
 
     @property
     def monitors(self) -> dict[str, Any]:
@@ -162,7 +183,11 @@ def policy_from_fields(fields: dict[str, Any], signed: bytes = b"", body: bytes 
         if "memorized" in m and "memorization" not in fields.get("monitors", {}):
             raise PolicyInvalid(f"rule {i} ({r['name']!r}) matches memorization flags, but the policy requires no "
                                 "memorization scans (monitors.memorization) to flag them")
-        rules.append(Rule(r["name"], dict(m), _outcome(f"rule {i} ({r['name']!r})", r, n)))
+        budget = r.get("entropy_budget")
+        if budget is not None and budget["band"] not in fields["bands"]:
+            raise PolicyInvalid(f"rule {i} ({r['name']!r}): entropy_budget band {budget['band']!r} is not a band")
+        rules.append(Rule(r["name"], dict(m), _outcome(f"rule {i} ({r['name']!r})", r, n),
+                          None if budget is None else (list(fields["bands"]).index(budget["band"]), budget["max_change"])))
     if len({r.name for r in rules}) != len(rules):
         raise PolicyInvalid("rule names are not distinct")
     default = _outcome("default", fields["default"], n)
@@ -218,9 +243,11 @@ def _number(fields: Mapping[str, Any], key: str) -> float:
     return value
 
 
-def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str], flagged: bool = False) -> int:
+def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str], flagged: bool = False,
+                suspended: frozenset[int] = frozenset()) -> int:
     """The index of the first rule whose every present condition holds, else -1; ``flagged``: the example
-    is among the memorization flags in force (specs/dynamics.md §2.4)."""
+    is among the memorization flags in force (specs/dynamics.md §2.4); ``suspended``: rules an entropy
+    budget suspends (§5.5), which match nothing."""
     confidence, consensus = _number(fields, "confidence"), _number(fields, "consensus")
     review, aggregation = fields.get("review"), fields.get("aggregation")
     if review not in REVIEWS or type(aggregation) is not str:
@@ -229,6 +256,8 @@ def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str],
     if isinstance(canary, Mapping) and canary.get("role") == "reference":
         return CANARY_REFERENCE  # before every rule: a reference canary must stay unlearned
     for i, rule in enumerate(policy.rules):
+        if i in suspended:
+            continue
         m = rule.match
         # Conservative authority: every source, and at least one, lies at or below it.
         if "authority" in m and not (paths and all(_below_or_at(p, m["authority"]) for p in paths)):
@@ -250,7 +279,7 @@ def first_match(policy: Policy, fields: Mapping[str, Any], paths: Sequence[str],
 
 
 def route_example(policy: Policy, fields: Mapping[str, Any], path_of: Callable[[bytes], str],
-                  flagged: bool = False) -> ExampleRouting:
+                  flagged: bool = False, suspended: frozenset[int] = frozenset()) -> ExampleRouting:
     """One example's routing; every listed source must resolve to a credential path."""
     paths, names = [], []
     for entry in fields["sources"]:
@@ -260,7 +289,7 @@ def route_example(policy: Policy, fields: Mapping[str, Any], path_of: Callable[[
             raise Unroutable(f"source {entry['source']!r} has no credential to route by") from None
         paths.append(path)
         names.append(entry["source"])
-    rule = first_match(policy, fields, paths, flagged)
+    rule = first_match(policy, fields, paths, flagged, suspended)
     return ExampleRouting(fields["label"], rule, policy.outcome(rule).profile, tuple(sorted(set(paths))), tuple(names))
 
 

@@ -46,7 +46,7 @@ from .routing import (
     ExampleRouting, Policy, PolicyInvalid, Unroutable, authority_writes, batch_limits, parse_policy, route_example,
     verify_policy,
 )
-from .flags import FlagsMissing, flag_schedule, frozen_at
+from .flags import FlagsMissing, flag_schedule, frozen_at, suspension_schedule
 
 
 class Source(Protocol):
@@ -586,17 +586,38 @@ def _route_run(
     # The counterfactual dataset of an unlearning branch: every manifest re-aggregated
     # without the retired source; an example with no vote left is gone.
     fields = [m.fields if run.retired is None else relabel_without(m.fields, run.retired) for m in ds.manifests]
-    plain = [None if f is None else route_example(policy, f, path_of) for f in fields]
-    if not policy.matches_flags:
+    tables: dict[tuple[bool, frozenset[int]], Table] = {}
+
+    def table(flag: bool, suspended: frozenset[int] = frozenset()) -> Table:
+        # one table per (flagged, suspended rules) a step reads, built the first time one does
+        if (flag, suspended) not in tables:
+            tables[(flag, suspended)] = [None if f is None else route_example(policy, f, path_of, flag, suspended)
+                                         for f in fields]
+        return tables[(flag, suspended)]
+
+    plain = table(False)
+    if not policy.matches_flags and not policy.budgets:
         return plain, lambda step: plain
-    flagged = [None if f is None else route_example(policy, f, path_of, flagged=True) for f in fields]
     original = run if run.branch_of is None else runs[run.branch_of]
+    suspension = None
+    if policy.budgets:
+        if run.branch_of is not None:
+            raise FlagsMissing(f"RunStarted {run.seq}: an unlearning branch of a run whose policy gives rules an "
+                               "entropy budget is not in this format (specs/dynamics.md §5.5)", run.seq)
+        suspension = suspension_schedule(observations, run.seq, run.updates, run.checkpoints, policy)
+    if not policy.matches_flags:
+        assert suspension is not None
+        return plain, lambda step: table(False, suspension.at(step))
     schedule = flag_schedule(observations, original.seq, original.updates, original.checkpoints, ds.count)
     if run.branch_of is not None:
-        frozen = _Flagged(plain, flagged, frozen_at(schedule, run.rewind_step).at(0))
-        table = [frozen[i] for i in range(len(plain))]
-        return table, lambda step: table
-    return plain, lambda step: _Flagged(plain, flagged, schedule.at(step))
+        frozen = _Flagged(plain, table(True), frozen_at(schedule, run.rewind_step).at(0))
+        fixed = [frozen[i] for i in range(len(plain))]
+        return fixed, lambda step: fixed
+
+    def at(step: int) -> Table:
+        off = suspension.at(step) if suspension is not None else frozenset()
+        return _Flagged(table(False, off), table(True, off), schedule.at(step))
+    return plain, at
 
 
 class _Flagged(Sequence["ExampleRouting | None"]):
