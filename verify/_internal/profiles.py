@@ -64,12 +64,11 @@ def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], te
     squared distance to each class's mean, softmax of ``-d2 / temperature``, entropy in bits; its mean
     per class and over every example."""
     z = features - features.mean(dim=0)
-    scale = z.square().sum(dim=1).mean().sqrt()
-    if float(scale) > 0.0:
-        z = z / scale
+    s2 = z.square().sum(dim=1).mean()
     mu = torch.stack([z[labels == c].mean(dim=0) for c in classes])
-    # -|z - mu|^2 without the example's own |z|^2, which softmax ignores: one product, no cancellation
-    logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / temperature
+    # -|z - mu|^2 without the example's own |z|^2, which softmax ignores: one product, no cancellation;
+    # over s2 (unit mean squared norm) and the temperature, unless every row is the same
+    logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / ((s2 if float(s2) > 0.0 else 1.0) * temperature)
     p = torch.softmax(logits, dim=1)
     h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
     return [float(h[labels == c].mean()) for c in classes], float(h.mean())
