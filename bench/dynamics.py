@@ -61,7 +61,9 @@ record), the steadier comparison, and ``mem_best_score`` is chosen by it.
 when it is any of those tied members (a reading beside the headline, never in its place). ``random_baseline`` = k / members is the expected precision of
 k random flags.
 
-**Cost.** ``monitor_overhead``: the governed target run timed with its memorization scan and, over the
+**Cost.** The monitors are the memorization scan and the depth profile (specs/dynamics.md §5) over a
+held-out set, the target's non-members (~900 digits, committed with their inputs before the timer
+starts). ``monitor_overhead``: the governed target run timed with both monitors and, over the
 same seed (same batches), without it, ``--timing-runs`` times each in ABBA order after an untimed
 warm-up run; median(with) / median(without) - 1 on wall time (``monitor_overhead_cpu``: the same on the
 process's CPU time, all threads). Both are differences of ~10 s runs, at the mercy of whatever else the
@@ -69,7 +71,8 @@ machine runs. The scan itself runs on the run's recorder thread, so on an idle m
 hides behind training; ``monitor_overhead_direct`` measures the monitor's own work instead, redone on
 this thread: appending each step's losses to the traces (``monitor_append_us_per_step``) and each
 checkpoint's scan job (a copy of the traces, LT-IQR of every index, the flags and the scores digest:
-what ``Governance`` hands its recorder, ``scan_s_per_checkpoint_median``), over the training time of
+what ``Governance`` hands its recorder, ``scan_s_per_checkpoint_median``) and each checkpoint's profile
+(the held-out forward and the read-out, ``profile_s_per_checkpoint_median``), over the training time of
 the steps since the previous checkpoint (the run without the scan, per step), median over checkpoints.
 ``recorded_scans_match`` checks that the scan the run recorded at its last checkpoint flags what
 ``scan(ledger)`` recomputes. A third variant of the same run, timed in the same ABBA rounds, is governed

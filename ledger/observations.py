@@ -215,6 +215,7 @@ TYPES: dict[str, ObservationType] = {
                 counts=any_value,
                 entropy=any_value,
                 mean=any_value,
+                slices=(any_value, False),
             ),
             frozenset({"trainer"}),
         ),

@@ -30,7 +30,8 @@ from helpers import verify_cli
 from test_idioms import BATCH, _keys, assert_caught, assert_verified, make_model, verify
 from gradledger.training.policy import sign_policy, suspended_rules
 from gradledger.verify._internal import routing as VR
-from helpers import policy_fields
+from helpers import CROWD_KEY, policy_fields
+from test_trainer import WORKER_CREDS
 from test_trainer import MANIFESTS, POLICY, WORLD, X, Y, T, new_ledger
 
 EVERY, EPOCHS = 8, 4
@@ -304,3 +305,64 @@ def test_a_budget_needs_profiles_and_a_band_of_the_policy(tmp_path: Path) -> Non
 
     with pytest.raises(PolicyError, match="entropy_budget"):
         sign_policy(bad, WORLD.root, T)
+
+
+# -- §5.3 slices ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["acme", "crowd", "mturk", "radiology", "x"]), min_size=1, max_size=4),
+                min_size=1, max_size=4), st.sampled_from(["accepted", "fixed", "rejected", "pending"]))
+def test_both_implementations_slice_alike(paths: list[list[str]], review: str) -> None:
+    joined = ["/".join(p) for p in paths]
+    for by in ("authority", "review"):
+        assert TP.slice_key({"review": review}, joined, by) == VP.slice_key({"review": review}, joined, by)
+    key = TP.slice_key({"review": review}, joined, "authority")
+    assert all(p == key or p.startswith(key + "/") for p in joined) or key == "*"
+
+
+def _mixed_held_out() -> list[Any]:
+    """The held-out digits, every other one labeled by a crowd worker instead of the expert."""
+    out = []
+    for i, m in enumerate(HELD):
+        if i % 2:
+            label = m.manifest["label"]
+            out.append(label_example(example=m.example, sources=[source_entry(WORKER_CREDS[0], label, 0.9)],
+                                     aggregation="single", ontology="digits-v1", review="accepted", key=CROWD_KEY,
+                                     time=T))
+        else:
+            out.append(m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    led, _ = new_ledger(tmp_path_factory.mktemp("sliced") / "ledger")
+    commit_dataset(led, _mixed_held_out(), "heldout", WORLD.trainer, inputs=HX)
+    _run(led, DepthProfiles("heldout", slice="authority"))
+    return led
+
+
+def test_a_profile_by_authority_averages_each_slice_and_replay_recomputes_it(sliced: Ledger, tmp_path: Path) -> None:
+    bodies = _bodies(sliced)
+    sl = bodies[-1]["slices"]
+    assert sl["by"] == "authority" and sl["names"] == sorted({"acme/crowd/mturk", WORLD.source_cred.path})
+    assert sl["counts"] == [len(HELD) // 2, len(HELD) - len(HELD) // 2] or sorted(sl["counts"]) == [80, 80]
+    assert len(sl["entropy"]) == 3 and all(len(e) == 2 for e in sl["entropy"])
+    # the slices partition the held-out set: their count-weighted mean is the band's mean
+    for k in range(3):
+        pooled = sum(n * e for n, e in zip(sl["counts"], sl["entropy"][k])) / sum(sl["counts"])
+        assert pooled == pytest.approx(bodies[-1]["mean"][k], abs=1e-12)
+    code, report = verify(sliced, tmp_path)
+    assert_verified(code, report)
+
+
+@pytest.mark.parametrize("name,forge", [
+    ("a slice's entropy flattered", lambda f: f.set(_last(f), ("slices", "entropy", 0, 0), 0.0)),
+    ("a slice renamed", lambda f: f.set(_last(f), ("slices", "names", 0), "acme/experts")),
+    ("the slices dropped", lambda f: f.delete(_last(f), ("slices",))),
+])
+def test_a_lie_about_a_slice_is_caught(sliced: Ledger, tmp_path: Path, name: str, forge: Any) -> None:
+    code, report = verify(sliced, tmp_path, forge)
+    assert_caught(code, report)
+    assert report["first_failure"]["name"] == "profiles", report["first_failure"]

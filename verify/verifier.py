@@ -378,7 +378,7 @@ class Verifier:
                 if isinstance(found, dict) and type(found.get("trace")) is int:
                     terms.setdefault(found["trace"], {})[(ctx.run_seq, seg.index)] = found
             for entry in r.profiles if r.ok and profiles is not None else ():
-                # [step, entropy, mean], or [step, why] where the values could not be computed
+                # [step, entropy, mean, slices], or [step, why] where the values could not be computed
                 profiles[(ctx.run_seq, entry[0])] = tuple(entry[1:])
         failed = _first_failed(results)
         label = f"{len(jobs)} segment(s), {steps} step(s), {'bit for bit' if exact else 'within tolerance'}"

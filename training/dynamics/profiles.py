@@ -50,6 +50,9 @@ class DepthProfiles:
 
     dataset: str
     temperature: float = 0.2
+    #: §5.3: besides each class, also average over this slice of the held-out examples: ``"authority"``
+    #: (their sources' common credential path) or ``"review"`` (their review state); None: classes only.
+    slice: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -58,17 +61,37 @@ class DepthProfiles:
         if type(t) is not float or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
             raise GovernanceError(f"profiles temperature must be a float in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
                                   f"got {t!r}")
+        if self.slice not in SLICES:
+            raise GovernanceError(f"profiles slice must be one of {[s for s in SLICES if s]} or None, got {self.slice!r}")
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
+        return {"temperature": self.temperature, **({"slice": self.slice} if self.slice else {})}
 
 
-def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
-                    ) -> tuple[list[float], float]:
-    """§5.2: per class in ``classes`` (ascending), the mean entropy in bits of the nearest-class-mean
-    evidence of ``features`` ``[N, D]`` (binary64) for its examples (``labels`` ``[N]``), and the mean over
-    all N. Each line is one step of §5.2, in its order: the verifier's twin must get the same bits."""
+#: §5.3: the slices a profile may also average over (None: the classes only).
+SLICES = (None, "authority", "review")
+
+
+def slice_key(manifest: Any, paths: Sequence[str], by: str) -> str:
+    """§5.3: a held-out example's slice: its review state, or the longest common prefix (whole segments)
+    of its sources' credential paths (``"*"`` when they share none)."""
+    if by == "review":
+        return str(manifest["review"])
+    parts = [p.split("/") for p in paths]
+    common = parts[0] if parts else []
+    for q in parts[1:]:
+        n = 0
+        while n < min(len(common), len(q)) and common[n] == q[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) or "*"
+
+
+def example_entropy(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float) -> Tensor:
+    """§5.2 steps 1-3: each example's entropy in bits of the nearest-class-mean evidence of ``features``
+    ``[N, D]`` (binary64) over ``classes`` (ascending; ``labels`` ``[N]``). Each line is one step of §5.2,
+    in its order: the verifier's twin must get the same bits."""
     z = features - features.mean(dim=0)
     s2 = z.square().sum(dim=1).mean()
     mu = torch.stack([z[labels == c].mean(dim=0) for c in classes])
@@ -76,7 +99,14 @@ def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], te
     # over s2 (unit mean squared norm) and the temperature, unless every row is the same
     logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / ((s2 if float(s2) > 0.0 else 1.0) * temperature)
     p = torch.softmax(logits, dim=1)
-    h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
+    return torch.special.entr(p).sum(dim=1) / math.log(2.0)
+
+
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
+                    ) -> tuple[list[float], float]:
+    """§5.2: per class in ``classes`` (ascending), the mean of ``example_entropy`` over its examples, and
+    the mean over all of them."""
+    h = example_entropy(features, labels, classes, temperature)
     return [float(h[labels == c].mean()) for c in classes], float(h.mean())
 
 
@@ -133,27 +163,38 @@ def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> li
 
 
 def profile_body(run_seq: int, step: int, dataset_seq: int, features: Sequence[Tensor], labels: Sequence[int],
-                 params: DepthProfiles) -> dict[str, Any]:
+                 params: DepthProfiles, slices: Sequence[str] = ()) -> dict[str, Any]:
     """The DepthProfile body (§5.3) of one checkpoint's ``features`` (``band_features``) for held-out
-    examples with ``labels``."""
+    examples with ``labels`` and (where ``params.slice`` asks) their ``slices`` (``slice_key``)."""
     y = torch.tensor(list(labels), dtype=torch.int64)
     classes = sorted(set(int(v) for v in labels))
-    entropy, mean = [], []
+    names = sorted(set(slices))
+    at = torch.tensor([names.index(k) for k in slices], dtype=torch.int64)
+    entropy, mean, by_slice = [], [], []
     for f in features:
-        per, m = entropy_profile(f, y, classes, params.temperature)
-        entropy.append(per)
-        mean.append(m)
-    return {"format": PROFILE_FORMAT, "run": run_seq, "step": step, "dataset": dataset_seq, "method": METHOD,
+        h = example_entropy(f, y, classes, params.temperature)
+        entropy.append([float(h[y == c].mean()) for c in classes])
+        mean.append(float(h.mean()))
+        by_slice.append([float(h[at == j].mean()) for j in range(len(names))])
+    body = {"format": PROFILE_FORMAT, "run": run_seq, "step": step, "dataset": dataset_seq, "method": METHOD,
             "parameters": params.parameters, "classes": classes,
             "counts": [int((y == c).sum()) for c in classes], "entropy": entropy, "mean": mean}
+    if params.slice is not None:
+        body["slices"] = {"by": params.slice, "names": names, "counts": [int((at == j).sum()) for j in range(len(names))],
+                          "entropy": by_slice}
+    return body
 
 
 class ProfileJob:
     """A run's depth profiles: the held-out dataset, its inputs and labels, and the parameters."""
 
-    def __init__(self, params: DepthProfiles, dataset: Any, columns: Any) -> None:
+    def __init__(self, params: DepthProfiles, dataset: Any, columns: Any, registry: Any = None) -> None:
         self.params, self.dataset, self.columns = params, dataset, columns
         self.labels = [int(m.label) for m in dataset.manifests]
+        self.slices: list[str] = []
+        if params.slice is not None:
+            self.slices = [slice_key(m.manifest, [registry.get(e["key_id"]).path for e in m.manifest["sources"]],
+                                     params.slice) for m in dataset.manifests]
 
     @classmethod
     def of(cls, ledger: Any, params: DepthProfiles, trained: Any, ranks: Any = None) -> "ProfileJob":
@@ -172,7 +213,7 @@ class ProfileJob:
                                   "held-out examples with their inputs first")
         dataset = load_dataset(ledger, seqs[-1])
         check_held_out(dataset, trained, params.dataset)
-        return cls(params, dataset, load_inputs(ledger, dataset))
+        return cls(params, dataset, load_inputs(ledger, dataset), ledger.registry)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -195,7 +236,7 @@ class ProfileJob:
         """The DepthProfile body of step ``step`` of run ``run_seq`` from its ``features`` (the read-out:
         the recorder thread's work, while training goes on)."""
         assert self.dataset.seq is not None
-        return profile_body(run_seq, step, self.dataset.seq, features, self.labels, self.params)
+        return profile_body(run_seq, step, self.dataset.seq, features, self.labels, self.params, self.slices)
 
 
 def check_held_out(dataset: Any, trained: Any, name: str) -> None:

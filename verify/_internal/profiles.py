@@ -10,7 +10,7 @@ came back with what was recorded (``compare_profiles``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -53,16 +53,34 @@ class ProfileClaim:
     step: int
     entropy: list[list[float]]
     mean: list[float]
+    #: per band, per slice (§5.3): empty where the run profiles classes only
+    slices: list[list[float]] = field(default_factory=list)
 
 
 # -- §5.2 the read-out, the verifier's twin ----------------------------------------------------
 
 
-def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
-                    ) -> tuple[list[float], float]:
-    """§5.2, step by step: centre, scale to unit mean squared norm (unless every row is the same),
-    squared distance to each class's mean, softmax of ``-d2 / temperature``, entropy in bits; its mean
-    per class and over every example."""
+def slice_key(fields: Mapping[str, Any], paths: Sequence[str], by: str) -> str:
+    """§5.3: a held-out example's slice: its review state, or the longest common prefix (whole segments)
+    of its sources' credential paths, ``"*"`` when they share none."""
+    if by == "review":
+        return str(fields["review"])
+    common: list[str] | None = None
+    for path in paths:
+        segs = path.split("/")
+        if common is None:
+            common = segs
+            continue
+        n = 0
+        while n < len(common) and n < len(segs) and common[n] == segs[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common or []) or "*"
+
+
+def example_entropy(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float) -> Tensor:
+    """§5.2 steps 1-3, step by step: centre, the unit-norm scale, each class's mean, the logits of the
+    squared distances to them, softmax, entropy in bits: one value per example."""
     z = features - features.mean(dim=0)
     s2 = z.square().sum(dim=1).mean()
     mu = torch.stack([z[labels == c].mean(dim=0) for c in classes])
@@ -70,7 +88,13 @@ def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], te
     # over s2 (unit mean squared norm) and the temperature, unless every row is the same
     logits = (2.0 * (z @ mu.T) - mu.square().sum(dim=1)) / ((s2 if float(s2) > 0.0 else 1.0) * temperature)
     p = torch.softmax(logits, dim=1)
-    h = torch.special.entr(p).sum(dim=1) / math.log(2.0)
+    return torch.special.entr(p).sum(dim=1) / math.log(2.0)
+
+
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
+                    ) -> tuple[list[float], float]:
+    """§5.2 step 4: ``example_entropy``'s mean per class, and over every example."""
+    h = example_entropy(features, labels, classes, temperature)
     return [float(h[labels == c].mean()) for c in classes], float(h.mean())
 
 
@@ -81,7 +105,8 @@ def _values(node_outputs: Sequence[str | None], value: Any) -> list[tuple[str, A
     return [(o, v) for o, v in zip(node_outputs, value) if o is not None]
 
 
-def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str, Any]) -> tuple[list[list[float]], list[float]]:
+def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str, Any]
+                     ) -> tuple[list[list[float]], list[float], list[list[float]]]:
     """§5.1, §5.2 for the module's weights now: ``inputs`` the held-out examples' program inputs (one
     tensor, or parts in canonical order), ``request`` from ``held_out_request``. Band ``k >= 1`` reads
     its boundary's one value (routing.md §6.1), band 0 the program's first floating output."""
@@ -122,12 +147,15 @@ def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str
                 chunks[k].append(f.detach().reshape(rows, -1).to(torch.float64))
     labels = torch.tensor(request["labels"], dtype=torch.int64)
     classes = sorted(set(request["labels"]))
-    entropy, mean = [], []
+    names = sorted(set(request["slices"]))
+    at = torch.tensor([names.index(k) for k in request["slices"]], dtype=torch.int64)
+    entropy, mean, by_slice = [], [], []
     for c in chunks:
-        per, m = entropy_profile(torch.cat(c), labels, classes, request["temperature"])
-        entropy.append(per)
-        mean.append(m)
-    return entropy, mean
+        h = example_entropy(torch.cat(c), labels, classes, request["temperature"])
+        entropy.append([float(h[labels == k].mean()) for k in classes])
+        mean.append(float(h.mean()))
+        by_slice.append([float(h[at == j].mean()) for j in range(len(names))])
+    return entropy, mean, by_slice
 
 
 # -- §5.3 the records, before replay -----------------------------------------------------------
@@ -140,7 +168,17 @@ def held_out_request(st: Structure, run: Run) -> dict[str, Any] | None:
     if declared is None:
         return None
     ds = st.datasets[declared["dataset"]["seq"]]
-    return {"inputs": ds.data, "labels": [int(m.label) for m in ds.manifests], "temperature": declared["temperature"]}
+    return {"inputs": ds.data, "labels": [int(m.label) for m in ds.manifests], "temperature": declared["temperature"],
+            "slices": _slices(st, ds, declared.get("slice"))}
+
+
+def _slices(st: Structure, ds: Any, by: str | None) -> list[str]:
+    """Each held-out example's slice (§5.3), or none where the run asks for classes only. A source's
+    path is its credential's, from the registry the structural checks built."""
+    if by is None:
+        return []
+    return [slice_key(m.fields, [st.registry.get(e["key_id"]).path for e in m.fields["sources"]], by)
+            for m in ds.manifests]
 
 
 def check_profiles(st: Structure) -> list[ProfileClaim]:
@@ -213,7 +251,8 @@ def _check(obs: Sealed, st: Structure) -> ProfileClaim:
         raise bad(f"run {run.run_id!r} declares no depth profiles (settings.monitors.profiles)")
     if obs.signer != st.observations[run.seq].signer:
         raise bad("it is not signed by the run's trainer")
-    if body["dataset"] != declared["dataset"]["seq"] or body["parameters"] != {"temperature": declared["temperature"]}:
+    params = {"temperature": declared["temperature"], **({"slice": declared["slice"]} if "slice" in declared else {})}
+    if body["dataset"] != declared["dataset"]["seq"] or body["parameters"] != params:
         raise bad("its dataset and parameters are not the ones the run's settings.monitors.profiles declares")
     step = body["step"]
     at = [c for c in run.checkpoints if st.observations[c].body["step"] == step]
@@ -229,7 +268,21 @@ def _check(obs: Sealed, st: Structure) -> ProfileClaim:
             and _floats(mean, n_bands, top)):
         raise bad(f"entropy is not {n_bands} bands x {len(classes)} classes, and mean {n_bands} values, each a float "
                   f"in [0, log2({len(classes)})]")
-    return ProfileClaim(seq, run.seq, step, entropy, mean)
+    slices: list[list[float]] = []
+    if "slice" in declared:
+        keys = _slices(st, st.datasets[declared["dataset"]["seq"]], declared["slice"])
+        names = sorted(set(keys))
+        got = body.get("slices")
+        want = {"by": declared["slice"], "names": names, "counts": [keys.count(k) for k in names]}
+        if not isinstance(got, dict) or set(got) != {"by", "names", "counts", "entropy"} or \
+                {k: got[k] for k in ("by", "names", "counts")} != want:
+            raise bad(f"slices is not the held-out examples' {declared['slice']} slices {names} with their counts")
+        slices = got["entropy"]
+        if not (isinstance(slices, list) and len(slices) == n_bands and all(_floats(e, len(names), top) for e in slices)):
+            raise bad(f"slices.entropy is not {n_bands} bands x {len(names)} slices, each a float in [0, log2(|C|)]")
+    elif "slices" in body:
+        raise bad("it records slices the run's settings do not declare")
+    return ProfileClaim(seq, run.seq, step, entropy, mean, slices)
 
 
 # -- §5.4 recomputed against recorded ------------------------------------------------------------
@@ -237,7 +290,8 @@ def _check(obs: Sealed, st: Structure) -> ProfileClaim:
 
 def compare_profiles(claims: Sequence[ProfileClaim], found: Mapping[tuple[int, int], Any], *, exact: bool
                      ) -> tuple[int, float]:
-    """Each claim whose checkpoint a replayed segment recomputed (``found``: (run, step) -> (entropy, mean))
+    """Each claim whose checkpoint a replayed segment recomputed (``found``: (run, step) -> (entropy, mean,
+    slices))
     within §5.4's bound; (claims recomputed, largest deviation in bits). Raises ProfileInvalid."""
     bound = EXACT_BITS if exact else TOLERANCE_BITS
     done, worst = 0, 0.0
@@ -245,10 +299,13 @@ def compare_profiles(claims: Sequence[ProfileClaim], found: Mapping[tuple[int, i
         got = found.get((c.run, c.step))
         if got is None:
             continue
-        entropy, mean = got
+        entropy, mean, by_slice = got
         pairs = [(f"band {k} class position {i}", a, b) for k, (es, fs) in enumerate(zip(c.entropy, entropy))
                  for i, (a, b) in enumerate(zip(es, fs))] + [(f"band {k} mean", a, b) for k, (a, b) in enumerate(zip(c.mean, mean))]
-        if len(entropy) != len(c.entropy) or any(len(a) != len(b) for a, b in zip(c.entropy, entropy)):
+        pairs += [(f"band {k} slice position {i}", a, b) for k, (es, fs) in enumerate(zip(c.slices, by_slice))
+                  for i, (a, b) in enumerate(zip(es, fs))]
+        if len(entropy) != len(c.entropy) or any(len(a) != len(b) for a, b in zip(c.entropy, entropy)) or \
+                (c.slices and (len(by_slice) != len(c.slices) or any(len(a) != len(b) for a, b in zip(c.slices, by_slice)))):
             raise ProfileInvalid(f"DepthProfile {c.seq}: the recomputed profile has another shape", c.seq)
         for where, a, b in pairs:
             d = abs(a - b)

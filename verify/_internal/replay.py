@@ -120,7 +120,7 @@ class SegmentResult:
     #: The recorded traces' terms in this segment (attribution.Terms.to_obj), one per probe it was given.
     traces: list[Any] = field(default_factory=list)
     #: Depth profiles recomputed at the segment's checkpoints (specs/dynamics.md §5): ``[step, entropy,
-    #: mean]``, or ``[step, error]`` where the program's values cannot give one.
+    #: mean, slices]``, or ``[step, error]`` where the program's values cannot give one.
     profiles: list[Any] = field(default_factory=list)
 
     def to_obj(self) -> dict[str, Any]:
@@ -313,10 +313,10 @@ def _profile(ctx: RunContext, module: Any, artifact: Callable[[bytes], bytes | N
     if set(tensors) != set(names):
         return [step, f"the held-out inputs hold {sorted(tensors)[:4]}, the program takes {names}"]
     try:
-        entropy, mean = segment_profiles(module, [tensors[n] for n in names], ctx.held_out)
+        entropy, mean, slices = segment_profiles(module, [tensors[n] for n in names], ctx.held_out)
     except ProfileInvalid as exc:
         return [step, str(exc)]
-    return [step, entropy, mean]
+    return [step, entropy, mean, slices]
 
 
 def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | None], exact: bool,

@@ -400,7 +400,8 @@ def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError
         raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
     if "profiles" in m and not profile_settings(m["profiles"]):
         raise fail("settings.monitors.profiles is not {dataset: {name, seq, root, count in [1, 4096]}, method: "
-                   "'ncm-entropy', temperature: float in [0.001, 1000]} (specs/dynamics.md §5.1)")
+                   "'ncm-entropy', temperature: float in [0.001, 1000], ? slice: 'authority' or 'review'} "
+                   "(specs/dynamics.md §5.1)")
     return dict(m)
 
 
@@ -411,7 +412,9 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 
 def profile_settings(p: Any) -> bool:
     """§5.1: ``{"dataset": {"name", "seq", "root", "count"}, "method": "ncm-entropy", "temperature"}``."""
-    if not isinstance(p, dict) or set(p) != {"dataset", "method", "temperature"} or p["method"] != "ncm-entropy":
+    keys = {"dataset", "method", "temperature"}
+    if not isinstance(p, dict) or set(p) - {"slice"} != keys or p["method"] != "ncm-entropy" \
+            or p.get("slice", "authority") not in ("authority", "review"):
         return False
     d, t = p["dataset"], p["temperature"]
     return isinstance(d, dict) and set(d) == {"name", "seq", "root", "count"} and type(d["name"]) is str \
