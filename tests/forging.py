@@ -1086,11 +1086,15 @@ def _swap_artifact_only(g: Forge, k: int, change: Callable[[dict[str, Any]], Non
 
 
 def _no_inputs(g: Forge, dataset: int, final: int, keep_field: bool = False) -> None:
-    data = g.body(dataset)["data"]
-    g.arts.pop(data, None)
+    """A bundle exported without data: no dataset's inputs (the held-out set's either), ``dataset``'s field
+    kept where ``keep_field`` asks; the final weights fine-tuned."""
+    for k in g.seqs("DatasetCommitted"):
+        if "data" not in g.body(k):
+            continue
+        g.arts.pop(g.body(k)["data"], None)
+        if not (keep_field and k == dataset):
+            g.delete(k, ("data",))
     g.with_data = False
-    if not keep_field:
-        g.delete(dataset, ("data",))
     rewrite_checkpoint(g, final, _perturb(1e-3))
 
 

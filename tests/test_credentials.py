@@ -524,6 +524,10 @@ def bodies(world: World) -> dict[str, dict]:
             "format": 1, "run": 0, "through": 1, "method": "lt-iqr", "parameters": {"fraction": 0.01, "min_trace": 4},
             "scored": 0, "flagged": [], "scores_digest": b"7" * 32,
         },
+        "DepthProfile": {
+            "format": 1, "run": 0, "step": 0, "dataset": 0, "method": "ncm-entropy", "parameters": {"temperature": 0.2},
+            "classes": [0, 1], "counts": [1, 1], "entropy": [[0.5, 0.5]], "mean": [0.5],
+        },
     }
 
 

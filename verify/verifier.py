@@ -112,11 +112,6 @@ class Verifier:
         _check_scans(structure, report)
         if report.first_failure is not None:
             return report
-        try:
-            profile_claims = check_profiles(structure)
-        except ProfileInvalid as exc:
-            report.add("profiles", "fail", str(exc), seq=exc.seq)
-            return report
         if self.policy.release is not None:
             started = time.perf_counter()
             facts = check_release(self.policy.release, structure, report)
@@ -139,6 +134,11 @@ class Verifier:
             return report
         heads = _heads(observations, report)
         if report.first_failure is not None:
+            return report
+        try:  # specs/dynamics.md §5.4: the profiles' form, before replay recomputes their values
+            profile_claims = check_profiles(structure)
+        except ProfileInvalid as exc:
+            report.add("profiles", "fail", str(exc), seq=exc.seq)
             return report
         terms: dict[int, dict[tuple[int, int], Any]] = {}
         profiles: dict[tuple[int, int], Any] = {}

@@ -220,9 +220,6 @@ def _declared(st: Structure, run: Run) -> dict[str, Any] | None:
         raise ProfileInvalid(f"RunStarted {run.seq}: settings.monitors.profiles names dataset {d['name']!r} at "
                              f"{d['seq']}, which is not a DatasetCommitted before the run with that name, root and "
                              "count", run.seq)
-    if ds.data is None:
-        raise ProfileInvalid(f"RunStarted {run.seq}: the profiles' dataset {d['name']!r} was committed without its "
-                             "inputs", run.seq)
     trained = {m.fields["example"] for m in st.datasets[run.dataset_seq or 0].manifests}
     if any(m.fields["example"] in trained for m in ds.manifests):
         raise ProfileInvalid(f"RunStarted {run.seq}: the profiles' dataset {d['name']!r} shares examples with the "

@@ -305,9 +305,10 @@ def _profile(ctx: RunContext, module: Any, artifact: Callable[[bytes], bytes | N
     from safetensors.torch import load
 
     assert ctx.held_out is not None
-    data = artifact(ctx.held_out["inputs"])
+    data = None if ctx.held_out["inputs"] is None else artifact(ctx.held_out["inputs"])
     if data is None:
-        return [step, "the held-out dataset's inputs are not in the bundle"]
+        return [step, "the held-out dataset's inputs are not in the bundle (committed without them, or exported "
+                      "without data)"]
     tensors = load(data)
     names = [c.tensor for c in program_columns(ctx.settings)]
     if set(tensors) != set(names):

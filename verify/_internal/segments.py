@@ -137,7 +137,7 @@ def _shares(jobs: Sequence[Job], n: int) -> list[list[int]]:
 
 def named_artifacts(ctx: RunContext, seg: Segment, probes: Sequence[Probe] = ()) -> list[Any]:
     return [ctx.program, ctx.inputs, seg.start.get("artifact"), seg.end.get("artifact"),
-            *(p.query.get("file") for p in probes), *([ctx.held_out["inputs"]] if ctx.held_out else [])]
+            *(p.query.get("file") for p in probes), *([ctx.held_out["inputs"]] if ctx.held_out and ctx.held_out["inputs"] else [])]
 
 
 def _in_workers(
