@@ -6,10 +6,11 @@
                        [--key-field K] [--json]
 
 Ranks every trained example of the run by the evidence that its label needs a second look (its
-recorded loss, memorization, disagreement between its sources, influence on a traced behavior),
-writes the top of that list as a Label Studio task import, a Labelbox prediction import or CSV, and
-prints where those examples come from (sources, classes). Exit 0 with the file written; 2 for a
-ledger, run or option that cannot be used (one line).
+recorded loss, memorization, disagreement between its sources, influence on a traced behavior, its
+class's confusion at depth where the run recorded DepthProfiles), writes the top of that list as a
+Label Studio task import, a Labelbox prediction import or CSV, and prints where those examples come
+from (sources, classes) and the classes the run's last depth profile finds most confused. Exit 0
+with the file written; 2 for a ledger, run or option that cannot be used (one line).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def _render(report: dict[str, Any]) -> str:
     for s in report["sources"][:8]:
         lines.append(f"  {s['name']:<24} {s['prioritized']:>5} of {s['trained']:<6} ({s['share']:.0%})")
     lines.append("classes: " + ", ".join(f"{c['name']} {c['share']:.0%}" for c in report["classes"][:10]))
+    depth = report.get("depth")
+    if depth is not None:
+        bands = depth["bands"]
+        lines.append(f"confusion at depth (DepthProfile at step {depth['step']}; bits of at most "
+                     f"{depth['max_bits']:.2f} per band, {' / '.join(bands)}), most confused at the head first:")
+        for c in depth["classes"][:5]:
+            at = c["confused_from"]
+            half = depth["max_bits"] / 2
+            where = (f"at most {half:.2f} bits at every band" if at is None
+                     else f"above {half:.2f} bits up to {bands[at]}")
+            lines.append(f"  class {str(c['class']):<8} " + " / ".join(f"{h:.2f}" for h in c["entropy"])
+                         + f"  ({where})")
     return "\n".join(lines)
 
 
@@ -41,7 +54,7 @@ def _feedback(args: argparse.Namespace) -> int:
     from gradledger.ledger.ledger import Ledger
     from gradledger.training.cli_labels import _examples
     from gradledger.training.dynamics.export import FORMATS, keys_of, render
-    from gradledger.training.dynamics.feedback import FeedbackError, priorities, summarize
+    from gradledger.training.dynamics.feedback import FeedbackError, depth_report, priorities, summarize
 
     if args.format not in FORMATS:
         raise FeedbackError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
@@ -61,6 +74,7 @@ def _feedback(args: argparse.Namespace) -> int:
     keys = keys_of(_examples(args.examples)) if args.examples is not None else {}
     with Ledger.open(args.ledger) as ledger:
         lin, items = priorities(ledger, run_id=args.run_id)
+        depth = depth_report(ledger, lin)
     top = args.top if args.top is not None else math.ceil(args.fraction * len(items))
     chosen = items[:top]
     text = render(chosen, args.format, keys=keys, classes=classes, run=lin.run.run_id, steps=len(lin.run.updates),
@@ -69,7 +83,7 @@ def _feedback(args: argparse.Namespace) -> int:
     tmp = out.with_name(out.name + ".part")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)  # never a half-written file under the name asked for
-    summary = summarize(items, top)
+    summary = summarize(items, top, depth)
     report = {
         "run": lin.run.run_id, "steps": len(lin.run.updates), "trained": len(items), "written": len(chosen),
         "file": str(out), "format": args.format, "matched_keys": sum(e.example in keys for e in chosen),

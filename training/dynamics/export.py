@@ -8,7 +8,11 @@
 - Labelbox: a prediction import (NDJSON, one radio classification per data row, by ``globalKey``),
   in priority order, ``confidence`` ``1 - priority``; the order is also the order to give
   ``project.create_batch(..., global_keys=...)``.
-- CSV: every field, one row per example, priority order.
+- CSV: every field, one row per example, priority order; ``confusion`` (the reason's strength, §3.1)
+  also has a column of its own, empty where the example has none (a run without depth profiles).
+
+Every reason an example has, ``confusion`` included, is in Label Studio's ``gradledger_reasons`` and
+CSV's ``reasons``; a Labelbox prediction import carries none (it has no field for them).
 
 An example's platform key comes from the examples file given to ``gradledger labels import`` (its
 tensors are named by key; an example is matched by its example id, the SHA-256 of its input); without
@@ -64,10 +68,12 @@ def render(items: Sequence[Priority], fmt: str, *, keys: Mapping[bytes, str], cl
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["rank", "key", "index", "example", "label", "sources", "priority", "mean_loss", "reasons"])
+        w.writerow(["rank", "key", "index", "example", "label", "sources", "priority", "mean_loss", "reasons",
+                    "confusion"])
         for rank, e in enumerate(items):
+            c = e.reasons.get("confusion")
             w.writerow([rank + 1, key(e), e.index, e.example.hex(), _name(e.label, classes), " ".join(e.sources),
-                        f"{e.priority:.6f}", f"{e.mean_loss:.6g}", _reasons(e)])
+                        f"{e.priority:.6f}", f"{e.mean_loss:.6g}", _reasons(e), "" if c is None else f"{c:.6f}"])
         return buf.getvalue()
     raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
 

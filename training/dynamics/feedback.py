@@ -11,12 +11,24 @@ Reasons, each a strength in [0, 1]:
 - ``disagreement``: the share of its votes' confidence that went to another class than its label.
 - ``influence``: it is among the examples a recorded ForensicTrace of the run found teaching the
   traced (unwanted) behavior.
+- ``confusion``: confusion at depth (§5). Where the run recorded DepthProfiles, the entropy of the
+  example's label's class at the head band of the run's last profile, over ``log2`` of the number of
+  classes (0 with one class); every example whose label is one of the profile's classes has it.
 
 The priority is ``0.6 loss + 0.2 disagreement + 0.2 influence`` (in [0, 1], no cap, so no ties forced
 at a ceiling). A memorization flag is given as a reason but weighs nothing: slow-to-fit examples with
 right labels have wide traces too, and bench/feedback_gain.py measured a 0.2 weight displacing
 flipped labels from the top 5% in every seed (precision 0.93 against 0.97 without it). It is there
-for the privacy review, which wants exactly those examples.
+for the privacy review, which wants exactly those examples. ``confusion`` weighs nothing too, for
+now: it is a property of the label's class, not of the example (every example of a class gets the same
+strength), and its effect on bench/feedback_gain.py's gain was not measured; it is given so that a
+reviewer sees which classes the model has not separated, and its weight is a later decision, to be
+taken on that benchmark. A run without profiles gets no ``confusion`` reason and the same priorities.
+
+The report's ``depth`` section (``depth_report``) gives, for the last profile, each class's entropy
+per band, most confused at the head first, and ``confused_from``: the band nearest the head (the
+smallest band index) at which the class's entropy is still above half of ``log2`` of the number of
+classes, None where no band's is.
 """
 
 from __future__ import annotations
@@ -35,10 +47,12 @@ from ..forensics.lineage import Lineage
 from .memorization import MemorizationScan, flag
 from .scan import recorded_traces
 
-__all__ = ["WEIGHTS", "FeedbackError", "Priority", "priorities"]
+__all__ = ["WEIGHTS", "FeedbackError", "Priority", "confusion", "depth_report", "last_profile", "priorities",
+           "summarize"]
 
-#: §3.1: the weights of the reasons in the priority (they add up to 1).
-WEIGHTS = {"loss": 0.6, "memorized": 0.0, "disagreement": 0.2, "influence": 0.2}
+#: §3.1: the weights of the reasons in the priority (they add up to 1). ``memorized`` and ``confusion``
+#: are reasons shown, not weighed (the module's docstring says why).
+WEIGHTS = {"loss": 0.6, "memorized": 0.0, "disagreement": 0.2, "influence": 0.2, "confusion": 0.0}
 
 
 class FeedbackError(GovernanceError):
@@ -101,6 +115,60 @@ def _influenced(ledger: Ledger, run_seq: int) -> set[int]:
     return out
 
 
+def last_profile(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:
+    """The run's last DepthProfile body (§5.3): the one with the largest step whose ``run`` is the run's
+    seq; None where it recorded none. A branch records none (§5.1): its original's profiles at steps up
+    to the rewind are read, the last of them profiling the very weights the branch starts from (later
+    ones read weights the retired source trained)."""
+    branch = lin.run.settings.get("branch")
+    run_seq = lin.run.seq if branch is None else branch["of"]
+    last: dict[str, Any] | None = None
+    for seq in ledger.by_type("DepthProfile"):
+        body = ledger.observation(seq).body
+        if body.get("run") != run_seq or (lin.rewind_step is not None and body["step"] > lin.rewind_step):
+            continue
+        if last is None or body["step"] >= last["step"]:
+            last = body
+    return last
+
+
+def _top_bits(profile: Mapping[str, Any]) -> float:
+    """``log2 |C|``: the most bits a profile's entropy holds (0 with one class)."""
+    n = len(profile["classes"])
+    return math.log2(n) if n > 1 else 0.0
+
+
+def confusion(profile: Mapping[str, Any]) -> dict[int, float]:
+    """§3.1's ``confusion`` strength of each of the profile's classes: its head-band (band 0) entropy over
+    ``log2 |C|``, in [0, 1]; 0 for every class when there is one."""
+    top = _top_bits(profile)
+    return {int(c): (min(1.0, max(0.0, h / top)) if top > 0 else 0.0)
+            for c, h in zip(profile["classes"], profile["entropy"][0])}
+
+
+def depth_report(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:
+    """The report's ``depth`` section (§3.1) from the run's last profile, None without one: its step, the
+    bands' names (the run's settings, else ``band k``), ``log2 |C|``, and per class, most confused at the
+    head first (ties: lower class first), its entropy per band (head first) and ``confused_from``: the
+    smallest band index whose entropy is above half of ``log2 |C|`` (None where none is)."""
+    profile = last_profile(ledger, lin)
+    if profile is None:
+        return None
+    entropy = profile["entropy"]
+    named = lin.run.settings.get("bands")
+    names = [b.get("name") for b in named.get("bands", [])] if isinstance(named, Mapping) else []
+    if len(names) != len(entropy) or not all(isinstance(n, str) for n in names):
+        names = [f"band {k}" for k in range(len(entropy))]
+    half = _top_bits(profile) / 2
+    rows = []
+    for i, c in enumerate(profile["classes"]):
+        bits = [float(band[i]) for band in entropy]
+        rows.append({"class": int(c), "entropy": bits,
+                     "confused_from": next((k for k, h in enumerate(bits) if h > half), None)})
+    rows.sort(key=lambda r: (-r["entropy"][0], r["class"]))
+    return {"step": profile["step"], "bands": names, "max_bits": _top_bits(profile), "classes": rows}
+
+
 def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: MemorizationScan | None = None) -> tuple[
         Lineage, list[Priority]]:
     """Every trained example of run ``run_id`` (default: the latest governed run or branch), highest
@@ -116,6 +184,8 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
     loss_pct = _percentile(torch.nan_to_num(mean, nan=0.0), trained)
     mem_pct = _percentile(torch.nan_to_num(lt, nan=0.0), ~lt.isnan())
     influenced = _influenced(ledger, lin.run.seq)
+    profile = last_profile(ledger, lin)
+    confused = confusion(profile) if profile is not None else {}
     out = []
     for z in torch.nonzero(trained).flatten().tolist():
         m = lin.fields[z]
@@ -127,6 +197,8 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
             reasons["disagreement"] = d
         if z in influenced:
             reasons["influence"] = 1.0
+        if int(m["label"]) in confused:
+            reasons["confusion"] = confused[int(m["label"])]
         p = sum(WEIGHTS[k] * v for k, v in reasons.items())
         out.append(Priority(z, lin.dataset.manifests[z].example, int(m["label"]),
                             sorted({s["source"] for s in m["sources"]}), p, reasons, float(mean[z])))
@@ -134,9 +206,10 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
     return lin, out
 
 
-def summarize(items: Sequence[Priority], top: int) -> dict[str, Any]:
+def summarize(items: Sequence[Priority], top: int, depth: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Where the top ``top`` examples come from: per source and per class, how many of them, and the
-    share of that source's or class's trained examples that is."""
+    share of that source's or class's trained examples that is; and ``depth``, the run's
+    ``depth_report`` (None: the run recorded no profile)."""
     def table(key: Any) -> list[dict[str, Any]]:
         total: dict[Any, int] = {}
         hit: dict[Any, int] = {}
@@ -149,4 +222,5 @@ def summarize(items: Sequence[Priority], top: int) -> dict[str, Any]:
                 for k, n in total.items()]
         rows.sort(key=lambda r: (-r["share"], -r["prioritized"], str(r["name"])))
         return rows
-    return {"sources": table(lambda e: e.sources), "classes": table(lambda e: [e.label])}
+    return {"sources": table(lambda e: e.sources), "classes": table(lambda e: [e.label]),
+            "depth": None if depth is None else dict(depth)}
