@@ -366,3 +366,41 @@ def test_a_lie_about_a_slice_is_caught(sliced: Ledger, tmp_path: Path, name: str
     code, report = verify(sliced, tmp_path, forge)
     assert_caught(code, report)
     assert report["first_failure"]["name"] == "profiles", report["first_failure"]
+
+
+def test_a_resumed_budgeted_run_routes_by_the_profiles_it_recorded(budgeted: Ledger, tmp_path: Path) -> None:
+    """A crash after a checkpoint loses nothing committed; the resumed run reads the suspended rules back
+    from the recorded profiles and takes the uninterrupted run's steps."""
+    from gradledger.training.trainer import Trainer
+
+    class Crash(Exception):
+        pass
+
+    steps = len(budgeted.by_type("GovernedUpdate"))
+    path = tmp_path / "crashed"
+    led, _ = new_ledger(path)
+    commit_dataset(led, HELD, "heldout", WORLD.trainer, inputs=HX)
+    ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
+
+    def engine(model: Any) -> tuple[Governance, Any, Any]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        run = Governance(led, WORLD.trainer, dataset=ds, policy=BUDGET_POLICY, layout=sequential_bands(model),
+                         run_id="profiled", checkpoint_every=EVERY, seed=3, root_key=WORLD.root,
+                         profiles=DepthProfiles("heldout"))
+        return run, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH)
+
+    with pytest.raises(Crash), led:
+        run, opt, loader = engine(model := make_model())
+        gm, gopt, gl = run.make_governed(model, opt, loader)
+        Trainer(run).fit(gm, gopt, gl, 2 * EVERY + 3, close=False)
+        raise Crash
+    led = Ledger.open(path, writable=True)
+    try:
+        run, opt, loader = engine(model := make_model())
+        gm, gopt, gl = run.resume(model, opt, loader)
+        Trainer(run).fit(gm, gopt, gl, steps)
+        got = [led.observation(s).body["routing"] for s in led.by_type("GovernedUpdate")]
+        want = [budgeted.observation(s).body["routing"] for s in budgeted.by_type("GovernedUpdate")]
+        assert got == want and any(CROWD in s for s in _suspended_steps(led).values())
+    finally:
+        led.close()
