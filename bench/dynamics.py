@@ -324,8 +324,21 @@ def candidates(steps: Steps, count: int) -> dict[str, Tensor]:
         total.index_add_(0, b, v)
         seen.index_add_(0, b, torch.ones_like(v))
         final[b] = v  # a batch holds an index once: the later step overwrites
+    per: list[list[float]] = [[] for _ in range(count)]
+    for batch, values in steps:
+        for i, v in zip(batch, values.tolist()):
+            per[i].append(v)
+    nan = math.nan
+
+    def early(t: list[float]) -> float:  # the mean over the first quarter: how hard before it was fitted
+        q = max(1, len(t) // 4)
+        return sum(t[:q]) / q if t else nan
     return {"lt_iqr": traces.scores(PARAMS.min_trace), "mean_loss": total / seen, "final_loss": final,
-            "cumulative_loss": total}
+            "cumulative_loss": total,
+            "early_loss": torch.tensor([early(t) for t in per], dtype=torch.float64),
+            "max_loss": torch.tensor([max(t) if t else nan for t in per], dtype=torch.float64),
+            "late_mean_loss": torch.tensor([sum(t[len(t) // 2:]) / max(1, len(t) - len(t) // 2) if t else nan
+                                            for t in per], dtype=torch.float64)}
 
 
 def monitor_costs(steps: Steps, checkpoints: list[int], run_seq: int, count: int) -> list[tuple[int, float, float]]:

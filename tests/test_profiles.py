@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
@@ -24,7 +23,7 @@ from gradledger.training.dataset import commit_dataset
 from gradledger.training.dynamics import profiles as TP
 from gradledger.training.errors import GovernanceError
 from gradledger.training.manifests import example_id, label_example, source_entry
-from gradledger.training.trainer import Governance
+from gradledger.training.trainer import Governance, Trainer
 from gradledger.verify._internal import profiles as VP
 from helpers import verify_cli
 from test_idioms import BATCH, _keys, assert_caught, assert_verified, make_model, verify
@@ -49,20 +48,20 @@ def _held_out(lo: int = 240, hi: int = 400) -> tuple[torch.Tensor, list[Any]]:
 HX, HELD = _held_out()
 
 
-def _run(led: Ledger, profiles: Any, policy: Any = POLICY, **kw: Any) -> Governance:
-    ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
-    model = make_model()
+def _engine(led: Ledger, ds: Any, model: Any, profiles: Any, policy: Any = POLICY) -> tuple[Governance, Any, Any]:
+    """The profiled run of ``model`` over the digits, its optimizer and the user's loader."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     run = Governance(led, WORLD.trainer, dataset=ds, policy=policy, layout=sequential_bands(model), run_id="profiled",
-                     checkpoint_every=EVERY, seed=3, root_key=WORLD.root, profiles=profiles, **kw)
-    gm, gopt, gl = run.make_governed(model, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH))
-    gm.train()
-    for _ in range(EPOCHS):
-        for xb, yb in gl:
-            gopt.zero_grad()
-            F.cross_entropy(gm(xb), yb).backward()
-            gopt.step()
-    run.close()
+                     checkpoint_every=EVERY, seed=3, root_key=WORLD.root, profiles=profiles)
+    return run, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH)
+
+
+def _run(led: Ledger, profiles: Any, policy: Any = POLICY) -> Governance:
+    """EPOCHS epochs of the run, closed."""
+    ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
+    run, opt, loader = _engine(led, ds, model := make_model(), profiles, policy)
+    gm, gopt, gl = run.make_governed(model, opt, loader)
+    Trainer(run).fit(gm, gopt, gl, EPOCHS * run.steps_per_epoch)
     return run
 
 
@@ -371,8 +370,6 @@ def test_a_lie_about_a_slice_is_caught(sliced: Ledger, tmp_path: Path, name: str
 def test_a_resumed_budgeted_run_routes_by_the_profiles_it_recorded(budgeted: Ledger, tmp_path: Path) -> None:
     """A crash after a checkpoint loses nothing committed; the resumed run reads the suspended rules back
     from the recorded profiles and takes the uninterrupted run's steps."""
-    from gradledger.training.trainer import Trainer
-
     class Crash(Exception):
         pass
 
@@ -383,11 +380,7 @@ def test_a_resumed_budgeted_run_routes_by_the_profiles_it_recorded(budgeted: Led
     ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
 
     def engine(model: Any) -> tuple[Governance, Any, Any]:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        run = Governance(led, WORLD.trainer, dataset=ds, policy=BUDGET_POLICY, layout=sequential_bands(model),
-                         run_id="profiled", checkpoint_every=EVERY, seed=3, root_key=WORLD.root,
-                         profiles=DepthProfiles("heldout"))
-        return run, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH)
+        return _engine(led, ds, model, DepthProfiles("heldout"), BUDGET_POLICY)
 
     with pytest.raises(Crash), led:
         run, opt, loader = engine(model := make_model())
