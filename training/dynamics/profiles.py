@@ -119,17 +119,20 @@ def _first_float(value: Any) -> Tensor | None:
 
 
 def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> list[Tensor]:
-    """Per band (head first), the ``[count, width]`` binary64 features of the held-out examples: the
-    gated model run at profiles of ones (the identity gate) on chunks of ``CHUNK`` rows, chunk ``j``
-    under the default generator seeded ``j`` in a forked generator (the run's own draws never move)."""
-    from ..gate import GatedModel
+    """Per band (head first), the ``[count, width]`` features of the held-out examples, in the model's
+    dtype (the read-out casts them to binary64): the model run plainly (the gate's hooks are inert
+    outside its forward: the identity gate's values, up to the sign of zero) on chunks of ``CHUNK``
+    rows, chunk ``j`` under the default generator seeded ``j`` in a forked generator (the run's own
+    draws never move). Each boundary must run once per forward, as in training."""
     from ..recorder import float_leaves
 
     n = len(gated.bands)
     seen: list[Tensor | None] = [None] * n
+    calls = [0] * n
     handles = []
     for k in range(1, n):
         def hook(_m: Any, _i: Any, out: Any, k: int = k) -> None:
+            calls[k] += 1
             seen[k] = _first_float(out)
             if seen[k] is None:
                 raise GovernanceError(f"boundary {gated.layout.bands[k].boundary!r} of band {gated.bands.names[k]!r} "
@@ -143,11 +146,12 @@ def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> li
                 torch.default_generator.manual_seed(j)
                 x = rows(start, min(start + CHUNK, count))
                 batch = gated.inputs.flatten(x)[0].shape[0]
-                # The gate's own forward at ratios of one (not the governed model's, which would take
-                # this for a training step): the plain model's values, as replay's program gives them.
-                out = float_leaves(GatedModel.forward(gated, x, torch.ones(batch, n)))
+                calls[:] = [0] * n
+                out = float_leaves(gated.inputs.call_model(gated.model, x))
                 if not out:
                     raise GovernanceError("the model has no floating output: its depth profile has no features")
+                if any(c != 1 for c in calls[1:]):
+                    raise GovernanceError("a band boundary ran other than once in the profile's forward")
                 seen[0] = out[0]
                 for k in range(n):
                     f = seen[k]
@@ -155,7 +159,7 @@ def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> li
                     if f.dim() == 0 or f.shape[0] != batch:
                         raise GovernanceError(f"band {gated.bands.names[k]!r}'s boundary output has shape "
                                               f"{list(f.shape)}, not the batch ({batch}) first")
-                    chunks[k].append(f.detach().reshape(batch, -1).to(torch.float64))
+                    chunks[k].append(f.detach().reshape(batch, -1))
     finally:
         for h in handles:
             h.remove()
@@ -172,7 +176,7 @@ def profile_body(run_seq: int, step: int, dataset_seq: int, features: Sequence[T
     at = torch.tensor([names.index(k) for k in slices], dtype=torch.int64)
     entropy, mean, by_slice = [], [], []
     for f in features:
-        h = example_entropy(f, y, classes, params.temperature)
+        h = example_entropy(f.to(torch.float64), y, classes, params.temperature)
         entropy.append([float(h[y == c].mean()) for c in classes])
         mean.append(float(h.mean()))
         by_slice.append([float(h[at == j].mean()) for j in range(len(names))])
@@ -211,7 +215,7 @@ class ProfileJob:
         if not seqs:
             raise GovernanceError(f"profiles dataset {params.dataset!r} is not committed in this ledger: commit the "
                                   "held-out examples with their inputs first")
-        dataset = load_dataset(ledger, seqs[-1])
+        dataset = load_dataset(ledger, seqs[-1], verify=False)  # this ledger's own record, checked at its commit
         check_held_out(dataset, trained, params.dataset)
         return cls(params, dataset, load_inputs(ledger, dataset), ledger.registry)
 
