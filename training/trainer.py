@@ -45,14 +45,14 @@ from .distributed import RankGroup, RankRefused, shard_sizes, shards
 from .dynamics.memorization import LossTraces, MemorizationScan, flag
 from .dynamics.canaries import scanned_sets
 from .dynamics.record import record_scan, scan_body
-from .dynamics.profiles import DepthProfiles, ProfileJob
+from .dynamics.profiles import Budgets, DepthProfiles, ProfileJob
 from .environment import environment
 from .errors import DatasetError, GovernanceError, ManifestError, PolicyError
 from .gate import GatedModel, batch_statistics_module, check_routing, export_gated
 from .inputs import InputStructure, program_settings
 from .manifests import example_id
 from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_order, micro_seed, step_seed
-from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, suspended_rules, verify_policy
+from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused
 from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, example_loss_function, loss_function,
@@ -213,13 +213,8 @@ class Governance:
         self.ranks = RankGroup.current()
         #: specs/dynamics.md §5: the depth profile recorded at every checkpoint, over a held-out dataset.
         self.profiles = None if profiles is None else ProfileJob.of(ledger, profiles, dataset, self.ranks)
-        budgeted = [policy.compiled.rules[i].name for i in policy.compiled.budgets]
-        if budgeted and self.profiles is None:
-            raise GovernanceError(f"policy {policy.policy['name']!r} gives rule(s) {budgeted} an entropy budget, which "
-                                  "reads the run's depth profiles (specs/dynamics.md §5.5): govern with "
-                                  "profiles=DepthProfiles(<held-out dataset>)")
-        #: §5.5: the last checkpoint's profile means, which the next one's are compared with.
-        self._profile_means: list[float] | None = None
+        #: §5.5: the policy's entropy budgets, read from each checkpoint's profile (None: no budget).
+        self.budgets = Budgets.of(policy, self.profiles)
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -390,8 +385,8 @@ class Governance:
             self._read_back_traces(run_seq, ckpt_seq)
         if self.ranks is not None and self._routes.reads_flags and self.step > 0:
             self._use_flags(self._rank0_flags(self._routes.flags))  # what rank 0 read back
-        if self.policy.compiled.budgets:
-            self._read_back_profiles(run_seq)
+        if self.budgets is not None:  # §5.5: the rules the resume checkpoint's recorded profile suspends
+            self._use_suspended(self.budgets.read_back(self.ledger, run_seq, self.step))
         self.run_seq, self.policy_seq = run_seq, run_body["settings"].get("policy_seq")
         self._run_optimizer = run_body["settings"]["optimizer"]
         self._program = run_body["artifacts"]["program"]
@@ -558,17 +553,6 @@ class Governance:
                                   "changed the rules its routing reads: draw each step's batches after the previous "
                                   "optimizer.step()")
         self._routes.use(self._routes.flags or frozenset(), suspended)
-
-    def _read_back_profiles(self, run_seq: int) -> None:
-        """§5.5 on resume: the suspended rules of the resume checkpoint's profile, from the recorded ones."""
-        bodies = [b for b in (self.ledger.observation(q).body for q in self.ledger.by_type("DepthProfile"))
-                  if b["run"] == run_seq and b["step"] <= self.step]
-        if not bodies or bodies[-1]["step"] != self.step:
-            raise GovernanceError(f"the run's policy has entropy budgets, and the checkpoint resumed from (step "
-                                  f"{self.step}) has no recorded DepthProfile to route the next step by")
-        means = [b["mean"] for b in bodies]
-        self._profile_means = means[-1]
-        self._use_suspended(suspended_rules(self.policy.compiled, means[-2] if len(means) > 1 else None, means[-1]))
 
     def _adopted_seq(self) -> int | None:
         latest = latest_adopted(self.ledger)
@@ -1020,11 +1004,10 @@ class Governance:
         profile, features, body = None, None, None
         if self.profiles is not None and self.run_seq is not None:
             profile, features = self.profiles, self.profiles.features(self._gated)
-            if self.policy.compiled.budgets:
+            if self.budgets is not None:
                 # The budgets route the next step by this profile (specs/dynamics.md §5.5): read it out now.
                 body = profile.body(self.run_seq, self.step, features)
-                self._use_suspended(suspended_rules(self.policy.compiled, self._profile_means, body["mean"]))
-                self._profile_means = body["mean"]
+                self._use_suspended(self.budgets.next(body["mean"]))
         run_seq, step = self.run_seq, self.step
 
         def store() -> None:

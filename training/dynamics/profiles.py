@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import GovernanceError
 
-__all__ = ["CHUNK", "MAX_PROFILE_EXAMPLES", "METHOD", "PROFILE_FORMAT", "DepthProfiles", "ProfileJob",
+__all__ = ["CHUNK", "MAX_PROFILE_EXAMPLES", "METHOD", "PROFILE_FORMAT", "Budgets", "DepthProfiles", "ProfileJob",
            "band_features", "entropy_profile", "profile_body"]
 
 #: §5.1: the one read-out of format 1.
@@ -256,3 +256,42 @@ def check_held_out(dataset: Any, trained: Any, name: str) -> None:
     if shared:
         raise GovernanceError(f"profiles dataset {name!r} shares {len(shared)} example(s) with the training set "
                               f"{trained.name!r}: a depth profile reads held-out examples")
+
+
+class Budgets:
+    """A run's entropy budgets (specs/dynamics.md §5.5): each checkpoint's profile means against the previous
+    checkpoint's give the rules suspended until the next one."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.means: list[float] | None = None  # the last checkpoint's
+
+    @classmethod
+    def of(cls, policy: Any, profiles: ProfileJob | None) -> "Budgets | None":
+        """The budgets of ``policy`` (a SignedPolicy), None without any; refused without the profiles they read."""
+        budgeted = [policy.compiled.rules[i].name for i in policy.compiled.budgets]
+        if not budgeted:
+            return None
+        if profiles is None:
+            raise GovernanceError(f"policy {policy.policy['name']!r} gives rule(s) {budgeted} an entropy budget, "
+                                  "which reads the run's depth profiles (specs/dynamics.md §5.5): govern with "
+                                  "profiles=DepthProfiles(<held-out dataset>)")
+        return cls(policy)
+
+    def next(self, means: Sequence[float]) -> frozenset[int]:
+        """The rules a checkpoint's profile ``means`` suspend, and remember them for the next."""
+        from ..policy import suspended_rules
+
+        out = suspended_rules(self.policy.compiled, self.means, means)
+        self.means = list(means)
+        return out
+
+    def read_back(self, ledger: Any, run_seq: int, step: int) -> frozenset[int]:
+        """On resume at ``step``: the rules its recorded profile suspends, from the run's recorded profiles."""
+        bodies = [b for b in (ledger.observation(q).body for q in ledger.by_type("DepthProfile"))
+                  if b["run"] == run_seq and b["step"] <= step]
+        if not bodies or bodies[-1]["step"] != step:
+            raise GovernanceError(f"the run's policy has entropy budgets, and the checkpoint resumed from (step {step}) "
+                                  "has no recorded DepthProfile to route the next step by")
+        self.means = bodies[-2]["mean"] if len(bodies) > 1 else None
+        return self.next(bodies[-1]["mean"])
