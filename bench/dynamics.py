@@ -51,7 +51,10 @@ the members by its score over the recorded traces (ties: lower index first, the 
 ``lt_iqr`` (interquartile range of the trace), ``mean_loss``, ``final_loss`` (the trace's last value, the
 example's loss at the last step that trained it) and ``cumulative_loss`` (the trace's sum; every member
 is seen once an epoch, so every trace holds E values and the sum ranks as the mean does: it is reported
-because the literature proposes it, not because it can differ here). k is small (9 for ~900 members),
+because the literature proposes it, not because it can differ here), ``early_loss`` (the mean of the
+trace's first quarter: how hard the example was before it was fitted), ``max_loss``, ``late_mean_loss``
+(the mean of its second half), and ``lt_iqr_class`` / ``mean_loss_class`` (each less its class's median,
+over its class's IQR: a shadow-free difficulty calibration). k is small (9 for ~900 members),
 so one run's precision moves in steps of 1/k: ``mem_precision_at_1pct_mean_over_models`` is each
 candidate's precision averaged over all M models in turn as the target (each against the vulnerable
 set of its own members, the shadows' traces standing for the ones a governed run of theirs would
@@ -312,8 +315,21 @@ def recorded_steps(led: Ledger) -> tuple[Steps, list[int], int]:
     return steps, sorted(c["step"] for _, c in lin.run.checkpoints), lin.run.seq
 
 
-def candidates(steps: Steps, count: int) -> dict[str, Tensor]:
-    """Every candidate score of every index, from its loss trace (higher: flagged first)."""
+def _class_calibrated(score: Tensor, labels: Tensor) -> Tensor:
+    """``score`` less its class's median, over its class's interquartile range: an example atypical for its
+    own class, not merely of a hard class (a shadow-free difficulty calibration)."""
+    out = torch.full_like(score, math.nan)
+    for c in labels.unique().tolist():
+        rows = labels == c
+        v = score[rows]
+        q = torch.nanquantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=v.dtype))
+        out[rows] = (v - q[1]) / max(float(q[2] - q[0]), 1e-12)
+    return out
+
+
+def candidates(steps: Steps, count: int, labels: Tensor | None = None) -> dict[str, Tensor]:
+    """Every candidate score of every index, from its loss trace (higher: flagged first); with ``labels``
+    also the class-calibrated LT-IQR and mean loss."""
     traces = LossTraces(count)
     total = torch.zeros(count, dtype=torch.float64)
     seen = torch.zeros(count, dtype=torch.float64)
@@ -333,8 +349,10 @@ def candidates(steps: Steps, count: int) -> dict[str, Tensor]:
     def early(t: list[float]) -> float:  # the mean over the first quarter: how hard before it was fitted
         q = max(1, len(t) // 4)
         return sum(t[:q]) / q if t else nan
-    return {"lt_iqr": traces.scores(PARAMS.min_trace), "mean_loss": total / seen, "final_loss": final,
-            "cumulative_loss": total,
+    lt = traces.scores(PARAMS.min_trace)
+    calibrated = {} if labels is None else {"lt_iqr_class": _class_calibrated(lt, labels),
+                                            "mean_loss_class": _class_calibrated(total / seen, labels)}
+    return {"lt_iqr": lt, "mean_loss": total / seen, "final_loss": final, "cumulative_loss": total, **calibrated,
             "early_loss": torch.tensor([early(t) for t in per], dtype=torch.float64),
             "max_loss": torch.tensor([max(t) if t else nan for t in per], dtype=torch.float64),
             "late_mean_loss": torch.tensor([sum(t[len(t) // 2:]) / max(1, len(t) - len(t) // 2) if t else nan
@@ -470,14 +488,14 @@ def main() -> None:
     # The shadows, plain torch, same recipe; their loss traces give the candidates' precision on them too.
     phi = torch.empty(models, pool, dtype=torch.float64)
     phi[0] = confidence(target, x, y)
-    scores = [candidates(steps, len(members))]
+    scores = [candidates(steps, len(members), y[members])]
     shadow_train, shadow_test = [], []
     t0 = time.perf_counter()
     for m in range(1, models):
         rows, out_rows = torch.nonzero(keep[m]).flatten(), torch.nonzero(~keep[m]).flatten()
         model, shadow_steps = train_shadow(x[rows].contiguous(), y[rows], seeds[m], epochs)
         phi[m] = confidence(model, x, y)
-        scores.append(candidates(shadow_steps, len(rows)))
+        scores.append(candidates(shadow_steps, len(rows), y[rows]))
         shadow_train.append(accuracy(model, x[rows], y[rows]))
         shadow_test.append(accuracy(model, x[out_rows], y[out_rows]))
         log(f"shadow {m}/{args.shadows}: {len(rows)} members, train accuracy {shadow_train[-1]:.3f}, "
