@@ -216,12 +216,12 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
     return led
 
 
-def _suspended_steps(led: Ledger) -> dict[int, frozenset[int]]:
+def _suspended_steps(led: Ledger, policy: Any = BUDGET_POLICY) -> dict[int, frozenset[int]]:
     """Checkpoint step -> the rules its profile suspends, recomputed from the recorded means."""
     bodies, out, before = _bodies(led), {}, None
     for b in bodies:
-        out[b["step"]] = suspended_rules(BUDGET_POLICY, before, b["mean"])
-        before = b["mean"]
+        out[b["step"]] = suspended_rules(policy, before, b)
+        before = b
     return out
 
 
@@ -230,9 +230,10 @@ def _suspended_steps(led: Ledger) -> dict[int, frozenset[int]]:
 def test_both_implementations_suspend_the_same_rules(means: list[list[float]]) -> None:
     policy = VR.parse_policy(BUDGET_POLICY.signed)
     before = None
-    for now in means:
+    for m in means:
+        now = {"mean": m}
         assert suspended_rules(BUDGET_POLICY, before, now) == policy.suspended(before, now)
-        want = frozenset({CROWD}) if before is not None and abs(now[1] - before[1]) > BUDGET else frozenset()
+        want = frozenset({CROWD}) if before is not None and abs(m[1] - before["mean"][1]) > BUDGET else frozenset()
         assert policy.suspended(before, now) == want
         before = now
 
@@ -258,7 +259,7 @@ def _first_suspending(f: Any) -> tuple[int, int]:
     """The first DepthProfile whose mid-band mean moved past the budget, and its predecessor."""
     seqs = f.seqs("DepthProfile")
     for a, b in zip(seqs, seqs[1:]):
-        if abs(f.body(b)["mean"][1] - f.body(a)["mean"][1]) > BUDGET:
+        if abs(f.body(b)["mean"][1] - f.body(a)["mean"][1]) > BUDGET:  # the band's mean: no slice
             return a, b
     raise AssertionError("no profile exceeds the budget")
 
@@ -397,3 +398,30 @@ def test_a_resumed_budgeted_run_routes_by_the_profiles_it_recorded(budgeted: Led
         assert got == want and any(CROWD in s for s in _suspended_steps(led).values())
     finally:
         led.close()
+
+
+
+#: The crowd's budget read over the held-out digits its own workers labeled (the authority slice).
+SLICE_FIELDS = policy_fields("digits-budget-slice")
+SLICE_FIELDS["rules"][2] = {**SLICE_FIELDS["rules"][2],
+                            "entropy_budget": {"band": "mid", "max_change": BUDGET, "slice": "acme/crowd/mturk"}}
+SLICE_POLICY = sign_policy(SLICE_FIELDS, WORLD.root, T)
+
+
+def test_a_budget_on_an_authority_slice_reads_that_slice_and_verifies(tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "l")
+    commit_dataset(led, _mixed_held_out(), "heldout", WORLD.trainer, inputs=HX)
+    with pytest.raises(GovernanceError, match="slice 'acme/crowd/mturk'"):
+        _run(led, DepthProfiles("heldout"), policy=SLICE_POLICY)  # no slices declared: the budget cannot be read
+    _run(led, DepthProfiles("heldout", slice="authority"), policy=SLICE_POLICY)
+    at = _suspended_steps(led, SLICE_POLICY)
+    bodies = _bodies(led)
+    j = bodies[0]["slices"]["names"].index("acme/crowd/mturk")
+    moved = [abs(b["slices"]["entropy"][1][j] - a["slices"]["entropy"][1][j]) > BUDGET for a, b in zip(bodies, bodies[1:])]
+    assert [CROWD in at[b["step"]] for b in bodies[1:]] == moved and any(moved)
+    code, report = verify(led, tmp_path)
+    assert_verified(code, report)
+    # both routers agree that a profile without the slice suspends the budgeted rule
+    policy = VR.parse_policy(SLICE_POLICY.signed)
+    bare = {"mean": bodies[1]["mean"]}
+    assert policy.suspended(bodies[0], bare) == suspended_rules(SLICE_POLICY, bodies[0], bare) == frozenset({CROWD})

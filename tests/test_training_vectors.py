@@ -129,7 +129,7 @@ def test_budgets_both(case: dict[str, Any]) -> None:
     policy = VR.policy_from_fields(fields)
     for name, suspend in (("trainer", lambda b, n: TP.suspended_rules(fields, b, n)), ("verifier", policy.suspended)):
         got, before = [], None
-        for now in case["means"]:
+        for now in case["profiles"]:
             got.append(sorted(suspend(before, now)))
             before = now
         assert got == case["want"], name

@@ -100,7 +100,12 @@ def _budget_bits(value: Any, where: str) -> None:
 
 
 #: specs/dynamics.md §5.5: a rule's entropy budget, the most its band's mean profile may move between checkpoints.
-BUDGET_SCHEMA = s.record("entropy_budget", band=s.name, max_change=_budget_bits)
+def _slice_name(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= 256:
+        raise SchemaError(f"{where}: expected a slice name of 1 to 256 characters, got {value!r}")
+
+
+BUDGET_SCHEMA = s.record("entropy_budget", band=s.name, max_change=_budget_bits, slice=(_slice_name, False))
 RULE_SCHEMA = s.record("rule", name=s.name, match=MATCH_SCHEMA, profile=_PROFILE, limits=_LIMITS,
                        entropy_budget=(BUDGET_SCHEMA, False))
 DEFAULT_SCHEMA = s.record("default", profile=_PROFILE, limits=_LIMITS)
@@ -232,8 +237,8 @@ class _Rule:
     memorized: bool | None
     profile: Profile
     limits: Limits
-    #: specs/dynamics.md §5.5: (band index, max_change in bits), or None.
-    budget: tuple[int, float] | None = None
+    #: specs/dynamics.md §5.5: (band index, max_change in bits, the slice it reads or None), or None.
+    budget: tuple[int, float, str | None] | None = None
 
 
 class Routing(NamedTuple):
@@ -269,7 +274,7 @@ class CompiledPolicy:
                     limits=tuple(rule["limits"]),
                     budget=None if "entropy_budget" not in rule else (
                         list(policy["bands"]).index(rule["entropy_budget"]["band"]),
-                        rule["entropy_budget"]["max_change"]),
+                        rule["entropy_budget"]["max_change"], rule["entropy_budget"].get("slice")),
                 )
             )
         self.rules: tuple[_Rule, ...] = tuple(rules)
@@ -280,8 +285,9 @@ class CompiledPolicy:
         self.canary_reference = Routing(CANARY_REFERENCE_INDEX, CANARY_REFERENCE_NAME, (0.0,) * n, (None,) * n)
         #: Whether routing reads the memorization flags in force (specs/dynamics.md §2.4).
         self.matches_flags = any(r.memorized is not None for r in rules)
-        #: specs/dynamics.md §5.5: rule index -> (band index, max_change) of the rules with an entropy budget.
-        self.budgets: dict[int, tuple[int, float]] = {r.index: r.budget for r in rules if r.budget is not None}
+        #: specs/dynamics.md §5.5: rule index -> (band index, max_change, slice) of the rules with an entropy budget.
+        self.budgets: dict[int, tuple[int, float, str | None]] = {r.index: r.budget for r in rules
+                                                                  if r.budget is not None}
 
     def routing_of(self, rule: int) -> Routing:
         """The outcome of rule ``rule`` (-1: the default; -2: a reference canary's)."""
@@ -521,14 +527,30 @@ def route(
     return compiled.default
 
 
-def suspended_rules(policy: SignedPolicy | CompiledPolicy | Mapping[str, Any], before: Sequence[float] | None,
-                    now: Sequence[float]) -> frozenset[int]:
-    """specs/dynamics.md §5.5: the rules whose entropy budget a checkpoint's depth profile exceeds: its band's
-    ``mean`` moved by more than ``max_change`` bits since the previous checkpoint's (``before``; None at the
-    first checkpoint, where nothing is suspended)."""
+def profile_reading(profile: Mapping[str, Any], band: int, slice_name: str | None) -> float | None:
+    """specs/dynamics.md §5.5: what a budget reads of a DepthProfile body: band ``band``'s ``mean``, or its
+    entropy over slice ``slice_name``; None where the profile holds no such slice."""
+    if slice_name is None:
+        return profile["mean"][band]
+    slices = profile.get("slices") or {}
+    names = slices.get("names", [])
+    return slices["entropy"][band][names.index(slice_name)] if slice_name in names else None
+
+
+def suspended_rules(policy: SignedPolicy | CompiledPolicy | Mapping[str, Any], before: Mapping[str, Any] | None,
+                    now: Mapping[str, Any]) -> frozenset[int]:
+    """specs/dynamics.md §5.5: the rules whose entropy budget a checkpoint's depth profile ``now`` exceeds: what
+    the budget reads (``profile_reading``) moved by more than ``max_change`` bits since the previous
+    checkpoint's profile ``before`` (None at the first checkpoint, where nothing is suspended). A budget
+    whose slice a profile lacks suspends its rule: a budget that cannot be read is not kept."""
     if before is None:
         return frozenset()
-    return frozenset(i for i, (band, most) in _compiled(policy).budgets.items() if abs(now[band] - before[band]) > most)
+    out = set()
+    for i, (band, most, slice_name) in _compiled(policy).budgets.items():
+        a, b = profile_reading(before, band, slice_name), profile_reading(now, band, slice_name)
+        if a is None or b is None or abs(b - a) > most:
+            out.add(i)
+    return frozenset(out)
 
 
 def route_batch(

@@ -1007,7 +1007,7 @@ class Governance:
             if self.budgets is not None:
                 # The budgets route the next step by this profile (specs/dynamics.md §5.5): read it out now.
                 body = profile.body(self.run_seq, self.step, features)
-                self._use_suspended(self.budgets.next(body["mean"]))
+                self._use_suspended(self.budgets.next(body))
         run_seq, step = self.run_seq, self.step
 
         def store() -> None:

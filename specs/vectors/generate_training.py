@@ -537,21 +537,33 @@ def budget_cases() -> list[dict[str, Any]]:
     rules = [{**BASE_RULES[0], "entropy_budget": {"band": "mid", "max_change": 0.25}},
              {**BASE_RULES[1], "entropy_budget": {"band": "body", "max_change": 0.5}}, *BASE_RULES[2:]]
     policy = _policy(rules)
+    sliced = _policy([{**BASE_RULES[0], "entropy_budget": {"band": "mid", "max_change": 0.25, "slice": "acme/crowd"}},
+                      *BASE_RULES[1:]])
+
+    def sl(crowd: float, expert: float) -> dict[str, Any]:
+        return {"names": ["acme/clinic", "acme/crowd"], "counts": [5, 5],
+                "entropy": [[1.0, 1.0], [expert, crowd], [3.0, 3.0]]}
     out = []
-    for desc, means in [
-        ("the first checkpoint suspends nothing", [[1.0, 2.0, 3.0]]),
-        ("changes within the budgets", [[1.0, 2.0, 3.0], [0.5, 1.75, 2.5]]),
-        ("exactly the budget is within it (the change must exceed it)", [[1.0, 2.0, 3.0], [1.0, 1.75, 3.5]]),
-        ("the mid band falls past its budget: the expert rule", [[1.0, 2.0, 3.0], [1.0, 1.5, 3.0]]),
-        ("a rise counts as a fall does; both bands past: both rules", [[1.0, 2.0, 3.0], [1.0, 2.5, 3.75]]),
-        ("each checkpoint against the previous one, not the first", [[3.0, 3.0, 3.0], [3.0, 2.0, 3.0],
-                                                                      [3.0, 1.9, 3.0]]),
+    for desc, p, profiles in [
+        ("the first checkpoint suspends nothing", policy, [[1.0, 2.0, 3.0]]),
+        ("changes within the budgets", policy, [[1.0, 2.0, 3.0], [0.5, 1.75, 2.5]]),
+        ("exactly the budget is within it (the change must exceed it)", policy, [[1.0, 2.0, 3.0], [1.0, 1.75, 3.5]]),
+        ("the mid band falls past its budget: the expert rule", policy, [[1.0, 2.0, 3.0], [1.0, 1.5, 3.0]]),
+        ("a rise counts as a fall does; both bands past: both rules", policy, [[1.0, 2.0, 3.0], [1.0, 2.5, 3.75]]),
+        ("each checkpoint against the previous one, not the first", policy,
+         [[3.0, 3.0, 3.0], [3.0, 2.0, 3.0], [3.0, 1.9, 3.0]]),
+        ("a budget on a slice reads that slice, not the band's mean", sliced,
+         [{"mean": [1.0, 2.0, 3.0], "slices": sl(2.0, 2.0)}, {"mean": [1.0, 2.0, 3.0], "slices": sl(1.5, 2.0)},
+          {"mean": [1.0, 1.0, 3.0], "slices": sl(1.5, 1.0)}]),
+        ("a profile without the slice suspends the rule (a budget that cannot be read is not kept)", sliced,
+         [{"mean": [1.0, 2.0, 3.0], "slices": sl(2.0, 2.0)}, {"mean": [1.0, 2.0, 3.0]}]),
     ]:
+        profiles = [x if isinstance(x, dict) else {"mean": x} for x in profiles]
         want, before = [], None
-        for now in means:
-            want.append(sorted(TP.suspended_rules(fields(policy), before, now)))
+        for now in profiles:
+            want.append(sorted(TP.suspended_rules(fields(p), before, now)))
             before = now
-        out.append({"desc": desc, "policy": policy, "means": means, "want": want})
+        out.append({"desc": desc, "policy": p, "profiles": profiles, "want": want})
     return out
 
 
@@ -565,7 +577,7 @@ def document() -> dict[str, Any]:
             "path null means no credential. want.limits is batch_limits of that one rule. 'flagged' (absent: "
             "false) is whether the example is among the memorization flags in force (dynamics.md §2.4); "
             "'suspended' (absent: none) the rules an entropy budget suspends at the step (dynamics.md §5.5).",
-            "budgets: per checkpoint in order its profile's mean per band; want the rules each suspends (§5.5).",
+            "budgets: per checkpoint in order its DepthProfile's mean (and slices); want the rules each suspends (§5.5).",
             "canaries: steps are lists of [index, binary32 loss hex] in batch order; canaries gives each index's "
             "manifest canary field (null: not a canary); want is the MemorizationScan's canaries (dynamics.md §4.2).",
             "step_seed and micro_seed want is a decimal string (uint64). band_norm want is the big-endian float64 hex.",

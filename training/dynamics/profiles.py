@@ -264,7 +264,7 @@ class Budgets:
 
     def __init__(self, policy: Any) -> None:
         self.policy = policy
-        self.means: list[float] | None = None  # the last checkpoint's
+        self.last: Mapping[str, Any] | None = None  # the last checkpoint's profile
 
     @classmethod
     def of(cls, policy: Any, profiles: ProfileJob | None) -> "Budgets | None":
@@ -276,14 +276,20 @@ class Budgets:
             raise GovernanceError(f"policy {policy.policy['name']!r} gives rule(s) {budgeted} an entropy budget, "
                                   "which reads the run's depth profiles (specs/dynamics.md §5.5): govern with "
                                   "profiles=DepthProfiles(<held-out dataset>)")
+        held = set(profiles.slices)
+        for i, (_, _, name) in policy.compiled.budgets.items():
+            if name is not None and name not in held:
+                raise GovernanceError(f"rule {policy.compiled.rules[i].name!r}'s entropy budget reads slice {name!r}, "
+                                      f"which the held-out set's profiles do not hold ({sorted(held) or 'no slices'}): "
+                                      "declare DepthProfiles(..., slice=...) over a held-out set with examples in it")
         return cls(policy)
 
-    def next(self, means: Sequence[float]) -> frozenset[int]:
-        """The rules a checkpoint's profile ``means`` suspend, and remember them for the next."""
+    def next(self, profile: Mapping[str, Any]) -> frozenset[int]:
+        """The rules a checkpoint's ``profile`` (a DepthProfile body) suspends; remembered for the next."""
         from ..policy import suspended_rules
 
-        out = suspended_rules(self.policy.compiled, self.means, means)
-        self.means = list(means)
+        out = suspended_rules(self.policy.compiled, self.last, profile)
+        self.last = profile
         return out
 
     def read_back(self, ledger: Any, run_seq: int, step: int) -> frozenset[int]:
@@ -293,5 +299,5 @@ class Budgets:
         if not bodies or bodies[-1]["step"] != step:
             raise GovernanceError(f"the run's policy has entropy budgets, and the checkpoint resumed from (step {step}) "
                                   "has no recorded DepthProfile to route the next step by")
-        self.means = bodies[-2]["mean"] if len(bodies) > 1 else None
-        return self.next(bodies[-1]["mean"])
+        self.last = bodies[-2] if len(bodies) > 1 else None
+        return self.next(bodies[-1])

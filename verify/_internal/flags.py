@@ -116,7 +116,7 @@ def suspension_schedule(observations: Sequence[Sealed], run_seq: int, updates: S
     n_bands = len(policy.bands)
     starts: list[int] = []
     sets: list[frozenset[int]] = []
-    before: list[float] | None = None
+    before: Any = None  # the previous checkpoint's DepthProfile body
     for c in checkpoints:
         step = observations[c].body["step"]
         end = next_after(updates, c, len(observations))
@@ -127,10 +127,27 @@ def suspension_schedule(observations: Sequence[Sealed], run_seq: int, updates: S
                 continue  # the run's last checkpoint: no step reads it (the profiles check requires it)
             raise FlagsMissing(f"Checkpoint {c} (step {step}): no DepthProfile of the run at step {step} before its "
                                "next step, whose routing its entropy budgets read (specs/dynamics.md §5.5)", c)
-        now = found.body["mean"]
-        if not (isinstance(now, list) and len(now) == n_bands and all(type(v) is float and math.isfinite(v) for v in now)):
-            raise FlagsMissing(f"DepthProfile {found.seq}: mean is not {n_bands} finite floats", found.seq)
+        now = found.body
+        if not _readable(now, n_bands):
+            raise FlagsMissing(f"DepthProfile {found.seq}: mean (or slices.entropy) is not one list of finite floats "
+                               f"per band ({n_bands})", found.seq)
         starts.append(step)
         sets.append(policy.suspended(before, now))
         before = now
     return FlagSchedule(tuple(starts), tuple(sets))
+
+
+def _floats(v: Any, n: int | None = None) -> bool:
+    return isinstance(v, list) and (n is None or len(v) == n) and all(type(x) is float and math.isfinite(x) for x in v)
+
+
+def _readable(body: Any, n_bands: int) -> bool:
+    """What §5.5 reads of a profile is there and finite: ``mean`` per band, and any ``slices`` well formed
+    (the profiles check holds every value to the weights)."""
+    if not isinstance(body, dict) or not _floats(body.get("mean"), n_bands):
+        return False
+    sl = body.get("slices")
+    if sl is None:
+        return True
+    return isinstance(sl, dict) and isinstance(sl.get("names"), list) and isinstance(sl.get("entropy"), list) \
+        and len(sl["entropy"]) == n_bands and all(_floats(e, len(sl["names"])) for e in sl["entropy"])

@@ -73,7 +73,12 @@ def _bits(value: Any, where: str) -> None:
 
 
 #: specs/dynamics.md §5.5: a rule's entropy budget.
-_BUDGET = s.record("entropy_budget", band=s.name, max_change=_bits)
+def _slice(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= 256:
+        raise SchemaError(f"{where}: expected a slice name of 1 to 256 characters, got {value!r}")
+
+
+_BUDGET = s.record("entropy_budget", band=s.name, max_change=_bits, slice=(_slice, False))
 _RULE = s.record("rule", name=s.name, match=_MATCH, profile=_PROFILE, limits=_LIMITS, entropy_budget=(_BUDGET, False))
 _OUTCOME = s.record("default", profile=_PROFILE, limits=_LIMITS)
 _POLICY = s.record(
@@ -95,8 +100,8 @@ class Rule:
     name: str
     match: dict[str, Any]
     outcome: Outcome
-    #: specs/dynamics.md §5.5: (band index, max_change in bits), or None.
-    budget: tuple[int, float] | None = None
+    #: specs/dynamics.md §5.5: (band index, max_change in bits, the slice it reads or None), or None.
+    budget: tuple[int, float, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,16 +128,22 @@ class Policy:
         return any("memorized" in r.match for r in self.rules)
 
     @property
-    def budgets(self) -> dict[int, tuple[int, float]]:
-        """Rule index -> (band index, max_change) of the rules with an entropy budget (specs/dynamics.md §5.5)."""
+    def budgets(self) -> dict[int, tuple[int, float, str | None]]:
+        """Rule index -> (band index, max_change, slice) of the rules with an entropy budget (dynamics.md §5.5)."""
         return {i: r.budget for i, r in enumerate(self.rules) if r.budget is not None}
 
-    def suspended(self, before: Sequence[float] | None, now: Sequence[float]) -> frozenset[int]:
-        """§5.5: the rules a checkpoint's profile means ``now`` suspend, against the previous checkpoint's
-        ``before`` (None at the first: none)."""
+    def suspended(self, before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> frozenset[int]:
+        """§5.5: the rules the checkpoint profile ``now`` (a DepthProfile body) suspends against the previous
+        checkpoint's ``before`` (None at the first: none): the band's mean, or a slice's entropy, moved by more
+        than ``max_change``; a budget whose slice either profile lacks suspends its rule."""
         if before is None:
             return frozenset()
-        return frozenset(i for i, (band, most) in self.budgets.items() if abs(now[band] - before[band]) > most)
+        out = set()
+        for i, (band, most, name) in self.budgets.items():
+            a, b = _reading(before, band, name), _reading(now, band, name)
+            if a is None or b is None or abs(b - a) > most:
+                out.add(i)
+        return frozenset(out)
 
     @property
     def monitors(self) -> dict[str, Any]:
@@ -157,6 +168,16 @@ class Policy:
         if not 0 <= rule < len(self.rules):
             raise PolicyInvalid(f"policy {self.name!r} has no rule {rule}")
         return self.rules[rule].outcome
+
+
+def _reading(profile: Mapping[str, Any], band: int, name: str | None) -> float | None:
+    """§5.5: a profile's band mean, or its entropy over slice ``name`` (None where it holds no such slice)."""
+    if name is None:
+        return profile["mean"][band]
+    slices = profile.get("slices")
+    if not isinstance(slices, Mapping) or name not in slices.get("names", []):
+        return None
+    return slices["entropy"][band][slices["names"].index(name)]
 
 
 def _outcome(where: str, o: Mapping[str, Any], n: int) -> Outcome:
@@ -187,7 +208,8 @@ def policy_from_fields(fields: dict[str, Any], signed: bytes = b"", body: bytes 
         if budget is not None and budget["band"] not in fields["bands"]:
             raise PolicyInvalid(f"rule {i} ({r['name']!r}): entropy_budget band {budget['band']!r} is not a band")
         rules.append(Rule(r["name"], dict(m), _outcome(f"rule {i} ({r['name']!r})", r, n),
-                          None if budget is None else (list(fields["bands"]).index(budget["band"]), budget["max_change"])))
+                          None if budget is None else (list(fields["bands"]).index(budget["band"]), budget["max_change"],
+                                                       budget.get("slice"))))
     if len({r.name for r in rules}) != len(rules):
         raise PolicyInvalid("rule names are not distinct")
     default = _outcome("default", fields["default"], n)
