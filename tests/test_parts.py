@@ -354,3 +354,27 @@ def test_unlearning_a_source_of_a_parts_run_verifies(tmp_path: Path) -> None:
     code, report = _verify(tmp_path / "unlearned.glb", tmp_path / "p")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact"
+
+
+def test_depth_profiles_of_a_model_of_parts_are_recorded_and_recomputed(tmp_path: Path) -> None:
+    """Issue 16 on a model of parts called with keyword arguments (specs/dynamics.md §5.1): the held-out
+    tokens go through the model as the training batches do, in both implementations."""
+    ids, mask, y = _tokens()
+    g = torch.Generator().manual_seed(11)
+    held_ids = torch.randint(1, VOCAB, (24, SEQ), generator=g)
+    held_mask = torch.ones_like(held_ids)
+    held_y = (held_ids[:, 0] % 10).to(torch.int64)
+    path = tmp_path / "project"
+    with gradledger.Project.init(path, TAXONOMY) as p:
+        p.label({"input_ids": ids, "attention_mask": mask}, y.tolist(), source="dr-lee", name="tokens")
+        p.label({"input_ids": held_ids, "attention_mask": held_mask}, held_y.tolist(), source="dr-lee",
+                name="tokens-heldout")
+    torch.manual_seed(0)
+    bundle = _run(path, tmp_path / "profiled", MaskedBag(), Tokens(ids, mask, y), "tokens", lambda m, x: m(**x),
+                  profiles=gradledger.DepthProfiles("tokens-heldout"))
+    code, report = _verify(bundle, path)
+    assert code == 0, report.get("first_failure")
+    check = next(c for c in report["checks"] if c["name"] == "profiles")
+    n = report["figures"]["replayed_steps"] // 2 + 1  # a checkpoint every 2 steps, and step 0
+    assert check["status"] == "pass" and f"{n} of {n} depth profile(s) recomputed" in check["detail"], check
+    assert report["figures"]["profile_deviation_bits"] <= 1e-9
