@@ -67,8 +67,12 @@ def _args(out: Path, **kw: Any) -> Any:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "project"
     columns, labels = _columns()
+    g = torch.Generator().manual_seed(6)
+    held = torch.randint(1, VOCAB, (16, SEQ), generator=g)  # held out: the depth profiles read these
     with gradledger.Project.init(path, TAXONOMY) as p:
         p.label(columns, labels.tolist(), source="dr-lee", name="tokens")
+        p.label({"input_ids": held, "attention_mask": torch.ones_like(held)}, (held[:, 0] % 10).tolist(),
+                source="dr-lee", name="tokens-held")
     return path
 
 
@@ -84,7 +88,7 @@ def test_a_trainer_fine_tuning_verifies_bit_for_bit(project: Path, tmp_path: Pat
         # labels, so the run verifies only if it trained on those, not on the dataset's column.
         trainer = GovernedTrainer(model=_bert(), args=args, train_dataset=Tokens(labels_offset=3),
                                   eval_dataset=Tokens(), project=p, dataset="tokens", run_id=tmp_path.name,
-                                  checkpoint_every=2)
+                                  checkpoint_every=2, profiles=gradledger.DepthProfiles("tokens-held"))
         assert trainer.run is None
         result = trainer.train()
         assert trainer.run.closed and result.global_step == steps
@@ -100,6 +104,9 @@ def test_a_trainer_fine_tuning_verifies_bit_for_bit(project: Path, tmp_path: Pat
     code, report = verify_cli(bundle, project / "roots.pub")
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] >= steps
+    # a depth profile of the BERT's band boundaries at each checkpoint, recomputed (specs/dynamics.md §5)
+    n = steps // 2 + 1
+    assert any(c["name"] == "profiles" and f"{n} of {n}" in c["detail"] for c in report["checks"]), report["checks"]
 
 
 def test_the_example_script_trains_with_accumulation_and_verifies(tmp_path: Path, monkeypatch: Any) -> None:

@@ -65,8 +65,11 @@ class Module(pl.LightningModule):
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("lightning") / "project"
     x, y = _data()
+    g = torch.Generator().manual_seed(2)
+    hx = torch.randn(40, 16, generator=g)  # held out: the depth profiles read these
     with gradledger.Project.init(path, TAXONOMY) as p:
         p.label(x, y.tolist(), source="dr-lee", name="points")
+        p.label(hx, ((hx[:, 0] > 0).long() + 2 * (hx[:, 1] > 0).long()).tolist(), source="dr-lee", name="held")
     return path
 
 
@@ -84,7 +87,8 @@ def _loader() -> DataLoader:
 def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     governed = GovernedLightning(project=project, dataset="points", run_id=tmp_path.name, checkpoint_every=2,
-                                 precision="bf16-mixed", memorization=gradledger.MemorizationScan(min_trace=2))
+                                 precision="bf16-mixed", memorization=gradledger.MemorizationScan(min_trace=2),
+                                 profiles=gradledger.DepthProfiles("held"))
     trainer = _trainer(governed, accumulate_grad_batches=2, gradient_clip_val=0.5, val_check_interval=4,
                        num_sanity_val_steps=1)
     trainer.fit(Module(), governed.loader(_loader()), val_dataloaders=_loader())  # validation runs between steps
@@ -105,6 +109,8 @@ def test_bf16_accumulation_and_clipping_verify_bit_for_bit(project: Path, tmp_pa
     assert code == 0, report.get("first_failure")
     assert report["verdict"] == "exact" and report["figures"]["replayed_steps"] >= 6
     assert any(c["name"] == "scans" and c["status"] == "pass" for c in report["checks"])
+    # a depth profile at each checkpoint, step 0 included, recomputed by replay (specs/dynamics.md §5)
+    assert any(c["name"] == "profiles" and c["status"] == "pass" and "4 of 4" in c["detail"] for c in report["checks"])
 
 
 def test_the_example_script_verifies(tmp_path: Path, monkeypatch: Any) -> None:

@@ -141,7 +141,9 @@ def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> li
         handles.append(gated.bands.boundary_modules[k].register_forward_hook(hook))
     chunks: list[list[Tensor]] = [[] for _ in range(n)]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # Never under the caller's autocast (a checkpoint may be taken inside one): the program the
+        # verifier runs for the profile has none.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", enabled=False):
             for j, start in enumerate(range(0, count, CHUNK)):
                 torch.default_generator.manual_seed(j)
                 x = rows(start, min(start + CHUNK, count))

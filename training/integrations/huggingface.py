@@ -48,6 +48,7 @@ except ImportError as exc:  # the optional extra, named in the message
 
 from ..api import govern
 from ..dynamics.memorization import MemorizationScan
+from ..dynamics.profiles import DepthProfiles
 from ..errors import GovernanceError
 from ..project import Project
 from ..trainer import Governance
@@ -133,14 +134,14 @@ class GovernedTrainer(transformers.Trainer):
     ``project`` is a ``gradledger.Project`` (keys, adopted policy, ledger), or its directory, which
     the trainer opens when training starts and closes when it ends; ``dataset`` the name of a
     dataset it committed (``project.label``) whose examples are ``train_dataset``'s items without
-    their label columns, in the same order. ``run_id``, ``checkpoint_every``, ``layout`` and ``memorization`` are
-    ``govern``'s. After ``train()`` the run is closed (final checkpoint and tree head) and is
+    their label columns, in the same order. ``run_id``, ``checkpoint_every``, ``layout``, ``memorization`` and
+    ``profiles`` are ``govern``'s. After ``train()`` the run is closed (final checkpoint and tree head) and is
     ``trainer.run``; ``trainer.run`` is None before training starts.
     """
 
     def __init__(self, *args: Any, project: Project | str | os.PathLike[str], dataset: str, run_id: str = "run",
                  checkpoint_every: int = 100, layout: Any = None, memorization: MemorizationScan | None = None,
-                 **kwargs: Any) -> None:
+                 profiles: DepthProfiles | None = None, **kwargs: Any) -> None:
         given = kwargs.get("args", args[1] if len(args) > 1 else None)
         why = _refusal_of_args(given) if given is not None else None
         if why is None:
@@ -151,7 +152,7 @@ class GovernedTrainer(transformers.Trainer):
         self._project = project
         self._opened: Project | None = None  # a project this trainer opened from a path, closed after train()
         self._governing: dict[str, Any] = {"dataset": dataset, "run_id": run_id, "checkpoint_every": checkpoint_every,
-                                           "layout": layout, "memorization": memorization}
+                                           "layout": layout, "memorization": memorization, "profiles": profiles}
         self.run: Governance | None = None
 
     # -- the run's data, model and optimizer --------------------------------------------------

@@ -52,6 +52,7 @@ except ImportError as exc:  # the optional extra, named in the message
 
 from ..api import govern
 from ..dynamics.memorization import MemorizationScan
+from ..dynamics.profiles import DepthProfiles
 from ..errors import GovernanceError
 from ..project import Project
 from ..trainer import Governance
@@ -119,14 +120,14 @@ class GovernedLightning(pl.Callback):
     """Governs a Lightning ``Trainer``'s run of a ``LightningModule`` on ``project``'s ``dataset``.
 
     ``project``: a ``gradledger.Project`` or its directory (opened when training starts, closed when
-    it ends). ``run_id``, ``checkpoint_every``, ``layout`` and ``memorization`` are ``govern``'s; ``precision`` is
+    it ends). ``run_id``, ``checkpoint_every``, ``layout``, ``memorization`` and ``profiles`` are ``govern``'s; ``precision`` is
     ``"32-true"`` or ``"bf16-mixed"`` (given here, not to the Trainer). After ``fit`` the run is closed
     and is ``governed.run``.
     """
 
     def __init__(self, project: Project | str | os.PathLike[str], dataset: str, *, run_id: str = "run",
                  checkpoint_every: int = 100, layout: Any = None, precision: str = "32-true",
-                 memorization: MemorizationScan | None = None) -> None:
+                 memorization: MemorizationScan | None = None, profiles: DepthProfiles | None = None) -> None:
         if precision not in PRECISIONS:
             raise GovernanceError(f"GovernedLightning cannot govern precision {precision!r}: one of "
                                   f"{', '.join(PRECISIONS)} (16-mixed's loss scaler rescales gradients and "
@@ -134,7 +135,7 @@ class GovernedLightning(pl.Callback):
         self._project = project
         self._opened: Project | None = None
         self._governing: dict[str, Any] = {"dataset": dataset, "run_id": run_id, "checkpoint_every": checkpoint_every,
-                                           "layout": layout, "memorization": memorization}
+                                           "layout": layout, "memorization": memorization, "profiles": profiles}
         self._precision = _Precision(precision)
         self._loader: _Loader | None = None
         self.run: Governance | None = None
