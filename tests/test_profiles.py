@@ -140,6 +140,24 @@ def test_without_replay_only_their_form_is_checked_and_the_report_says_so(profil
     assert report["weights_verified"] is False
 
 
+def test_sample_replay_recomputes_the_profiles_of_the_segments_it_draws(profiled: Ledger, tmp_path: Path) -> None:
+    from gradledger.ledger.bundle import export_bundle
+    from gradledger.ledger.keys import write_public_keys
+
+    bundle = tmp_path / "run.glb"
+    export_bundle(profiled, bundle, with_data=True)
+    roots = write_public_keys(tmp_path / "roots.pub", [(WORLD.root.public_key, "root")])
+    code, report = verify_cli(bundle, roots, "--replay", "sample", "--sample-fraction", "0.25", "--nonce", "00" * 16)
+    assert code == 0, report.get("first_failure")
+    check = next(c for c in report["checks"] if c["name"] == "profiles")
+    n = len(_bodies(profiled))
+    done = int(check["detail"].split(" of ")[0])
+    # each drawn segment recomputes its end checkpoint's profile (the first also its start's)
+    chosen = report["figures"]["sample_chosen"]
+    assert check["status"] == "pass" and done == len(chosen) + (0 in chosen) < n, (check, chosen)
+    assert "outside the replayed segments" in check["detail"]
+
+
 # -- a hostile trainer ---------------------------------------------------------------------------
 
 
