@@ -443,3 +443,30 @@ def test_a_budget_on_an_authority_slice_reads_that_slice_and_verifies(tmp_path: 
     policy = VR.parse_policy(SLICE_POLICY.signed)
     bare = {"mean": bodies[1]["mean"]}
     assert policy.suspended(bodies[0], bare) == suspended_rules(SLICE_POLICY, bodies[0], bare) == frozenset({CROWD})
+
+
+def test_gradledger_profiles_reads_the_profiles_and_the_budgets_suspensions(
+        budgeted: Ledger, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from gradledger.training.cli import main as cli_main
+    from gradledger.training.cli_profiles import profiles_report
+
+    report = profiles_report(budgeted)
+    at = _suspended_steps(budgeted)
+    assert [c["step"] for c in report["checkpoints"]] == sorted(at)
+    assert all(c["suspended"] == (["crowd-confident"] if CROWD in at[c["step"]] else []) for c in report["checkpoints"])
+    assert report["budgets"] == [{"rule": "crowd-confident", "band": "mid", "max_change": BUDGET, "slice": None}]
+    assert report["last"]["entropy"] == _bodies(budgeted)[-1]["entropy"] and report["held_out"] == "heldout"
+    # the command, on a ledger of its own: the table, and one line with exit 2 for a run without profiles
+    led, _ = new_ledger(tmp_path / "l")
+    commit_dataset(led, HELD, "heldout", WORLD.trainer, inputs=HX)
+    _run(led, DepthProfiles("heldout"), policy=BUDGET_POLICY)
+    led.close()
+    assert cli_main(["profiles", str(tmp_path / "l"), "--run", "profiled"]) == 0
+    text = capsys.readouterr().out
+    assert "most confused at the head first" in text and "budget of rule 'crowd-confident'" in text
+    plain, _ = new_ledger(tmp_path / "plain")
+    _run(plain, None)
+    plain.close()
+    assert cli_main(["profiles", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no depth profiles" in err[0]

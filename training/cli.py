@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gradledger.training.cli_canary import add_command as add_canary
     from gradledger.training.cli_feedback import add_command as add_feedback
     from gradledger.training.cli_labels import add_command as add_labels
+    from gradledger.training.cli_profiles import add_command as add_profiles
     from gradledger.training.cli_publish import add_commands
     from gradledger.training.cli_scan import add_command as add_scan
     from gradledger.training.cli_trace import add_command as add_trace
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_trace(sub)
     add_scan(sub)
+    add_profiles(sub)
     add_canary(sub)
     add_feedback(sub)
     add_labels(sub)

@@ -115,21 +115,21 @@ def _influenced(ledger: Ledger, run_seq: int) -> set[int]:
     return out
 
 
-def last_profile(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:
-    """The run's last DepthProfile body (§5.3): the one with the largest step whose ``run`` is the run's
-    seq; None where it recorded none. A branch records none (§5.1): its original's profiles at steps up
-    to the rewind are read, the last of them profiling the very weights the branch starts from (later
-    ones read weights the retired source trained)."""
+def run_profiles(ledger: Ledger, lin: Lineage) -> list[dict[str, Any]]:
+    """The run's DepthProfile bodies (§5.3) by step. A branch records none (§5.1): its original's profiles at
+    steps up to the rewind are read, the last of them profiling the very weights the branch starts from
+    (later ones read weights the retired source trained)."""
     branch = lin.run.settings.get("branch")
     run_seq = lin.run.seq if branch is None else branch["of"]
-    last: dict[str, Any] | None = None
-    for seq in ledger.by_type("DepthProfile"):
-        body = ledger.observation(seq).body
-        if body.get("run") != run_seq or (lin.rewind_step is not None and body["step"] > lin.rewind_step):
-            continue
-        if last is None or body["step"] >= last["step"]:
-            last = body
-    return last
+    found = [b for b in (ledger.observation(q).body for q in ledger.by_type("DepthProfile"))
+             if b.get("run") == run_seq and (lin.rewind_step is None or b["step"] <= lin.rewind_step)]
+    return sorted(found, key=lambda b: b["step"])
+
+
+def last_profile(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:
+    """The run's last DepthProfile body (``run_profiles``); None where it recorded none."""
+    found = run_profiles(ledger, lin)
+    return found[-1] if found else None
 
 
 def _top_bits(profile: Mapping[str, Any]) -> float:
