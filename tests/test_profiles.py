@@ -470,3 +470,14 @@ def test_gradledger_profiles_reads_the_profiles_and_the_budgets_suspensions(
     assert cli_main(["profiles", str(tmp_path / "plain")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "records no depth profiles" in err[0]
+
+
+def test_a_band_too_wide_to_profile_is_refused_at_the_first_checkpoint(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """§5.1's bound on a band's features (held-out examples x width), here lowered below the digits' widest
+    band (160 examples x 32 values): the first checkpoint's profile refuses, naming the band."""
+    monkeypatch.setattr(TP, "MAX_FEATURE_VALUES", 160 * 32 - 1)
+    led, _ = new_ledger(tmp_path / "l")
+    commit_dataset(led, HELD, "heldout", WORLD.trainer, inputs=HX)
+    with pytest.raises(GovernanceError, match="more than a depth profile reads"):
+        _run(led, DepthProfiles("heldout"))

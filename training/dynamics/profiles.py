@@ -39,6 +39,9 @@ PROFILE_FORMAT = 1
 CHUNK = 256
 #: §5.1: a bound on the held-out set (its features are held per band: examples x width x 8 bytes).
 MAX_PROFILE_EXAMPLES = 4096
+#: §5.1: a band's features (held-out examples x width) at most this many values: the read-out holds them
+#: in binary64 (256 MiB), in the trainer and in every replay worker that recomputes the profile.
+MAX_FEATURE_VALUES = 1 << 25
 #: §5.1: the temperature's bounds.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 
@@ -161,6 +164,12 @@ def band_features(gated: Any, rows: Callable[[int, int], Any], count: int) -> li
                     if f.dim() == 0 or f.shape[0] != batch:
                         raise GovernanceError(f"band {gated.bands.names[k]!r}'s boundary output has shape "
                                               f"{list(f.shape)}, not the batch ({batch}) first")
+                    width = f[0].numel() if batch else 0
+                    if count * width > MAX_FEATURE_VALUES:
+                        raise GovernanceError(
+                            f"band {gated.bands.names[k]!r}'s boundary output holds {width} values an example: "
+                            f"{count} held-out examples make {count * width}, more than a depth profile reads "
+                            f"({MAX_FEATURE_VALUES}, specs/dynamics.md §5.1); profile a smaller held-out set")
                     chunks[k].append(f.detach().reshape(batch, -1))
     finally:
         for h in handles:

@@ -31,6 +31,8 @@ PROFILE_FORMAT = 1
 METHOD = "ncm-entropy"
 #: §5.1: held-out examples are run this many at a time; chunk ``j`` under the default generator seeded ``j``.
 CHUNK = 256
+#: §5.1: a band's features (examples x width) at most this many values, checked before they are kept.
+MAX_FEATURE_VALUES = 1 << 25
 #: §5.4: how far a recomputed entropy may be from the recorded one, in bits: in exact replay (the
 #: weights bit for bit) and in tolerance mode (specs/replay.md §4).
 EXACT_BITS, TOLERANCE_BITS = 1e-9, 1e-4
@@ -144,6 +146,10 @@ def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str
                 f = seen.get(k)
                 if not isinstance(f, Tensor) or not f.is_floating_point() or f.dim() == 0 or f.shape[0] != rows:
                     raise ProfileInvalid(f"band {k}'s boundary value is not a floating tensor with the batch first")
+                width = f[0].numel() if rows else 0
+                if count * width > MAX_FEATURE_VALUES:
+                    raise ProfileInvalid(f"band {k}'s features would hold {count} x {width} values, more than "
+                                         f"{MAX_FEATURE_VALUES} (specs/dynamics.md §5.1)")
                 chunks[k].append(f.detach().reshape(rows, -1).to(torch.float64))
     labels = torch.tensor(request["labels"], dtype=torch.int64)
     classes = sorted(set(request["labels"]))
