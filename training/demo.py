@@ -582,10 +582,11 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
          "sources": sorted({x["source"] for x in lin.fields[i]["sources"]})} for i, v in scan["flagged"]]
     depth = depth_figures(ledger, lin.run.seq, lin.run.settings)
     if depth is not None:
-        worst = max(range(len(depth["classes"])), key=lambda i: depth["last"][-1][i])
+        worst = sorted(range(len(depth["classes"])), key=lambda i: -depth["last"][-1][i])[:2]
         detail += (f"; {len(depth['steps'])} depth profiles: at the last checkpoint the head's evidence holds "
                    f"{depth['last_mean'][0]:.2f} bits of at most {depth['top_bits']:.2f}, the deepest band's "
-                   f"{depth['last_mean'][-1]:.2f}; most confused at depth: digit {depth['classes'][worst]}")
+                   f"{depth['last_mean'][-1]:.2f}; most confused at depth: digits "
+                   + " and ".join(str(depth["classes"][i]) for i in worst))
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
