@@ -191,16 +191,16 @@ def check_profiles(st: Structure) -> list[ProfileClaim]:
     """Every DepthProfile's form (§5.3) and every required one present (§5.1); the claims to recompute.
     Raises ProfileInvalid for the first that fails."""
     claims: list[ProfileClaim] = []
+    held: dict[int, _Held | None] = {}
     for obs in st.observations:
         if obs.type == "DepthProfile":
-            claims.append(_check(obs, st))
+            claims.append(_check(obs, st, held))
     seen = {(c.run, c.step) for c in claims}
     if len(seen) != len(claims):
         dup = next(c for c in claims if sum((d.run, d.step) == (c.run, c.step) for d in claims) > 1)
         raise ProfileInvalid(f"DepthProfile {dup.seq}: a second profile of step {dup.step} of the run", dup.seq)
     for run in st.runs.values():
-        declared = _declared(st, run)
-        if declared is None:
+        if _held_of(st, run, held) is None:
             continue
         for c in run.checkpoints:
             step = st.observations[c].body["step"]
@@ -233,12 +233,50 @@ def _declared(st: Structure, run: Run) -> dict[str, Any] | None:
     return dict(declared)
 
 
+@dataclass(frozen=True)
+class _Held:
+    """What every profile of one declaring run is checked against, derived once per run: the declared
+    profiles, their parameters, the held-out classes and counts (and slices), and each checkpoint's seq by
+    step."""
+
+    declared: dict[str, Any]
+    params: dict[str, Any]
+    classes: list[int]
+    counts: list[int]
+    slices: dict[str, Any] | None  # {"by", "names", "counts"} where a slice is declared
+    checkpoints: dict[int, int]
+
+
+def _held_of(st: Structure, run: Run, cache: dict[int, _Held | None]) -> _Held | None:
+    """``_declared`` and what follows from it for ``run``, computed the first time a profile asks."""
+    if run.seq not in cache:
+        declared = _declared(st, run)
+        if declared is None:
+            cache[run.seq] = None
+        else:
+            ds = st.datasets[declared["dataset"]["seq"]]
+            labels = [int(m.label) for m in ds.manifests]
+            classes = sorted(set(labels))
+            slices = None
+            if "slice" in declared:
+                keys = _slices(st, ds, declared["slice"])
+                names = sorted(set(keys))
+                slices = {"by": declared["slice"], "names": names, "counts": [keys.count(k) for k in names]}
+            steps: dict[int, int] = {}
+            for c in run.checkpoints:
+                steps.setdefault(st.observations[c].body["step"], c)
+            cache[run.seq] = _Held(declared, {"temperature": declared["temperature"],
+                                              **({"slice": declared["slice"]} if "slice" in declared else {})},
+                                   classes, [labels.count(c) for c in classes], slices, steps)
+    return cache[run.seq]
+
+
 def _floats(v: Any, n: int, top: float) -> bool:
     return isinstance(v, list) and len(v) == n and all(
         type(x) is float and math.isfinite(x) and -EXACT_BITS <= x <= top + EXACT_BITS for x in v)
 
 
-def _check(obs: Sealed, st: Structure) -> ProfileClaim:
+def _check(obs: Sealed, st: Structure, cache: dict[int, _Held | None]) -> ProfileClaim:
     body, seq = obs.body, obs.seq
 
     def bad(why: str) -> ProfileInvalid:
@@ -249,21 +287,20 @@ def _check(obs: Sealed, st: Structure) -> ProfileClaim:
     run = st.run_before(seq, body["run"])
     if run is None:
         raise bad(f"run {body['run']!r} names no governed run recorded before it")
-    declared = _declared(st, run)
-    if declared is None:
+    held = _held_of(st, run, cache)
+    if held is None:
         raise bad(f"run {run.run_id!r} declares no depth profiles (settings.monitors.profiles)")
+    declared = held.declared
     if obs.signer != st.observations[run.seq].signer:
         raise bad("it is not signed by the run's trainer")
-    params = {"temperature": declared["temperature"], **({"slice": declared["slice"]} if "slice" in declared else {})}
-    if body["dataset"] != declared["dataset"]["seq"] or body["parameters"] != params:
+    if body["dataset"] != declared["dataset"]["seq"] or body["parameters"] != held.params:
         raise bad("its dataset and parameters are not the ones the run's settings.monitors.profiles declares")
     step = body["step"]
-    at = [c for c in run.checkpoints if st.observations[c].body["step"] == step]
-    if type(step) is not int or not at or not at[0] < seq < next_after(run.updates, at[0], len(st.observations)):
+    at = held.checkpoints.get(step) if type(step) is int else None
+    if at is None or not at < seq < next_after(run.updates, at, len(st.observations)):
         raise bad(f"step {step!r} is not a checkpoint of the run recorded before it with no update between")
-    labels = [int(m.label) for m in st.datasets[declared["dataset"]["seq"]].manifests]
-    classes = sorted(set(labels))
-    if body["classes"] != classes or body["counts"] != [labels.count(c) for c in classes]:
+    classes = held.classes
+    if body["classes"] != classes or body["counts"] != held.counts:
         raise bad("classes and counts are not the held-out dataset's labels and how many examples carry each")
     n_bands, top = len(run.settings["band_params"]), math.log2(len(classes)) if len(classes) > 1 else 0.0
     entropy, mean = body["entropy"], body["mean"]
@@ -272,11 +309,10 @@ def _check(obs: Sealed, st: Structure) -> ProfileClaim:
         raise bad(f"entropy is not {n_bands} bands x {len(classes)} classes, and mean {n_bands} values, each a float "
                   f"in [0, log2({len(classes)})]")
     slices: list[list[float]] = []
-    if "slice" in declared:
-        keys = _slices(st, st.datasets[declared["dataset"]["seq"]], declared["slice"])
-        names = sorted(set(keys))
+    if held.slices is not None:
+        want = held.slices
+        names = want["names"]
         got = body.get("slices")
-        want = {"by": declared["slice"], "names": names, "counts": [keys.count(k) for k in names]}
         if not isinstance(got, dict) or set(got) != {"by", "names", "counts", "entropy"} or \
                 {k: got[k] for k in ("by", "names", "counts")} != want:
             raise bad(f"slices is not the held-out examples' {declared['slice']} slices {names} with their counts")
