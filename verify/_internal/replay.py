@@ -154,6 +154,8 @@ class ReplayCache:
     """
 
     loaded: dict[tuple[bytes, bytes], _Loaded] = field(default_factory=dict)
+    #: The held-out inputs of depth profiles (specs/dynamics.md §5), by digest: read once, not per checkpoint.
+    held_out: dict[bytes, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def _load(ctx: RunContext, artifact: Callable[[bytes], bytes | None], cache: ReplayCache | None) -> _Loaded:
@@ -300,16 +302,22 @@ def replay_segment(
                          traces=traces, profiles=profiles)
 
 
-def _profile(ctx: RunContext, module: Any, artifact: Callable[[bytes], bytes | None], step: int) -> list[Any]:
+def _profile(ctx: RunContext, module: Any, artifact: Callable[[bytes], bytes | None], step: int,
+             cache: ReplayCache | None) -> list[Any]:
     """specs/dynamics.md §5: the depth profile of the module's weights now, at checkpoint ``step``."""
     from safetensors.torch import load
 
     assert ctx.held_out is not None
-    data = None if ctx.held_out["inputs"] is None else artifact(ctx.held_out["inputs"])
-    if data is None:
-        return [step, "the held-out dataset's inputs are not in the bundle (committed without them, or exported "
-                      "without data)"]
-    tensors = load(data)
+    digest = ctx.held_out["inputs"]
+    tensors = cache.held_out.get(digest) if cache is not None and digest is not None else None
+    if tensors is None:
+        data = None if digest is None else artifact(digest)
+        if data is None:
+            return [step, "the held-out dataset's inputs are not in the bundle (committed without them, or exported "
+                          "without data)"]
+        tensors = load(data)
+        if cache is not None:
+            cache.held_out[digest] = tensors
     names = [c.tensor for c in program_columns(ctx.settings)]
     if set(tensors) != set(names):
         return [step, f"the held-out inputs hold {sorted(tensors)[:4]}, the program takes {names}"]
@@ -342,7 +350,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
                           step=seg.start["step"]) from None
     del tensors
     if ctx.held_out is not None and profiles is not None and seg.start["step"] == 0:
-        profiles.append(_profile(ctx, module, artifact, 0))
+        profiles.append(_profile(ctx, module, artifact, 0, cache))
     bands = [[params["model." + n] for n in ns] for ns in settings["band_params"]]
     flat = [p for ps in bands for p in ps]
     sizes = [len(ps) for ps in bands]
@@ -448,7 +456,7 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
                 raise fail(f"band {k} update norm {a!r} replayed, {b!r} recorded")
     worst = max(worst, _compare_end(module, opt, seg, artifact, exact, fmt))
     if ctx.held_out is not None and profiles is not None:
-        profiles.append(_profile(ctx, module, artifact, seg.end["step"]))
+        profiles.append(_profile(ctx, module, artifact, seg.end["step"], cache))
     if tracer is not None and traces is not None:
         traces.extend(t.to_obj() for t in tracer.terms)
     return worst
