@@ -320,6 +320,14 @@ def load_inputs(ledger: Ledger, dataset: CommittedDataset) -> Any:
     return cols
 
 
+def latest_dataset(ledger: Ledger, name: str) -> int | None:
+    """The seq of the latest DatasetCommitted under ``name``, or None."""
+    for seq in reversed(ledger.by_type("DatasetCommitted")):
+        if ledger.observation(seq).body["name"] == name:
+            return seq
+    return None
+
+
 def load_dataset(ledger: Ledger, seq: int, *, verify: bool = True) -> CommittedDataset:
     """Reload the dataset committed at ``seq``, re-checking count, root and (with ``verify``) every manifest."""
     sealed = ledger.observation_of_type(seq, "DatasetCommitted", DatasetError)

@@ -32,7 +32,8 @@ from gradledger.ledger.files import read_regular
 from gradledger.ledger.keys import SigningKey, read_public_keys, write_public_keys
 from gradledger.ledger.ledger import Ledger
 
-from .dataset import CommittedDataset, commit_dataset, example_rows, input_columns, load_dataset, rows_of
+from .dataset import (CommittedDataset, commit_dataset, example_rows, input_columns, latest_dataset, load_dataset,
+                      rows_of)
 from .errors import DatasetError, ManifestError, ProjectError
 from .manifests import MAX_CLASS, SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, adopt_policy, load_adopted, sign_policy
@@ -444,12 +445,10 @@ class Project:
 
     def dataset(self, name: str = "dataset") -> CommittedDataset:
         """The latest dataset committed under ``name``, reloaded and re-checked from the ledger."""
-        found = []
-        for seq in reversed(self.ledger.by_type("DatasetCommitted")):
-            got = self.ledger.observation(seq).body["name"]
-            if got == name:
-                return load_dataset(self.ledger, seq)
-            found.append(got)
+        seq = latest_dataset(self.ledger, name)
+        if seq is not None:
+            return load_dataset(self.ledger, seq)
+        found = [self.ledger.observation(q).body["name"] for q in reversed(self.ledger.by_type("DatasetCommitted"))]
         have = ", ".join(dict.fromkeys(found)) or "none"
         raise ProjectError(f"no dataset {name!r} in the project's ledger (it has: {have})")
 

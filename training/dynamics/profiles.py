@@ -214,19 +214,18 @@ class ProfileJob:
     @classmethod
     def of(cls, ledger: Any, params: DepthProfiles, trained: Any, ranks: Any = None) -> "ProfileJob":
         """The held-out dataset ``params.dataset`` (the latest committed under that name), checked."""
-        from ..dataset import load_dataset, load_inputs
+        from ..dataset import latest_dataset, load_dataset, load_inputs
 
         if not isinstance(params, DepthProfiles):
             raise GovernanceError(f"profiles must be a DepthProfiles, got {type(params).__name__}")
         if ranks is not None:
             raise GovernanceError("depth profiles are not recorded over torch.distributed ranks yet: run the "
                                   "profiles with gradledger on one process, or leave profiles= unset")
-        seqs = [q for q in ledger.by_type("DatasetCommitted")
-                if ledger.observation(q).body["name"] == params.dataset]
-        if not seqs:
+        seq = latest_dataset(ledger, params.dataset)
+        if seq is None:
             raise GovernanceError(f"profiles dataset {params.dataset!r} is not committed in this ledger: commit the "
                                   "held-out examples with their inputs first")
-        dataset = load_dataset(ledger, seqs[-1], verify=False)  # this ledger's own record, checked at its commit
+        dataset = load_dataset(ledger, seq, verify=False)  # this ledger's own record, checked at its commit
         check_held_out(dataset, trained, params.dataset)
         return cls(params, dataset, load_inputs(ledger, dataset), ledger.registry)
 
