@@ -105,12 +105,13 @@ def example_entropy(features: Tensor, labels: Tensor, classes: Sequence[int], te
     return torch.special.entr(p).sum(dim=1) / math.log(2.0)
 
 
-def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
-                    ) -> tuple[list[float], float]:
-    """§5.2: per class in ``classes`` (ascending), the mean of ``example_entropy`` over its examples, and
-    the mean over all of them."""
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float,
+                    slices: Tensor | None = None, n_slices: int = 0) -> tuple[list[float], float, list[float]]:
+    """§5.2 step 4 and §5.3 for one band: the mean of ``example_entropy`` over each class in ``classes``
+    (ascending), over all examples, and over each of ``n_slices`` slices (``slices`` [N]: each example's)."""
     h = example_entropy(features, labels, classes, temperature)
-    return [float(h[labels == c].mean()) for c in classes], float(h.mean())
+    return ([float(h[labels == c].mean()) for c in classes], float(h.mean()),
+            [float(h[slices == j].mean()) for j in range(n_slices)] if slices is not None else [])
 
 
 def _first_float(value: Any) -> Tensor | None:
@@ -187,10 +188,10 @@ def profile_body(run_seq: int, step: int, dataset_seq: int, features: Sequence[T
     at = torch.tensor([names.index(k) for k in slices], dtype=torch.int64)
     entropy, mean, by_slice = [], [], []
     for f in features:
-        h = example_entropy(f.to(torch.float64), y, classes, params.temperature)
-        entropy.append([float(h[y == c].mean()) for c in classes])
-        mean.append(float(h.mean()))
-        by_slice.append([float(h[at == j].mean()) for j in range(len(names))])
+        per, m, sl = entropy_profile(f.to(torch.float64), y, classes, params.temperature, at, len(names))
+        entropy.append(per)
+        mean.append(m)
+        by_slice.append(sl)
     body = {"format": PROFILE_FORMAT, "run": run_seq, "step": step, "dataset": dataset_seq, "method": METHOD,
             "parameters": params.parameters, "classes": classes,
             "counts": [int((y == c).sum()) for c in classes], "entropy": entropy, "mean": mean}

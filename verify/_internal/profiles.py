@@ -93,11 +93,13 @@ def example_entropy(features: Tensor, labels: Tensor, classes: Sequence[int], te
     return torch.special.entr(p).sum(dim=1) / math.log(2.0)
 
 
-def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float
-                    ) -> tuple[list[float], float]:
-    """§5.2 step 4: ``example_entropy``'s mean per class, and over every example."""
+def entropy_profile(features: Tensor, labels: Tensor, classes: Sequence[int], temperature: float,
+                    slices: Tensor | None = None, n_slices: int = 0) -> tuple[list[float], float, list[float]]:
+    """§5.2 step 4 and §5.3 for one band: ``example_entropy``'s mean per class, over every example, and per
+    slice (``slices`` [N]: each example's index among ``n_slices``)."""
     h = example_entropy(features, labels, classes, temperature)
-    return [float(h[labels == c].mean()) for c in classes], float(h.mean())
+    return ([float(h[labels == c].mean()) for c in classes], float(h.mean()),
+            [float(h[slices == j].mean()) for j in range(n_slices)] if slices is not None else [])
 
 
 def _values(node_outputs: Sequence[str | None], value: Any) -> list[tuple[str, Any]]:
@@ -157,10 +159,10 @@ def segment_profiles(module: Any, inputs: Sequence[Tensor], request: Mapping[str
     at = torch.tensor([names.index(k) for k in request["slices"]], dtype=torch.int64)
     entropy, mean, by_slice = [], [], []
     for c in chunks:
-        h = example_entropy(torch.cat(c), labels, classes, request["temperature"])
-        entropy.append([float(h[labels == k].mean()) for k in classes])
-        mean.append(float(h.mean()))
-        by_slice.append([float(h[at == j].mean()) for j in range(len(names))])
+        per, m, sl = entropy_profile(torch.cat(c), labels, classes, request["temperature"], at, len(names))
+        entropy.append(per)
+        mean.append(m)
+        by_slice.append(sl)
     return entropy, mean, by_slice
 
 
