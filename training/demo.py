@@ -49,6 +49,7 @@ from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
 from .dynamics.canaries import canary_manifests, draw_canaries, exposure_bits
 from .forensics import trace
+from .forensics.lineage import Lineage
 from .manifests import SignedManifest, example_id, label_example, source_entry
 from .policy import SignedPolicy, sign_policy
 from .retirement import retire
@@ -580,7 +581,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     memorized = [] if scan is None else [
         {"index": i, "score": v, "label": int(lin.fields[i]["label"]),
          "sources": sorted({x["source"] for x in lin.fields[i]["sources"]})} for i, v in scan["flagged"]]
-    depth = depth_figures(ledger, lin.run.seq, lin.run.settings)
+    depth = depth_figures(ledger, lin)
     if depth is not None:
         worst = sorted(range(len(depth["classes"])), key=lambda i: -depth["last"][-1][i])[:2]
         detail += (f"; {len(depth['steps'])} depth profiles: at the last checkpoint the head's evidence holds "
@@ -594,14 +595,16 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
                     "command": command}
 
 
-def depth_figures(ledger: Ledger, run_seq: int, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+def depth_figures(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:
     """The run's DepthProfiles (specs/dynamics.md §5) for the report: per band and class the entropy at
     the first and the last checkpoint, and each band's mean at every checkpoint; None without profiles."""
-    bodies = [b for b in (ledger.observation(q).body for q in ledger.by_type("DepthProfile")) if b["run"] == run_seq]
+    from .dynamics.feedback import run_profiles
+
+    bodies = run_profiles(ledger, lin)
     if not bodies:
         return None
     classes = bodies[-1]["classes"]
-    return {"bands": [b["name"] for b in settings["bands"]["bands"]], "classes": classes,
+    return {"bands": [b["name"] for b in lin.run.settings["bands"]["bands"]], "classes": classes,
             "top_bits": math.log2(len(classes)) if len(classes) > 1 else 0.0,
             "steps": [b["step"] for b in bodies], "means": [b["mean"] for b in bodies],
             "first": bodies[0]["entropy"], "last": bodies[-1]["entropy"], "last_mean": bodies[-1]["mean"],
