@@ -175,7 +175,7 @@ class Replayer:
             # retired source does not reproduce: a later format may record a branch's profiles.
             raise ReplayError(f"run {run.run_id!r}: its policy gives rules an entropy budget (specs/dynamics.md §5.5); "
                               "replaying such a run (unlearning) is not in this format")
-        self.routes = Routes(RouteTables.build(fields, ledger.registry, self.policy.compiled), self.n_bands)
+        self.routes = Routes(RouteTables(fields, ledger.registry, self.policy.compiled), self.n_bands)
         #: The memorization flags in force at a step, where the policy routes by them (specs/dynamics.md §2.4);
         #: ``freeze_flags_at``: unlearning's branch keeps those of its rewind step.
         self.flags_at: Callable[[int], frozenset[int]] | None = None

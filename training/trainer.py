@@ -522,7 +522,7 @@ class Governance:
         # Routing is a pure function of manifest, policy and (where a rule matches them) the memorization
         # flags in force: once per index at setup, flagged and not, so an unroutable example stops the run
         # before its first step and a checkpoint's new flags only pick rows.
-        tables = RouteTables.build([m.manifest for m in self.dataset.manifests], self.ledger.registry,
+        tables = RouteTables([m.manifest for m in self.dataset.manifests], self.ledger.registry,
                                    self.policy.compiled)
         self._routes = Routes(tables, len(self.layout), ratios=True)
         self._label_table = torch.tensor([m.label for m in self.dataset.manifests], dtype=torch.int64)

@@ -52,34 +52,32 @@ def route_examples(manifests: Sequence[Mapping[str, Any]], registry: Any, compil
     return RoutedExamples(rules, profiles, paths, names)
 
 
-@dataclass
 class RouteTables:
     """Every example's routing as not flagged and, where the policy matches memorization flags, as
     flagged (specs/dynamics.md §2.4); and, where rules carry entropy budgets, the same under each set of
     suspended rules a checkpoint put in force (§5.5), built the first time it is. A step's table is
     ``at(flags, suspended)``."""
 
-    plain: RoutedExamples
-    flagged: RoutedExamples | None
-    _route: Any = None  # (suspended, flagged) -> RoutedExamples, for the budgets' tables
-    _suspended: dict[frozenset[int], tuple[RoutedExamples, RoutedExamples | None]] | None = None
-
-    @classmethod
-    def build(cls, manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> "RouteTables":
-        plain = route_examples(manifests, registry, compiled)
-        flagged = route_examples(manifests, registry, compiled, True) if compiled.matches_flags else None
-
+    def __init__(self, manifests: Sequence[Mapping[str, Any]], registry: Any, compiled: Any) -> None:
         def route(suspended: frozenset[int], flag: bool) -> RoutedExamples:
             return route_examples(manifests, registry, compiled, flag, suspended)
-        return cls(plain, flagged, route if compiled.budgets else None, {frozenset(): (plain, flagged)})
+
+        self._route = route
+        self.plain = route(frozenset(), False)
+        self.flagged = route(frozenset(), True) if compiled.matches_flags else None
+        self._pairs: dict[frozenset[int], tuple[RoutedExamples, RoutedExamples | None]] = {
+            frozenset(): (self.plain, self.flagged)}
+
+    def built(self, suspended: frozenset[int]) -> bool:
+        """Whether the tables under ``suspended`` exist yet (``pair`` builds them)."""
+        return suspended in self._pairs
 
     def pair(self, suspended: frozenset[int]) -> tuple[RoutedExamples, RoutedExamples | None]:
-        if not suspended or self._suspended is None:
-            return self.plain, self.flagged
-        if suspended not in self._suspended:
-            self._suspended[suspended] = (self._route(suspended, False),
-                                          self._route(suspended, True) if self.flagged is not None else None)
-        return self._suspended[suspended]
+        """The plain and flagged tables with the ``suspended`` rules matching nothing."""
+        if suspended not in self._pairs:
+            self._pairs[suspended] = (self._route(suspended, False),
+                                      self._route(suspended, True) if self.flagged is not None else None)
+        return self._pairs[suspended]
 
     def at(self, flags: frozenset[int], suspended: frozenset[int] = frozenset()) -> RoutedExamples:
         plain, flagged = self.pair(suspended)
@@ -94,14 +92,13 @@ class Routes:
     """What a step reads of its examples' routing, per dataset index, under the memorization flags in force
     (specs/dynamics.md §2.4): the rule, the gate's float32 profile row (and its mixing ratios when ``ratios``),
     what the example adds to authority_writes (its paths, its binary64 profile) and its source names. The
-    trainer and unlearning's replay hold one each; ``use`` switches the flags (a no-op for the same ones).
-    Both tables are validated once, here, so a batch's profiles are rows of validated tables."""
+    trainer and unlearning's replay hold one each; ``use`` switches the flags and the suspended rules (a no-op
+    for the same ones). Each table is validated once, when it is built, so a batch's profiles are rows of
+    validated tables."""
 
     def __init__(self, tables: RouteTables, n_bands: int, *, ratios: bool = False) -> None:
         self.tables, self.n_bands, self._with_ratios = tables, n_bands, ratios
-        for table in (tables.plain, tables.flagged):
-            if table is not None:
-                validate_profiles(profiles_tensor(table.profiles, n_bands), n_bands)
+        self._validate(frozenset())
         self.flags: frozenset[int] | None = None
         #: The rules an entropy budget suspends now (specs/dynamics.md §5.5).
         self.suspended: frozenset[int] = frozenset()
@@ -111,17 +108,20 @@ class Routes:
     def reads_flags(self) -> bool:
         return self.tables.flagged is not None
 
+    def _validate(self, suspended: frozenset[int]) -> None:
+        """The tables under ``suspended``, built and validated once: a batch's profiles are their rows."""
+        for table in self.tables.pair(suspended):
+            if table is not None:
+                validate_profiles(profiles_tensor(table.profiles, self.n_bands), self.n_bands)
+
     def use(self, flags: frozenset[int], suspended: frozenset[int] | None = None) -> None:
         """Route with ``flags`` in force and (given) the ``suspended`` rules, else those in force."""
         suspended = self.suspended if suspended is None else suspended
         if flags == self.flags and suspended == self.suspended:
             return
+        if not self.tables.built(suspended):
+            self._validate(suspended)
         routed = self.tables.at(flags, suspended)
-        if suspended:
-            plain, flagged = self.tables.pair(suspended)
-            for table in (plain, flagged):
-                if table is not None:
-                    validate_profiles(profiles_tensor(table.profiles, self.n_bands), self.n_bands)
         self.flags, self.suspended = flags, suspended
         self.rules, self.names = routed.rules, routed.names
         self.profiles = profiles_tensor(routed.profiles, self.n_bands)
