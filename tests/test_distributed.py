@@ -102,6 +102,13 @@ def _rank(rank: int, world: int, root: str, seq: int, per_rank: int, variant: st
                 loss.backward()
                 if (variant == "clip" and rank == 1) or variant == "userclip":
                     torch.nn.utils.clip_grad_norm_(gm.parameters(), 0.5)
+                if variant.startswith("lr") and rank == 1 and run.step == 2:
+                    # Rank 1 alone changes its learning rate: its weights would leave rank 0's, whose record
+                    # one process replays. With its clip ("lrclip") the step takes the second exchange.
+                    for group in gopt.param_groups:
+                        group["lr"] = 0.05
+                if variant == "lrclip":
+                    torch.nn.utils.clip_grad_norm_(gm.parameters(), 0.5)
                 gopt.step()
                 if "crash" in kinds and run.step == (FLAG_CRASH if "flags" in kinds else steps - 1):
                     # Every rank dies here, one step short and without closing: the ledger keeps what was
@@ -300,6 +307,15 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(tmp_path: Path) -> Non
     assert "(this rank)" in outcomes[1] and "(this rank)" not in outcomes[0]
     with Ledger.open(tmp_path / "ledger") as led:
         assert not led.by_type("GovernedUpdate") and not led.by_type("Checkpoint")  # nothing committed
+
+
+@pytest.mark.parametrize("variant", ["lr", "lrclip"])
+def test_a_learning_rate_changed_on_one_rank_is_refused_on_every_rank(variant: str, tmp_path: Path) -> None:
+    _, outcomes = _train(tmp_path, 2, per_rank=4, variant=variant)
+    assert all("step 2" in o and "rank 1" in o and "same hyper-parameters" in o for o in outcomes), outcomes
+    assert "(this rank)" in outcomes[1] and "(this rank)" not in outcomes[0]
+    with Ledger.open(tmp_path / "ledger") as led:
+        assert all(u.body["step"] < 2 for u in led.by_type("GovernedUpdate"))  # the refused step left nothing
 
 
 def test_every_ranks_own_distributed_sampler_is_recorded_padding_included_and_replays(tmp_path: Path) -> None:

@@ -242,7 +242,7 @@ class StepRecorder:
         sees, on every rank alike, the gradient one process replays (the shards' sum over the world size)."""
         if self.run.ranks is None or self._reduced is not None or not self._ours(params):
             return
-        self._reduce(self.pending)
+        self._reduce(self.pending, None)
 
     def clipped(self, params: list[Tensor], call: dict[str, Any], total_norm: float | None) -> None:
         """torch's clip function ran over ``params`` (clipping.py): record it, or note it cannot be."""
@@ -315,34 +315,45 @@ class StepRecorder:
 
     def _distributed(self, optimizer: torch.optim.Optimizer, micros: list[Micro]) -> tuple[dict[str, Any], list[float]]:
         """A step over torch.distributed ranks (specs/distributed.md §3): the gradients reduced in rank order
-        (here, or already at the user's clip); then every rank's hyper-parameters and recipe (its clip
-        included) agreed; the self-check on rank 0, agreed by all. Every rank decides alike from the same
-        exchanged facts, so all refuse or none; every rank runs the same collectives in the same order."""
+        (here, or already at the user's clip); every rank's hyper-parameters and recipe (its clip included)
+        agreed; the self-check on rank 0, agreed by all. Every rank decides alike from the same exchanged
+        facts, so all refuse or none; every rank runs the same collectives in the same order."""
         run, ranks, step = self.run, self.run.ranks, self.run.step
         assert ranks is not None and self._gather is not None
         early = self._reduced is not None  # reduced at the user's clip: its gradients may have changed since
         if not early:
-            self._reduce(micros)
+            self._reduce(micros, optimizer)
         assert self._reduced is not None
         (pre, shared), self._reduced = self._reduced, None
-        why, recipe = None, None
-        try:
-            run.check_hyperparameters(optimizer)
-            recipe = dict(pre)
-            clip = self._clip(step)
-            if clip is not None:
-                recipe["clip"] = clip
-            if early:
-                self._check_gradients(recipe)
-        except GovernanceError as exc:
-            why = str(exc)
-        everyone = ranks.exchange((why, recipe))
-        ranks.verdict([w for w, _ in everyone], f"step {step}")
-        for r, (_, theirs) in enumerate(everyone):
-            if theirs != everyone[0][1]:
-                mine = " (this rank)" if r == ranks.rank else ""
+        recipe: dict[str, Any] | None = dict(pre)
+        if any(f["at_clip"] for f in shared):
+            # Some rank reduced at its clip: what the clip did, and the hyper-parameters the step then runs
+            # with, are known only now, so every rank (those that did not clip too) agrees them in a second
+            # exchange. Without a clip on any rank the first exchange carried both, and the step needs one.
+            why, hyper = None, None
+            try:
+                hyper = run.check_hyperparameters(optimizer)
+                clip = self._clip(step)
+                if clip is not None:
+                    recipe["clip"] = clip
+                if early:
+                    self._check_gradients(recipe)
+            except GovernanceError as exc:
+                why, recipe = str(exc), None
+            everyone = ranks.exchange((why, recipe, hyper))
+            ranks.verdict([w for w, _, _ in everyone], f"step {step}")
+            agreed = [(r, h) for _, r, h in everyone]
+        else:
+            agreed = [(f["recipe"], f["hyper"]) for f in shared]
+        for r, (theirs, hyper) in enumerate(agreed):
+            mine = " (this rank)" if r == ranks.rank else ""
+            if theirs != agreed[0][0]:
                 raise RankRefused(f"step {step}: rank {r}{mine}: its step did {theirs}, rank 0's did "
-                                  f"{everyone[0][1]}; every rank runs one recipe (clip on every rank, or on none)")
+                                  f"{agreed[0][0]}; every rank runs one recipe (clip on every rank, or on none)")
+            if hyper != agreed[0][1]:
+                raise RankRefused(f"step {step}: rank {r}{mine}: its optimizer is {hyper}, rank 0's is {agreed[0][1]}; "
+                                  "every rank steps with the same hyper-parameters (one scheduler, stepped alike)")
+        recipe = agreed[0][0]
         assert recipe is not None
         cut = shards(run.step_indices, ranks.world)
         losses = [f["loss"] for f in shared]
@@ -367,15 +378,17 @@ class StepRecorder:
             self._checked.add(signature)
         return recipe, losses
 
-    def _reduce(self, micros: list[Micro]) -> None:
+    def _reduce(self, micros: list[Micro], optimizer: torch.optim.Optimizer | None) -> None:
         """Every rank's own checks of what its backward left, agreed by all, its shard checked against the
-        step's cut; then the gradients reduced in rank order (distributed.GradientGather)."""
+        step's cut; then the gradients reduced in rank order (distributed.GradientGather). ``optimizer`` is
+        None at the user's clip; at the step, the hyper-parameters are checked and exchanged here too."""
         run, ranks, step = self.run, self.run.ranks, self.run.step
         assert ranks is not None and self._gather is not None
         why, facts, pre = None, None, None
         try:
             if not micros or any(not m.grads for m in micros):
                 raise StepRefused(f"step {step}: a gradient clip before loss.backward() of the batch drawn for it")
+            hyper = None if optimizer is None else run.check_hyperparameters(optimizer)
             pre, losses = self._recipe(micros)
             self._check_gradients(pre)
             unsupported = sorted(set(pre) - {"autocast", "loss_autocast", "output"})
@@ -386,7 +399,7 @@ class StepRecorder:
             assert m.example_losses is not None
             facts = {"recipe": pre, "loss": losses[0], "indices": m.batch.indices,
                      "example_losses": m.example_losses.detach().reshape(-1).tolist(),
-                     "grads": [p.grad is not None for p in self.flat]}
+                     "grads": [p.grad is not None for p in self.flat], "at_clip": optimizer is None, "hyper": hyper}
         except GovernanceError as exc:
             why = str(exc)
         everyone = ranks.exchange((why, facts))

@@ -853,7 +853,9 @@ class Governance:
 
     # -- the step, as the recorder hands it over -------------------------------------------
 
-    def check_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+    def check_hyperparameters(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer as this step records it (lr, momentum and betas included); refused if it changed
+        what may not change."""
         # specs/training.md §6: lr, momentum and betas may change step to step (a scheduler); every
         # other hyper-parameter is the RunStarted's, and a change is refused before the step.
         recorded = self._run_optimizer
@@ -866,12 +868,12 @@ class Governance:
         last = getattr(self, "_checked_groups", None)
         if cacheable and last is not None and last[0] is recorded and last[1] == key:
             self._described = last[2]
-            return
+            return last[2]
         now = describe_optimizer(optimizer)
         # What this step records (step() changes no hyper-parameter; a scheduler changes them after it).
         self._described = now
         if recorded is None:
-            return
+            return now
         fixed = [[{k: v for k, v in g.items() if k not in VARYING} for g in d["groups"]] for d in (now, recorded)]
         if self._recorded_fixed is None or self._recorded_fixed[0] is not recorded:
             self._recorded_fixed = (recorded, encoding.encode(fixed[1]))  # the RunStarted's: encoded once
@@ -881,6 +883,7 @@ class Governance:
                 f"{fixed[1]} at RunStarted; only {', '.join(sorted(VARYING))} may change during a run "
                 "(specs/training.md §6)")
         self._checked_groups = (recorded, key, now) if cacheable else None
+        return now
 
     def self_check(self, micros: Sequence[Micro], recipe: Mapping[str, Any]) -> None:
         """``_self_check``, then its program copy and replayed graph handed back to the OS: it runs once per
