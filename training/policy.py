@@ -105,9 +105,24 @@ def _slice_name(value: Any, where: str) -> None:
         raise SchemaError(f"{where}: expected a slice name of 1 to 256 characters, got {value!r}")
 
 
+def _true(value: Any, where: str) -> None:
+    # Present only as true: one meaning, one encoding (absent is not private).
+    if value is not True:
+        raise SchemaError(f"{where}: expected true (omit the field for a rule that is not private), got {value!r}")
+
+
 BUDGET_SCHEMA = s.record("entropy_budget", band=s.name, max_change=_budget_bits, slice=(_slice_name, False))
 RULE_SCHEMA = s.record("rule", name=s.name, match=MATCH_SCHEMA, profile=_PROFILE, limits=_LIMITS,
-                       entropy_budget=(BUDGET_SCHEMA, False))
+                       entropy_budget=(BUDGET_SCHEMA, False), private=(_true, False))
+
+
+def _delta(value: Any, where: str) -> None:
+    if type(value) is not float or not 0.0 < value < 1.0:
+        raise SchemaError(f"{where}: expected a float in (0, 1), got {value!r}")
+
+
+#: specs/privacy.md §1: per band, the clip norm and noise multiplier of private examples (null: none reach it).
+PRIVACY_SCHEMA = s.record("privacy", clip=_LIMITS, noise=_LIMITS, delta=_delta)
 DEFAULT_SCHEMA = s.record("default", profile=_PROFILE, limits=_LIMITS)
 POLICY_SCHEMA = s.record(
     "policy",
@@ -120,6 +135,7 @@ POLICY_SCHEMA = s.record(
     time=s.uint,
     monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
               False),
+    privacy=(PRIVACY_SCHEMA, False),
 )
 
 
@@ -134,6 +150,18 @@ def _check_semantics(policy: Mapping[str, Any]) -> None:
             raise SchemaError(f"policy.monitors.memorization: fraction must be in (0, 1] and min_trace in "
                               f"[2, {MAX_MIN_TRACE}], got {scan['fraction']!r}, {scan['min_trace']!r}")
     n = len(policy["bands"])
+    privacy = policy.get("privacy")
+    if privacy is not None:
+        clip, noise = privacy["clip"], privacy["noise"]
+        if len(clip) != n or len(noise) != n:
+            raise SchemaError(f"policy.privacy: clip and noise need one entry per band ({n})")
+        if [c is None for c in clip] != [z is None for z in noise] or all(c is None for c in clip):
+            raise SchemaError("policy.privacy: a band has both a clip and a noise multiplier or neither, and at "
+                              "least one band has them")
+        if scan is not None or any("entropy_budget" in r for r in policy["rules"]):
+            # A rule that stops matching would hand a private example to the next rule (budgets, flags).
+            raise SchemaError("policy.privacy: not with memorization monitors or entropy budgets "
+                              "(specs/privacy.md §1): a private example's rule must not change under it")
     names: set[str] = set()
     outcomes = [(f"policy.rules[{i}]", rule) for i, rule in enumerate(policy["rules"])]
     outcomes.append(("policy.default", policy["default"]))
@@ -161,6 +189,13 @@ def _check_semantics(policy: Mapping[str, Any]) -> None:
             budget = outcome.get("entropy_budget")
             if budget is not None and budget["band"] not in policy["bands"]:
                 raise SchemaError(f"{where}.entropy_budget: band {budget['band']!r} is not one of the policy's bands")
+            if outcome.get("private"):
+                if privacy is None:
+                    raise SchemaError(f"{where}.private: needs policy.privacy, the clip and noise of each band")
+                reach = [k for k in range(n) if profile[k] != 0.0 and privacy["clip"][k] is None]
+                if reach:
+                    raise SchemaError(f"{where}: a private rule reaches band {reach[0]}, which has no clip and noise "
+                                      "in policy.privacy")
             if "memorized" in match and scan is None:
                 # The flags it matches are the ones the required scans record (specs/dynamics.md §2.4):
                 # without the requirement a run could decide alone whether to flag anything.
@@ -216,6 +251,12 @@ def normalize_policy(fields: Mapping[str, Any]) -> dict[str, Any]:
     scan = out.get("monitors", {}).get("memorization") if isinstance(out.get("monitors"), Mapping) else None
     if isinstance(scan, Mapping) and "fraction" in scan:
         out["monitors"] = {**out["monitors"], "memorization": {**scan, "fraction": _floats(scan["fraction"])}}
+    if isinstance(out.get("privacy"), Mapping):
+        privacy = dict(out["privacy"])
+        for key in ("clip", "noise"):
+            if isinstance(privacy.get(key), (list, tuple)):
+                privacy[key] = [_floats(x) for x in privacy[key]]
+        out["privacy"] = privacy
     if isinstance(out.get("bands"), tuple):
         out["bands"] = list(out["bands"])
     return out
@@ -239,6 +280,8 @@ class _Rule:
     limits: Limits
     #: specs/dynamics.md §5.5: (band index, max_change in bits, the slice it reads or None), or None.
     budget: tuple[int, float, str | None] | None = None
+    #: specs/privacy.md §1: its examples are clipped and noised.
+    private: bool = False
 
 
 class Routing(NamedTuple):
@@ -275,6 +318,7 @@ class CompiledPolicy:
                     budget=None if "entropy_budget" not in rule else (
                         list(policy["bands"]).index(rule["entropy_budget"]["band"]),
                         rule["entropy_budget"]["max_change"], rule["entropy_budget"].get("slice")),
+                    private=rule.get("private", False),
                 )
             )
         self.rules: tuple[_Rule, ...] = tuple(rules)
@@ -288,6 +332,9 @@ class CompiledPolicy:
         #: specs/dynamics.md §5.5: rule index -> (band index, max_change, slice) of the rules with an entropy budget.
         self.budgets: dict[int, tuple[int, float, str | None]] = {r.index: r.budget for r in rules
                                                                   if r.budget is not None}
+        #: specs/privacy.md §1: the policy's privacy section (clip, noise, delta) and its private rules' indices.
+        self.privacy: dict[str, Any] | None = dict(policy["privacy"]) if "privacy" in policy else None
+        self.private_rules: frozenset[int] = frozenset(r.index for r in rules if r.private)
 
     def routing_of(self, rule: int) -> Routing:
         """The outcome of rule ``rule`` (-1: the default; -2: a reference canary's)."""

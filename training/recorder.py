@@ -37,10 +37,11 @@ from torch.utils.hooks import RemovableHandle
 from . import clipping
 from .bands import ResolvedBands
 from .errors import GovernanceError
-from .gate import clip_bands
+from .gate import _mix_tree, clip_bands
 from .loss_grad import direct_loss_grads
 from .distributed import RankRefused, shards
 from .order import micro_seed
+from .privacy import add_noise, clip_factors
 from .registry import LossFn
 from .updates import delta_norms
 
@@ -62,6 +63,8 @@ class Micro:
     autocast: tuple[str, str] | None = None  # (device type, dtype name) when the forward ran under autocast
     example_losses: Tensor | None = None  # float32, one per example: the run's loss with reduction "none"
     handles: list[RemovableHandle] = field(default_factory=list)
+    #: specs/privacy.md §2: per example, the clip factor its output was mixed by (1.0: not private); or None.
+    factors: list[float] | None = None
 
 
 def recipe_signature(recipe: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -69,7 +72,7 @@ def recipe_signature(recipe: Mapping[str, Any]) -> tuple[Any, ...]:
     clip = recipe.get("clip")
     return (len(recipe.get("micro", recipe.get("ranks", [0]))), recipe.get("loss_divisor", 1), recipe.get("loss_autocast", True),
             tuple(sorted((recipe.get("autocast") or {}).items())), None if clip is None else clip["kind"],
-            recipe.get("output", 0))
+            recipe.get("output", 0), "privacy" in recipe)
 
 
 def _autocast_state() -> tuple[str, str] | None:
@@ -191,15 +194,37 @@ class StepRecorder:
             torch.cuda.manual_seed_all(micro.seed)
 
     def after_forward(self, micro: Micro, out: Any) -> Any:
-        """Capture the gradient that will reach each floating output of this forward."""
+        """Capture the gradient that will reach each floating output of this forward (after the private
+        examples' clip factors, specs/privacy.md §2, where the policy has private rules)."""
         leaves = float_leaves(out)
         if not leaves:
             raise GovernanceError("the model output has no floating-point tensor to train on")
+        if self.run.privacy is not None:
+            out = self._clip_private(micro, out, leaves[0])
+            leaves = float_leaves(out)
         micro.output = leaves
         for i, leaf in enumerate(leaves):
             if leaf.requires_grad:
                 micro.handles.append(leaf.register_hook(self._grad_catcher(micro, i)))
         return out
+
+    def _clip_private(self, micro: Micro, out: Any, leaf: Tensor) -> Any:
+        """specs/privacy.md §2: each private example's clip factor, measured through this forward, mixed into
+        the output (forward value unchanged, its gradient scaled), so the user's backward is the clipped sum."""
+        plan, step = self.run.privacy, self.run.step
+        assert plan is not None
+        if micro.autocast is not None or len(self.pending) > 1:
+            raise StepRefused(f"step {step}: a run under a privacy policy does not record autocast or gradient "
+                              "accumulation yet (specs/privacy.md §6); train in float32, one batch per step")
+        if not leaf.requires_grad:
+            raise StepRefused(f"step {step}: the model's first floating output has no gradient to clip")
+        rows = [i for i, r in enumerate(micro.batch.rules) if r in plan.private_rules]
+        factors = [1.0] * len(micro.batch.rules)
+        for i, f in zip(rows, clip_factors(leaf, micro.batch.labels, self.run.example_loss_fn, rows,
+                                           self.bands.params, plan)):
+            factors[i] = f
+        micro.factors = factors
+        return _mix_tree(out, torch.tensor(factors, dtype=torch.float32))
 
     @staticmethod
     def _grad_catcher(micro: Micro, i: int) -> Callable[[Tensor], None]:
@@ -281,11 +306,15 @@ class StepRecorder:
             self.run.check_hyperparameters(optimizer)
             recipe, losses = self._recipe(micros)
             self._check_gradients(recipe)
+            if self.run.privacy is not None:
+                recipe["privacy"] = self._privacy(micros, recipe)
             signature = recipe_signature(recipe)
             if signature not in self._checked:
                 self.run.self_check(micros, recipe)
                 self._checked.add(signature)
             self._global = micros
+            if self.run.privacy is not None:  # after the self-check, which replays the clipped sum only
+                add_noise(self.bands.params, self.run.privacy, self.run.seed, step, len(micros[0].batch))
         grad_norms = clip_bands(self.model, self.bands, self.run.limits(micros))
         loss = math.fsum(losses) / len(losses)
         if not math.isfinite(loss) or not all(math.isfinite(n) for n in grad_norms):
@@ -426,6 +455,17 @@ class StepRecorder:
             self._stamp(p)
         assert pre is not None
         self._reduced = (pre, shared)
+
+    def _privacy(self, micros: list[Micro], recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """``recipe.privacy`` (specs/privacy.md §4), or a refusal of what it cannot record yet."""
+        plan, step = self.run.privacy, self.run.step
+        assert plan is not None
+        other = sorted(set(recipe) - {"output"})
+        if other or recipe.get("output", 0) != 0 or micros[0].factors is None:
+            why = f"recipe.{other[0]}" if other else "a loss on another output than the first"
+            raise StepRefused(f"step {step}: a run under a privacy policy does not record {why} yet (specs/privacy.md "
+                              "§6): use the policy's band limits instead of a clip, and the model's first output")
+        return plan.record(micros[0].factors, len(micros[0].batch) / self.run.dataset.count)
 
     def drop_snapshot(self) -> None:
         """Free the snapshot buffers (a checkpoint is about to copy the state)."""

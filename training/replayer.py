@@ -175,6 +175,11 @@ class Replayer:
             # retired source does not reproduce: a later format may record a branch's profiles.
             raise ReplayError(f"run {run.run_id!r}: its policy gives rules an entropy budget (specs/dynamics.md §5.5); "
                               "replaying such a run (unlearning) is not in this format")
+        if self.policy.compiled.privacy is not None:
+            # A branch's clip factors differ from the run's (other weights): they would need recording and
+            # checking as the run's are; not yet (specs/privacy.md §6).
+            raise ReplayError(f"run {run.run_id!r}: its policy has private rules (specs/privacy.md); replaying such "
+                              "a run (unlearning) is not recorded yet")
         self.routes = Routes(RouteTables(fields, ledger.registry, self.policy.compiled), self.n_bands)
         #: The memorization flags in force at a step, where the policy routes by them (specs/dynamics.md §2.4);
         #: ``freeze_flags_at``: unlearning's branch keeps those of its rewind step.

@@ -55,6 +55,7 @@ from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_orde
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused
+from .privacy import PrivacyPlan
 from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, example_loss_function, loss_function,
                        optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
@@ -68,7 +69,7 @@ from .updates import RouteTables, Routes, example_loss_bytes, example_loss_value
 #: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2); 7 runs over torch.distributed
 #: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md); 8 depth profiles among the
 #: monitors (``settings.monitors.profiles``, specs/dynamics.md §5).
-FORMAT = 8
+FORMAT = 9
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -215,6 +216,11 @@ class Governance:
         self.profiles = None if profiles is None else ProfileJob.of(ledger, profiles, dataset, self.ranks)
         #: §5.5: the policy's entropy budgets, read from each checkpoint's profile (None: no budget).
         self.budgets = Budgets.of(policy, self.profiles)
+        #: specs/privacy.md: the clip and noise of the policy's private examples (None: no private rule).
+        self.privacy = PrivacyPlan.of(policy.compiled)
+        if self.privacy is not None and self.ranks is not None:
+            raise GovernanceError("a run under a privacy policy over torch.distributed ranks is not recorded yet "
+                                  "(specs/privacy.md §6): train it on one process")
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description

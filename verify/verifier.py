@@ -29,6 +29,7 @@ from ._internal.external import ExternalFetcher
 from ._internal.release import ReleaseInputs, check_release
 from ._internal.replay import ATOL, RTOL, ReplayError, RunContext, SegmentResult
 from ._internal.sandbox import DEFAULT_MAX_MEMORY_MIB, SandboxSpec
+from ._internal.privacy import PrivacyInvalid, check_privacy
 from ._internal.profiles import ProfileClaim, ProfileInvalid, check_profiles, compare_profiles, held_out_request
 from ._internal.scans import ScanInvalid, check_scans
 from ._internal.pool import WorkerPool
@@ -140,6 +141,19 @@ class Verifier:
         except ProfileInvalid as exc:
             report.add("profiles", "fail", str(exc), seq=exc.seq)
             return report
+        try:  # specs/privacy.md §4-5: every step's privacy record against the policy, and the epsilon it spent
+            spent = check_privacy(structure)
+        except PrivacyInvalid as exc:
+            report.add("privacy", "fail", str(exc), seq=exc.seq)
+            return report
+        if spent:
+            report.figures["privacy"] = [{"run": r.run_id, "steps": r.steps, "delta": r.delta, "epsilon": r.model,
+                                          "epsilon_per_band": r.per_band} for r in spent]
+            report.add("privacy", "pass", "; ".join(
+                f"run {r.run_id!r}: {r.steps} steps clipped and noised as its policy says, epsilon {r.model:.4g} at "
+                f"delta {r.delta:g} (per band: " + ", ".join(f"{b} {e:.4g}" for b, e in r.per_band.items()) +
+                "; Opacus RDP accountant over the recorded noise and sample rates); replay re-measures the clip "
+                "factors and regenerates the noise of every step it replays" for r in spent))
         terms: dict[int, dict[tuple[int, int], Any]] = {}
         profiles: dict[tuple[int, int], Any] = {}
         jobs = self._replay(source, path, structure, report, progress, pool,
@@ -553,4 +567,5 @@ def _context(source: Source, structure: Structure, run: Sealed) -> RunContext | 
     policy = structure.policies[settings["policy_seq"]]
     profiles = {r: list(policy.outcome(r).profile) for r in range(-2, len(policy.rules))}
     return RunContext(run.seq, run.body["artifacts"]["program"], dataset.data, settings, labels, profiles,
-                      dict(run.body["environment"]), held_out_request(structure, structure.runs[run.seq]))
+                      dict(run.body["environment"]), held_out_request(structure, structure.runs[run.seq]),
+                      sorted(policy.private_rules))

@@ -13,11 +13,16 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .privacy import check_form
+
 __all__ = ["RecipeInvalid", "check_recipe", "micro_sizes", "shard_sizes", "trained_pieces"]
 
 #: The autocast states replay can apply: CPU bf16 (this verifier's machine), CUDA bf16/fp16 where one is used.
 AUTOCAST = {("cpu", "bfloat16"), ("cuda", "bfloat16"), ("cuda", "float16")}
-FIELDS = frozenset({"micro", "losses", "loss_divisor", "autocast", "loss_autocast", "clip", "output", "ranks"})
+FIELDS = frozenset({"micro", "losses", "loss_divisor", "autocast", "loss_autocast", "clip", "output", "ranks",
+                    "privacy"})
+#: Format 9: ``recipe.privacy``, a step under a policy with private rules (specs/privacy.md §4).
+PRIVACY_FORMAT = 9
 #: Format 7: ``recipe.ranks``, a step trained over torch.distributed ranks (specs/distributed.md).
 RANKS_FORMAT = 7
 CLIPS = {
@@ -105,6 +110,15 @@ def check_recipe(step: Mapping[str, Any], fmt: int, world: int | None = None) ->
         raise RecipeInvalid("recipe.output is not a positive output index (0 is left out)")
     if "clip" in recipe:
         _check_clip(recipe["clip"])
+    if "privacy" in recipe:
+        if fmt < PRIVACY_FORMAT:
+            raise RecipeInvalid(f"recipe.privacy is a format-{PRIVACY_FORMAT} field, in a run of format {fmt}")
+        other = sorted(set(recipe) - {"privacy"})
+        if other:  # specs/privacy.md §6: nothing else is recorded with it yet
+            raise RecipeInvalid(f"recipe.{other[0]} is not recorded with recipe.privacy (specs/privacy.md §6)")
+        why = check_form(recipe["privacy"], batch)
+        if why is not None:
+            raise RecipeInvalid(why)
 
 
 def _check_ranks(recipe: Mapping[str, Any], batch: int, fmt: int, world: int | None) -> None:

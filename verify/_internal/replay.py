@@ -31,7 +31,8 @@ from .hyperparams import (
 )
 from .example_losses import ExampleLossesInvalid, check_example_losses, decode_example_losses
 from .recipe import RecipeInvalid, check_recipe, trained_pieces
-from .graph_routing import RoutingNotProven
+from .graph_routing import RoutingNotProven, mix
+from .privacy import FACTOR_TOLERANCE, add_noise, factor_error, measured_factors
 from .program import ProgramError, load_routed
 from .settings import (SettingsMismatch, check_program, check_step0, distributed_world, micro_seed, program_columns,
                        step_seed, training_format)
@@ -73,18 +74,21 @@ class RunContext:
     #: specs/dynamics.md §5: the held-out set whose depth profile each checkpoint of the run records
     #: (profiles.held_out_request), or None.
     held_out: dict[str, Any] | None = None
+    #: specs/privacy.md §2: the policy's private rules, whose examples' clip factors replay re-measures.
+    private_rules: list[int] = field(default_factory=list)
 
     def to_obj(self) -> dict[str, Any]:
         return {
             "run_seq": self.run_seq, "program": self.program, "inputs": self.inputs, "settings": self.settings,
             "labels": self.labels, "rule_profiles": {str(k): v for k, v in self.rule_profiles.items()},
-            "environment": self.environment, "held_out": self.held_out,
+            "environment": self.environment, "held_out": self.held_out, "private_rules": self.private_rules,
         }
 
     @classmethod
     def from_obj(cls, obj: Mapping[str, Any]) -> "RunContext":
         return cls(obj["run_seq"], obj["program"], obj["inputs"], obj["settings"], obj["labels"],
-                   {int(k): v for k, v in obj["rule_profiles"].items()}, obj["environment"], obj.get("held_out"))
+                   {int(k): v for k, v in obj["rule_profiles"].items()}, obj["environment"], obj.get("held_out"),
+                   list(obj.get("private_rules", [])))
 
 
 @dataclass
@@ -398,8 +402,14 @@ def _replay(ctx: RunContext, seg: Segment, artifact: Callable[[bytes], bytes | N
         if profiles_all.shape != (len(u["batch"]), n_bands):
             raise fail("the recorded routing does not cover the batch")
         opt.zero_grad(set_to_none=True)
+        private = None
+        if "privacy" in recipe:  # specs/privacy.md §2: the recorded factors, re-measured here before they are used
+            private = _Private(recipe["privacy"], [i for i, r in enumerate(u["routing"]["rules"])
+                                                   if r in ctx.private_rules], bands, loss_fn, loss_kw, fail)
         losses, each = _forward_backward(module, inputs, labels_all, profiles_all, u, recipe, run_seed, loss_fn,
-                                         loss_kw, fail, None if tracer is None else tracer.at_step)
+                                         loss_kw, fail, None if tracer is None else tracer.at_step, private)
+        if private is not None:  # §3: the noise, before the band norms are measured
+            add_noise(bands, recipe["privacy"], run_seed, step, len(u["batch"]))
         if "example_losses" in u:  # specs/training.md §3.1: every example's loss, value by value
             replayed = torch.cat(each).to(torch.float32).tolist()  # each binary32 as its exact float
             for i, (a, b) in enumerate(zip(replayed, decode_example_losses(u["example_losses"]))):
@@ -486,7 +496,7 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
                       recipe: Mapping[str, Any], run_seed: int, loss_fn: Callable[..., Tensor],
                       loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError],
                       inspect: Callable[[Mapping[str, Any], Tensor, Tensor, Tensor], None] | None = None,
-                      ) -> tuple[list[float], list[Tensor]]:
+                      private: "_Private | None" = None) -> tuple[list[float], list[Tensor]]:
     """specs/training.md §3 steps 2-5 for each micro-batch in order: seed, forward through the routed
     program (under the recorded autocast), the run's loss of the output the recipe names, backward of
     it (divided by the recorded divisor); gradients add up across micro-batches. Returns the losses and,
@@ -509,6 +519,9 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
                   if isinstance(t, Tensor) and t.is_floating_point()]
         if leaf >= len(leaves):
             raise fail(f"recipe.output {leaf} names no floating output of the model program ({len(leaves)})")
+        if private is not None:
+            leaves = list(leaves)
+            leaves[leaf] = private.clip(leaves[leaf], labels_all[index])
         with _autocast(recipe, for_loss=True):
             loss = loss_fn(leaves[leaf], labels_all[index], **loss_kw)
             if "example_losses" in u:
@@ -523,6 +536,26 @@ def _forward_backward(module: Any, inputs: Sequence[Tensor], labels_all: Tensor,
             if p.grad is not None:
                 p.grad.div_(len(recipe["ranks"]))
     return losses, each
+
+
+class _Private:
+    """specs/privacy.md §2 in replay: each private example's recorded clip factor against the one re-measured
+    through the replayed forward, then the factors mixed into the output as the trainer mixed them."""
+
+    def __init__(self, record: Mapping[str, Any], rows: list[int], bands: Sequence[Sequence[Tensor]],
+                 loss_fn: Callable[..., Tensor], loss_kw: Mapping[str, Any], fail: Callable[[str], ReplayError]) -> None:
+        self.record, self.rows, self.bands, self.fail = record, rows, bands, fail
+        self.example_loss = lambda out, labels: loss_fn(out, labels, **{**loss_kw, "reduction": "none"})
+
+    def clip(self, leaf: Tensor, labels: Tensor) -> Tensor:
+        recorded = self.record["factors"]
+        measured = measured_factors(leaf, labels, self.example_loss, self.rows, self.bands, self.record["clip"])
+        for i, m in zip(self.rows, measured):
+            want = min(1.0, m)
+            if factor_error(recorded[i], want) > FACTOR_TOLERANCE:
+                raise self.fail(f"the clip factor of batch position {i} is {recorded[i]!r} recorded, {want!r} "
+                                "re-measured from its gradient norms (specs/privacy.md §2)")
+        return mix(leaf, torch.tensor(recorded, dtype=torch.float32))
 
 
 def _clip(ordered: Sequence[Tensor], clip: Mapping[str, Any], exact: bool, fail: Callable[[str], ReplayError]) -> float:

@@ -79,13 +79,27 @@ def _slice(value: Any, where: str) -> None:
 
 
 _BUDGET = s.record("entropy_budget", band=s.name, max_change=_bits, slice=(_slice, False))
-_RULE = s.record("rule", name=s.name, match=_MATCH, profile=_PROFILE, limits=_LIMITS, entropy_budget=(_BUDGET, False))
+def _true(value: Any, where: str) -> None:
+    if value is not True:
+        raise SchemaError(f"{where}: expected true, got {value!r}")
+
+
+def _delta(value: Any, where: str) -> None:
+    if type(value) is not float or not 0.0 < value < 1.0:
+        raise SchemaError(f"{where}: expected a float in (0, 1), got {value!r}")
+
+
+_RULE = s.record("rule", name=s.name, match=_MATCH, profile=_PROFILE, limits=_LIMITS, entropy_budget=(_BUDGET, False),
+                 private=(_true, False))
+#: specs/privacy.md §1.
+_PRIVACY = s.record("privacy", clip=_LIMITS, noise=_LIMITS, delta=_delta)
 _OUTCOME = s.record("default", profile=_PROFILE, limits=_LIMITS)
 _POLICY = s.record(
     "policy", v=s.one_of(1), name=s.name, bands=_distinct(s.name, 64), rules=s.array(_RULE, max_items=1024),
     default=_OUTCOME, signer=s.digest, time=s.uint,
     monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
               False),
+    privacy=(_PRIVACY, False),
 )
 
 
@@ -102,6 +116,7 @@ class Rule:
     outcome: Outcome
     #: specs/dynamics.md §5.5: (band index, max_change in bits, the slice it reads or None), or None.
     budget: tuple[int, float, str | None] | None = None
+    private: bool = False  # specs/privacy.md §1
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,15 @@ class Policy:
     @property
     def name(self) -> str:
         return self.fields["name"]
+
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        """specs/privacy.md §1: ``{clip, noise, delta}``, or None for a policy without private rules."""
+        return self.fields.get("privacy")
+
+    @property
+    def private_rules(self) -> frozenset[int]:
+        return frozenset(i for i, r in enumerate(self.rules) if r.private)
 
     @property
     def matches_flags(self) -> bool:
@@ -207,13 +231,30 @@ def policy_from_fields(fields: dict[str, Any], signed: bytes = b"", body: bytes 
         budget = r.get("entropy_budget")
         if budget is not None and budget["band"] not in fields["bands"]:
             raise PolicyInvalid(f"rule {i} ({r['name']!r}): entropy_budget band {budget['band']!r} is not a band")
-        rules.append(Rule(r["name"], dict(m), _outcome(f"rule {i} ({r['name']!r})", r, n),
+        outcome = _outcome(f"rule {i} ({r['name']!r})", r, n)
+        if r.get("private"):
+            privacy = fields.get("privacy")
+            if privacy is None:
+                raise PolicyInvalid(f"rule {i} ({r['name']!r}) is private, but the policy has no privacy section")
+            if any(p != 0.0 and privacy["clip"][k] is None for k, p in enumerate(outcome.profile)
+                   if k < len(privacy["clip"])):
+                raise PolicyInvalid(f"rule {i} ({r['name']!r}) is private and reaches a band without clip and noise")
+        rules.append(Rule(r["name"], dict(m), outcome,
                           None if budget is None else (list(fields["bands"]).index(budget["band"]), budget["max_change"],
-                                                       budget.get("slice"))))
+                                                       budget.get("slice")), bool(r.get("private"))))
     if len({r.name for r in rules}) != len(rules):
         raise PolicyInvalid("rule names are not distinct")
     default = _outcome("default", fields["default"], n)
     scan = fields.get("monitors", {}).get("memorization")
+    privacy = fields.get("privacy")
+    if privacy is not None:
+        clip, noise = privacy["clip"], privacy["noise"]
+        if len(clip) != n or len(noise) != n:
+            raise PolicyInvalid(f"privacy: clip and noise need one entry per band ({n})")
+        if [c is None for c in clip] != [z is None for z in noise] or all(c is None for c in clip):
+            raise PolicyInvalid("privacy: a band has both a clip and a noise multiplier or neither, and one has them")
+        if scan is not None or any(r.budget is not None for r in rules):
+            raise PolicyInvalid("privacy: not with memorization monitors or entropy budgets (specs/privacy.md §1)")
     if scan is not None and not (0.0 < scan["fraction"] <= 1.0 and 2 <= scan["min_trace"] <= 1 << 20):
         raise PolicyInvalid("monitors.memorization: fraction must be in (0, 1] and min_trace in [2, 2**20]")
     return Policy(fields, signed, body, signature, tuple(fields["bands"]), tuple(rules), default)

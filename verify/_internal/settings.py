@@ -57,7 +57,7 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4, 5, 6, 7, 8)
+FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 #: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
 FROZEN_FORMAT = 5
 #: Format 6: ``settings.monitors`` declares what the run records at its checkpoints (specs/dynamics.md §2.2).

@@ -1,0 +1,140 @@
+"""Differential privacy through depth routing: clip factors, seeded noise and the accountant (specs/privacy.md).
+
+Why a clip factor instead of clipped per-example gradients: the clipped sum ``sum_i c_i g_i`` is the
+gradient of ``sum_i c_i loss_i``, so the trainer measures each private example's per-band gradient
+norm once (torch's batched autograd over the step's own forward, dropout masks included), then
+scales that example's gradient by ``c_i`` at the model output with the gate's exact mix. The user's
+single backward then produces the clipped sum, and replay reproduces it bit for bit from the
+recorded factors, whatever per-example implementation measured the norms: the verifier recomputes
+them its own way and compares within a tolerance. Noise goes only into the bands private examples
+may reach (their rule's profile), from a generator seeded by the run seed, the step and the band.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import GovernanceError
+
+__all__ = ["PrivacyPlan", "add_noise", "clip_factors", "epsilon", "noise_seed", "round_down"]
+
+#: specs/privacy.md §3: the domain of the noise seed rule.
+NOISE_DOMAIN = b"gradledger/privacy/noise/v1"
+#: The epsilon of Opacus's and torch's clip factors, max_norm / (norm + 1e-6).
+CLIP_EPS = 1e-6
+INSTALL_HINT = "pip install 'gradledger[privacy]' (Opacus, for its privacy accountants)"
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The policy's privacy section (specs/privacy.md §1) in the shape a step needs."""
+
+    clip: tuple[float | None, ...]  # per band, C_b
+    noise: tuple[float | None, ...]  # per band, sigma_b
+    delta: float
+    private_rules: frozenset[int]
+
+    @classmethod
+    def of(cls, compiled: Any) -> "PrivacyPlan | None":
+        """From a ``CompiledPolicy``: None when its policy has no privacy section."""
+        privacy = compiled.privacy
+        if privacy is None:
+            return None
+        return cls(tuple(privacy["clip"]), tuple(privacy["noise"]), privacy["delta"], compiled.private_rules)
+
+    @property
+    def bands(self) -> list[int]:
+        """The bands private examples may reach: those with a clip and a noise multiplier."""
+        return [k for k, c in enumerate(self.clip) if c is not None]
+
+    def record(self, factors: Sequence[float], sample_rate: float) -> dict[str, Any]:
+        """``recipe.privacy`` of a step (specs/privacy.md §4)."""
+        return {"factors": list(factors), "clip": list(self.clip), "noise": list(self.noise),
+                "sample_rate": sample_rate}
+
+
+def noise_seed(run_seed: int, step: int, band: int) -> int:
+    """specs/privacy.md §3: the first 8 bytes of SHA-256(domain || u64 run seed || u64 step || u32 band),
+    big-endian, with the top bit cleared (a seed torch.Generator takes on every platform)."""
+    digest = hashlib.sha256(NOISE_DOMAIN + struct.pack(">QQI", run_seed, step, band)).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def round_down(x: float) -> float:
+    """The largest binary32 value not above ``x`` (a factor rounded up could let a norm pass its clip)."""
+    f = struct.unpack(">f", struct.pack(">f", x))[0]
+    if f > x:
+        f = float(torch.nextafter(torch.tensor(f, dtype=torch.float32), torch.tensor(0.0)).item())
+    return f
+
+
+def clip_factors(leaf: Tensor, labels: Tensor, example_loss: Callable[[Tensor, Tensor], Tensor], rows: Sequence[int],
+                 bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan) -> list[float]:
+    """specs/privacy.md §2: for each private batch row ``i`` in ``rows``, ``min_b min(1, C_b / (|g_ib| + 1e-6))``
+    over the private bands ``b``, ``g_ib`` the gradient of example ``i``'s loss (reduction "none") with
+    respect to band ``b``'s parameters through this very forward, rounded down to binary32.
+
+    The per-example gradients come from torch's batched autograd (``is_grads_batched``: one vmapped
+    backward over the private rows' one-hot seeds, the graph kept for the user's own backward), and
+    only for the private bands' parameters: the pass stops where those bands end."""
+    if not rows:
+        return []
+    index = torch.tensor(list(rows), dtype=torch.int64)
+    losses = example_loss(leaf[index], labels[index])
+    params = [p for k in plan.bands for p in bands[k]]
+    seeds = torch.eye(len(rows), dtype=losses.dtype)
+    grads = torch.autograd.grad(losses, params, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+                                allow_unused=True, materialize_grads=True)
+    factors = [1.0] * len(rows)
+    pos = 0
+    for k in plan.bands:
+        n = len(bands[k])
+        per = [g.reshape(len(rows), -1).to(torch.float64) for g in grads[pos:pos + n]]
+        pos += n
+        norms = torch.sqrt(sum((g * g).sum(dim=1) for g in per)) if per else torch.zeros(len(rows), dtype=torch.float64)
+        clip = plan.clip[k]
+        assert clip is not None
+        for j, norm in enumerate(norms.tolist()):
+            factors[j] = min(factors[j], clip / (norm + CLIP_EPS))
+    return [round_down(min(1.0, f)) for f in factors]
+
+
+def add_noise(bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan, run_seed: int, step: int, batch: int) -> None:
+    """specs/privacy.md §3: into each private band ``b``'s gradient, ``sigma_b * C_b / B`` times standard normal
+    draws of one generator seeded ``noise_seed(run seed, step, b)``, parameter by parameter in band order
+    (a parameter without a gradient gets zeros first: the noise does not depend on the batch)."""
+    for k in plan.bands:
+        clip, sigma = plan.clip[k], plan.noise[k]
+        assert clip is not None and sigma is not None
+        std = sigma * clip / batch
+        gen = torch.Generator().manual_seed(noise_seed(run_seed, step, k))
+        with torch.no_grad():
+            for p in bands[k]:
+                z = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(z.to(p.grad.device), alpha=std)
+
+
+def effective_noise(plan: PrivacyPlan) -> float:
+    """specs/privacy.md §5: the whole model's noise multiplier, ``(sum_b sigma_b^-2)^(-1/2)`` over the private
+    bands (an example's clipped per-band gradients are one Gaussian mechanism with those scales)."""
+    return math.fsum(s ** -2 for s in plan.noise if s is not None) ** -0.5
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Opacus's accountant (``rdp`` or ``prv``) over ``[(noise multiplier, sample rate, steps)]``."""
+    try:
+        from opacus.accountants import PRVAccountant, RDPAccountant
+    except ImportError:
+        raise GovernanceError(f"privacy accounting needs Opacus: {INSTALL_HINT}") from None
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta))

@@ -1,0 +1,191 @@
+"""The verifier's own reading of specs/privacy.md: each step's privacy record against the policy, the
+accounted epsilon recomputed with Opacus's accountant, and (in replay) the clip factors re-measured and
+the noise regenerated.
+
+Twin of ``gradledger.training.privacy``, written again from the spec: the per-example norms are
+measured here one example at a time (``torch.autograd.grad`` of each private example's loss through
+the replayed forward), not by the trainer's batched autograd, so two methods must agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradledger.ledger.errors import UnusableInput, VerificationError
+
+__all__ = ["PrivacyInvalid", "RunPrivacy", "add_noise", "check_privacy", "factor_error", "measured_factors",
+           "noise_seed"]
+
+NOISE_DOMAIN = b"gradledger/privacy/noise/v1"
+CLIP_EPS = 1e-6
+#: §2: how far a recorded clip factor may sit from the one re-measured here (relative): the two
+#: per-example methods round differently; a factor above its bound by more is a failed step.
+FACTOR_TOLERANCE = 1e-5
+INSTALL_HINT = "pip install 'gradledger[privacy]'"
+
+
+class PrivacyInvalid(VerificationError):
+    """A step's privacy record does not follow the policy or the spec."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class RunPrivacy:
+    """One run's accounting (§5): epsilon per private band and for the whole model, at ``delta``."""
+
+    run_id: str
+    steps: int
+    delta: float
+    per_band: dict[str, float]
+    model: float
+
+
+def noise_seed(run_seed: int, step: int, band: int) -> int:
+    """§3: SHA-256(domain || u64 run seed || u64 step || u32 band), first 8 bytes big-endian, top bit cleared."""
+    digest = hashlib.sha256(NOISE_DOMAIN + struct.pack(">QQI", run_seed, step, band)).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def _binary32(x: Any) -> bool:
+    return type(x) is float and math.isfinite(x) and struct.unpack(">f", struct.pack(">f", x))[0] == x
+
+
+def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(type(x) is type(y) and x == y for x, y in zip(a, b))
+
+
+def _accountant() -> Any:
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError as exc:
+        raise UnusableInput(f"this bundle's policy has private rules; accounting their privacy needs Opacus, "
+                            f"which cannot be imported ({exc}): {INSTALL_HINT}") from None
+    return RDPAccountant
+
+
+def _epsilon(sigma: float, history: Sequence[tuple[float, int]], delta: float) -> float:
+    acc = _accountant()()
+    acc.history = [(sigma, q, n) for q, n in history]
+    return float(acc.get_epsilon(delta))
+
+
+def check_privacy(structure: Any) -> list[RunPrivacy]:
+    """§4 and §5 over every governed run, in every mode: a run under a privacy policy records
+    ``recipe.privacy`` at every step, its clip and noise the policy's, its sample rate the batch over
+    the dataset, every factor in [0, 1] and binary32, exactly 1.0 for an example whose rule is not
+    private; a run under another policy records none. Returns each private run's epsilon."""
+    out: list[RunPrivacy] = []
+    for run in structure.runs.values():
+        if not run.governed:
+            continue
+        policy = structure.policies[run.settings["policy_seq"]]
+        privacy = policy.privacy
+        private = policy.private_rules
+        count = len(structure.datasets[run.settings["dataset"]["seq"]].manifests)
+        history: list[tuple[float, int]] = []
+        for seq in run.updates:
+            u = structure.observations[seq].body
+            p = (u.get("recipe") or {}).get("privacy")
+            where = f"GovernedUpdate {seq} (step {u['step']})"
+            if privacy is None:
+                if p is not None:
+                    raise PrivacyInvalid(f"{where}: records recipe.privacy, but its run's policy has no privacy section",
+                                         seq)
+                continue
+            if p is None:
+                raise PrivacyInvalid(f"{where}: its run's policy has private rules, and the step records no "
+                                     "recipe.privacy (clip factors and noise): unclipped, unnoised", seq)
+            if not _same(p["clip"], privacy["clip"]) or not _same(p["noise"], privacy["noise"]):
+                raise PrivacyInvalid(f"{where}: recipe.privacy clip {p['clip']} and noise {p['noise']} are not the "
+                                     f"policy's ({privacy['clip']}, {privacy['noise']})", seq)
+            batch = len(u["batch"])
+            if p["sample_rate"] != batch / count:
+                raise PrivacyInvalid(f"{where}: recipe.privacy.sample_rate {p['sample_rate']!r} is not the batch "
+                                     f"over the dataset ({batch} / {count})", seq)
+            for i, (rule, f) in enumerate(zip(u["routing"]["rules"], p["factors"])):
+                if rule not in private and f != 1.0:
+                    raise PrivacyInvalid(f"{where}: example {u['batch'][i]} (batch position {i}) is not private "
+                                         f"(rule {rule}) and its clip factor is {f!r}, not 1.0", seq)
+            q = p["sample_rate"]
+            if history and history[-1][0] == q:
+                history[-1] = (q, history[-1][1] + 1)
+            else:
+                history.append((q, 1))
+        if privacy is None or not run.updates:
+            continue
+        delta = privacy["delta"]
+        sigmas = {policy.bands[k]: s for k, s in enumerate(privacy["noise"]) if s is not None}
+        per_band = {band: _epsilon(s, history, delta) for band, s in sigmas.items()}
+        model = math.fsum(s ** -2 for s in sigmas.values()) ** -0.5
+        out.append(RunPrivacy(run.run_id, len(run.updates), delta, per_band, _epsilon(model, history, delta)))
+    return out
+
+
+def check_form(p: Any, batch: int) -> str | None:
+    """§4's shape of ``recipe.privacy`` (None when well formed, else why not)."""
+    if not isinstance(p, dict) or set(p) != {"factors", "clip", "noise", "sample_rate"}:
+        return "recipe.privacy is not {factors, clip, noise, sample_rate}"
+    f = p["factors"]
+    if type(f) is not list or len(f) != batch or not all(_binary32(x) and 0.0 <= x <= 1.0 for x in f):
+        return f"recipe.privacy.factors is not one binary32 factor in [0, 1] per batch example ({batch})"
+    for key in ("clip", "noise"):
+        v = p[key]
+        if type(v) is not list or not 1 <= len(v) <= 64 or not all(
+                x is None or (type(x) is float and math.isfinite(x) and x > 0) for x in v):
+            return f"recipe.privacy.{key} is not one positive number or null per band"
+    q = p["sample_rate"]
+    if type(q) is not float or not 0.0 < q <= 1.0:
+        return "recipe.privacy.sample_rate is not in (0, 1]"
+    return None
+
+
+def measured_factors(leaf: Tensor, labels: Tensor, example_loss: Callable[[Tensor, Tensor], Tensor],
+                     rows: Sequence[int], bands: Sequence[Sequence[Tensor]], clip: Sequence[float | None]) -> list[float]:
+    """§2, one example at a time: ``min_b min(1, C_b / (|g_ib| + 1e-6))`` over the bands with a clip, in binary64."""
+    out = []
+    private = [k for k, c in enumerate(clip) if c is not None]
+    params = [p for k in private for p in bands[k]]
+    for i in rows:
+        loss = example_loss(leaf[i:i + 1], labels[i:i + 1]).sum()
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        factor, pos = 1.0, 0
+        for k in private:
+            n = len(bands[k])
+            sq = math.fsum(float((g.to(torch.float64) ** 2).sum()) for g in grads[pos:pos + n] if g is not None)
+            pos += n
+            c = clip[k]
+            assert c is not None
+            factor = min(factor, c / (math.sqrt(sq) + CLIP_EPS))
+        out.append(factor)
+    return out
+
+
+def factor_error(recorded: float, measured: float) -> float:
+    """How far a recorded factor is from the re-measured one, relative to it (0 when they agree)."""
+    return abs(recorded - measured) / max(measured, 1e-30)
+
+
+def add_noise(bands: Sequence[Sequence[Tensor]], p: Mapping[str, Any], run_seed: int, step: int, batch: int) -> None:
+    """§3: ``sigma_b * C_b / B`` times standard normal draws of a generator seeded ``noise_seed(run seed, step,
+    b)``, into band ``b``'s gradients in band order (zeros first where a parameter has none)."""
+    for k, (clip, sigma) in enumerate(zip(p["clip"], p["noise"])):
+        if clip is None or sigma is None:
+            continue
+        std = sigma * clip / batch
+        gen = torch.Generator().manual_seed(noise_seed(run_seed, step, k))
+        with torch.no_grad():
+            for param in bands[k]:
+                z = torch.randn(param.shape, generator=gen, dtype=param.dtype)
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.add_(z, alpha=std)
