@@ -219,6 +219,21 @@ TYPES: dict[str, ObservationType] = {
             ),
             frozenset({"trainer"}),
         ),
+        ObservationType(
+            # specs/privacy.md §5.1: the privacy a run had spent at one of its checkpoints.
+            "PrivacySpent",
+            s.record(
+                "PrivacySpent",
+                format=s.uint,
+                run=s.uint,
+                step=s.uint,
+                accountant=s.one_of("rdp"),
+                delta=any_value,
+                epsilon=any_value,
+                bands=any_value,
+            ),
+            frozenset({"trainer"}),
+        ),
     )
 }
 

@@ -23,7 +23,11 @@ from torch import Tensor
 
 from .errors import GovernanceError
 
-__all__ = ["PrivacyPlan", "add_noise", "clip_factors", "epsilon", "noise_seed", "round_down"]
+__all__ = ["PrivacyPlan", "Spent", "add_noise", "clip_factors", "epsilon", "noise_seed", "require_accountant",
+           "round_down"]
+
+#: specs/privacy.md §5.1: the PrivacySpent record's format.
+SPENT_FORMAT = 1
 
 #: specs/privacy.md §3: the domain of the noise seed rule.
 NOISE_DOMAIN = b"gradledger/privacy/noise/v1"
@@ -129,12 +133,53 @@ def effective_noise(plan: PrivacyPlan) -> float:
     return math.fsum(s ** -2 for s in plan.noise if s is not None) ** -0.5
 
 
+def require_accountant() -> Any:
+    """Opacus's accountants module, or GovernanceError with the install hint (a run under a privacy policy
+    checks this at its start, not at its first checkpoint)."""
+    try:
+        from opacus import accountants
+    except ImportError as exc:
+        raise GovernanceError(f"a run under a privacy policy accounts its epsilon with Opacus, which cannot be "
+                              f"imported ({exc}): {INSTALL_HINT}") from None
+    return accountants
+
+
 def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """Opacus's accountant (``rdp`` or ``prv``) over ``[(noise multiplier, sample rate, steps)]``."""
-    try:
-        from opacus.accountants import PRVAccountant, RDPAccountant
-    except ImportError:
-        raise GovernanceError(f"privacy accounting needs Opacus: {INSTALL_HINT}") from None
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    accountants = require_accountant()
+    acc = accountants.RDPAccountant() if accountant == "rdp" else accountants.PRVAccountant()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(acc.get_epsilon(delta))
+
+
+class Spent:
+    """The sample rates of a run's steps so far (consecutive equal ones merged), and the PrivacySpent
+    record of a checkpoint (specs/privacy.md §5.1): epsilon per private band and for the whole model."""
+
+    def __init__(self, plan: PrivacyPlan) -> None:
+        self.plan = plan
+        self.rates: list[tuple[float, int]] = []
+
+    def add(self, rate: float) -> None:
+        if self.rates and self.rates[-1][0] == rate:
+            self.rates[-1] = (rate, self.rates[-1][1] + 1)
+        else:
+            self.rates.append((rate, 1))
+
+    def read_back(self, updates: Sequence[dict[str, Any]]) -> None:
+        """A resumed run's rates: those its recorded steps carry."""
+        for u in updates:
+            self.add(u["recipe"]["privacy"]["sample_rate"])
+
+    def job(self, run_seq: int, step: int) -> Callable[[], dict[str, Any]]:
+        """The record of the checkpoint of ``step`` (every step before it accounted), to build later: on the
+        recorder thread, while training adds the next steps' rates."""
+        rates = list(self.rates)
+        return lambda: self._body(run_seq, step, rates)
+
+    def _body(self, run_seq: int, step: int, rates: list[tuple[float, int]]) -> dict[str, Any]:
+        plan = self.plan
+        bands = [None if s is None else epsilon([(s, q, n) for q, n in rates], plan.delta) for s in plan.noise]
+        model = epsilon([(effective_noise(plan), q, n) for q, n in rates], plan.delta)
+        return {"format": SPENT_FORMAT, "run": run_seq, "step": step, "accountant": "rdp", "delta": plan.delta,
+                "epsilon": model, "bands": bands}

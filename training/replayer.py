@@ -177,7 +177,7 @@ class Replayer:
                               "replaying such a run (unlearning) is not in this format")
         if self.policy.compiled.privacy is not None:
             # A branch's clip factors differ from the run's (other weights): they would need recording and
-            # checking as the run's are; not yet (specs/privacy.md §6).
+            # checking as the run's are; not yet (specs/privacy.md §7).
             raise ReplayError(f"run {run.run_id!r}: its policy has private rules (specs/privacy.md); replaying such "
                               "a run (unlearning) is not recorded yet")
         self.routes = Routes(RouteTables(fields, ledger.registry, self.policy.compiled), self.n_bands)

@@ -55,7 +55,7 @@ from .order import MICRO_SEED_DOMAIN, ORDER_DOMAIN, STEP_SEED_DOMAIN, epoch_orde
 from .policy import SignedPolicy, adopt_policy, batch_limits, latest_adopted, verify_policy
 from .record_thread import RecordingFailed, RecordWriter
 from .recorder import Micro, StepRecorder, StepRefused
-from .privacy import PrivacyPlan
+from .privacy import PrivacyPlan, Spent, require_accountant
 from .registry import (LOSSES, VARYING, checkpoint_skips, describe_optimizer, example_loss_function, loss_function,
                        optimizer_name)
 from .runtime import no_uninitialized_fill, release_setup_memory, torch_deterministic
@@ -220,7 +220,11 @@ class Governance:
         self.privacy = PrivacyPlan.of(policy.compiled)
         if self.privacy is not None and self.ranks is not None:
             raise GovernanceError("a run under a privacy policy over torch.distributed ranks is not recorded yet "
-                                  "(specs/privacy.md §6): train it on one process")
+                                  "(specs/privacy.md §7): train it on one process")
+        if self.privacy is not None:
+            require_accountant()  # at the start, not at the first checkpoint
+        #: §5.1: the sample rates spent so far, recorded as epsilon at every checkpoint after step 0.
+        self._spent = Spent(self.privacy) if self.privacy is not None else None
         self.ledger, self.key = ledger, key
         self.dataset, self.policy, self.layout = dataset, policy, layout
         self.run_id, self.description = run_id, description
@@ -393,6 +397,9 @@ class Governance:
             self._use_flags(self._rank0_flags(self._routes.flags))  # what rank 0 read back
         if self.budgets is not None:  # §5.5: the rules the resume checkpoint's recorded profile suspends
             self._use_suspended(self.budgets.read_back(self.ledger, run_seq, self.step))
+        if self._spent is not None:  # specs/privacy.md §5.1: the steps before the resume are spent too
+            self._spent.read_back([self.ledger.observation(seq).body for seq in self.ledger.by_type("GovernedUpdate")
+                                   if run_seq < seq < ckpt_seq])
         self.run_seq, self.policy_seq = run_seq, run_body["settings"].get("policy_seq")
         self._run_optimizer = run_body["settings"]["optimizer"]
         self._program = run_body["artifacts"]["program"]
@@ -941,6 +948,8 @@ class Governance:
         writes_of, names = self._routes.writes_of, self._routes.names
         if self._traces is not None and all(t is not None for t in each):
             self._traces.add(indices, torch.cat([t.detach().reshape(-1) for t in each]))  # type: ignore[union-attr]
+        if self._spent is not None:
+            self._spent.add(recipe["privacy"]["sample_rate"])
 
         def build() -> dict[str, Any]:
             body = update_body(
@@ -1018,6 +1027,7 @@ class Governance:
                 body = profile.body(self.run_seq, self.step, features)
                 self._use_suspended(self.budgets.next(body))
         run_seq, step = self.run_seq, self.step
+        spent = self._spent.job(run_seq, step) if self._spent is not None and step > 0 and run_seq is not None else None
 
         def store() -> None:
             if live is not None:
@@ -1036,6 +1046,8 @@ class Governance:
                 record_scan(ledger, scan(), key, commit=False)
             if profile is not None and features is not None and run_seq is not None:
                 ledger.append("DepthProfile", body or profile.body(run_seq, step, features), key, commit=False)
+            if spent is not None:
+                ledger.append("PrivacySpent", spent(), key, commit=False)
             if commit:
                 ledger.tree_head(key)  # commits the whole group: the log now ends at this checkpoint
             self.last_checkpoint = CheckpointData(made.step, None, made.digests, made.digest,

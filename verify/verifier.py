@@ -152,8 +152,9 @@ class Verifier:
             report.add("privacy", "pass", "; ".join(
                 f"run {r.run_id!r}: {r.steps} steps clipped and noised as its policy says, epsilon {r.model:.4g} at "
                 f"delta {r.delta:g} (per band: " + ", ".join(f"{b} {e:.4g}" for b, e in r.per_band.items()) +
-                "; Opacus RDP accountant over the recorded noise and sample rates); replay re-measures the clip "
-                "factors and regenerates the noise of every step it replays" for r in spent))
+                f"; Opacus RDP accountant over the recorded noise and sample rates), as its {r.records} PrivacySpent "
+                "record(s) state; replay re-measures the clip factors and regenerates the noise of every step it "
+                "replays" for r in spent))
         terms: dict[int, dict[tuple[int, int], Any]] = {}
         profiles: dict[tuple[int, int], Any] = {}
         jobs = self._replay(source, path, structure, report, progress, pool,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from gradledger.ledger.errors import UnusableInput, VerificationError
+
 
 __all__ = ["PrivacyInvalid", "RunPrivacy", "add_noise", "check_privacy", "factor_error", "measured_factors",
            "noise_seed"]
@@ -48,6 +50,7 @@ class RunPrivacy:
     delta: float
     per_band: dict[str, float]
     model: float
+    records: int = 0  # its PrivacySpent records, each recomputed (§5.1)
 
 
 def noise_seed(run_seed: int, step: int, band: int) -> int:
@@ -85,6 +88,7 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
     the dataset, every factor in [0, 1] and binary32, exactly 1.0 for an example whose rule is not
     private; a run under another policy records none. Returns each private run's epsilon."""
     out: list[RunPrivacy] = []
+    rates: dict[int, list[float]] = {}  # private run seq -> each step's sample rate, in step order
     for run in structure.runs.values():
         if not run.governed:
             continue
@@ -92,7 +96,6 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
         privacy = policy.privacy
         private = policy.private_rules
         count = len(structure.datasets[run.settings["dataset"]["seq"]].manifests)
-        history: list[tuple[float, int]] = []
         for seq in run.updates:
             u = structure.observations[seq].body
             p = (u.get("recipe") or {}).get("privacy")
@@ -116,19 +119,99 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
                 if rule not in private and f != 1.0:
                     raise PrivacyInvalid(f"{where}: example {u['batch'][i]} (batch position {i}) is not private "
                                          f"(rule {rule}) and its clip factor is {f!r}, not 1.0", seq)
-            q = p["sample_rate"]
-            if history and history[-1][0] == q:
-                history[-1] = (q, history[-1][1] + 1)
-            else:
-                history.append((q, 1))
+            rates.setdefault(run.seq, []).append(p["sample_rate"])
         if privacy is None or not run.updates:
             continue
-        delta = privacy["delta"]
-        sigmas = {policy.bands[k]: s for k, s in enumerate(privacy["noise"]) if s is not None}
-        per_band = {band: _epsilon(s, history, delta) for band, s in sigmas.items()}
-        model = math.fsum(s ** -2 for s in sigmas.values()) ** -0.5
-        out.append(RunPrivacy(run.run_id, len(run.updates), delta, per_band, _epsilon(model, history, delta)))
-    return out
+        bands, model = _spent(privacy, _history(rates[run.seq]))
+        out.append(RunPrivacy(run.run_id, len(run.updates), privacy["delta"],
+                              {policy.bands[k]: e for k, e in enumerate(bands) if e is not None}, model))
+    records = _check_records(structure, rates)
+    return [RunPrivacy(r.run_id, r.steps, r.delta, r.per_band, r.model, records.get(r.run_id, 0)) for r in out]
+
+
+def _next_update(updates: Sequence[int], seq: int, default: int) -> int:
+    j = bisect_right(updates, seq)
+    return updates[j] if j < len(updates) else default
+
+
+def _history(rates: Sequence[float]) -> list[tuple[float, int]]:
+    """Consecutive equal sample rates merged: ``[(q, steps)]``."""
+    history: list[tuple[float, int]] = []
+    for q in rates:
+        if history and history[-1][0] == q:
+            history[-1] = (q, history[-1][1] + 1)
+        else:
+            history.append((q, 1))
+    return history
+
+
+def _spent(privacy: Mapping[str, Any], history: Sequence[tuple[float, int]]) -> tuple[list[float | None], float]:
+    """§5: epsilon per band (None where no noise) and for the model, at the policy's delta."""
+    delta, noise = privacy["delta"], privacy["noise"]
+    bands = [None if sigma is None else _epsilon(sigma, history, delta) for sigma in noise]
+    model = math.fsum(sigma ** -2 for sigma in noise if sigma is not None) ** -0.5
+    return bands, _epsilon(model, history, delta)
+
+
+#: §5.1: how far a recorded epsilon may be from the one recomputed here (relative): the same accountant
+#: over the same inputs; the margin is for another Opacus release's last digits, not for a claim.
+EPSILON_TOLERANCE = 1e-6
+
+
+def _check_records(structure: Any, rates: Mapping[int, list[float]]) -> dict[str, int]:
+    """§5.1: every PrivacySpent is the trainer's, of a checkpoint after step 0 of a private run, recorded before
+    the next update, and states the epsilon recomputed over the steps before it; every such checkpoint of an
+    original run has exactly one."""
+    seen: set[tuple[int, int]] = set()
+    for obs in structure.observations:
+        if obs.type != "PrivacySpent":
+            continue
+        body, seq = obs.body, obs.seq
+
+        def bad(why: str) -> PrivacyInvalid:
+            return PrivacyInvalid(f"PrivacySpent {seq}: {why}", seq)
+
+        if body["format"] != 1:
+            raise bad(f"format {body['format']!r} is not 1")
+        run = structure.run_before(seq, body["run"])
+        if run is None or run.seq not in rates:
+            raise bad(f"run {body['run']!r} names no run under a privacy policy recorded before it")
+        if obs.signer != structure.observations[run.seq].signer:
+            raise bad("it is not signed by the run's trainer")
+        privacy = structure.policies[run.settings["policy_seq"]].privacy
+        step = body["step"]
+        at = next((c for c in run.checkpoints if structure.observations[c].body["step"] == step), None)
+        if type(step) is not int or step < 1 or at is None or not at < seq < _next_update(run.updates, at, len(
+                structure.observations)) or (run.seq, step) in seen or step > len(rates[run.seq]):
+            raise bad(f"step {step!r} is not a checkpoint after step 0 of the run, recorded once, before the next update")
+        seen.add((run.seq, step))
+        if type(body["delta"]) is not float or body["delta"] != privacy["delta"]:
+            raise bad(f"delta {body['delta']!r} is not the policy's {privacy['delta']!r}")
+        bands, model = _spent(privacy, _history(rates[run.seq][:step]))
+        claimed = body["bands"]
+        if type(claimed) is not list or len(claimed) != len(bands) or not all(
+                (c is None) == (b is None) and (c is None or type(c) is float) for c, b in zip(claimed, bands)):
+            raise bad("bands is not one epsilon per band, null exactly where the band has no noise")
+        for name, c, b in [("the model", body["epsilon"], model)] + [(f"band {k}", c, b) for k, (c, b) in
+                                                                     enumerate(zip(claimed, bands)) if b is not None]:
+            if type(c) is not float or not abs(c - b) <= EPSILON_TOLERANCE * max(1.0, abs(b)):
+                raise bad(f"epsilon of {name} is {c!r} recorded, {b!r} recomputed over the {step} steps before it "
+                          "(Opacus RDP accountant, specs/privacy.md §5)")
+    for run_seq, _ in rates.items():
+        run = structure.runs[run_seq]
+        if run.branch_of is not None:
+            continue
+        for c in run.checkpoints:
+            step = structure.observations[c].body["step"]
+            if step > 0 and (run_seq, step) not in seen:
+                raise PrivacyInvalid(f"Checkpoint {c} (step {step}) of run {run.run_id!r} has no PrivacySpent: a run "
+                                     "under a privacy policy records its epsilon at every checkpoint after step 0 "
+                                     "(specs/privacy.md §5.1)", c)
+    counts: dict[str, int] = {}
+    for run_seq, _ in seen:
+        name = structure.runs[run_seq].run_id
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def check_form(p: Any, batch: int) -> str | None:
