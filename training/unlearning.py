@@ -164,6 +164,10 @@ def unlearn(
     # A step over ranks records only its shards (specs/distributed.md §4), which the branch replays alike.
     recipes = [b["step"] for _, b in run.updates if b["step"] >= rewind["step"] and "recipe" in b
                and set(b["recipe"]) != {"ranks", "losses"}]
+    if recipes and any("privacy" in b["recipe"] for _, b in run.updates):
+        raise UnlearningError(f"run {run.run_id!r} trained under a policy with private rules: unlearning it is not "
+                              "recorded yet (its branch's clip factors would need recording and checking as the "
+                              "run's are, specs/privacy.md §7)")
     if recipes:
         # specs/training.md §8: the branch replays plain steps only (no accumulation, clip or autocast yet).
         raise UnlearningError(f"run {run.run_id!r}: step {recipes[0]} records a recipe (accumulation, clip, "

@@ -611,7 +611,27 @@ def document() -> dict[str, Any]:
         "canaries": canary_cases(),
         "shards": shards_cases(),
         "budgets": budget_cases(),
+        "privacy": privacy_cases(),
     }
+
+
+def privacy_cases() -> list[dict[str, Any]]:
+    """specs/privacy.md §3: the noise seed of (run seed, step, band) and the first draws added into a zero
+    gradient of that band's first parameter, ``sigma * C / B`` times standard normals."""
+    from gradledger.training import privacy as PR
+
+    out = []
+    for desc, seed, step, band, clip, noise, batch in [
+            ("run seed 0, step 0, the head", 0, 0, 0, 1.0, 1.0, 16), ("step 1", 0, 1, 0, 1.0, 1.0, 16),
+            ("band 2", 0, 0, 2, 1.0, 1.0, 16), ("clip 0.5, sigma 1.3, batch 7", 7, 3, 1, 0.5, 1.3, 7),
+            ("seed and step uint64 max", 2**64 - 1, 2**64 - 1, 1, 1.0, 1.0, 1)]:
+        plan = PR.PrivacyPlan(tuple([None] * band + [clip]), tuple([None] * band + [noise]), 1e-5, frozenset())
+        p = torch.nn.Parameter(torch.zeros(6))
+        PR.add_noise([[] for _ in range(band)] + [[p]], plan, seed, step, batch)
+        assert p.grad is not None
+        out.append({"desc": desc, "run_seed": seed, "step": step, "band": band, "clip": clip, "noise": noise,
+                    "batch": batch, "seed": PR.noise_seed(seed, step, band), "first": p.grad.tolist()})
+    return out
 
 
 def render() -> str:

@@ -1,0 +1,283 @@
+"""Differential privacy through depth routing (specs/privacy.md): the run, its record, the twins, and a hostile
+trainer's forgeries."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradledger.ledger.errors import SchemaError
+from gradledger.ledger.ledger import Ledger
+from gradledger.training import privacy as TP
+from gradledger.training.bands import sequential_bands
+from gradledger.training.dataset import commit_dataset
+from gradledger.training.errors import GovernanceError, PolicyError
+from gradledger.training.policy import CompiledPolicy, normalize_policy, sign_policy
+from gradledger.training.trainer import Governance, Trainer
+from gradledger.training.retirement import retire
+from gradledger.training.unlearning import UnlearningError, unlearn
+from gradledger.verify._internal import privacy as VP
+from gradledger.verify._internal import routing as VR
+from helpers import CROWD_KEY, policy_fields
+from test_idioms import BATCH, assert_caught, assert_verified, make_model, verify
+from test_trainer import MANIFESTS, WORLD, X, Y, T, new_ledger
+
+STEPS, EVERY = 12, 4
+#: Low-confidence crowd labels are private: they may reach the head fully and the mid band at half strength,
+#: clipped at 1.0 and 2.0 and noised with multipliers 1.0 and 1.5; the embedding band never sees them.
+FIELDS = policy_fields("digits-private")
+FIELDS["rules"].append({"name": "private-crowd", "match": {"authority": "acme/crowd"}, "profile": [1.0, 0.5, 0.0],
+                        "limits": [None, None, None], "private": True})
+FIELDS["privacy"] = {"clip": [1.0, 2.0, None], "noise": [1.0, 1.5, None], "delta": 1e-5}
+POLICY = sign_policy(FIELDS, WORLD.root, T)
+PRIVATE = 3  # the private rule's index
+
+
+def _engine(led: Ledger, model: nn.Module, run_id: str = "private") -> tuple[Governance, torch.optim.Optimizer, Any]:
+    ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer, inputs=X)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run = Governance(led, WORLD.trainer, dataset=ds, policy=POLICY, layout=sequential_bands(model), run_id=run_id,
+                     checkpoint_every=EVERY, seed=5, root_key=WORLD.root)
+    return run, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH)
+
+
+def _train(led: Ledger, steps: int = STEPS) -> Governance:
+    run, opt, loader = _engine(led, model := make_model())
+    gm, gopt, gl = run.make_governed(model, opt, loader)
+    Trainer(run).fit(gm, gopt, gl, steps)
+    run.close()
+    return run
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    led, _ = new_ledger(tmp_path_factory.mktemp("private") / "ledger")
+    _train(led)
+    return led
+
+
+def _bodies(led: Ledger, kind: str) -> list[dict[str, Any]]:
+    return [led.observation(s).body for s in led.by_type(kind)]
+
+
+def _opacus_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(delta)
+
+
+# -- the run and its record ------------------------------------------------------------------------
+
+
+def test_a_private_run_verifies_bit_for_bit_and_states_the_epsilon_opacus_gives(private: Ledger, tmp_path: Path) -> None:
+    code, report = verify(private, tmp_path)
+    assert_verified(code, report)
+    check = next(c for c in report["checks"] if c["name"] == "privacy")
+    assert check["status"] == "pass" and "3 PrivacySpent" in check["detail"], check
+    q = BATCH / len(MANIFESTS)
+    (spent,) = report["figures"]["privacy"]
+    head, mid = _opacus_epsilon(1.0, q, STEPS), _opacus_epsilon(1.5, q, STEPS)
+    model = _opacus_epsilon((1.0 ** -2 + 1.5 ** -2) ** -0.5, q, STEPS)
+    assert spent["epsilon_per_band"] == {"head": head, "mid": mid} and spent["epsilon"] == model
+    assert model > head > mid  # more noise spends less; both bands together spend more than either alone
+    records = _bodies(private, "PrivacySpent")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert records[-1]["epsilon"] == model and records[-1]["bands"] == [head, mid, None]
+    assert records[0]["epsilon"] == _opacus_epsilon((1.0 ** -2 + 1.5 ** -2) ** -0.5, q, 4)
+
+
+def test_only_private_examples_are_clipped_and_some_are(private: Ledger) -> None:
+    clipped = 0
+    for u in _bodies(private, "GovernedUpdate"):
+        p = u["recipe"]["privacy"]
+        assert p["clip"] == [1.0, 2.0, None] and p["noise"] == [1.0, 1.5, None]
+        assert p["sample_rate"] == len(u["batch"]) / len(MANIFESTS)
+        for rule, f in zip(u["routing"]["rules"], p["factors"]):
+            assert 0.0 < f <= 1.0
+            assert f == 1.0 or rule == PRIVATE
+            clipped += f < 1.0
+    assert clipped > 0
+
+
+def test_the_noise_is_what_the_run_did(tmp_path: Path) -> None:
+    """A trainer that skips the noise (recording honestly otherwise) ships weights replay does not reach."""
+    led, _ = new_ledger(tmp_path / "ledger")
+    with mock.patch("gradledger.training.recorder.add_noise", lambda *a, **k: None):
+        _train(led, steps=EVERY)
+    code, report = verify(led, tmp_path)
+    assert_caught(code, report)
+    assert report["first_failure"]["name"] == "replay" and report["first_failure"]["step"] == 0, report
+
+
+# -- the twins ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 6), clip=st.floats(0.01, 10.0))
+def test_both_implementations_measure_the_same_clip_factors(seed: int, rows: int, clip: float) -> None:
+    """The trainer's batched autograd and the verifier's loop over examples agree within the verifier's tolerance,
+    and the trainer's binary32 factor never exceeds the exact one (rounded down)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    out = model(x)
+    bands = [list(model[2].parameters()), list(model[0].parameters())]
+    plan = TP.PrivacyPlan((clip, None), (1.0, None), 1e-5, frozenset())
+    loss = lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    picked = list(range(0, 8, max(1, 8 // rows)))[:rows]
+    mine = TP.clip_factors(out, y, loss, picked, bands, plan)
+    theirs = VP.measured_factors(out, y, loss, picked, bands, [clip, None])
+    for a, b in zip(mine, theirs):
+        want = min(1.0, b)
+        assert VP.factor_error(a, want) <= VP.FACTOR_TOLERANCE and a <= want * (1 + 1e-12)
+
+
+def test_the_noise_seed_rule_and_draws_are_one_rule_in_both() -> None:
+    import json
+
+    vectors = json.loads((Path(__file__).parents[1] / "specs/vectors/training-v1.json").read_text())["privacy"]
+    assert vectors
+    for v in vectors:
+        assert TP.noise_seed(v["run_seed"], v["step"], v["band"]) == v["seed"], v["desc"]
+        assert VP.noise_seed(v["run_seed"], v["step"], v["band"]) == v["seed"], v["desc"]
+        for add in (TP.add_noise, VP.add_noise):
+            p = nn.Parameter(torch.zeros(len(v["first"])))
+            record = {"clip": [None] * v["band"] + [v["clip"]], "noise": [None] * v["band"] + [v["noise"]]}
+            plan = TP.PrivacyPlan(tuple(record["clip"]), tuple(record["noise"]), 1e-5, frozenset())
+            bands = [[] for _ in range(v["band"])] + [[p]]
+            if add is TP.add_noise:
+                add(bands, plan, v["run_seed"], v["step"], v["batch"])
+            else:
+                add(bands, record, v["run_seed"], v["step"], v["batch"])
+            assert p.grad.tolist() == v["first"], v["desc"]
+
+
+POLICY_ERRORS = {
+    "a private rule reaching a band without clip": lambda f: f["rules"][3].update(profile=[1.0, 1.0, 1.0]),
+    "a private rule without privacy": lambda f: f.pop("privacy"),
+    "clip without noise": lambda f: f["privacy"].update(noise=[1.0, None, None]),
+    "one entry short": lambda f: f["privacy"].update(clip=[1.0, 2.0], noise=[1.0, 1.5]),
+    "no band noised": lambda f: f["privacy"].update(clip=[None] * 3, noise=[None] * 3),
+    "with memorization monitors": lambda f: f.update(monitors={"memorization": {"fraction": 0.1, "min_trace": 2}}),
+    "delta of 1": lambda f: f["privacy"].update(delta=1.0),
+    "private: false": lambda f: f["rules"][3].update(private=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_ERRORS))
+def test_both_parsers_refuse_a_malformed_privacy_policy(name: str) -> None:
+    import copy
+
+    fields = normalize_policy(copy.deepcopy(FIELDS))
+    fields.update(signer=WORLD.root.key_id, time=T, v=1)
+    CompiledPolicy(fields)  # the well-formed one
+    VR.policy_from_fields(fields)
+    POLICY_ERRORS[name](fields)
+    with pytest.raises((PolicyError, SchemaError)):
+        CompiledPolicy(fields)
+    with pytest.raises(VR.PolicyInvalid):
+        VR.policy_from_fields(fields)
+
+
+# -- what the trainer refuses ------------------------------------------------------------------------
+
+
+def _one_step(tmp_path: Path, loop: Any) -> None:
+    led, _ = new_ledger(tmp_path / "ledger")
+    run, opt, loader = _engine(led, model := make_model())
+    gm, gopt, gl = run.make_governed(model, opt, loader)
+    loop(gm, gopt, gl)
+
+
+def test_idioms_a_private_run_cannot_record_are_refused_at_their_step(tmp_path: Path) -> None:
+    def clipped(gm: Any, gopt: Any, gl: Any) -> None:
+        x, y = next(iter(gl))
+        gopt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(gm.parameters(), 1.0)
+        gopt.step()
+
+    def autocast(gm: Any, gopt: Any, gl: Any) -> None:
+        x, y = next(iter(gl))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.cross_entropy(gm(x), y).backward()
+
+    def accumulated(gm: Any, gopt: Any, gl: Any) -> None:
+        it = iter(gl)
+        for _ in range(2):
+            x, y = next(it)
+            (torch.nn.functional.cross_entropy(gm(x), y) / 2).backward()
+        gopt.step()
+
+    for i, (loop, words) in enumerate([(clipped, "recipe.clip"), (autocast, "autocast"), (accumulated, "accumulation")]):
+        with pytest.raises(GovernanceError, match=words) as info:
+            _one_step(tmp_path / str(i), loop)
+        assert "privacy.md §7" in str(info.value)
+
+
+def test_unlearning_a_private_run_is_refused_before_anything_is_appended(tmp_path: Path) -> None:
+    led, _ = new_ledger(tmp_path / "ledger")
+    _train(led, steps=EVERY)
+    retire(led, "worker-1", CROWD_KEY, "a careless annotator")
+    size = led.size
+    with pytest.raises(UnlearningError, match="private rules"):
+        unlearn(led, "worker-1", WORLD.trainer)
+    assert led.size == size
+
+
+def test_a_verifier_without_opacus_is_unusable_with_its_install_hint(private: Ledger, tmp_path: Path) -> None:
+    with mock.patch.dict(sys.modules, {"opacus": None, "opacus.accountants": None}):
+        code, report = verify(private, tmp_path)
+    assert code == 2, report
+
+
+# -- a hostile trainer (its key only, everything re-signed) ----------------------------------------------
+
+
+def _step(f: Any, step: int) -> int:
+    return next(k for k in f.seqs("GovernedUpdate") if f.body(k)["step"] == step)
+
+
+def _private_row(f: Any, step: int) -> int:
+    u = f.body(_step(f, step))
+    return next(i for i, (r, c) in enumerate(zip(u["routing"]["rules"], u["recipe"]["privacy"]["factors"]))
+                if r == PRIVATE and c < 1.0)
+
+
+def _public_row(f: Any, step: int) -> int:
+    return next(i for i, r in enumerate(f.body(_step(f, step))["routing"]["rules"]) if r != PRIVATE)
+
+
+FORGERIES = {
+    "a private example left unclipped": (
+        lambda f: f.set(_step(f, 2), ("recipe", "privacy", "factors", _private_row(f, 2)), 1.0), "replay", "clip factor"),
+    "a public example clipped": (
+        lambda f: f.set(_step(f, 2), ("recipe", "privacy", "factors", _public_row(f, 2)), 0.5), "privacy", "not private"),
+    "less noise claimed": (lambda f: f.set(_step(f, 2), ("recipe", "privacy", "noise", 0), 2.0), "privacy", "policy's"),
+    "a step without its privacy record": (lambda f: f.delete(_step(f, 5), ("recipe",)), "privacy", "no recipe.privacy"),
+    "a smaller sample rate": (lambda f: f.set(_step(f, 1), ("recipe", "privacy", "sample_rate"), 0.001), "privacy",
+                              "sample_rate"),
+    "a lower epsilon": (lambda f: f.set(f.seqs("PrivacySpent")[-1], ("epsilon",), 0.5), "privacy", "recomputed"),
+    "a band's epsilon lowered": (lambda f: f.set(f.seqs("PrivacySpent")[0], ("bands", 1), 0.1), "privacy", "band 1"),
+    "the last epsilon left out": (lambda f: f.remove(f.seqs("PrivacySpent")[-1]) and None, "privacy",
+                                  "no PrivacySpent"),
+    "another delta": (lambda f: f.set(f.seqs("PrivacySpent")[1], ("delta",), 1e-3), "privacy", "delta"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_lie_about_privacy_is_caught(private: Ledger, tmp_path: Path, name: str) -> None:
+    forge, check, words = FORGERIES[name]
+    code, report = verify(private, tmp_path, forge)
+    assert_caught(code, report, words)
+    assert report["first_failure"]["name"] == check, report["first_failure"]
