@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import GovernanceError
 
-__all__ = ["PrivacyPlan", "Spent", "add_noise", "clip_factors", "epsilon", "noise_seed", "require_accountant",
-           "round_down"]
+__all__ = ["NormTaps", "PrivacyPlan", "Spent", "add_noise", "clip_factors", "epsilon", "noise_seed", "require_accountant", "round_down_all"]
 
 #: specs/privacy.md §5.1: the PrivacySpent record's format.
 SPENT_FORMAT = 1
@@ -71,43 +70,114 @@ def noise_seed(run_seed: int, step: int, band: int) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def round_down(x: float) -> float:
-    """The largest binary32 value not above ``x`` (a factor rounded up could let a norm pass its clip)."""
-    f = struct.unpack(">f", struct.pack(">f", x))[0]
-    if f > x:
-        f = float(torch.nextafter(torch.tensor(f, dtype=torch.float32), torch.tensor(0.0)).item())
-    return f
+class NormTaps:
+    """Opacus's ghost-clipping norm samplers (``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``: Linear,
+    Embedding) on the layers that hold the private bands' parameters: forward hooks keep each layer's input
+    and output of the training forward, and one ordinary backward of the private examples' summed losses to
+    those outputs gives every example's per-layer gradient norm without materializing per-example gradients.
+
+    Why: torch's batched autograd (the fallback, ``clip_factors`` without taps) vmaps a backward per private
+    row and cost about 2 ms a step on bench/privacy.py's MLP head, five times the plain step; the ghost norms
+    cost a backward through the head. Usable only where every parameter of the private bands belongs to a
+    layer Opacus has a norm sampler for, each layer called once per forward.
+    """
+
+    def __init__(self, model: nn.Module, bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan) -> None:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+        band_of = {id(p): k for k in plan.bands for p in bands[k]}
+        self.layers: list[tuple[nn.Module, int, Callable[..., Any]]] = []
+        covered: set[int] = set()
+        usable = True
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in band_of]
+            if not own:
+                continue
+            found = {band_of[id(p)] for p in own}
+            sampler = samplers.get(type(module))
+            if sampler is None or len(found) != 1 or len(own) != len(list(module.parameters(recurse=False))):
+                usable = False
+                break
+            self.layers.append((module, found.pop(), sampler))
+            covered |= {id(p) for p in own}
+        self.usable = usable and covered == set(band_of)
+        self._calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._handles = [m.register_forward_hook(self._tap, prepend=True) for m, _, _ in self.layers] \
+            if self.usable else []
+
+    def _tap(self, module: nn.Module, args: Any, out: Any) -> None:
+        # prepend: before the gate's boundary hooks, so the output is the layer's own (its gradient the layer's).
+        if torch.is_grad_enabled() and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            self._calls.setdefault(id(module), []).append((args[0].detach(), out))
+
+    def clear(self) -> None:
+        """Forget what the last forward left (called before each training forward, and after use)."""
+        self._calls = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def band_norms(self, losses: Tensor, rows: Tensor, n_bands: int) -> Tensor | None:
+        """[len(rows), n_bands] binary64 per-example gradient norms of each band, or None where this forward
+        cannot be read so (a layer called other than once)."""
+        calls = [self._calls.get(id(m), []) for m, _, _ in self.layers]
+        if not self.usable or any(len(c) != 1 for c in calls):
+            return None
+        outs = [c[0][1] for c in calls]
+        backprops = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+        squares = torch.zeros(len(rows), n_bands, dtype=torch.float64)
+        for (module, band, sampler), (act, _), back in zip(self.layers, [c[0] for c in calls], backprops):
+            for norm in sampler(module, [act[rows]], back[rows]).values():
+                squares[:, band] += norm.to(torch.float64) ** 2
+        return squares.sqrt()
 
 
 def clip_factors(leaf: Tensor, labels: Tensor, example_loss: Callable[[Tensor, Tensor], Tensor], rows: Sequence[int],
-                 bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan) -> list[float]:
+                 bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan, taps: NormTaps | None = None) -> list[float]:
     """specs/privacy.md §2: for each private batch row ``i`` in ``rows``, ``min_b min(1, C_b / (|g_ib| + 1e-6))``
     over the private bands ``b``, ``g_ib`` the gradient of example ``i``'s loss (reduction "none") with
     respect to band ``b``'s parameters through this very forward, rounded down to binary32.
 
-    The per-example gradients come from torch's batched autograd (``is_grads_batched``: one vmapped
-    backward over the private rows' one-hot seeds, the graph kept for the user's own backward), and
-    only for the private bands' parameters: the pass stops where those bands end."""
+    The norms come from Opacus's ghost norms (``taps``) where they can, else from torch's batched autograd
+    (``is_grads_batched``: one vmapped backward over the private rows' one-hot seeds, the graph kept for the
+    user's own backward), only for the private bands' parameters: the pass stops where those bands end."""
     if not rows:
         return []
     index = torch.tensor(list(rows), dtype=torch.int64)
     losses = example_loss(leaf[index], labels[index])
-    params = [p for k in plan.bands for p in bands[k]]
-    seeds = torch.eye(len(rows), dtype=losses.dtype)
-    grads = torch.autograd.grad(losses, params, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
-                                allow_unused=True, materialize_grads=True)
-    factors = [1.0] * len(rows)
-    pos = 0
+    norms = None if taps is None else taps.band_norms(losses, index, len(bands))
+    if norms is None:
+        norms = torch.zeros(len(rows), len(bands), dtype=torch.float64)
+        params = [p for k in plan.bands for p in bands[k]]
+        seeds = torch.eye(len(rows), dtype=losses.dtype)
+        grads = torch.autograd.grad(losses, params, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+        pos = 0
+        for k in plan.bands:
+            n = len(bands[k])
+            for g in grads[pos:pos + n]:
+                norms[:, k] += (g.reshape(len(rows), -1).to(torch.float64) ** 2).sum(dim=1)
+            pos += n
+        norms = norms.sqrt()
+    factors = torch.ones(len(rows), dtype=torch.float64)
     for k in plan.bands:
-        n = len(bands[k])
-        per = [g.reshape(len(rows), -1).to(torch.float64) for g in grads[pos:pos + n]]
-        pos += n
-        norms = torch.sqrt(sum((g * g).sum(dim=1) for g in per)) if per else torch.zeros(len(rows), dtype=torch.float64)
         clip = plan.clip[k]
         assert clip is not None
-        for j, norm in enumerate(norms.tolist()):
-            factors[j] = min(factors[j], clip / (norm + CLIP_EPS))
-    return [round_down(min(1.0, f)) for f in factors]
+        factors = torch.minimum(factors, clip / (norms[:, k] + CLIP_EPS))
+    return round_down_all(factors)
+
+
+def round_down_all(values: Tensor) -> list[float]:
+    """Each binary64 value as the largest binary32 not above it: a factor rounded up could let a norm pass its
+    clip (specs/privacy.md §2)."""
+    f32 = values.to(torch.float32)
+    over = f32.to(torch.float64) > values
+    f32 = torch.where(over, torch.nextafter(f32, torch.zeros_like(f32)), f32)
+    return f32.tolist()
 
 
 def add_noise(bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan, run_seed: int, step: int, batch: int) -> None:

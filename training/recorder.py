@@ -41,7 +41,7 @@ from .gate import _mix_tree, clip_bands
 from .loss_grad import direct_loss_grads
 from .distributed import RankRefused, shards
 from .order import micro_seed
-from .privacy import add_noise, clip_factors
+from .privacy import NormTaps, add_noise, clip_factors
 from .registry import LossFn
 from .updates import delta_norms
 
@@ -133,6 +133,8 @@ class StepRecorder:
         #: Over ranks, once the step's gradients are reduced (at the user's clip, else at the step): the
         #: step's recipe before any clip and every rank's facts (_reduce).
         self._reduced: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        #: specs/privacy.md §2: Opacus's ghost norms on the private bands' layers, where the policy has private rules.
+        self._taps = NormTaps(model, bands.params, run.privacy) if run.privacy is not None else None
         for p in self.flat:
             self._handles.append(p.register_post_accumulate_grad_hook(self._backward_left))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -142,6 +144,8 @@ class StepRecorder:
     def detach(self) -> None:
         """Remove every hook (the run is closed, or failed to start)."""
         clipping.unlisten(self)
+        if self._taps is not None:
+            self._taps.remove()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -189,6 +193,8 @@ class StepRecorder:
         if micro.autocast != first:
             raise StepRefused(f"step {self.run.step}: micro-batches of one step ran under different autocast "
                               "states; keep one autocast state per optimizer step")
+        if self._taps is not None:
+            self._taps.clear()
         torch.default_generator.manual_seed(micro.seed)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(micro.seed)
@@ -221,8 +227,10 @@ class StepRecorder:
         rows = [i for i, r in enumerate(micro.batch.rules) if r in plan.private_rules]
         factors = [1.0] * len(micro.batch.rules)
         for i, f in zip(rows, clip_factors(leaf, micro.batch.labels, self.run.example_loss_fn, rows,
-                                           self.bands.params, plan)):
+                                           self.bands.params, plan, self._taps)):
             factors[i] = f
+        if self._taps is not None:
+            self._taps.clear()  # the layers' inputs and outputs: not held past the measurement
         micro.factors = factors
         return _mix_tree(out, torch.tensor(factors, dtype=torch.float32))
 
