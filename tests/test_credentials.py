@@ -528,6 +528,9 @@ def bodies(world: World) -> dict[str, dict]:
             "format": 1, "run": 0, "step": 0, "dataset": 0, "method": "ncm-entropy", "parameters": {"temperature": 0.2},
             "classes": [0, 1], "counts": [1, 1], "entropy": [[0.5, 0.5]], "mean": [0.5],
         },
+        "PrivacySpent": {
+            "format": 1, "run": 0, "step": 4, "accountant": "rdp", "delta": 1e-5, "epsilon": 1.5, "bands": [1.5, None],
+        },
     }
 
 

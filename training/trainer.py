@@ -68,7 +68,8 @@ from .updates import RouteTables, Routes, example_loss_bytes, example_loss_value
 #: 5 the frozen parameters (a LoRA's base model) committed by digest in RunStarted; 6 the monitors the
 #: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2); 7 runs over torch.distributed
 #: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md); 8 depth profiles among the
-#: monitors (``settings.monitors.profiles``, specs/dynamics.md §5).
+#: monitors (``settings.monitors.profiles``, specs/dynamics.md §5); 9 privacy (``recipe.privacy`` under a policy
+#: with private rules, specs/privacy.md).
 FORMAT = 9
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
