@@ -231,6 +231,8 @@ TYPES: dict[str, ObservationType] = {
                 delta=any_value,
                 epsilon=any_value,
                 bands=any_value,
+                rules=any_value,
+                prv=any_value,
             ),
             frozenset({"trainer"}),
         ),

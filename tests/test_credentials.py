@@ -530,6 +530,7 @@ def bodies(world: World) -> dict[str, dict]:
         },
         "PrivacySpent": {
             "format": 1, "run": 0, "step": 4, "accountant": "rdp", "delta": 1e-5, "epsilon": 1.5, "bands": [1.5, None],
+            "rules": [None, 1.5], "prv": 1.4,
         },
     }
 

@@ -25,7 +25,7 @@ from gradledger.training.errors import GovernanceError, PolicyError
 from gradledger.training.policy import CompiledPolicy, normalize_policy, sign_policy
 from gradledger.training.trainer import Governance, Trainer
 from gradledger.training.retirement import retire
-from gradledger.training.unlearning import UnlearningError, unlearn
+from gradledger.training.unlearning import unlearn
 from gradledger.verify._internal import privacy as VP
 from gradledger.verify._internal import routing as VR
 from helpers import CROWD_KEY, policy_fields
@@ -93,6 +93,13 @@ def test_a_private_run_verifies_bit_for_bit_and_states_the_epsilon_opacus_gives(
     records = _bodies(private, "PrivacySpent")
     assert [r["step"] for r in records] == [4, 8, 12]
     assert records[-1]["epsilon"] == model and records[-1]["bands"] == [head, mid, None]
+    # Per example class: the private rule reaches both noised bands, so its examples spend the model's epsilon.
+    assert records[-1]["rules"] == [None, None, None, model] and spent["epsilon_per_rule"] == {"private-crowd": model}
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = [((1.0 ** -2 + 1.5 ** -2) ** -0.5, q, STEPS)]
+    assert records[-1]["prv"] == spent["epsilon_prv"] == prv.get_epsilon(1e-5)
     assert records[0]["epsilon"] == _opacus_epsilon((1.0 ** -2 + 1.5 ** -2) ** -0.5, q, 4)
 
 
@@ -237,17 +244,24 @@ def test_idioms_a_private_run_cannot_record_are_refused_at_their_step(tmp_path: 
     for i, (loop, words) in enumerate([(clipped, "recipe.clip"), (autocast, "autocast"), (accumulated, "accumulation")]):
         with pytest.raises(GovernanceError, match=words) as info:
             _one_step(tmp_path / str(i), loop)
-        assert "privacy.md §7" in str(info.value)
+        assert "privacy.md §8" in str(info.value)
 
 
-def test_unlearning_a_private_run_is_refused_before_anything_is_appended(tmp_path: Path) -> None:
+def test_unlearning_a_private_run_measures_the_branchs_own_factors_and_its_certificate_verifies(tmp_path: Path) -> None:
     led, _ = new_ledger(tmp_path / "ledger")
-    _train(led, steps=EVERY)
+    _train(led, steps=2 * EVERY)
     retire(led, "worker-1", CROWD_KEY, "a careless annotator")
-    size = led.size
-    with pytest.raises(UnlearningError, match="private rules"):
-        unlearn(led, "worker-1", WORLD.trainer)
-    assert led.size == size
+    result = unlearn(led, "worker-1", WORLD.trainer)
+    run = next(s for s in led.by_type("RunStarted") if "branch" in led.observation(s).body["settings"])
+    branch = [led.observation(s).body for s in led.by_type("GovernedUpdate") if s > run]
+    assert branch and all("privacy" in u["recipe"] for u in branch)
+    original = {u["step"]: u for u in _bodies(led, "GovernedUpdate") if u not in branch}
+    # Without worker-1 the crowd's examples are re-aggregated and the weights differ: the factors are the branch's.
+    assert any(u["recipe"]["privacy"]["factors"] != original[u["step"]]["recipe"]["privacy"]["factors"] for u in branch)
+    assert result is not None
+    code, report = verify(led, tmp_path)
+    assert_verified(code, report)
+    assert any(c["name"] == "certificates" and c["status"] == "pass" for c in report["checks"]), report["checks"]
 
 
 def test_a_verifier_without_opacus_is_unusable_with_its_install_hint(private: Ledger, tmp_path: Path) -> None:
@@ -287,6 +301,11 @@ FORGERIES = {
     "the last epsilon left out": (lambda f: f.remove(f.seqs("PrivacySpent")[-1]) and None, "privacy",
                                   "no PrivacySpent"),
     "another delta": (lambda f: f.set(f.seqs("PrivacySpent")[1], ("delta",), 1e-3), "privacy", "delta"),
+    "a lower PRV epsilon": (lambda f: f.set(f.seqs("PrivacySpent")[-1], ("prv",), 0.2), "privacy", "PRV"),
+    "a private rule's epsilon lowered": (lambda f: f.set(f.seqs("PrivacySpent")[-1], ("rules", 3), 0.2), "privacy",
+                                         "rule 3"),
+    "a public rule given an epsilon": (lambda f: f.set(f.seqs("PrivacySpent")[-1], ("rules", 0), 0.2), "privacy",
+                                       "null exactly"),
 }
 
 

@@ -43,6 +43,8 @@ class PrivacyPlan:
     noise: tuple[float | None, ...]  # per band, sigma_b
     delta: float
     private_rules: frozenset[int]
+    #: Per policy rule: the bands a private rule's examples reach (its profile's non-zero entries), else None.
+    reach: tuple[tuple[int, ...] | None, ...] = ()
 
     @classmethod
     def of(cls, compiled: Any) -> "PrivacyPlan | None":
@@ -50,7 +52,9 @@ class PrivacyPlan:
         privacy = compiled.privacy
         if privacy is None:
             return None
-        return cls(tuple(privacy["clip"]), tuple(privacy["noise"]), privacy["delta"], compiled.private_rules)
+        reach = tuple(tuple(k for k, m in enumerate(r.profile) if m != 0.0) if r.private else None
+                      for r in compiled.rules)
+        return cls(tuple(privacy["clip"]), tuple(privacy["noise"]), privacy["delta"], compiled.private_rules, reach)
 
     @property
     def bands(self) -> list[int]:
@@ -197,10 +201,10 @@ def add_noise(bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan, run_seed: in
                 p.grad.add_(z.to(p.grad.device), alpha=std)
 
 
-def effective_noise(plan: PrivacyPlan) -> float:
-    """specs/privacy.md §5: the whole model's noise multiplier, ``(sum_b sigma_b^-2)^(-1/2)`` over the private
-    bands (an example's clipped per-band gradients are one Gaussian mechanism with those scales)."""
-    return math.fsum(s ** -2 for s in plan.noise if s is not None) ** -0.5
+def effective_noise(sigmas: Sequence[float | None]) -> float:
+    """specs/privacy.md §5: the noise multiplier of several bands together, ``(sum_b sigma_b^-2)^(-1/2)`` (an
+    example's clipped per-band gradients and their independent noises are one Gaussian mechanism)."""
+    return math.fsum(s ** -2 for s in sigmas if s is not None) ** -0.5
 
 
 def require_accountant() -> Any:
@@ -249,7 +253,13 @@ class Spent:
 
     def _body(self, run_seq: int, step: int, rates: list[tuple[float, int]]) -> dict[str, Any]:
         plan = self.plan
-        bands = [None if s is None else epsilon([(s, q, n) for q, n in rates], plan.delta) for s in plan.noise]
-        model = epsilon([(effective_noise(plan), q, n) for q, n in rates], plan.delta)
+
+        def spent(sigma: float, accountant: str = "rdp") -> float:
+            return epsilon([(sigma, q, n) for q, n in rates], plan.delta, accountant)
+
+        model = effective_noise(plan.noise)
         return {"format": SPENT_FORMAT, "run": run_seq, "step": step, "accountant": "rdp", "delta": plan.delta,
-                "epsilon": model, "bands": bands}
+                "epsilon": spent(model), "bands": [None if s is None else spent(s) for s in plan.noise],
+                "rules": [None if r is None else spent(effective_noise([plan.noise[k] for k in r])) if r else 0.0
+                          for r in plan.reach],
+                "prv": spent(model, "prv")}

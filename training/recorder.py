@@ -221,7 +221,7 @@ class StepRecorder:
         assert plan is not None
         if micro.autocast is not None or len(self.pending) > 1:
             raise StepRefused(f"step {step}: a run under a privacy policy does not record autocast or gradient "
-                              "accumulation yet (specs/privacy.md §7); train in float32, one batch per step")
+                              "accumulation yet (specs/privacy.md §8); train in float32, one batch per step")
         if not leaf.requires_grad:
             raise StepRefused(f"step {step}: the model's first floating output has no gradient to clip")
         rows = [i for i, r in enumerate(micro.batch.rules) if r in plan.private_rules]
@@ -472,7 +472,7 @@ class StepRecorder:
         if other or recipe.get("output", 0) != 0 or micros[0].factors is None:
             why = f"recipe.{other[0]}" if other else "a loss on another output than the first"
             raise StepRefused(f"step {step}: a run under a privacy policy does not record {why} yet (specs/privacy.md "
-                              "§7): use the policy's band limits instead of a clip, and the model's first output")
+                              "§8): use the policy's band limits instead of a clip, and the model's first output")
         return plan.record(micros[0].factors, len(micros[0].batch) / self.run.dataset.count)
 
     def drop_snapshot(self) -> None:

@@ -27,9 +27,11 @@ from .checkpoints import read_checkpoint, restore
 from .distributed import divide_gradients, shards
 from .dataset import CommittedDataset, load_inputs
 from .errors import GovernanceError
-from .gate import clip_bands
+from .gate import _mix_tree, clip_bands
 from .order import micro_seed
 from .policy import batch_limits, load_adopted
+from .privacy import PrivacyPlan, add_noise, clip_factors
+from .recorder import float_leaves
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
 from .updates import RouteTables, Routes, example_loss_bytes, step_and_measure, update_body
 
@@ -175,11 +177,10 @@ class Replayer:
             # retired source does not reproduce: a later format may record a branch's profiles.
             raise ReplayError(f"run {run.run_id!r}: its policy gives rules an entropy budget (specs/dynamics.md §5.5); "
                               "replaying such a run (unlearning) is not in this format")
-        if self.policy.compiled.privacy is not None:
-            # A branch's clip factors differ from the run's (other weights): they would need recording and
-            # checking as the run's are; not yet (specs/privacy.md §7).
-            raise ReplayError(f"run {run.run_id!r}: its policy has private rules (specs/privacy.md); replaying such "
-                              "a run (unlearning) is not recorded yet")
+        #: specs/privacy.md: a branch of a run under a privacy policy clips and noises as the run did, measuring its
+        #: own factors on its own weights (torch's batched autograd: the program has no layers to tap).
+        self.privacy = PrivacyPlan.of(self.policy.compiled)
+        self.count = dataset.count
         self.routes = Routes(RouteTables(fields, ledger.registry, self.policy.compiled), self.n_bands)
         #: The memorization flags in force at a step, where the policy routes by them (specs/dynamics.md §2.4);
         #: ``freeze_flags_at``: unlearning's branch keeps those of its rewind step.
@@ -246,6 +247,11 @@ class Replayer:
             except ProgramError as exc:
                 raise ReplayError(f"step {step}: the run's program fails: {exc.args[0]}") from None
             labels = self.labels[index]
+            if self.privacy is not None:
+                if self.world is not None:
+                    raise ReplayError(f"step {step}: a run over ranks under a privacy policy is not replayable yet")
+                factors = self._factors(out, labels, [self.routes.rules[i] for i in piece])
+                out = _mix_tree(out, torch.tensor(factors, dtype=torch.float32))
             if inspect is not None:
                 inspect(out, labels, index)
             loss_t = self.loss_fn(out, labels)
@@ -256,12 +262,26 @@ class Replayer:
             loss_t.backward()
         if self.world is not None:  # the shards' sum, in rank order, over the world size (§3)
             divide_gradients(self.module.parameters(), self.world)
+        if self.privacy is not None:  # specs/privacy.md §3: the step's noise, from the run's seed
+            add_noise(self.bands.params, self.privacy, original["seeds"]["run"], step, len(batch))
         loss = losses[0] if self.world is None else math.fsum(losses) / self.world
         body = self._finish(original, batch, rules, limits, loss,
                             example_loss_bytes(each) if self.records_example_losses else None)
         if self.world is not None:
             body["recipe"] = {"ranks": [len(piece) for piece in pieces], "losses": losses}
+        if self.privacy is not None:
+            body["recipe"] = {"privacy": self.privacy.record(factors, len(batch) / self.count)}
         return body
+
+    def _factors(self, out: Any, labels: Tensor, rules: list[int]) -> list[float]:
+        """specs/privacy.md §2 on the replayed forward: each private example's clip factor, 1.0 for the rest."""
+        assert self.privacy is not None
+        rows = [j for j, r in enumerate(rules) if r in self.privacy.private_rules]
+        factors = [1.0] * len(rules)
+        leaf = out if isinstance(out, Tensor) else float_leaves(out)[0]
+        for j, f in zip(rows, clip_factors(leaf, labels, self.example_loss_fn, rows, self.bands.params, self.privacy)):
+            factors[j] = f
+        return factors
 
     def _finish(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
                 limits: tuple[float | None, ...], loss: float, each: bytes | None) -> dict[str, Any]:

@@ -221,7 +221,7 @@ class Governance:
         self.privacy = PrivacyPlan.of(policy.compiled)
         if self.privacy is not None and self.ranks is not None:
             raise GovernanceError("a run under a privacy policy over torch.distributed ranks is not recorded yet "
-                                  "(specs/privacy.md §7): train it on one process")
+                                  "(specs/privacy.md §8): train it on one process")
         if self.privacy is not None:
             require_accountant()  # at the start, not at the first checkpoint
         #: §5.1: the sample rates spent so far, recorded as epsilon at every checkpoint after step 0.

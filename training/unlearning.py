@@ -162,12 +162,9 @@ def unlearn(
     first_step = first[1]["step"]
     rewind_seq, rewind = [(s, b) for s, b in run.checkpoints if b["step"] <= first_step][-1]
     # A step over ranks records only its shards (specs/distributed.md §4), which the branch replays alike.
+    # A private step's recipe is its clip factors, which the branch measures again (specs/privacy.md §2).
     recipes = [b["step"] for _, b in run.updates if b["step"] >= rewind["step"] and "recipe" in b
-               and set(b["recipe"]) != {"ranks", "losses"}]
-    if recipes and any("privacy" in b["recipe"] for _, b in run.updates):
-        raise UnlearningError(f"run {run.run_id!r} trained under a policy with private rules: unlearning it is not "
-                              "recorded yet (its branch's clip factors would need recording and checking as the "
-                              "run's are, specs/privacy.md §7)")
+               and set(b["recipe"]) not in ({"ranks", "losses"}, {"privacy"})]
     if recipes:
         # specs/training.md §8: the branch replays plain steps only (no accumulation, clip or autocast yet).
         raise UnlearningError(f"run {run.run_id!r}: step {recipes[0]} records a recipe (accumulation, clip, "

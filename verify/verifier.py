@@ -148,11 +148,13 @@ class Verifier:
             return report
         if spent:
             report.figures["privacy"] = [{"run": r.run_id, "steps": r.steps, "delta": r.delta, "epsilon": r.model,
-                                          "epsilon_per_band": r.per_band} for r in spent]
+                                          "epsilon_prv": r.prv, "epsilon_per_band": r.per_band,
+                                          "epsilon_per_rule": r.per_rule} for r in spent]
             report.add("privacy", "pass", "; ".join(
                 f"run {r.run_id!r}: {r.steps} steps clipped and noised as its policy says, epsilon {r.model:.4g} at "
-                f"delta {r.delta:g} (per band: " + ", ".join(f"{b} {e:.4g}" for b, e in r.per_band.items()) +
-                f"; Opacus RDP accountant over the recorded noise and sample rates), as its {r.records} PrivacySpent "
+                f"delta {r.delta:g} (PRV {r.prv:.4g}; per band: " + ", ".join(f"{b} {e:.4g}" for b, e in r.per_band.items())
+                + "; per private rule: " + ", ".join(f"{n} {e:.4g}" for n, e in r.per_rule.items()) +
+                f"; Opacus's accountants over the recorded noise and sample rates), as its {r.records} PrivacySpent "
                 "record(s) state; replay re-measures the clip factors and regenerates the noise of every step it "
                 "replays" for r in spent))
         terms: dict[int, dict[tuple[int, int], Any]] = {}

@@ -50,6 +50,8 @@ class RunPrivacy:
     delta: float
     per_band: dict[str, float]
     model: float
+    per_rule: dict[str, float]  # each private rule's examples (the bands they reach)
+    prv: float  # the model's, by Opacus's PRV accountant
     records: int = 0  # its PrivacySpent records, each recomputed (§5.1)
 
 
@@ -67,17 +69,17 @@ def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(type(x) is type(y) and x == y for x, y in zip(a, b))
 
 
-def _accountant() -> Any:
+def _accountant(prv: bool = False) -> Any:
     try:
-        from opacus.accountants import RDPAccountant
+        from opacus.accountants import PRVAccountant, RDPAccountant
     except ImportError as exc:
         raise UnusableInput(f"this bundle's policy has private rules; accounting their privacy needs Opacus, "
                             f"which cannot be imported ({exc}): {INSTALL_HINT}") from None
-    return RDPAccountant
+    return PRVAccountant if prv else RDPAccountant
 
 
-def _epsilon(sigma: float, history: Sequence[tuple[float, int]], delta: float) -> float:
-    acc = _accountant()()
+def _epsilon(sigma: float, history: Sequence[tuple[float, int]], delta: float, prv: bool = False) -> float:
+    acc = _accountant(prv)()
     acc.history = [(sigma, q, n) for q, n in history]
     return float(acc.get_epsilon(delta))
 
@@ -122,11 +124,14 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
             rates.setdefault(run.seq, []).append(p["sample_rate"])
         if privacy is None or not run.updates:
             continue
-        bands, model = _spent(privacy, _history(rates[run.seq]))
+        got = _spent(policy, _history(rates[run.seq]))
         out.append(RunPrivacy(run.run_id, len(run.updates), privacy["delta"],
-                              {policy.bands[k]: e for k, e in enumerate(bands) if e is not None}, model))
+                              {policy.bands[k]: e for k, e in enumerate(got["bands"]) if e is not None}, got["epsilon"],
+                              {policy.rules[i].name: e for i, e in enumerate(got["rules"]) if e is not None},
+                              got["prv"]))
     records = _check_records(structure, rates)
-    return [RunPrivacy(r.run_id, r.steps, r.delta, r.per_band, r.model, records.get(r.run_id, 0)) for r in out]
+    return [RunPrivacy(r.run_id, r.steps, r.delta, r.per_band, r.model, r.per_rule, r.prv, records.get(r.run_id, 0))
+            for r in out]
 
 
 def _next_update(updates: Sequence[int], seq: int, default: int) -> int:
@@ -145,12 +150,28 @@ def _history(rates: Sequence[float]) -> list[tuple[float, int]]:
     return history
 
 
-def _spent(privacy: Mapping[str, Any], history: Sequence[tuple[float, int]]) -> tuple[list[float | None], float]:
-    """§5: epsilon per band (None where no noise) and for the model, at the policy's delta."""
+def _noise(sigmas: Sequence[float | None]) -> float:
+    """§5: several bands' noise together, ``(sum_b sigma_b^-2)^(-1/2)``."""
+    return math.fsum(x ** -2 for x in sigmas if x is not None) ** -0.5
+
+
+def _spent(policy: Any, history: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """§5 at the policy's delta: epsilon per band (None where no noise), per rule (None where not private; a
+    private rule's over the bands its profile reaches), for the model (every private band), and the model's
+    by the PRV accountant."""
+    privacy = policy.privacy
     delta, noise = privacy["delta"], privacy["noise"]
-    bands = [None if sigma is None else _epsilon(sigma, history, delta) for sigma in noise]
-    model = math.fsum(sigma ** -2 for sigma in noise if sigma is not None) ** -0.5
-    return bands, _epsilon(model, history, delta)
+
+    def spent(sigma: float, prv: bool = False) -> float:
+        return _epsilon(sigma, history, delta, prv)
+
+    rules: list[float | None] = []
+    for r in policy.rules:
+        reach = [noise[k] for k, m in enumerate(r.outcome.profile) if m != 0.0]
+        rules.append(None if not r.private else spent(_noise(reach)) if reach else 0.0)
+    model = _noise(noise)
+    return {"epsilon": spent(model), "bands": [None if x is None else spent(x) for x in noise], "rules": rules,
+            "prv": spent(model, prv=True)}
 
 
 #: §5.1: how far a recorded epsilon may be from the one recomputed here (relative): the same accountant
@@ -187,16 +208,19 @@ def _check_records(structure: Any, rates: Mapping[int, list[float]]) -> dict[str
         seen.add((run.seq, step))
         if type(body["delta"]) is not float or body["delta"] != privacy["delta"]:
             raise bad(f"delta {body['delta']!r} is not the policy's {privacy['delta']!r}")
-        bands, model = _spent(privacy, _history(rates[run.seq][:step]))
-        claimed = body["bands"]
-        if type(claimed) is not list or len(claimed) != len(bands) or not all(
-                (c is None) == (b is None) and (c is None or type(c) is float) for c, b in zip(claimed, bands)):
-            raise bad("bands is not one epsilon per band, null exactly where the band has no noise")
-        for name, c, b in [("the model", body["epsilon"], model)] + [(f"band {k}", c, b) for k, (c, b) in
-                                                                     enumerate(zip(claimed, bands)) if b is not None]:
-            if type(c) is not float or not abs(c - b) <= EPSILON_TOLERANCE * max(1.0, abs(b)):
-                raise bad(f"epsilon of {name} is {c!r} recorded, {b!r} recomputed over the {step} steps before it "
-                          "(Opacus RDP accountant, specs/privacy.md §5)")
+        want = _spent(structure.policies[run.settings["policy_seq"]], _history(rates[run.seq][:step]))
+        for key in ("bands", "rules"):
+            claimed = body[key]
+            if type(claimed) is not list or len(claimed) != len(want[key]) or not all(
+                    (c is None) == (w is None) and (c is None or type(c) is float) for c, w in zip(claimed, want[key])):
+                raise bad(f"{key} is not one epsilon per {key[:-1]}, null exactly where {key[:-1]} has none")
+        pairs = [("the model", body["epsilon"], want["epsilon"]), ("the model (PRV)", body["prv"], want["prv"])]
+        pairs += [(f"band {k}", c, w) for k, (c, w) in enumerate(zip(body["bands"], want["bands"])) if w is not None]
+        pairs += [(f"rule {k}", c, w) for k, (c, w) in enumerate(zip(body["rules"], want["rules"])) if w is not None]
+        for name, c, w in pairs:
+            if type(c) is not float or not abs(c - w) <= EPSILON_TOLERANCE * max(1.0, abs(w)):
+                raise bad(f"epsilon of {name} is {c!r} recorded, {w!r} recomputed over the {step} steps before it "
+                          "(Opacus's accountant, specs/privacy.md §5)")
     for run_seq, _ in rates.items():
         run = structure.runs[run_seq]
         if run.branch_of is not None:

@@ -114,8 +114,8 @@ def check_recipe(step: Mapping[str, Any], fmt: int, world: int | None = None) ->
         if fmt < PRIVACY_FORMAT:
             raise RecipeInvalid(f"recipe.privacy is a format-{PRIVACY_FORMAT} field, in a run of format {fmt}")
         other = sorted(set(recipe) - {"privacy"})
-        if other:  # specs/privacy.md §6: nothing else is recorded with it yet
-            raise RecipeInvalid(f"recipe.{other[0]} is not recorded with recipe.privacy (specs/privacy.md §7)")
+        if other:  # specs/privacy.md §8: nothing else is recorded with it yet
+            raise RecipeInvalid(f"recipe.{other[0]} is not recorded with recipe.privacy (specs/privacy.md §8)")
         why = check_form(recipe["privacy"], batch)
         if why is not None:
             raise RecipeInvalid(why)
