@@ -211,6 +211,39 @@ def test_both_parsers_refuse_a_malformed_privacy_policy(name: str) -> None:
         VR.policy_from_fields(fields)
 
 
+_ENTRY = st.sampled_from([None, 0.5, 1.0, 2.0, -1.0, 0.0, 1, float("inf")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(clip=st.lists(_ENTRY, min_size=2, max_size=4), noise=st.lists(_ENTRY, min_size=2, max_size=4),
+       delta=st.sampled_from([1e-5, 0.5, 0.0, 1.0, 1]), head=st.sampled_from([0.0, 0.5, 1.0]),
+       mid=st.sampled_from([0.0, 0.5, 1.0]), private=st.sampled_from([True, False, None, 1]))
+def test_both_parsers_agree_on_every_privacy_section(clip: list, noise: list, delta: Any, head: float, mid: float,
+                                                      private: Any) -> None:
+    """The trainer's policy parser and the verifier's accept exactly the same privacy sections and private rules."""
+    import copy
+
+    fields = normalize_policy(copy.deepcopy(FIELDS))
+    fields.update(signer=WORLD.root.key_id, time=T, v=1, privacy={"clip": clip, "noise": noise, "delta": delta})
+    rule = fields["rules"][3]
+    rule["profile"] = [head, min(head, mid), 0.0]
+    if private is None:
+        rule.pop("private")
+    else:
+        rule["private"] = private
+    try:
+        CompiledPolicy(fields)
+        mine = True
+    except (PolicyError, SchemaError):
+        mine = False
+    try:
+        VR.policy_from_fields(fields)
+        theirs = True
+    except VR.PolicyInvalid:
+        theirs = False
+    assert mine == theirs, fields
+
+
 # -- what the trainer refuses ------------------------------------------------------------------------
 
 
@@ -315,3 +348,20 @@ def test_a_lie_about_privacy_is_caught(private: Ledger, tmp_path: Path, name: st
     code, report = verify(private, tmp_path, forge)
     assert_caught(code, report, words)
     assert report["first_failure"]["name"] == check, report["first_failure"]
+
+
+def test_a_private_run_is_traced_from_its_checkpoints_and_recorded_losses(private: Ledger) -> None:
+    """Forensics on a private run (specs/forensics.md): the checkpoint and loss-trace methods answer; the replay
+    method, which re-creates plain steps only, says which methods to use instead."""
+    import json
+
+    from gradledger.training.forensics import TraceError, trace
+
+    query = json.dumps({"description": "3s read as 8", "inputs": {"label": 3, "limit": 12}, "target": 8})
+    for method in ("checkpoints", "loss-trace"):
+        report = trace(private, query, run_id="private", method=method, top=5)
+        assert report["sources"], (method, report)
+        if method == "checkpoints":
+            assert report["approximate"] and any("private run" in n for n in report["notes"]), report
+    with pytest.raises(TraceError, match="checkpoints or loss-trace"):
+        trace(private, query, run_id="private", method="replay")

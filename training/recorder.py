@@ -222,8 +222,10 @@ class StepRecorder:
         if micro.autocast is not None or len(self.pending) > 1:
             raise StepRefused(f"step {step}: a run under a privacy policy does not record autocast or gradient "
                               "accumulation yet (specs/privacy.md §8); train in float32, one batch per step")
-        if not leaf.requires_grad:
-            raise StepRefused(f"step {step}: the model's first floating output has no gradient to clip")
+        if not leaf.requires_grad or leaf.dim() == 0 or leaf.shape[0] != len(micro.batch):
+            raise StepRefused(f"step {step}: under a privacy policy the loss is computed from the model's first "
+                              "floating output, one row per example (specs/privacy.md §8); this output is not that "
+                              "(for a HuggingFace model, call it without labels and compute the loss from .logits)")
         rows = [i for i, r in enumerate(micro.batch.rules) if r in plan.private_rules]
         factors = [1.0] * len(micro.batch.rules)
         for i, f in zip(rows, clip_factors(leaf, micro.batch.labels, self.run.example_loss_fn, rows,

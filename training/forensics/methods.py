@@ -292,6 +292,10 @@ def _approximations(lin: Lineage, result: Influence) -> None:
                             "carries a gradient into later steps is not followed)")
     if any(g.get("weight_decay", 0) for g in groups):
         result.notes.append("weight decay moves every weight at every step; it is nobody's label and is not attributed")
+    if any("privacy" in u.get("recipe", {}) for _, u in lin.run.updates[:1]):
+        result.approximate = True
+        result.notes.append("a private run (specs/privacy.md): the private examples' clip factors and the noise added to "
+                            "their bands are not in the influence weights")
 
 
 def loss_trace(lin: Lineage) -> tuple[Tensor, Tensor]:
