@@ -28,7 +28,7 @@ from gradledger.training.retirement import retire
 from gradledger.training.unlearning import unlearn
 from gradledger.verify._internal import privacy as VP
 from gradledger.verify._internal import routing as VR
-from helpers import CROWD_KEY, policy_fields
+from helpers import CROWD_KEY, policy_fields, verify_cli
 from test_idioms import BATCH, assert_caught, assert_verified, make_model, verify
 from test_trainer import MANIFESTS, WORLD, X, Y, T, new_ledger
 
@@ -103,6 +103,20 @@ def test_a_private_run_verifies_bit_for_bit_and_states_the_epsilon_opacus_gives(
     assert records[0]["epsilon"] == _opacus_epsilon((1.0 ** -2 + 1.5 ** -2) ** -0.5, q, 4)
 
 
+def test_sample_replay_re_measures_the_drawn_steps_and_no_replay_still_accounts(private: Ledger, tmp_path: Path) -> None:
+    from gradledger.ledger.bundle import export_bundle
+    from gradledger.ledger.keys import write_public_keys
+
+    bundle = tmp_path / "run.glb"
+    export_bundle(private, bundle, with_data=True)
+    roots = write_public_keys(tmp_path / "roots.pub", [(WORLD.root.public_key, "root")])
+    for mode in ("sample", "none"):
+        code, report = verify_cli(bundle, roots, "--replay", mode)
+        assert code == 0, report["first_failure"]
+        check = next(c for c in report["checks"] if c["name"] == "privacy")
+        assert check["status"] == "pass" and "epsilon" in check["detail"]
+
+
 def test_only_private_examples_are_clipped_and_some_are(private: Ledger) -> None:
     clipped = 0
     for u in _bodies(private, "GovernedUpdate"):
@@ -124,6 +138,42 @@ def test_the_noise_is_what_the_run_did(tmp_path: Path) -> None:
     code, report = verify(led, tmp_path)
     assert_caught(code, report)
     assert report["first_failure"]["name"] == "replay" and report["first_failure"]["step"] == 0, report
+
+
+def test_a_crashed_private_run_resumes_to_the_uninterrupted_runs_steps_and_epsilon(private: Ledger,
+                                                                                  tmp_path: Path) -> None:
+    """Nothing committed is lost: the resumed run reads the spent sample rates back from its recorded steps, and
+    its steps and PrivacySpent records equal the uninterrupted run's."""
+    class Crash(Exception):
+        pass
+
+    path = tmp_path / "crashed"
+    led, _ = new_ledger(path)
+    with pytest.raises(Crash), led:
+        run, opt, loader = _engine(led, model := make_model())
+        gm, gopt, gl = run.make_governed(model, opt, loader)
+        Trainer(run).fit(gm, gopt, gl, EVERY + 2, close=False)
+        raise Crash
+    led = Ledger.open(path, writable=True)
+    try:
+        ds = led.by_type("DatasetCommitted")[-1]
+        from gradledger.training.dataset import load_dataset
+
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        run = Governance(led, WORLD.trainer, dataset=load_dataset(led, ds), policy=POLICY,
+                         layout=sequential_bands(model), run_id="private", checkpoint_every=EVERY, seed=5,
+                         root_key=WORLD.root)
+        gm, gopt, gl = run.resume(model, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH))
+        Trainer(run).fit(gm, gopt, gl, STEPS)
+        def spent(ledger: Ledger) -> list[dict[str, Any]]:
+            return [{k: v for k, v in b.items() if k != "run"} for b in _bodies(ledger, "PrivacySpent")]
+
+        assert spent(led) == spent(private) and len(spent(led)) == 3
+        got = [u["recipe"] for u in _bodies(led, "GovernedUpdate")]
+        assert got == [u["recipe"] for u in _bodies(private, "GovernedUpdate")]
+    finally:
+        led.close()
 
 
 # -- the twins ---------------------------------------------------------------------------------
