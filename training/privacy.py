@@ -2,7 +2,8 @@
 
 Why a clip factor instead of clipped per-example gradients: the clipped sum ``sum_i c_i g_i`` is the
 gradient of ``sum_i c_i loss_i``, so the trainer measures each private example's per-band gradient
-norm once (torch's batched autograd over the step's own forward, dropout masks included), then
+norm once (Opacus's ghost norms, or torch's batched autograd, over the step's own forward, dropout
+masks included), then
 scales that example's gradient by ``c_i`` at the model output with the gate's exact mix. The user's
 single backward then produces the clipped sum, and replay reproduces it bit for bit from the
 recorded factors, whatever per-example implementation measured the norms: the verifier recomputes
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 
 from .errors import GovernanceError
 
-__all__ = ["NormTaps", "PrivacyPlan", "Spent", "add_noise", "clip_factors", "epsilon", "noise_seed", "require_accountant", "round_down_all"]
+__all__ = ["NormTaps", "PrivacyPlan", "Spent", "add_noise", "clip_factors", "effective_noise", "epsilon", "noise_seed",
+           "require_accountant", "round_down_all"]
 
 #: specs/privacy.md §5.1: the PrivacySpent record's format.
 SPENT_FORMAT = 1
