@@ -415,3 +415,60 @@ def test_a_private_run_is_traced_from_its_checkpoints_and_recorded_losses(privat
             assert report["approximate"] and any("private run" in n for n in report["notes"]), report
     with pytest.raises(TraceError, match="checkpoints or loss-trace"):
         trace(private, query, run_id="private", method="replay")
+
+
+# -- a project's taxonomy (specs/project.md) -----------------------------------------------------------
+
+
+def test_a_project_whose_taxonomy_makes_the_crowd_private_governs_an_unchanged_loop_that_verifies(tmp_path: Path) -> None:
+    """``[policy.privacy]`` and ``private = true`` in the taxonomy file: the signed policy has them, ``govern``
+    runs the user's own loop, and the bundle verifies with its epsilon (the trusted crowd worker's labels are
+    private and reach the head and mid bands; the expert's are not)."""
+    import gradledger
+    from gradledger.ledger.bundle import export_bundle
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "taxonomy.toml").read_text()
+    assert 'name = "crowd-trusted"\n' in text
+    text = text.replace('name = "crowd-trusted"\n', 'name = "crowd-trusted"\nprivate = true\n')
+    text += '\n[policy.privacy]\nclip = { head = 1.0, mid = 2.0 }\nnoise = { head = 1.0, mid = 1.2 }\ndelta = 1e-5\n'
+    (tmp_path / "taxonomy.toml").write_text(text)
+    sources = ["worker-4" if i % 2 else "dr-lee" for i in range(len(X))]
+    with gradledger.Project.init(tmp_path / "acme", tmp_path / "taxonomy.toml") as project:
+        project.label(X, Y.tolist(), source=sources, name="digits")
+    with gradledger.Project.open(tmp_path / "acme") as project:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gm, gopt, loader = gradledger.govern(model, opt, DataLoader(TensorDataset(X, Y), batch_size=BATCH),
+                                             project=project, dataset="digits", checkpoint_every=EVERY)
+        for step, (x, y) in enumerate(loader):
+            gopt.zero_grad()
+            torch.nn.functional.cross_entropy(gm(x), y).backward()
+            gopt.step()
+            if step == 2 * EVERY - 1:
+                break
+        gm.run.close()
+        ups = _bodies(project.ledger, "GovernedUpdate")
+        assert all(any(f < 1.0 for f in u["recipe"]["privacy"]["factors"]) for u in ups)
+        export_bundle(project.ledger, tmp_path / "run.glb", with_data=True)
+    code, report = verify_cli(tmp_path / "run.glb", tmp_path / "acme" / "roots.pub")
+    assert code == 0, report.get("first_failure")
+    (spent,) = report["figures"]["privacy"]
+    assert set(spent["epsilon_per_band"]) == {"head", "mid"} and set(spent["epsilon_per_rule"]) == {"crowd-trusted"}
+
+
+def test_a_taxonomy_with_a_malformed_privacy_table_is_refused_naming_the_field() -> None:
+    from gradledger.training.errors import ProjectError
+    from gradledger.training.taxonomy import parse_policy_template
+
+    authorities = {"crowd": None}
+    rule = {"authority": "crowd", "profile": [1, 0, 0]}
+    privacy = {"clip": {"head": 1.0}, "noise": {"head": 1.1}, "delta": 1e-5}
+    ok = parse_policy_template({"rules": [{**rule, "private": True}], "privacy": privacy}, authorities, "acme")
+    assert ok.rules[0]["private"] and ok.privacy["clip"] == {"head": 1.0}
+    for table, words in [({"rules": [{**rule, "private": 1}], "privacy": privacy}, "rules[0].private"),
+                         ({"rules": [{**rule, "private": True}]}, "policy.privacy"),
+                         ({"rules": [rule], "privacy": {**privacy, "delta": 2}}, "privacy.delta"),
+                         ({"rules": [rule], "privacy": {**privacy, "clip": {"nowhere": 1.0}}}, "privacy.clip"),
+                         ({"rules": [rule], "privacy": {"clip": {"head": 1.0}, "delta": 1e-5}}, "privacy")]:
+        with pytest.raises(ProjectError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            parse_policy_template(table, authorities, "acme")

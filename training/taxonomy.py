@@ -177,6 +177,8 @@ class PolicyTemplate:
     #: What every run under the policy records at its checkpoints (specs/policy.md §1): {} or
     #: {"memorization": {"fraction", "min_trace"}}.
     monitors: Mapping[str, Any] = field(default_factory=dict)
+    #: specs/privacy.md §1: {} or {"clip": band -> C, "noise": band -> sigma, "delta"}; rules say ``private``.
+    privacy: Mapping[str, Any] = field(default_factory=dict)
 
     def fields(self, authorities: Mapping[str, AuthoritySpec], bands: Sequence[str] | None = None) -> dict[str, Any]:
         """Policy fields for ``sign_policy``; with ``bands`` (as many as the template's), the same
@@ -201,10 +203,14 @@ class PolicyTemplate:
             for key in MATCH_KEYS:
                 if key in rule:
                     match[key] = list(rule[key]) if isinstance(rule[key], (list, tuple)) else rule[key]
-            rules.append({"name": rule["name"], "match": match, **outcome(rule)})
+            rules.append({"name": rule["name"], "match": match, **outcome(rule),
+                          **({"private": True} if rule.get("private") else {})})
         out = {"name": self.name, "bands": list(names), "rules": rules, "default": outcome(self.default)}
         if self.monitors:
             out["monitors"] = {k: dict(v) for k, v in self.monitors.items()}
+        if self.privacy:
+            out["privacy"] = {"clip": [self.privacy["clip"].get(b) for b in self.bands],
+                              "noise": [self.privacy["noise"].get(b) for b in self.bands], "delta": self.privacy["delta"]}
         return out
 
     def to_mapping(self) -> dict[str, Any]:
@@ -217,6 +223,9 @@ class PolicyTemplate:
                "default": plain(self.default), "rules": [plain(r) for r in self.rules]}
         if self.monitors:
             out["monitors"] = {k: dict(v) for k, v in self.monitors.items()}
+        if self.privacy:
+            out["privacy"] = {"clip": dict(self.privacy["clip"]), "noise": dict(self.privacy["noise"]),
+                              "delta": self.privacy["delta"]}
         return out
 
 
@@ -339,7 +348,7 @@ def parse_policy_template(value: Any, authorities: Mapping[str, Any], root_name:
     """The ``[policy]`` table (or a mapping in its format) against ``authorities`` (by name).
 
     ``bands``, when given, replaces the table's own ``bands`` (``Project.policy_for``)."""
-    t = _table(value, where, ("name", "bands", "exclude_review", "default", "rules", "monitors"))
+    t = _table(value, where, ("name", "bands", "exclude_review", "default", "rules", "monitors", "privacy"))
     name = _text(t.get("name", f"{root_name}-routing"), f"{where}.name")
     if bands is None:
         raw_bands = t.get("bands", list(DEFAULT_BANDS))
@@ -362,7 +371,7 @@ def parse_policy_template(value: Any, authorities: Mapping[str, Any], root_name:
         else head_only
     rules: list[dict[str, Any]] = []
     names: set[str] = {EXCLUDE_RULE} if exclude else set()
-    allowed = ("name", "authority", *MATCH_KEYS, "profile", "limits")
+    allowed = ("name", "authority", *MATCH_KEYS, "profile", "limits", "private")
     for i, raw in enumerate(_array(t.get("rules", []), f"{where}.rules", 1023)):
         at = f"{where}.rules[{i}]"
         rt = _table(raw, at, allowed, ("profile",))
@@ -404,12 +413,32 @@ def parse_policy_template(value: Any, authorities: Mapping[str, Any], root_name:
             rule["memorized"] = rt["memorized"]
         rule.update(_outcome({k: rt[k] for k in ("profile", "limits") if k in rt}, band_names, at,
                              ("profile", "limits")))
+        if "private" in rt:  # specs/privacy.md §1: its examples are clipped and noised
+            if rt["private"] is not True:
+                raise _fail(f"{at}.private", f"expected true (leave it out for a rule that is not private), got "
+                            f"{_show(rt['private'])}")
+            rule["private"] = True
         rules.append(rule)
     monitors = _monitors(t.get("monitors", {}), f"{where}.monitors")
     if any("memorized" in r for r in rules) and "memorization" not in monitors:
         raise _fail(f"{where}.monitors", "a rule matches memorized, so the policy must require the scans that flag "
                     "(monitors.memorization = { fraction = 0.01, min_trace = 4 })")
-    return PolicyTemplate(name, band_names, tuple(exclude), tuple(rules), default, monitors)
+    privacy = _privacy(t["privacy"], band_names, f"{where}.privacy") if "privacy" in t else {}
+    if any(r.get("private") for r in rules) and not privacy:
+        raise _fail(f"{where}.privacy", "a rule is private, so the policy must give the clip and noise of the bands "
+                    "it reaches (privacy = { clip = { head = 1.0 }, noise = { head = 1.1 }, delta = 1e-5 })")
+    return PolicyTemplate(name, band_names, tuple(exclude), tuple(rules), default, monitors, privacy)
+
+
+def _privacy(value: Any, bands: Sequence[str], where: str) -> dict[str, Any]:
+    """``[policy.privacy]``: ``clip`` and ``noise`` as tables band -> positive number (a band not named: no private
+    example may reach it), ``delta`` in (0, 1) (specs/privacy.md §1; the signed policy's own checks follow)."""
+    t = _table(value, where, ("clip", "noise", "delta"), ("clip", "noise", "delta"))
+    clip, noise = _limits(t["clip"], bands, f"{where}.clip"), _limits(t["noise"], bands, f"{where}.noise")
+    delta = _number(t["delta"], f"{where}.delta")
+    if not 0.0 < delta < 1.0:
+        raise _fail(f"{where}.delta", f"expected a number in (0, 1), got {_show(t['delta'])}")
+    return {"clip": clip, "noise": noise, "delta": delta}
 
 
 def _monitors(value: Any, where: str) -> dict[str, Any]:
