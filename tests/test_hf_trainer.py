@@ -261,3 +261,30 @@ def test_a_datasets_dataset_with_text_and_list_columns_trains_and_verifies(proje
         export_bundle(p.ledger, bundle, with_data=True)
     code, report = verify_cli(bundle, project / "roots.pub")
     assert code == 0, report.get("first_failure")
+
+
+def test_a_trainer_under_a_privacy_policy_clips_noises_and_verifies(tmp_path: Path) -> None:
+    """specs/privacy.md through the HF Trainer: the trusted crowd worker's labels are private (a taxonomy with
+    ``[policy.privacy]``); the Trainer's own clip is refused with its remedy, and without it the run records
+    its clip factors and epsilon, and verifies bit for bit."""
+    text = TAXONOMY.read_text().replace('name = "crowd-trusted"\n', 'name = "crowd-trusted"\nprivate = true\n')
+    text += '\n[policy.privacy]\nclip = { head = 1.0, mid = 2.0 }\nnoise = { head = 1.0, mid = 1.2 }\ndelta = 1e-5\n'
+    (tmp_path / "taxonomy.toml").write_text(text)
+    columns, labels = _columns()
+    with gradledger.Project.init(tmp_path / "p", tmp_path / "taxonomy.toml") as p:
+        p.label(columns, labels.tolist(), source=["worker-4" if i % 2 else "dr-lee" for i in range(N)], name="tokens")
+    with gradledger.Project.open(tmp_path / "p") as p:
+        clipping = GovernedTrainer(model=_bert(), args=_args(tmp_path / "clip"), train_dataset=Tokens(), project=p,
+                                   dataset="tokens", run_id="clipped", checkpoint_every=2)
+        with pytest.raises(Exception, match="recipe.clip"):
+            clipping.train()
+        trainer = GovernedTrainer(model=_bert(), args=_args(tmp_path / "hf", max_grad_norm=0.0), train_dataset=Tokens(),
+                                  project=p, dataset="tokens", run_id="private", checkpoint_every=2)
+        trainer.train()
+        ups = [p.ledger.observation(s).body for s in p.ledger.by_type("GovernedUpdate")]
+        assert ups and any(f < 1.0 for u in ups for f in u["recipe"]["privacy"]["factors"])
+        export_bundle(p.ledger, tmp_path / "run.glb", with_data=True)
+    code, report = verify_cli(tmp_path / "run.glb", tmp_path / "p" / "roots.pub")
+    assert code == 0 and report["verdict"] == "exact", report.get("first_failure")
+    (spent,) = report["figures"]["privacy"]
+    assert spent["run"] == "private" and set(spent["epsilon_per_band"]) == {"head", "mid"}
