@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import GovernanceError
+from .gate import _mix_tree
 
-__all__ = ["NormTaps", "PrivacyPlan", "Spent", "add_noise", "clip_factors", "effective_noise", "epsilon", "noise_seed",
-           "require_accountant", "round_down_all"]
+__all__ = ["NormTaps", "PrivacyPlan", "Spent", "add_noise", "batch_factors", "clip_factors", "effective_noise", "epsilon",
+           "mix_factors", "noise_seed", "require_accountant", "round_down_all"]
 
 #: specs/privacy.md §5.1: the PrivacySpent record's format.
 SPENT_FORMAT = 1
@@ -175,6 +176,23 @@ def clip_factors(leaf: Tensor, labels: Tensor, example_loss: Callable[[Tensor, T
         assert clip is not None
         factors = torch.minimum(factors, clip / (norms[:, k] + CLIP_EPS))
     return round_down_all(factors)
+
+
+def batch_factors(leaf: Tensor, labels: Tensor, example_loss: Callable[[Tensor, Tensor], Tensor], rules: Sequence[int],
+                  bands: Sequence[Sequence[Tensor]], plan: PrivacyPlan, taps: NormTaps | None = None) -> list[float]:
+    """specs/privacy.md §2 for a whole batch routed by ``rules``: the clip factor of each example whose rule is
+    private (``clip_factors``), 1.0 for every other."""
+    rows = [i for i, r in enumerate(rules) if r in plan.private_rules]
+    factors = [1.0] * len(rules)
+    for i, f in zip(rows, clip_factors(leaf, labels, example_loss, rows, bands, plan, taps)):
+        factors[i] = f
+    return factors
+
+
+def mix_factors(out: Any, factors: Sequence[float]) -> Any:
+    """The model output with the clip factors mixed into every floating tensor (the gate's exact mix: the value
+    unchanged, each example's gradient scaled by its factor)."""
+    return _mix_tree(out, torch.tensor(list(factors), dtype=torch.float32))
 
 
 def round_down_all(values: Tensor) -> list[float]:

@@ -37,11 +37,11 @@ from torch.utils.hooks import RemovableHandle
 from . import clipping
 from .bands import ResolvedBands
 from .errors import GovernanceError
-from .gate import _mix_tree, clip_bands
+from .gate import clip_bands
 from .loss_grad import direct_loss_grads
 from .distributed import RankRefused, shards
 from .order import micro_seed
-from .privacy import NormTaps, add_noise, clip_factors
+from .privacy import NormTaps, add_noise, batch_factors, mix_factors
 from .registry import LossFn
 from .updates import delta_norms
 
@@ -226,15 +226,11 @@ class StepRecorder:
             raise StepRefused(f"step {step}: under a privacy policy the loss is computed from the model's first "
                               "floating output, one row per example (specs/privacy.md §8); this output is not that "
                               "(for a HuggingFace model, call it without labels and compute the loss from .logits)")
-        rows = [i for i, r in enumerate(micro.batch.rules) if r in plan.private_rules]
-        factors = [1.0] * len(micro.batch.rules)
-        for i, f in zip(rows, clip_factors(leaf, micro.batch.labels, self.run.example_loss_fn, rows,
-                                           self.bands.params, plan, self._taps)):
-            factors[i] = f
+        micro.factors = batch_factors(leaf, micro.batch.labels, self.run.example_loss_fn, micro.batch.rules,
+                                      self.bands.params, plan, self._taps)
         if self._taps is not None:
             self._taps.clear()  # the layers' inputs and outputs: not held past the measurement
-        micro.factors = factors
-        return _mix_tree(out, torch.tensor(factors, dtype=torch.float32))
+        return mix_factors(out, micro.factors)
 
     @staticmethod
     def _grad_catcher(micro: Micro, i: int) -> Callable[[Tensor], None]:

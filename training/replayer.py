@@ -27,10 +27,10 @@ from .checkpoints import read_checkpoint, restore
 from .distributed import divide_gradients, shards
 from .dataset import CommittedDataset, load_inputs
 from .errors import GovernanceError
-from .gate import _mix_tree, clip_bands
+from .gate import clip_bands
 from .order import micro_seed
 from .policy import batch_limits, load_adopted
-from .privacy import PrivacyPlan, add_noise, clip_factors
+from .privacy import PrivacyPlan, add_noise, batch_factors, mix_factors
 from .recorder import float_leaves
 from .registry import build_optimizer, checkpoint_skips, example_loss_function, loss_function
 from .updates import RouteTables, Routes, example_loss_bytes, step_and_measure, update_body
@@ -250,8 +250,10 @@ class Replayer:
             if self.privacy is not None:
                 if self.world is not None:
                     raise ReplayError(f"step {step}: a run over ranks under a privacy policy is not replayable yet")
-                factors = self._factors(out, labels, [self.routes.rules[i] for i in piece])
-                out = _mix_tree(out, torch.tensor(factors, dtype=torch.float32))
+                leaf = out if isinstance(out, Tensor) else float_leaves(out)[0]
+                factors = batch_factors(leaf, labels, self.example_loss_fn, [self.routes.rules[i] for i in piece],
+                                        self.bands.params, self.privacy)
+                out = mix_factors(out, factors)
             if inspect is not None:
                 inspect(out, labels, index)
             loss_t = self.loss_fn(out, labels)
@@ -272,16 +274,6 @@ class Replayer:
         if self.privacy is not None:
             body["recipe"] = {"privacy": self.privacy.record(factors, len(batch) / self.count)}
         return body
-
-    def _factors(self, out: Any, labels: Tensor, rules: list[int]) -> list[float]:
-        """specs/privacy.md §2 on the replayed forward: each private example's clip factor, 1.0 for the rest."""
-        assert self.privacy is not None
-        rows = [j for j, r in enumerate(rules) if r in self.privacy.private_rules]
-        factors = [1.0] * len(rules)
-        leaf = out if isinstance(out, Tensor) else float_leaves(out)[0]
-        for j, f in zip(rows, clip_factors(leaf, labels, self.example_loss_fn, rows, self.bands.params, self.privacy)):
-            factors[j] = f
-        return factors
 
     def _finish(self, original: Mapping[str, Any], batch: list[int], rules: list[int],
                 limits: tuple[float | None, ...], loss: float, each: bytes | None) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from gradledger.ledger.program import Program, ProgramError, ProgramModule
 
 from . import clipping
 from .distributed import divide_gradients
-from .gate import GatedModel, _mix_tree
+from .gate import GatedModel
+from .privacy import mix_factors
 from .inputs import InputStructure
 from .recorder import Micro, StepRefused, autocast, float_leaves
 from .registry import LossFn
@@ -51,7 +52,7 @@ def replay_gradients(program: Program, gated: GatedModel, micros: Sequence[Micro
             with autocast(m.autocast):
                 out = module(*inputs.flatten(m.batch.inputs), m.batch.profiles)
             if m.factors is not None:  # specs/privacy.md §2: the private examples' clip factors at the output
-                out = _mix_tree(out, torch.tensor(m.factors, dtype=torch.float32))
+                out = mix_factors(out, m.factors)
             leaf = float_leaves(out)[recipe.get("output", 0)]
             with autocast(m.autocast if recipe.get("loss_autocast", True) else None):
                 loss = loss_fn(leaf, m.batch.labels)

@@ -13,7 +13,7 @@ import hashlib
 import math
 import struct
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -89,7 +89,7 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
     ``recipe.privacy`` at every step, its clip and noise the policy's, its sample rate the batch over
     the dataset, every factor in [0, 1] and binary32, exactly 1.0 for an example whose rule is not
     private; a run under another policy records none. Returns each private run's epsilon."""
-    out: list[RunPrivacy] = []
+    out: list[tuple[int, RunPrivacy]] = []  # by RunStarted seq
     rates: dict[int, list[float]] = {}  # private run seq -> each step's sample rate, in step order
     for run in structure.runs.values():
         if not run.governed:
@@ -125,13 +125,12 @@ def check_privacy(structure: Any) -> list[RunPrivacy]:
         if privacy is None or not run.updates:
             continue
         got = _spent(policy, _history(rates[run.seq]))
-        out.append(RunPrivacy(run.run_id, len(run.updates), privacy["delta"],
+        out.append((run.seq, RunPrivacy(run.run_id, len(run.updates), privacy["delta"],
                               {policy.bands[k]: e for k, e in enumerate(got["bands"]) if e is not None}, got["epsilon"],
                               {policy.rules[i].name: e for i, e in enumerate(got["rules"]) if e is not None},
-                              got["prv"]))
+                              got["prv"])))
     records = _check_records(structure, rates)
-    return [RunPrivacy(r.run_id, r.steps, r.delta, r.per_band, r.model, r.per_rule, r.prv, records.get(r.run_id, 0))
-            for r in out]
+    return [replace(r, records=records.get(seq, 0)) for seq, r in out]
 
 
 def _next_update(updates: Sequence[int], seq: int, default: int) -> int:
@@ -179,7 +178,7 @@ def _spent(policy: Any, history: Sequence[tuple[float, int]]) -> dict[str, Any]:
 EPSILON_TOLERANCE = 1e-6
 
 
-def _check_records(structure: Any, rates: Mapping[int, list[float]]) -> dict[str, int]:
+def _check_records(structure: Any, rates: Mapping[int, list[float]]) -> dict[int, int]:
     """§5.1: every PrivacySpent is the trainer's, of a checkpoint after step 0 of a private run, recorded before
     the next update, and states the epsilon recomputed over the steps before it; every such checkpoint of an
     original run has exactly one."""
@@ -231,10 +230,9 @@ def _check_records(structure: Any, rates: Mapping[int, list[float]]) -> dict[str
                 raise PrivacyInvalid(f"Checkpoint {c} (step {step}) of run {run.run_id!r} has no PrivacySpent: a run "
                                      "under a privacy policy records its epsilon at every checkpoint after step 0 "
                                      "(specs/privacy.md §5.1)", c)
-    counts: dict[str, int] = {}
+    counts: dict[int, int] = {}  # run seq -> its records
     for run_seq, _ in seen:
-        name = structure.runs[run_seq].run_id
-        counts[name] = counts.get(name, 0) + 1
+        counts[run_seq] = counts.get(run_seq, 0) + 1
     return counts
 
 
