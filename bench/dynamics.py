@@ -62,7 +62,10 @@ record), the steadier comparison, and ``mem_best_score`` is chosen by it.
 ``members_at_or_above_kth_tpr`` says how many members tie at or above the k-th vulnerable one's TPR
 (more than k: the mean score decided); ``mem_precision_at_1pct_ties_included`` counts a flag as a hit
 when it is any of those tied members (a reading beside the headline, never in its place). ``random_baseline`` = k / members is the expected precision of
-k random flags.
+k random flags. ``lira_split_half_agreement_at_1pct`` (and ``_mean_over_models``) asks how reproducible the
+reference itself is: the models cut into two disjoint halves (even and odd model numbers, each half as many
+models as a 16-shadow benchmark when --shadows is 33), LiRA run within each half alone, and each model's
+most vulnerable 1% by one half set against the other's; it is reported from 16 models (--shadows 15) on.
 
 **Cost.** The monitors are the memorization scan and the depth profile (specs/dynamics.md §5) over a
 held-out set, the target's non-members (~900 digits, committed with their inputs before the timer
@@ -287,6 +290,41 @@ def auc(member: Tensor, nonmember: Tensor) -> float:
     ranks[torch.argsort(both)] = torch.arange(1, both.numel() + 1, dtype=both.dtype)
     n1, n0 = member.numel(), nonmember.numel()
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def vulnerability(phi: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Each example's TPR at FPR 1e-3 over the models that trained on it (one global threshold over
+    these models' non-member scores) and its mean score over them: the reference the precision reads."""
+    score = lira(phi, keep)
+    hits = (score > threshold_at(score[~keep], FPR)) & keep
+    kf = keep.to(torch.float64)
+    return hits.to(torch.float64).sum(0) / kf.sum(0), (score * kf).sum(0) / kf.sum(0)
+
+
+def split_half_agreement(phi: Tensor, keep: Tensor) -> dict[str, Any]:
+    """How far LiRA agrees with itself: the models cut into two disjoint halves (even and odd model
+    numbers, the target in the first), LiRA run within each half alone, and each model's members'
+    most vulnerable 1% by one half set against the other's (|A ∩ B| / k). A shadow-free score judged
+    against one half's reference cannot be expected to find it more reliably than the other half's
+    reference, with as many shadows, does: this is the ceiling the benchmark's noise puts on precision.
+    Examples without two IN and two OUT models in each half are left out of that model's population."""
+    halves = [torch.arange(0, phi.shape[0], 2), torch.arange(1, phi.shape[0], 2)]
+    usable = torch.ones(phi.shape[1], dtype=torch.bool)
+    for h in halves:
+        n_in = keep[h].sum(0)
+        usable &= (n_in >= 2) & (len(h) - n_in >= 2)
+    phi, keep = phi[:, usable], keep[:, usable]
+    refs = [vulnerability(phi[h], keep[h]) for h in halves]
+    agreement = []
+    for m in range(phi.shape[0]):
+        rows = torch.nonzero(keep[m]).flatten()
+        k = math.ceil(PARAMS.fraction * len(rows))
+        a, b = (most_vulnerable(rows, tpr, mean_in, k) for tpr, mean_in in refs)
+        agreement.append(len(a & b) / k)
+    return {"lira_split_half_agreement_at_1pct": agreement[0],
+            "lira_split_half_agreement_at_1pct_mean_over_models": statistics.fmean(agreement),
+            "lira_split_half_models": [len(h) for h in halves],
+            "lira_split_half_examples_left_out": int((~usable).sum())}
 
 
 def most_vulnerable(members: Tensor, tpr: Tensor, mean_in: Tensor, k: int) -> set[int]:
@@ -516,6 +554,8 @@ def main() -> None:
     tpr = hits.to(torch.float64).sum(0) / kf.sum(0)
     mean_in = (score * kf).sum(0) / kf.sum(0)
     result["lira_examples_with_tpr_above_0"] = int((tpr > 0).sum())
+    if models >= 2 * 8:  # each half needs IN and OUT models beside the attacked one for most examples
+        result.update(split_half_agreement(phi, keep))
 
     # The headline: the governed run's members (dataset index j = pool example members[j]), its flags.
     n = len(members)
