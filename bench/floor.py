@@ -24,7 +24,8 @@ every governed step pays whatever its Python does around them:
    behind the loop.
 3. **Deterministic algorithms.** Bit-exact replay needs ``torch.use_deterministic_algorithms``; the
    plain loop of the user runs without. ``<model>_deterministic_ratio``: the plain loop with them on
-   over off, interleaved in blocks, median over rounds (bench/models.py's bert, resnet18, vit).
+   over off, interleaved in blocks, median over rounds (bench/models.py's bert, resnet18, vit, and its
+   LoRA workload through transformers' Trainer, one run a block, for issue 13).
 
 The last stdout line is one JSON object; progress goes to stderr.
 """
@@ -175,16 +176,44 @@ def model_floor(name: str, k: int, rounds: int, root: Path) -> dict[str, Any]:
             f"{name}_plain_step_us": round(statistics.median(plain_us), 1), f"{name}_budget_us": round(budget, 1)}
 
 
+def lora_floor(k: int, rounds: int, root: Path) -> dict[str, Any]:
+    """bench/models.py's LoRA workload (issue 13): transformers' Trainer (plain) and GovernedTrainer, K steps a run."""
+    with RecordClock() as clock:
+        MB.lora_trainer(True, root, k, "floor-lora", MB.StepClock()).train()
+    before = torch.are_deterministic_algorithms_enabled()
+    ratios, plain_us = [], []
+    try:
+        for r in range(rounds + 1):  # round 0 warms up and is not counted
+            times = {}
+            for det in ((False, True) if r % 2 == 0 else (True, False)):
+                clock_r = MB.StepClock()
+                trainer = MB.lora_trainer(False, root, k, "floor-lora-plain", clock_r)
+                torch.use_deterministic_algorithms(det)  # after lora_trainer, which sets torch's default
+                trainer.train()
+                times[det] = 1e3 * clock_r.ms_per_step()
+            if r:
+                ratios.append(times[True] / times[False])
+                plain_us.append(times[False])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    budget = 0.05 * statistics.median(plain_us)
+    log(f"lora: record {clock.median_us():.0f} us CPU, deterministic {statistics.median(ratios):.3f}, budget {budget:.0f} us")
+    return {"lora_record_cpu_us": round(clock.median_us(), 1), "lora_deterministic_ratio": round(statistics.median(ratios), 4),
+            "lora_deterministic_round_ratios": [round(v, 4) for v in ratios],
+            "lora_plain_step_us": round(statistics.median(plain_us), 1), "lora_budget_us": round(budget, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50, help="steps per measured block")
     ap.add_argument("--rounds", type=int, default=5, help="deterministic on/off rounds per model")
-    ap.add_argument("--only", nargs="+", choices=["mlp", *sorted(MB.MODELS)])
+    ap.add_argument("--only", nargs="+", choices=["mlp", *sorted(MB.MODELS), "lora"])
     args = ap.parse_args()
-    chosen = args.only or ["mlp", *sorted(MB.MODELS)]
-    if MB.transformers is None and "bert" in chosen:
-        chosen.remove("bert")
-        log("transformers is not installed: bert left out")
+    chosen = args.only or ["mlp", *sorted(MB.MODELS), "lora"]
+    for name, missing in (("bert", MB.transformers is None), ("lora", MB.transformers is None or MB.peft is None)):
+        if missing and name in chosen:
+            chosen.remove(name)
+            log(f"transformers or peft is not installed: {name} left out")
     started = time.perf_counter()
     result: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                               "steps": args.steps, "rounds": args.rounds, "load_average": MB.load_average()}
@@ -192,7 +221,12 @@ def main() -> None:
         for name in chosen:
             root = Path(tmp) / name
             root.mkdir()
-            result.update(mlp_floor(args.steps, root) if name == "mlp" else model_floor(name, args.steps, args.rounds, root))
+            if name == "mlp":
+                result.update(mlp_floor(args.steps, root))
+            elif name == "lora":
+                result.update(lora_floor(args.steps, args.rounds, root))
+            else:
+                result.update(model_floor(name, args.steps, args.rounds, root))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, sort_keys=True))
 
