@@ -1,4 +1,4 @@
-"""Memorization (issue 16): do the ledger's LT-IQR flags find the examples LiRA finds most vulnerable,
+"""Memorization (issue 16): do the ledger's memorization flags find the examples LiRA finds most vulnerable,
 and what does scanning at every checkpoint cost?
 
     python bench/dynamics.py [--shadows N] [--epochs E] [--seed S] [--timing-runs R] [--quick]
@@ -45,7 +45,8 @@ models.
 **Precision.** The population is the target's members (the governed run's dataset), k = ceil(1% of
 them). The *vulnerable set* is the k members of highest vulnerability. ``mem_precision_at_1pct`` is
 |the ledger's flags ∩ vulnerable set| / k, the flags being ``scan(ledger)``'s (the top ceil(1% of the
-scored examples) by LT-IQR of the recorded loss traces; every member is scored, so that is k).
+scored examples) by the library's default method, the mean recorded loss (specs/dynamics.md §1.1; LT-IQR
+until this benchmark chose the mean); every member is scored, so that is k).
 ``mem_precision_at_1pct_by_score`` sets the candidates side by side on the same run, each the top k of
 the members by its score over the recorded traces (ties: lower index first, the ledger's flag rule):
 ``lt_iqr`` (interquartile range of the trace), ``mean_loss``, ``final_loss`` (the trace's last value, the
@@ -76,7 +77,7 @@ process's CPU time, all threads). Both are differences of ~10 s runs, at the mer
 machine runs. The scan itself runs on the run's recorder thread, so on an idle multi-core machine it
 hides behind training; ``monitor_overhead_direct`` measures the monitor's own work instead, redone on
 this thread: appending each step's losses to the traces (``monitor_append_us_per_step``) and each
-checkpoint's scan job (a copy of the traces, LT-IQR of every index, the flags and the scores digest:
+checkpoint's scan job (a copy of the traces, the score of every index, the flags and the scores digest:
 what ``Governance`` hands its recorder, ``scan_s_per_checkpoint_median``) and each checkpoint's profile
 (the held-out forward and the read-out, ``profile_s_per_checkpoint_median``), over the training time of
 the steps since the previous checkpoint (the run without the scan, per step), median over checkpoints.
@@ -135,7 +136,7 @@ BATCH = 32
 EPOCHS = 60
 QUICK_EPOCHS = 20
 EVERY = 100  # checkpoint_every: the library's default
-PARAMS = MemorizationScan()  # fraction 0.01, min_trace 4: the library's defaults
+PARAMS = MemorizationScan()  # fraction 0.01, min_trace 4, the mean loss: the library's defaults
 #: The flat policy with detection made governance (specs/dynamics.md §2.4): a flagged example tunes the head only.
 ROUTED_POLICY = sign_policy({
     "name": "flat-memorized", "bands": ["head", "mid", "embedding"],
@@ -400,7 +401,7 @@ def candidates(steps: Steps, count: int, labels: Tensor | None = None) -> dict[s
 def monitor_costs(steps: Steps, checkpoints: list[int], run_seq: int, count: int) -> list[tuple[int, float, float]]:
     """The memorization monitor's work, redone here on this thread: per step, ``Governance`` appending the
     step's losses to its traces; per checkpoint, the scan job it hands its recorder (a copy of the
-    traces, LT-IQR of every index, the flags and the digest). (steps since the previous checkpoint,
+    traces, the score of every index, the flags and the digest). (steps since the previous checkpoint,
     seconds appending over them, seconds scanning.)"""
     traces = LossTraces(count)
     out, prev = [], 0

@@ -1,4 +1,4 @@
-"""Memorization scans (issue 16; specs/dynamics.md §1-§2): LT-IQR of every example's recorded loss
+"""Memorization scans (issue 16; specs/dynamics.md §1-§2): LT-IQR or the mean of every example's recorded loss
 trace, the two implementations (training/dynamics, verify/_internal/scans.py) agreeing bit for bit,
 a signed MemorizationScan at every checkpoint of a run that declares it, recomputed by the verifier,
 and every lie a hostile trainer (trainer key only, everything re-signed) can tell about one caught."""
@@ -21,14 +21,15 @@ from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 from gradledger.training import MemorizationScan, scan
 from gradledger.training.cli import main as cli_main
-from gradledger.training.dynamics import flag, lt_iqr, scores_digest
+from gradledger.training.dynamics import flag, lt_iqr, mean_loss, scores_digest
 from gradledger.training.errors import GovernanceError
 from gradledger.training.trainer import Trainer
 from gradledger.verify._internal import scans as V
 from test_idioms import BATCH, assert_caught, assert_verified, governed, steps, verify
 from test_trainer import WORLD, engine_for, new_ledger, parts
 
-PARAMS = MemorizationScan(fraction=0.05, min_trace=3)
+PARAMS = MemorizationScan(fraction=0.05, min_trace=3, method="lt-iqr")
+MEAN = MemorizationScan(fraction=0.05, min_trace=3)  # the default method
 EPOCH = 240 // BATCH  # the digits subset the idiom tests train on: 240 examples
 STEPS = 4 * EPOCH
 
@@ -40,14 +41,14 @@ def _traces(draw: Any) -> tuple[list[list[float]], int]:
     return traces, count
 
 
-def _training_scores(traces: list[list[float]], min_trace: int) -> torch.Tensor:
+def _training_scores(traces: list[list[float]], min_trace: int, score: Any = lt_iqr) -> torch.Tensor:
     # as the run appends them: one "step" per position, every example with a loss there
     idx, val = [], []
     for pos in range(max((len(t) for t in traces), default=0)):
         rows = [i for i, t in enumerate(traces) if pos < len(t)]
         idx.append(torch.tensor(rows, dtype=torch.int64))
         val.append(torch.tensor([traces[i][pos] for i in rows], dtype=torch.float64))
-    return lt_iqr(idx, val, len(traces), min_trace)
+    return score(idx, val, len(traces), min_trace)
 
 
 def _verifier_scores(traces: list[list[float]], min_trace: int) -> list[float | None]:
@@ -72,6 +73,36 @@ def test_the_two_implementations_agree_bit_for_bit(data: Any, min_trace: int, fr
     assert scores_digest(got) == V.digest(want)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(2, 5), st.sampled_from([0.01, 0.1, 0.3, 1.0]))
+def test_the_two_implementations_agree_on_the_mean_bit_for_bit(data: Any, min_trace: int, fraction: float) -> None:
+    # binary32 values over a wide range of magnitudes: an order-dependent sum would round differently
+    count = data.draw(st.integers(1, 12))
+    f32 = st.floats(0, 2.0**120, width=32, allow_nan=False, allow_infinity=False)
+    traces = [data.draw(st.lists(f32, max_size=9)) for _ in range(count)]
+    got = _training_scores(traces, min_trace, mean_loss)
+    want = V.scores([list(t) for t in traces], min_trace, "mean-loss")
+    for g, w, t in zip(got.tolist(), want, traces):
+        if w is None:
+            assert math.isnan(g)
+        else:
+            assert struct.pack("<d", g) == struct.pack("<d", w)
+            assert g == pytest.approx(float(np.mean(np.array(t, dtype=np.float64))), rel=1e-12)
+    assert [[i, s] for i, s in flag(got, fraction)] == V.flagged(want, fraction)
+    assert scores_digest(got) == V.digest(want)
+
+
+def test_the_mean_is_exactly_rounded_whatever_the_order() -> None:
+    # Added left to right in binary64, 1e30 + 1 loses the 1 (a mean of 0.75), and the reversed order loses the
+    # 3 as well (0.0); the exactly rounded sum keeps both, in either order. (Losses are not negative: the
+    # rule is about the sum, and cancellation shows it in four values.)
+    trace = [1e30, 1.0, -1e30, 3.0]
+    values = [struct.unpack("<f", struct.pack("<f", v))[0] for v in trace]
+    got = _training_scores([values, list(reversed(values))], 2, mean_loss).tolist()
+    assert got == [1.0, 1.0] == [math.fsum(values) / 4] * 2
+    assert V.scores([values, list(reversed(values))], 2, "mean-loss") == [1.0, 1.0]
+
+
 def test_flags_take_the_top_fraction_with_ties_to_the_lower_index() -> None:
     s = torch.tensor([0.5, math.nan, 2.0, 0.5, 2.0, 0.1], dtype=torch.float64)
     assert flag(s, 0.5) == [(2, 2.0), (4, 2.0), (0, 0.5)]  # ceil(0.5 * 5 scored) = 3
@@ -80,7 +111,7 @@ def test_flags_take_the_top_fraction_with_ties_to_the_lower_index() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(fraction=0.0), dict(fraction=1.5), dict(fraction=1), dict(min_trace=1),
-                                 dict(min_trace=2.0)])
+                                 dict(min_trace=2.0), dict(method="mean"), dict(method="LT-IQR")])
 def test_bad_parameters_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(GovernanceError, match="MemorizationScan"):
         MemorizationScan(**bad)
@@ -219,11 +250,17 @@ def test_scan_command_records_a_scan_the_verifier_recomputes(tmp_path: Path, cap
     capsys.readouterr()
     assert cli_main(["scan", ledger, "--record", "--key", str(key), "--min-trace", "3", "--fraction", "0.02"]) == 0
     out = capsys.readouterr().out
-    assert "recorded as MemorizationScan" in out and "LT-IQR" in out
+    assert "recorded as MemorizationScan" in out and "mean-loss" in out
+    assert cli_main(["scan", ledger, "--record", "--key", str(key), "--min-trace", "3", "--fraction", "0.02",
+                     "--method", "lt-iqr"]) == 0
+    assert "lt-iqr" in capsys.readouterr().out
     led = Ledger.open(tmp_path / "l")
     try:
-        (body,) = [s.body for s in _scans(led)]
-        assert body["parameters"] == {"fraction": 0.02, "min_trace": 3} and len(body["flagged"]) == 5
+        mean, iqr = [s.body for s in _scans(led)]
+        assert mean["parameters"] == {"fraction": 0.02, "min_trace": 3, "method": "mean-loss"}
+        assert mean["method"] == "mean-loss" and len(mean["flagged"]) == 5
+        assert iqr["parameters"] == {"fraction": 0.02, "min_trace": 3} and iqr["method"] == "lt-iqr"
+        assert mean["scores_digest"] != iqr["scores_digest"]
         assert_verified(*verify(led, tmp_path))
     finally:
         led.close()
@@ -294,3 +331,87 @@ def test_a_malformed_requirement_is_refused_by_both_parsers(bad: dict[str, Any])
         validate_policy(fields)
     with pytest.raises(PolicyInvalid):
         policy_from_fields(fields)
+
+
+# -- the mean-loss method (specs/dynamics.md §1.1, training format 10) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def mean_monitored(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
+    """The monitored run's loop, declaring the default method: the mean recorded loss."""
+    path = tmp_path_factory.mktemp("mean-monitored")
+    return governed(path / "ledger", steps(STEPS, lambda x, y, m, o: F.cross_entropy(m(x), y)), every=EPOCH,
+                    memorization=MEAN)
+
+
+def test_a_mean_loss_run_records_scans_of_the_mean_that_verify(mean_monitored: Ledger, tmp_path: Path) -> None:
+    from gradledger.training.updates import example_loss_values
+
+    led = mean_monitored
+    run = led.observation(led.by_type("RunStarted")[-1]).body["settings"]
+    assert run["format"] == 10 and run["monitors"] == {"memorization": MEAN.parameters}
+    scans = _scans(led)
+    assert [s.body["method"] for s in scans] == ["mean-loss"] * 4
+    assert [s.body["scored"] for s in scans] == [0, 0, 240, 240]
+    traces: dict[int, list[float]] = {}
+    for s in led.by_type("GovernedUpdate"):
+        u = led.observation(s).body
+        for i, v in zip(u["batch"], example_loss_values(u["example_losses"])):
+            traces.setdefault(i, []).append(v)
+    want = sorted(((-math.fsum(t) / len(t), i) for i, t in traces.items()))[: math.ceil(0.05 * 240)]
+    assert [[i, -s] for s, i in want] == scans[-1].body["flagged"]
+    assert scan(led, params=MEAN)["scores_digest"] == scans[-1].body["scores_digest"].hex()
+    code, report = verify(led, tmp_path)
+    assert_verified(code, report)
+    assert any(r["name"] == "scans" and r["status"] == "pass" for r in report["checks"])
+
+
+MEAN_FORGERIES = {
+    # the hostile trainer relabels its mean-loss scans as LT-IQR ones (or the reverse), everything re-signed
+    "the method field changed": lambda f: f.set(_last(f), ("method",), "lt-iqr"),
+    "the parameters' method dropped": lambda f: f.set(_last(f), ("parameters",), {"fraction": 0.05, "min_trace": 3}),
+    "the top score lowered": lambda f: f.set(_last(f), ("flagged", 0, 1), f.body(_last(f))["flagged"][0][1] * 0.5),
+    "the most memorized example hidden": lambda f: f.set(_last(f), ("flagged",), f.body(_last(f))["flagged"][1:]),
+    "settings declare a method no format knows": lambda f: f.set(
+        f.seqs("RunStarted")[-1], ("settings", "monitors", "memorization", "method"), "median-loss"),
+    "settings declare the method in format 9": lambda f: f.set(f.seqs("RunStarted")[-1], ("settings", "format"), 9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEAN_FORGERIES))
+def test_a_forged_mean_loss_scan_is_caught(mean_monitored: Ledger, tmp_path: Path, name: str) -> None:
+    code, report = _structure(mean_monitored, tmp_path, MEAN_FORGERIES[name])
+    assert_caught(code, report)
+    failure = report["first_failure"]
+    assert failure["name"] in ("scans", "settings", "runs"), failure
+    assert "MemorizationScan" in failure["detail"] or "monitors" in failure["detail"], failure
+
+
+def test_a_policy_requires_the_method_too(tmp_path: Path) -> None:
+    from gradledger.ledger import encoding
+    from gradledger.training.errors import PolicyError
+    from gradledger.training.policy import sign_policy, validate_policy
+    from gradledger.verify._internal.routing import PolicyInvalid, policy_from_fields
+    from helpers import policy_fields
+
+    policy = sign_policy({**policy_fields("mean-scanned"), "monitors": {"memorization": MEAN.parameters}}, WORLD.root, 10)
+    assert MemorizationScan.from_parameters(policy.monitors["memorization"]) == MEAN
+    assert policy_from_fields(encoding.decode(encoding.encode(policy.policy))) is not None
+    with pytest.raises(GovernanceError, match="requires memorization scans"):  # the run asks for LT-IQR
+        from test_trainer import MANIFESTS
+        from gradledger.training.dataset import commit_dataset
+
+        led, _ = new_ledger(tmp_path / "l")
+        try:
+            ds = commit_dataset(led, MANIFESTS, "digits", WORLD.trainer)
+            engine_for(led, ds, parts()[0], policy=policy, memorization=PARAMS)
+        finally:
+            led.close()
+    # "lt-iqr" is spelled by leaving the method out: one byte form for each meaning, in both parsers
+    good = sign_policy(policy_fields("good"), WORLD.root, 10).policy
+    for bad in ({"fraction": 0.05, "min_trace": 3, "method": "lt-iqr"}, {"fraction": 0.05, "min_trace": 3, "method": 1}):
+        fields = encoding.decode(encoding.encode({**good, "monitors": {"memorization": bad}}))
+        with pytest.raises(PolicyError):
+            validate_policy(fields)
+        with pytest.raises(PolicyInvalid):
+            policy_from_fields(fields)

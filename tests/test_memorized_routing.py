@@ -294,14 +294,22 @@ def test_a_taxonomy_policy_may_route_by_the_flags_it_requires(tmp_path: Path) ->
     with Project.init(tmp_path / "p", _taxonomy(tmp_path, scans, rule)) as project:
         policy = project.policy
         assert policy.compiled.matches_flags
-        assert policy.monitors == {"memorization": {"fraction": 0.02, "min_trace": 3}}
+        assert policy.monitors == {"memorization": {"fraction": 0.02, "min_trace": 3}}  # no method: LT-IQR
         assert policy.policy["rules"][1] == {"name": "memorized", "match": {"memorized": True},
                                              "profile": [1.0, 0.0, 0.0], "limits": [None, None, None]}
     with Project.open(tmp_path / "p") as again:  # the canonical taxonomy in project.json reads back
         assert again.policy.digest == policy.digest
+    mean = "monitors = { memorization = { fraction = 0.02, min_trace = 3, method = \"mean-loss\" } }"
+    with Project.init(tmp_path / "mean", _taxonomy(tmp_path, mean, rule)) as project:
+        assert project.policy.monitors == {"memorization": {"fraction": 0.02, "min_trace": 3, "method": "mean-loss"}}
+        digest = project.policy.digest
+    with Project.open(tmp_path / "mean") as again:
+        assert again.policy.digest == digest
     for extra, bad, words in (("", rule, "must require the scans"),
                               (scans, 'name = "m"\nmemorized = 1\nprofile = [1, 0, 0]', "true or false"),
-                              ("monitors = { memorization = { fraction = 2.0, min_trace = 3 } }", rule, "fraction")):
+                              ("monitors = { memorization = { fraction = 2.0, min_trace = 3 } }", rule, "fraction"),
+                              ('monitors = { memorization = { fraction = 0.02, min_trace = 3, method = "median" } }',
+                               rule, "method")):
         with pytest.raises(ProjectError, match=words):
             Project.init(tmp_path / f"bad-{len(words)}", _taxonomy(tmp_path, extra, bad))
 

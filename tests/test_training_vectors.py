@@ -308,13 +308,13 @@ def test_memorization_both(case: dict[str, Any]) -> None:
     for pos in range(max(len(x) for x in traces)):
         rows = [i for i, x in enumerate(traces) if pos < len(x)]
         t.add(rows, torch.tensor([traces[i][pos] for i in rows], dtype=torch.float32))
-    got = t.scores(case["min_trace"])
+    method = case.get("method", "lt-iqr")
+    got = t.scores(case["min_trace"], method)
     assert [None if v != v else struct.pack("<d", v).hex() for v in got.tolist()] == want["scores"]
     assert [[i, struct.pack("<d", v).hex()] for i, v in flag(got, case["fraction"])] == want["flagged"]
     assert scores_digest(got).hex() == want["digest"]
     # the verifier's
-    mine = [VD.quantile(sorted(x), 0.75) - VD.quantile(sorted(x), 0.25) if len(x) >= case["min_trace"] else None
-            for x in traces]
+    mine = VD.scores([list(x) for x in traces], case["min_trace"], method)
     assert [None if v is None else struct.pack("<d", v).hex() for v in mine] == want["scores"]
     assert [[i, struct.pack("<d", v).hex()] for i, v in VD.flagged(mine, case["fraction"])] == want["flagged"]
     assert VD.digest(mine).hex() == want["digest"]

@@ -1,9 +1,10 @@
 """`gradledger scan`: which training examples a governed run memorized (specs/dynamics.md §1).
 
-    gradledger scan LEDGER [--run R] [--fraction F] [--min-trace M] [--through S] [--record --key KEY] [--json]
+    gradledger scan LEDGER [--run R] [--method mean-loss|lt-iqr] [--fraction F] [--min-trace M] [--through S]
+                           [--record --key KEY] [--json]
 
-Scores every example of the run by LT-IQR (the interquartile range of its recorded loss trace) and
-lists the flagged ones with their labels and sources. ``--record`` appends the scan as a signed
+Scores every example of the run from its recorded loss trace (its mean, or LT-IQR: the trace's
+interquartile range) and lists the flagged ones with their labels and sources. ``--record`` appends the scan as a signed
 MemorizationScan, which the verifier recomputes. Exit 0 with the scan; 2 for a ledger, run or
 parameter that cannot be used (one line).
 """
@@ -24,7 +25,7 @@ def _render(report: dict[str, Any]) -> str:
              f"({report['method']}): {report['scored']} of {report['examples']} examples scored (a trace of at "
              f"least {p['min_trace']} losses), top {p['fraction']:.2%} flagged"]
     for e in report["flagged"]:
-        lines.append(f"  #{e['index']:<6} LT-IQR {e['score']:.4g}  label {e['label']}  by {', '.join(e['sources'])}")
+        lines.append(f"  #{e['index']:<6} {report['method']} {e['score']:.4g}  label {e['label']}  by {', '.join(e['sources'])}")
     if not report["flagged"]:
         lines.append("  (nothing flagged: no example has a long enough trace)")
     lines.append(f"scores digest {report['scores_digest'][:16]}")
@@ -51,7 +52,7 @@ def _scan(args: argparse.Namespace) -> int:
     if args.record != (args.key is not None):
         print("gradledger: --record and --key go together (the key signs the MemorizationScan)", file=sys.stderr)
         return 2
-    params = MemorizationScan(fraction=args.fraction, min_trace=args.min_trace)
+    params = MemorizationScan(fraction=args.fraction, min_trace=args.min_trace, method=args.method)
     key = SigningKey.load(args.key) if args.record else None
     with Ledger.open(args.ledger, writable=args.record) as ledger:
         report = scan(ledger, run_id=args.run_id, params=params, through=args.through, record=key)
@@ -61,10 +62,12 @@ def _scan(args: argparse.Namespace) -> int:
 
 def add_command(sub: Any) -> None:
     """Register ``scan`` on the ``gradledger`` subcommand parser."""
-    p = sub.add_parser("scan", help="which training examples the model memorized: LT-IQR of every example's "
-                       "recorded loss trace, the top fraction flagged")
+    p = sub.add_parser("scan", help="which training examples the model memorized: a score of every example's "
+                       "recorded loss trace (its mean, or LT-IQR), the top fraction flagged")
     p.add_argument("ledger", help="ledger directory")
     p.add_argument("--run", dest="run_id", help="run id (default: the latest governed run or branch)")
+    p.add_argument("--method", choices=["mean-loss", "lt-iqr"], default="mean-loss",
+                   help="the score (specs/dynamics.md §1.1; default mean-loss, ahead of lt-iqr in bench/dynamics.py)")
     p.add_argument("--fraction", type=float, default=0.01, help="share of the scored examples flagged (default 0.01)")
     p.add_argument("--min-trace", type=int, default=4,
                    help="losses an example's trace needs before it is scored (default 4)")

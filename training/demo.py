@@ -48,6 +48,7 @@ from .bands import sequential_bands
 from .checkpoints import read_checkpoint
 from .dataset import CommittedDataset, commit_dataset
 from .dynamics.canaries import canary_manifests, draw_canaries, exposure_bits
+from .dynamics.memorization import MemorizationScan
 from .forensics import trace
 from .forensics.lineage import Lineage
 from .manifests import SignedManifest, example_id, label_example, source_entry
@@ -354,8 +355,9 @@ def routing_policy(tax: Taxonomy, at: int) -> SignedPolicy:
         ],
         # Single crowd labels and split panels: the head only.
         "default": {"profile": [1, 0, 0], "limits": [10.0, None, None]},
-        # Every run under the policy scans itself for memorized examples at each checkpoint.
-        "monitors": {"memorization": {"fraction": 0.01, "min_trace": 4}},
+        # Every run under the policy scans itself for memorized examples at each checkpoint (the library's
+        # default scan: the top 1% by mean recorded loss, specs/dynamics.md §1.1).
+        "monitors": {"memorization": MemorizationScan().parameters},
     }
     return sign_policy(fields, tax.root, at)
 
@@ -561,7 +563,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
               f"of them ({lead['share']:.0%} of its {lead['trained']} examples)")
     if scan is not None:
         detail += (f"; the last checkpoint's MemorizationScan flags {len(scan['flagged'])} of {scan['scored']} examples "
-                   "(LT-IQR)")
+                   f"({scan['method']})")
     canaries = None
     if scan is not None and scan.get("canaries"):
         c = scan["canaries"][0]
@@ -591,7 +593,7 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
-                    "memorized_routing": routed, "canaries": canaries, "depth": depth,
+                    "memorized_method": None if scan is None else scan["method"], "memorized_routing": routed, "canaries": canaries, "depth": depth,
                     "command": command}
 
 

@@ -133,7 +133,8 @@ POLICY_SCHEMA = s.record(
     default=DEFAULT_SCHEMA,
     signer=s.digest,
     time=s.uint,
-    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
+    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint,
+                                                             method=(s.one_of("mean-loss"), False)), False)),
               False),
     privacy=(PRIVACY_SCHEMA, False),
 )

@@ -175,7 +175,7 @@ class PolicyTemplate:
     rules: tuple[Mapping[str, Any], ...]  # canonical rule tables (authority by name)
     default: Mapping[str, Any]
     #: What every run under the policy records at its checkpoints (specs/policy.md §1): {} or
-    #: {"memorization": {"fraction", "min_trace"}}.
+    #: {"memorization": {"fraction", "min_trace", ? "method"}} (specs/dynamics.md §1.1).
     monitors: Mapping[str, Any] = field(default_factory=dict)
     #: specs/privacy.md §1: {} or {"clip": band -> C, "noise": band -> sigma, "delta"}; rules say ``private``.
     privacy: Mapping[str, Any] = field(default_factory=dict)
@@ -442,20 +442,25 @@ def _privacy(value: Any, bands: Sequence[str], where: str) -> dict[str, Any]:
 
 
 def _monitors(value: Any, where: str) -> dict[str, Any]:
-    """``[policy.monitors]``: ``memorization = { fraction, min_trace }`` (specs/dynamics.md §1.1), or nothing."""
-    from .dynamics.memorization import MAX_MIN_TRACE
+    """``[policy.monitors]``: ``memorization = { fraction, min_trace, method }`` (specs/dynamics.md §1.1; ``method``
+    ``"mean-loss"`` or ``"lt-iqr"``), or nothing. Without ``method`` it is LT-IQR, as in every recorded form
+    of the parameters: a project written before the method existed reads back to the policy it signed."""
+    from .dynamics.memorization import LT_IQR, MAX_MIN_TRACE, METHODS, MemorizationScan
 
     t = _table(value, where, ("memorization",))
     if "memorization" not in t:
         return {}
-    m = _table(t["memorization"], f"{where}.memorization", ("fraction", "min_trace"), ("fraction", "min_trace"))
+    m = _table(t["memorization"], f"{where}.memorization", ("fraction", "min_trace", "method"), ("fraction", "min_trace"))
+    method = m.get("method", LT_IQR)
+    if method not in METHODS:
+        raise _fail(f"{where}.memorization.method", f"expected one of {', '.join(map(repr, METHODS))}, got {_show(method)}")
     fraction, min_trace = m["fraction"], m["min_trace"]
     if type(fraction) not in (int, float) or not 0.0 < fraction <= 1.0:
         raise _fail(f"{where}.memorization.fraction", f"expected a number in (0, 1], got {_show(fraction)}")
     if type(min_trace) is not int or not 2 <= min_trace <= MAX_MIN_TRACE:
         raise _fail(f"{where}.memorization.min_trace", f"expected an integer in [2, {MAX_MIN_TRACE}], "
                     f"got {_show(min_trace)}")
-    return {"memorization": {"fraction": float(fraction), "min_trace": min_trace}}
+    return {"memorization": MemorizationScan(float(fraction), min_trace, method).parameters}
 
 
 def parse_taxonomy(value: Any) -> Taxonomy:

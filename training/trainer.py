@@ -69,8 +69,8 @@ from .updates import RouteTables, Routes, example_loss_bytes, example_loss_value
 #: run records at its checkpoints (``settings.monitors``, specs/dynamics.md §2.2); 7 runs over torch.distributed
 #: ranks (``settings.distributed``, a step's ``recipe.ranks``: specs/distributed.md); 8 depth profiles among the
 #: monitors (``settings.monitors.profiles``, specs/dynamics.md §5); 9 privacy (``recipe.privacy`` under a policy
-#: with private rules, specs/privacy.md).
-FORMAT = 9
+#: with private rules, specs/privacy.md); 10 the memorization monitor's method (``"mean-loss"``, dynamics.md §1.1).
+FORMAT = 10
 #: Orders a run may follow (specs/training.md §2): committed before training (the seeded hash
 #: order, or explicit batches), or the user loader's sampler, recorded step by step.
 ORDERS = (ORDER_DOMAIN, "explicit", "loader")
@@ -207,7 +207,7 @@ class Governance:
         required = policy.monitors.get("memorization")
         if required is not None:  # the root's policy makes every run under it scan (specs/dynamics.md §2.2)
             if memorization is None:
-                memorization = MemorizationScan(**required)
+                memorization = MemorizationScan.from_parameters(required)
             elif memorization.parameters != required:
                 raise GovernanceError(f"policy {policy.policy['name']!r} requires memorization scans with {required}; "
                                       f"the run asks for {memorization.parameters}: leave memorization= unset")
@@ -442,7 +442,8 @@ class Governance:
                 u = self.ledger.observation(seq).body
                 self._traces.add(u["batch"], example_loss_values(u["example_losses"]))
         if self._routes.reads_flags and self.step > 0:
-            found = flag(self._traces.scores(self.memorization.min_trace), self.memorization.fraction)
+            params = self.memorization
+            found = flag(self._traces.scores(params.min_trace, params.method), params.fraction)
             self._use_flags(frozenset(i for i, _ in found))
 
     def _require_fresh(self) -> None:

@@ -473,30 +473,36 @@ def shards_cases() -> list[dict[str, Any]]:
 
 
 def memorization_cases() -> list[dict[str, Any]]:
-    """Per-index loss traces (binary32) -> LT-IQR scores, the flagged top fraction and the scores digest
-    (dynamics.md §1)."""
+    """Per-index loss traces (binary32) -> the method's scores (LT-IQR where ``method`` is absent), the flagged top
+    fraction and the scores digest (dynamics.md §1)."""
     from gradledger.training.dynamics import LossTraces, flag, scores_digest
 
     def f32(v: float) -> str:
         return struct.pack("<f", v).hex()
 
     out: list[dict[str, Any]] = []
-    for desc, traces, min_trace, fraction in [
-        ("four losses: the type-7 quartiles interpolate", [[0.5, 0.25, 2.0, 1.0]], 4, 1.0),
-        ("too short a trace has no score", [[1.0, 2.0, 3.0], [0.125]], 2, 1.0),
-        ("ties flag the lower index first", [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], 2, 0.5),
-        ("binary32 values that are not dyadic", [[0.1, 0.7, 0.3, 2.3, 1.9], [3.3, 0.01, 0.02, 0.03, 5.5]], 3, 0.5),
-        ("a fraction rounds up", [[float(i), float(i) * 0.5, 0.0, 1.0] for i in range(7)], 4, 0.2),
-        ("no example scored: nothing flagged, every score the NaN", [[1.0], [], [2.0]], 2, 1.0),
+    lt, mean = "lt-iqr", "mean-loss"
+    for desc, traces, min_trace, fraction, method in [
+        ("four losses: the type-7 quartiles interpolate", [[0.5, 0.25, 2.0, 1.0]], 4, 1.0, lt),
+        ("too short a trace has no score", [[1.0, 2.0, 3.0], [0.125]], 2, 1.0, lt),
+        ("ties flag the lower index first", [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], 2, 0.5, lt),
+        ("binary32 values that are not dyadic", [[0.1, 0.7, 0.3, 2.3, 1.9], [3.3, 0.01, 0.02, 0.03, 5.5]], 3, 0.5, lt),
+        ("a fraction rounds up", [[float(i), float(i) * 0.5, 0.0, 1.0] for i in range(7)], 4, 0.2, lt),
+        ("no example scored: nothing flagged, every score the NaN", [[1.0], [], [2.0]], 2, 1.0, lt),
+        ("mean-loss: the mean of the trace", [[0.5, 0.25, 2.0, 1.0], [0.1, 0.7, 0.3]], 3, 1.0, mean),
+        ("mean-loss: the sum exactly rounded (1 + 2^-53 + 2^-53 left to right in binary64 loses both halves)",
+         [[1.0, 2.0**-53, 2.0**-53], [2.0**-53, 2.0**-53, 1.0]], 3, 1.0, mean),
+        ("mean-loss: too short a trace has no score; ties to the lower index", [[2.0, 0.0], [1.0, 1.0], [5.0]], 2,
+         0.5, mean),
     ]:
         t = LossTraces(len(traces))
         for pos in range(max(len(x) for x in traces)):
             rows = [i for i, x in enumerate(traces) if pos < len(x)]
             t.add(rows, torch.tensor([traces[i][pos] for i in rows], dtype=torch.float32))
-        scores = t.scores(min_trace)
+        scores = t.scores(min_trace, method)
         out.append({
             "desc": desc, "traces": [[f32(v) for v in x] for x in traces], "min_trace": min_trace,
-            "fraction": fraction,
+            "fraction": fraction, **({"method": method} if method != lt else {}),
             "want": {"scores": [None if v != v else struct.pack("<d", v).hex() for v in scores.tolist()],
                      "flagged": [[i, struct.pack("<d", v).hex()] for i, v in flag(scores, fraction)],
                      "digest": scores_digest(scores).hex()},
@@ -587,7 +593,8 @@ def document() -> dict[str, Any]:
             "source_shares: a manifest's label and votes, and each source's share of the example (forensics.md §3; "
             "the unattributed name when no vote is for the label). step_ranges: per-step totals (dyadic, so any "
             "summation order is exact) and the §5 ranges [from, to, score].",
-            "memorization: each dataset index's loss trace as binary32 little-endian hex; want.scores the LT-IQR "
+            "memorization: each dataset index's loss trace as binary32 little-endian hex; 'method' (absent: lt-iqr) the "
+            "score; want.scores the method's score "
             "as binary64 little-endian hex (null: no score), flagged [[index, score hex]] and digest (dynamics.md §1).",
             "shards: a step's batch cut into one shard per torch.distributed rank, rank 0 first (distributed.md §2); "
             "wantErr where a shard would be empty (the trainer refuses; the verifier refuses such recipe.ranks).",

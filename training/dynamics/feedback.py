@@ -44,7 +44,7 @@ from gradledger.ledger.ledger import Ledger
 
 from ..errors import GovernanceError
 from ..forensics.lineage import Lineage
-from .memorization import MemorizationScan, flag
+from .memorization import LT_IQR, MemorizationScan, flag
 from .scan import recorded_traces
 
 __all__ = ["WEIGHTS", "FeedbackError", "Priority", "confusion", "depth_report", "last_profile", "priorities",
@@ -175,8 +175,10 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
     priority first (ties: lower index first); with the lineage read."""
     lin, traces, _ = recorded_traces(ledger, run_id, FeedbackError)
     mean, count = traces.mean()
-    params = memorization or MemorizationScan()
-    lt = traces.scores(params.min_trace)
+    # LT-IQR unless asked otherwise: the mean loss is a reason of its own here (the "loss" percentile), and
+    # bench/feedback_gain.py measured the two reasons side by side.
+    params = memorization or MemorizationScan(method=LT_IQR)
+    lt = traces.scores(params.min_trace, params.method)
     flagged = {i for i, _ in flag(lt, params.fraction)}
     # Canaries (§4) carry random labels on purpose: never a relabeling priority, nor in its percentiles.
     canary = torch.tensor(["canary" in m for m in lin.fields], dtype=torch.bool)

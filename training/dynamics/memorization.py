@@ -1,13 +1,19 @@
 """Memorization scores from a run's recorded per-example losses (specs/dynamics.md §1).
 
-The score is LT-IQR (Pollock, Shilov et al. 2024): the interquartile range of an example's loss trace,
-the binary32 losses format 4 records for it at every step that trained it. An example the model fits
-late and then holds near zero, or one it swings on, has a wide trace; an example learned early and
-kept, a narrow one. Its authors found it ahead of the mean and final loss on CIFAR-10 (0.92 precision
-at the top 1% against LiRA). bench/dynamics.py measures the candidates on digits with 16 LiRA shadow
-models: there the mean recorded loss did as well or better (0.61 against 0.56 averaged over 17 models
-as targets, steps of 1/9), the final loss worst. The mean needs an exactly rounded sum to be
-recomputed bit for bit by a second implementation; it is the candidate for a second method.
+Two methods, each a score of an example's loss trace (the binary32 losses format 4 records for it at
+every step that trained it):
+
+- ``"mean-loss"`` (the default): the mean of the trace, from its exactly rounded sum. An example the
+  model fits late, or never holds, keeps a high mean; one learned early and kept, a low one.
+- ``"lt-iqr"`` (format 1's only method; Pollock, Shilov et al. 2024): the interquartile range of the
+  trace. Its authors found it ahead of the mean and final loss on CIFAR-10 (0.92 precision at the top 1%
+  against LiRA).
+
+Why the mean is the default: bench/dynamics.py measures the candidates against LiRA's most vulnerable
+1% (16 shadow models and more, on digits). The mean recorded loss was ahead of LT-IQR in every run,
+averaged over every model as the target: 0.61 against 0.57 (34 models), 0.64 against 0.59 (65), 0.59
+against 0.54 (128); the final loss was worst. The mean is recomputed bit for bit by a second
+implementation because its sum is exactly rounded (``math.fsum``), whatever order each side adds in.
 
 Every value is a binary64 operation on binary64 copies of the recorded binary32 values, in the order
 §1.2 writes, so that the verifier's twin (verify/_internal/scans.py) gets the same bits.
@@ -18,17 +24,20 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import GovernanceError
 
-__all__ = ["METHOD", "MemorizationScan", "LossTraces", "flag", "lt_iqr", "scores_digest"]
+__all__ = ["LT_IQR", "MEAN_LOSS", "METHOD", "METHODS", "MemorizationScan", "LossTraces", "flag", "lt_iqr", "mean_loss",
+           "scores_digest"]
 
-#: The one method of format 1 (§1.1).
-METHOD = "lt-iqr"
+#: §1.1: the methods. A parameters map without ``method`` is LT-IQR, format 1's one method (``METHOD``).
+LT_IQR, MEAN_LOSS = "lt-iqr", "mean-loss"
+METHODS = (LT_IQR, MEAN_LOSS)
+METHOD = LT_IQR
 #: §1.2: the canonical quiet NaN that stands for "no score" in ``scores_digest``.
 NO_SCORE_BITS = 0x7FF8000000000000
 #: §1.1: bounds on the parameters (a trace shorter than 2 has no spread; 2**20 bounds the work).
@@ -37,11 +46,12 @@ MAX_MIN_TRACE = 1 << 20
 
 @dataclass(frozen=True)
 class MemorizationScan:
-    """What a scan flags: the top ``fraction`` of the scored examples by LT-IQR, an example being scored
-    once its trace holds at least ``min_trace`` losses (§1.1)."""
+    """What a scan flags: the top ``fraction`` of the scored examples by ``method``'s score, an example
+    being scored once its trace holds at least ``min_trace`` losses (§1.1)."""
 
     fraction: float = 0.01
     min_trace: int = 4
+    method: str = MEAN_LOSS
 
     def __post_init__(self) -> None:
         if type(self.fraction) is not float or not 0.0 < self.fraction <= 1.0:
@@ -49,10 +59,21 @@ class MemorizationScan:
         if type(self.min_trace) is not int or not 2 <= self.min_trace <= MAX_MIN_TRACE:
             raise GovernanceError(f"MemorizationScan.min_trace must be an int in [2, {MAX_MIN_TRACE}], "
                                   f"got {self.min_trace!r}")
+        if self.method not in METHODS:
+            raise GovernanceError(f"MemorizationScan.method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @property
-    def parameters(self) -> dict[str, float | int]:
-        return {"fraction": self.fraction, "min_trace": self.min_trace}
+    def parameters(self) -> dict[str, float | int | str]:
+        """The recorded form (§1.1): ``method`` only where it is not LT-IQR, so that format 1's bytes stay."""
+        out: dict[str, float | int | str] = {"fraction": self.fraction, "min_trace": self.min_trace}
+        if self.method != LT_IQR:
+            out["method"] = self.method
+        return out
+
+    @classmethod
+    def from_parameters(cls, p: Mapping[str, Any]) -> "MemorizationScan":
+        """The scan a recorded parameters map (a policy's, a run's settings) declares: LT-IQR without ``method``."""
+        return cls(fraction=p["fraction"], min_trace=p["min_trace"], method=p.get("method", LT_IQR))
 
 
 class LossTraces:
@@ -107,9 +128,10 @@ class LossTraces:
         out[seen] = value[pos[seen]].to(torch.float64)
         return out
 
-    def scores(self, min_trace: int) -> Tensor:
-        """LT-IQR of every index (binary64), NaN where its trace holds fewer than ``min_trace`` losses."""
-        return lt_iqr(self._indices, self._values, self.count, min_trace)
+    def scores(self, min_trace: int, method: str = LT_IQR) -> Tensor:
+        """``method``'s score of every index (binary64), NaN where its trace holds fewer than ``min_trace`` losses."""
+        score = mean_loss if method == MEAN_LOSS else lt_iqr
+        return score(self._indices, self._values, self.count, min_trace)
 
 
 def lt_iqr(indices: Iterable[Tensor], values: Iterable[Tensor], count: int, min_trace: int) -> Tensor:
@@ -143,6 +165,24 @@ def lt_iqr(indices: Iterable[Tensor], values: Iterable[Tensor], count: int, min_
         q.append(a + frac * (b - a))  # three roundings, in this order (no fused multiply-add)
     out[scored] = q[1] - q[0]
     return out
+
+
+def mean_loss(indices: Iterable[Tensor], values: Iterable[Tensor], count: int, min_trace: int) -> Tensor:
+    """§1.2 ``"mean-loss"``: per dataset index, the exactly rounded sum of its trace (``math.fsum``) divided
+    by its length, one binary64 division. The values are grouped by index first (a stable sort), then
+    summed per index: fsum's result does not depend on the order it adds in."""
+    idx_list, val_list = list(indices), list(values)
+    if not idx_list:
+        return torch.full((count,), math.nan, dtype=torch.float64)
+    index = torch.cat(idx_list).to(torch.int64)
+    order = torch.argsort(index, stable=True)
+    value = torch.cat(val_list).to(torch.float64)[order].tolist()  # a binary32 is exactly a binary64
+    out, pos = [math.nan] * count, 0
+    for i, n in enumerate(torch.bincount(index, minlength=count).tolist()):
+        if n >= min_trace:
+            out[i] = math.fsum(value[pos : pos + n]) / n
+        pos += n
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def flag(scores: Tensor, fraction: float) -> list[tuple[int, float]]:

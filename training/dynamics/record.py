@@ -9,7 +9,7 @@ from gradledger.ledger.keys import SigningKey
 from gradledger.ledger.ledger import Ledger
 
 from .canaries import CanarySet, canary_exposure
-from .memorization import METHOD, LossTraces, MemorizationScan, flag, scores_digest
+from .memorization import LossTraces, MemorizationScan, flag, scores_digest
 
 __all__ = ["CANARY_SCAN_FORMAT", "SCAN_FORMAT", "record_scan", "scan_body"]
 
@@ -22,12 +22,12 @@ CANARY_SCAN_FORMAT = 2
 def scan_body(run_seq: int, through: int, traces: LossTraces, params: MemorizationScan,
               canaries: Sequence[CanarySet] = ()) -> dict[str, Any]:
     """The MemorizationScan body (§2.1) of ``traces`` (every example's losses over the run's steps
-    ``0 .. through - 1``): LT-IQR scores and flags, and the exposure ranks of the dataset's ``canaries``."""
-    scores = traces.scores(params.min_trace)
+    ``0 .. through - 1``): its method's scores and flags, and the exposure ranks of the dataset's ``canaries``."""
+    scores = traces.scores(params.min_trace, params.method)
     flagged = flag(scores, params.fraction)
     body: dict[str, Any] = {
         "format": CANARY_SCAN_FORMAT if canaries else SCAN_FORMAT, "run": run_seq, "through": through,
-        "method": METHOD, "parameters": params.parameters, "scored": int((~scores.isnan()).sum()),
+        "method": params.method, "parameters": params.parameters, "scored": int((~scores.isnan()).sum()),
         "flagged": [[i, s] for i, s in flagged], "scores_digest": scores_digest(scores),
     }
     if canaries:

@@ -17,7 +17,7 @@ from ..errors import GovernanceError
 from ..forensics.lineage import Lineage, lineage
 from ..updates import example_loss_values
 from .canaries import exposure_bits, scanned_sets
-from .memorization import METHOD, LossTraces, MemorizationScan
+from .memorization import LossTraces, MemorizationScan
 from .record import record_scan, scan_body
 
 __all__ = ["ScanError", "memorized_routing", "recorded_traces", "scan"]
@@ -59,7 +59,7 @@ def scan(ledger: Ledger, *, run_id: str | None = None, params: MemorizationScan 
     sets = scanned_sets(lin.dataset.manifests, lin.dataset.name, ScanError)
     body = scan_body(lin.run.seq, through, traces, params, sets)
     report: dict[str, Any] = {
-        "run": lin.run.run_id, "branch_without": lin.retired, "through": through, "method": METHOD,
+        "run": lin.run.run_id, "branch_without": lin.retired, "through": through, "method": params.method,
         "parameters": params.parameters, "scored": body["scored"], "examples": lin.dataset.count,
         "scores_digest": body["scores_digest"].hex(),
         "flagged": [_describe(i, s, lin.fields[i]) for i, s in body["flagged"]],

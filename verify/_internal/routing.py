@@ -97,7 +97,8 @@ _OUTCOME = s.record("default", profile=_PROFILE, limits=_LIMITS)
 _POLICY = s.record(
     "policy", v=s.one_of(1), name=s.name, bands=_distinct(s.name, 64), rules=s.array(_RULE, max_items=1024),
     default=_OUTCOME, signer=s.digest, time=s.uint,
-    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint), False)),
+    monitors=(s.record("monitors", memorization=(s.record("memorization", fraction=_unit, min_trace=s.uint,
+                                                             method=(s.one_of("mean-loss"), False)), False)),
               False),
     privacy=(_PRIVACY, False),
 )

@@ -3,8 +3,9 @@ recomputation from the lineage's recorded per-example losses, and (format 6) a s
 checkpoint of a run whose settings declare one.
 
 The verifier's own reading of §1 (it never imports ``gradledger.training``): each example's trace is
-its recorded binary32 losses as binary64, sorted; the score the type-7 interquartile range written as
-§1.2 writes it, so that both implementations round the same way and the comparison is exact.
+its recorded binary32 losses as binary64; the LT-IQR score the type-7 interquartile range of the sorted
+trace written as §1.2 writes it, the mean-loss score the trace's exactly rounded sum over its length, so
+that both implementations round the same way and the comparison is exact.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ SCAN_FORMAT = 1
 CANARY_SCAN_FORMAT = 2
 #: §4.1: the canary sets a scan ranks, at most.
 MAX_CANARY_SETS = 64
-METHOD = "lt-iqr"
+#: §1.1: a parameters map without ``method`` is LT-IQR; ``"mean-loss"`` is the other method.
+LT_IQR, MEAN_LOSS = "lt-iqr", "mean-loss"
 #: §1.3: an unscored index's binary64 in the digest.
 NO_SCORE = struct.pack("<Q", 0x7FF8000000000000)
 
@@ -72,15 +74,18 @@ def traces(st: Structure, run: Run, through: int, decoded: dict[int, list[float]
     return out
 
 
-def scores(trace: Sequence[list[float]], min_trace: int) -> list[float | None]:
-    """§1.2 for every dataset index; sorts each trace in place."""
+def scores(trace: Sequence[list[float]], min_trace: int, method: str = LT_IQR) -> list[float | None]:
+    """§1.2 for every dataset index: the mean (``math.fsum``, exactly rounded, over the length) or the
+    interquartile range; LT-IQR sorts each trace in place."""
     out: list[float | None] = []
     for t in trace:
         if len(t) < min_trace:
             out.append(None)
-            continue
-        t.sort()
-        out.append(quantile(t, 0.75) - quantile(t, 0.25))
+        elif method == MEAN_LOSS:
+            out.append(math.fsum(t) / len(t))
+        else:
+            t.sort()
+            out.append(quantile(t, 0.75) - quantile(t, 0.25))
     return out
 
 
@@ -144,7 +149,10 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
         raise bad("the run's training format records no per-example losses (format 4 and later)")
     params = body["parameters"]
     if not scan_parameters(params):
-        raise bad("parameters is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
+        raise bad("parameters is not {fraction: float in (0, 1], min_trace: int in [2, 2**20], ? method: 'mean-loss'}")
+    method = params.get("method", LT_IQR)
+    if body["method"] != method:
+        raise bad(f"method {body['method']!r} is not the one its parameters name ({method!r}; no method: lt-iqr)")
     through = body["through"]
     ups = lineage_updates(st, run)
     before = [s for s in ups if st.observations[s].body["step"] < through]
@@ -155,7 +163,7 @@ def _check(obs: Sealed, st: Structure, decoded: dict[int, list[float]]) -> None:
     except (KeyError, ExampleLossesInvalid):
         raise bad("a step it covers records no per-example losses") from None
     last = [t[-1] if t else None for t in recorded]  # before scores() sorts them
-    values = scores(recorded, params["min_trace"])
+    values = scores(recorded, params["min_trace"], method)
     scored = sum(v is not None for v in values)
     if body["scored"] != scored:
         raise bad(f"scored is {body['scored']!r}; {scored} examples have a trace of at least "

@@ -57,7 +57,7 @@ ORDERS = (ORDER_RULE, "explicit")
 #: Format 2 adds the user loader's own order, recorded step by step and committed before nothing.
 LOADER_ORDER = "loader"
 #: The training formats this verifier knows (specs/training.md §5): format 1 has no ``format`` key.
-FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 #: Format 5: ``settings.frozen`` commits the parameters that do not train (specs/training.md §5).
 FROZEN_FORMAT = 5
 #: Format 6: ``settings.monitors`` declares what the run records at its checkpoints (specs/dynamics.md §2.2).
@@ -66,6 +66,8 @@ MONITORS_FORMAT = 6
 DISTRIBUTED_FORMAT = 7
 #: Format 8: ``settings.monitors`` may declare depth profiles (specs/dynamics.md §5.1).
 PROFILES_FORMAT = 8
+#: Format 10: ``settings.monitors.memorization`` may name the method ``"mean-loss"`` (specs/dynamics.md §1.1).
+SCAN_METHOD_FORMAT = 10
 #: The largest world size a run may declare (a bound on what a recipe may claim, not on torch).
 MAX_WORLD = 1 << 16
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
@@ -396,8 +398,10 @@ def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError
         raise fail("settings.monitors is not a map of the monitors specs/dynamics.md §2.2 and §5.1 name "
                    "(profiles from format 8)")
     p = m.get("memorization")
-    if p is not None and not scan_parameters(p):
-        raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]}")
+    if p is not None and not scan_parameters(p, methods=training_format(s) >= SCAN_METHOD_FORMAT):
+        raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]"
+                   f"{', ? method: mean-loss' if training_format(s) >= SCAN_METHOD_FORMAT else ''}}} (a method from "
+                   f"format {SCAN_METHOD_FORMAT})")
     if "profiles" in m and not profile_settings(m["profiles"]):
         raise fail("settings.monitors.profiles is not {dataset: {name, seq, root, count in [1, 4096]}, method: "
                    "'ncm-entropy', temperature: float in [0.001, 1000], ? slice: 'authority' or 'review'} "
@@ -440,10 +444,14 @@ def distributed_world(s: Mapping[str, Any], fail: Callable[[str], Exception] | N
     return d["world"]
 
 
-def scan_parameters(p: Any) -> bool:
-    """specs/dynamics.md §1.1: a MemorizationScan's parameters."""
-    return isinstance(p, dict) and set(p) == {"fraction", "min_trace"} and type(p["fraction"]) is float \
-        and 0.0 < p["fraction"] <= 1.0 and type(p["min_trace"]) is int and 2 <= p["min_trace"] <= 1 << 20
+def scan_parameters(p: Any, methods: bool = True) -> bool:
+    """specs/dynamics.md §1.1: a MemorizationScan's parameters; ``method`` (present only as ``"mean-loss"``:
+    without it the method is LT-IQR) where ``methods``."""
+    keys = {"fraction", "min_trace", "method"} if methods and isinstance(p, dict) and "method" in p \
+        else {"fraction", "min_trace"}
+    return isinstance(p, dict) and set(p) == keys and type(p["fraction"]) is float \
+        and 0.0 < p["fraction"] <= 1.0 and type(p["min_trace"]) is int and 2 <= p["min_trace"] <= 1 << 20 \
+        and p.get("method", "mean-loss") == "mean-loss"
 
 
 def _check_frozen(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
