@@ -197,13 +197,17 @@ FORGERIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FORGERIES))
-def test_a_forged_scan_is_caught(monitored: Ledger, tmp_path: Path, name: str) -> None:
-    code, report = _structure(monitored, tmp_path, FORGERIES[name])
+def _assert_scan_forgery_caught(led: Ledger, out: Path, forge: Any) -> None:
+    code, report = _structure(led, out, forge)
     assert_caught(code, report)
     failure = report["first_failure"]
     assert failure["name"] in ("scans", "settings", "runs"), failure
     assert "MemorizationScan" in failure["detail"] or "monitors" in failure["detail"], failure
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_forged_scan_is_caught(monitored: Ledger, tmp_path: Path, name: str) -> None:
+    _assert_scan_forgery_caught(monitored, tmp_path, FORGERIES[name])
 
 
 def test_a_run_that_declares_no_monitor_records_no_scan(tmp_path: Path) -> None:
@@ -380,11 +384,7 @@ MEAN_FORGERIES = {
 
 @pytest.mark.parametrize("name", sorted(MEAN_FORGERIES))
 def test_a_forged_mean_loss_scan_is_caught(mean_monitored: Ledger, tmp_path: Path, name: str) -> None:
-    code, report = _structure(mean_monitored, tmp_path, MEAN_FORGERIES[name])
-    assert_caught(code, report)
-    failure = report["first_failure"]
-    assert failure["name"] in ("scans", "settings", "runs"), failure
-    assert "MemorizationScan" in failure["detail"] or "monitors" in failure["detail"], failure
+    _assert_scan_forgery_caught(mean_monitored, tmp_path, MEAN_FORGERIES[name])
 
 
 def test_a_policy_requires_the_method_too(tmp_path: Path) -> None:
