@@ -123,7 +123,7 @@ import forensics as FB  # noqa: E402  (its world, credentials, manifests, flat p
 from gradledger.ledger.ledger import Ledger  # noqa: E402
 from gradledger.training.bands import sequential_bands  # noqa: E402
 from gradledger.training.dataset import commit_dataset, load_dataset  # noqa: E402
-from gradledger.training.dynamics import DepthProfiles, LossTraces, MemorizationScan, scan, scan_body  # noqa: E402
+from gradledger.training.dynamics import LT_IQR, DepthProfiles, LossTraces, MemorizationScan, scan, scan_body  # noqa: E402
 from gradledger.training.forensics import lineage  # noqa: E402
 from gradledger.training.policy import sign_policy  # noqa: E402
 from gradledger.training.trainer import Governance  # noqa: E402
@@ -293,13 +293,19 @@ def auc(member: Tensor, nonmember: Tensor) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def vulnerability(phi: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Each example's TPR at FPR 1e-3 over the models that trained on it (one global threshold over
-    these models' non-member scores) and its mean score over them: the reference the precision reads."""
-    score = lira(phi, keep)
-    hits = (score > threshold_at(score[~keep], FPR)) & keep
+def vulnerability(score: Tensor, keep: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Each example's TPR at ``threshold`` (LiRA ``score`` above it) over the models that trained on it, and
+    its mean score over them: the reference the precision reads."""
     kf = keep.to(torch.float64)
-    return hits.to(torch.float64).sum(0) / kf.sum(0), (score * kf).sum(0) / kf.sum(0)
+    hits = ((score > threshold) & keep).to(torch.float64)
+    return hits.sum(0) / kf.sum(0), (score * kf).sum(0) / kf.sum(0)
+
+
+def lira_reference(phi: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """LiRA over these models alone, one global threshold at FPR 1e-3 over their non-member scores:
+    ``vulnerability``'s TPR and mean score per example."""
+    score = lira(phi, keep)
+    return vulnerability(score, keep, threshold_at(score[~keep], FPR))
 
 
 def split_half_agreement(phi: Tensor, keep: Tensor) -> dict[str, Any]:
@@ -315,7 +321,7 @@ def split_half_agreement(phi: Tensor, keep: Tensor) -> dict[str, Any]:
         n_in = keep[h].sum(0)
         usable &= (n_in >= 2) & (len(h) - n_in >= 2)
     phi, keep = phi[:, usable], keep[:, usable]
-    refs = [vulnerability(phi[h], keep[h]) for h in halves]
+    refs = [lira_reference(phi[h], keep[h]) for h in halves]
     agreement = []
     for m in range(phi.shape[0]):
         rows = torch.nonzero(keep[m]).flatten()
@@ -388,7 +394,7 @@ def candidates(steps: Steps, count: int, labels: Tensor | None = None) -> dict[s
     def early(t: list[float]) -> float:  # the mean over the first quarter: how hard before it was fitted
         q = max(1, len(t) // 4)
         return sum(t[:q]) / q if t else nan
-    lt = traces.scores(PARAMS.min_trace)
+    lt = traces.scores(PARAMS.min_trace, LT_IQR)
     calibrated = {} if labels is None else {"lt_iqr_class": _class_calibrated(lt, labels),
                                             "mean_loss_class": _class_calibrated(total / seen, labels)}
     return {"lt_iqr": lt, "mean_loss": total / seen, "final_loss": final, "cumulative_loss": total, **calibrated,
@@ -551,9 +557,7 @@ def main() -> None:
     result["lira_fpr_at_threshold"] = float(((score > threshold) & ~keep).sum() / (~keep).sum())
     result["lira_auc"] = auc(score[keep], score[~keep])
     # Per example: its TPR at that threshold over the models that trained on it, and its mean score there.
-    kf = keep.to(torch.float64)
-    tpr = hits.to(torch.float64).sum(0) / kf.sum(0)
-    mean_in = (score * kf).sum(0) / kf.sum(0)
+    tpr, mean_in = vulnerability(score, keep, threshold)
     result["lira_examples_with_tpr_above_0"] = int((tpr > 0).sum())
     if models >= 2 * 8:  # each half needs IN and OUT models beside the attacked one for most examples
         result.update(split_half_agreement(phi, keep))

@@ -4,8 +4,8 @@
                            [--record --key KEY] [--json]
 
 Scores every example of the run from its recorded loss trace (its mean, or LT-IQR: the trace's
-interquartile range) and lists the flagged ones with their labels and sources. ``--record`` appends the scan as a signed
-MemorizationScan, which the verifier recomputes. Exit 0 with the scan; 2 for a ledger, run or
+interquartile range) and lists the flagged ones with their labels and sources. ``--record`` appends
+the scan as a signed MemorizationScan, which the verifier recomputes. Exit 0 with the scan; 2 for a ledger, run or
 parameter that cannot be used (one line).
 """
 
@@ -25,7 +25,8 @@ def _render(report: dict[str, Any]) -> str:
              f"({report['method']}): {report['scored']} of {report['examples']} examples scored (a trace of at "
              f"least {p['min_trace']} losses), top {p['fraction']:.2%} flagged"]
     for e in report["flagged"]:
-        lines.append(f"  #{e['index']:<6} {report['method']} {e['score']:.4g}  label {e['label']}  by {', '.join(e['sources'])}")
+        lines.append(f"  #{e['index']:<6} {report['method']} {e['score']:.4g}  label {e['label']}  "
+                     f"by {', '.join(e['sources'])}")
     if not report["flagged"]:
         lines.append("  (nothing flagged: no example has a long enough trace)")
     lines.append(f"scores digest {report['scores_digest'][:16]}")

@@ -593,8 +593,8 @@ def stage_feedback(ledger: Ledger, out: Path) -> tuple[str, dict[str, Any]]:
     command = f"gradledger feedback {ledger.path} --format labelstudio -o {path}"
     return detail, {"written": top, "trained": len(items), "file": path.name, "examples": examples,
                     "sources": sums["sources"], "classes": sums["classes"], "memorized": memorized,
-                    "memorized_method": None if scan is None else scan["method"], "memorized_routing": routed, "canaries": canaries, "depth": depth,
-                    "command": command}
+                    "memorized_method": None if scan is None else scan["method"], "memorized_routing": routed,
+                    "canaries": canaries, "depth": depth, "command": command}
 
 
 def depth_figures(ledger: Ledger, lin: Lineage) -> dict[str, Any] | None:

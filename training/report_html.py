@@ -301,7 +301,8 @@ def _feedback_section(fb: Mapping[str, Any]) -> str:
             f'<th>share</th></tr>{src}</table></div><div class="panel"><table><tr><th>example</th><th>label</th>'
             f'<th>sources</th><th>priority</th><th>reasons</th></tr>{ex}</table></div></div>'
             f'<p class="note">Memorized (the MemorizationScan the run recorded at its last checkpoint, by '
-            f'{escape(str(fb.get("memorized_method") or "its method"))}, recomputed by the verifier): {mem or "none flagged"}.{governance} <code>{escape(fb["command"])}</code></p>')
+            f'{escape(str(fb.get("memorized_method") or "its method"))}, recomputed by the verifier): '
+            f'{mem or "none flagged"}.{governance} <code>{escape(fb["command"])}</code></p>')
 
 
 def render_report(figures: Mapping[str, Any]) -> str:

@@ -8,9 +8,10 @@ of each class at each band's boundary (a signed ``DepthProfile``), which replay 
 """
 
 from .profiles import DepthProfiles
-from .memorization import LT_IQR, MEAN_LOSS, METHOD, METHODS, LossTraces, MemorizationScan, flag, lt_iqr, mean_loss, scores_digest
+from .memorization import (LT_IQR, MEAN_LOSS, METHOD, METHODS, LossTraces, MemorizationScan, flag, lt_iqr, mean_loss,
+                           scores_digest)
 from .record import SCAN_FORMAT, record_scan, scan_body
 from .scan import ScanError, scan
 
-__all__ = ["LT_IQR", "MEAN_LOSS", "METHOD", "METHODS", "mean_loss", "DepthProfiles", "SCAN_FORMAT", "LossTraces", "MemorizationScan", "ScanError", "flag", "lt_iqr", "record_scan",
-           "scan", "scan_body", "scores_digest"]
+__all__ = ["LT_IQR", "MEAN_LOSS", "METHOD", "METHODS", "DepthProfiles", "SCAN_FORMAT", "LossTraces", "MemorizationScan",
+           "ScanError", "flag", "lt_iqr", "mean_loss", "record_scan", "scan", "scan_body", "scores_digest"]

@@ -178,13 +178,13 @@ def priorities(ledger: Ledger, *, run_id: str | None = None, memorization: Memor
     # LT-IQR unless asked otherwise: the mean loss is a reason of its own here (the "loss" percentile), and
     # bench/feedback_gain.py measured the two reasons side by side.
     params = memorization or MemorizationScan(method=LT_IQR)
-    lt = traces.scores(params.min_trace, params.method)
-    flagged = {i for i, _ in flag(lt, params.fraction)}
+    memo = traces.scores(params.min_trace, params.method)
+    flagged = {i for i, _ in flag(memo, params.fraction)}
     # Canaries (§4) carry random labels on purpose: never a relabeling priority, nor in its percentiles.
     canary = torch.tensor(["canary" in m for m in lin.fields], dtype=torch.bool)
     trained = (count > 0) & ~canary
     loss_pct = _percentile(torch.nan_to_num(mean, nan=0.0), trained)
-    mem_pct = _percentile(torch.nan_to_num(lt, nan=0.0), ~lt.isnan())
+    mem_pct = _percentile(torch.nan_to_num(memo, nan=0.0), ~memo.isnan())
     influenced = _influenced(ledger, lin.run.seq)
     profile = last_profile(ledger, lin)
     confused = confusion(profile) if profile is not None else {}

@@ -128,7 +128,7 @@ class LossTraces:
         out[seen] = value[pos[seen]].to(torch.float64)
         return out
 
-    def scores(self, min_trace: int, method: str = LT_IQR) -> Tensor:
+    def scores(self, min_trace: int, method: str) -> Tensor:
         """``method``'s score of every index (binary64), NaN where its trace holds fewer than ``min_trace`` losses."""
         score = mean_loss if method == MEAN_LOSS else lt_iqr
         return score(self._indices, self._values, self.count, min_trace)

@@ -20,7 +20,7 @@ from gradledger.ledger.envelope import Sealed
 
 from .example_losses import ExampleLossesInvalid, decode_example_losses
 from .flags import next_after
-from .settings import monitors, same_cbor, scan_parameters, training_format
+from .settings import LT_IQR, MEAN_LOSS, monitors, same_cbor, scan_parameters, training_format
 from .structure import Run, Structure
 from .traces import lineage_updates
 
@@ -31,8 +31,6 @@ SCAN_FORMAT = 1
 CANARY_SCAN_FORMAT = 2
 #: §4.1: the canary sets a scan ranks, at most.
 MAX_CANARY_SETS = 64
-#: §1.1: a parameters map without ``method`` is LT-IQR; ``"mean-loss"`` is the other method.
-LT_IQR, MEAN_LOSS = "lt-iqr", "mean-loss"
 #: §1.3: an unscored index's binary64 in the digest.
 NO_SCORE = struct.pack("<Q", 0x7FF8000000000000)
 
@@ -74,7 +72,7 @@ def traces(st: Structure, run: Run, through: int, decoded: dict[int, list[float]
     return out
 
 
-def scores(trace: Sequence[list[float]], min_trace: int, method: str = LT_IQR) -> list[float | None]:
+def scores(trace: Sequence[list[float]], min_trace: int, method: str) -> list[float | None]:
     """§1.2 for every dataset index: the mean (``math.fsum``, exactly rounded, over the length) or the
     interquartile range; LT-IQR sorts each trace in place."""
     out: list[float | None] = []

@@ -68,6 +68,8 @@ DISTRIBUTED_FORMAT = 7
 PROFILES_FORMAT = 8
 #: Format 10: ``settings.monitors.memorization`` may name the method ``"mean-loss"`` (specs/dynamics.md §1.1).
 SCAN_METHOD_FORMAT = 10
+#: specs/dynamics.md §1.1: scan parameters without ``method`` are LT-IQR; ``"mean-loss"`` is the other method.
+LT_IQR, MEAN_LOSS = "lt-iqr", "mean-loss"
 #: The largest world size a run may declare (a bound on what a recipe may claim, not on torch).
 MAX_WORLD = 1 << 16
 #: Format 3: the model takes its inputs as named parts (specs/training.md §5.1).
@@ -398,10 +400,11 @@ def monitors(s: Mapping[str, Any], fail: Callable[[str], Exception] = ValueError
         raise fail("settings.monitors is not a map of the monitors specs/dynamics.md §2.2 and §5.1 name "
                    "(profiles from format 8)")
     p = m.get("memorization")
-    if p is not None and not scan_parameters(p, methods=training_format(s) >= SCAN_METHOD_FORMAT):
-        raise fail("settings.monitors.memorization is not {fraction: float in (0, 1], min_trace: int in [2, 2**20]"
-                   f"{', ? method: mean-loss' if training_format(s) >= SCAN_METHOD_FORMAT else ''}}} (a method from "
-                   f"format {SCAN_METHOD_FORMAT})")
+    methods = training_format(s) >= SCAN_METHOD_FORMAT
+    if p is not None and not scan_parameters(p, methods=methods):
+        method = f", ? method: {MEAN_LOSS}" if methods else f" (a method only from format {SCAN_METHOD_FORMAT})"
+        raise fail(f"settings.monitors.memorization is not {{fraction: float in (0, 1], min_trace: int in [2, 2**20]"
+                   f"{method}}}")
     if "profiles" in m and not profile_settings(m["profiles"]):
         raise fail("settings.monitors.profiles is not {dataset: {name, seq, root, count in [1, 4096]}, method: "
                    "'ncm-entropy', temperature: float in [0.001, 1000], ? slice: 'authority' or 'review'} "
@@ -451,7 +454,7 @@ def scan_parameters(p: Any, methods: bool = True) -> bool:
         else {"fraction", "min_trace"}
     return isinstance(p, dict) and set(p) == keys and type(p["fraction"]) is float \
         and 0.0 < p["fraction"] <= 1.0 and type(p["min_trace"]) is int and 2 <= p["min_trace"] <= 1 << 20 \
-        and p.get("method", "mean-loss") == "mean-loss"
+        and p.get("method", MEAN_LOSS) == MEAN_LOSS
 
 
 def _check_frozen(run: RunView, observations: Sequence[Sealed], fail: Callable[..., SettingsMismatch]) -> None:
