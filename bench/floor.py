@@ -127,8 +127,7 @@ def mlp_floor(k: int, root: Path) -> dict[str, Any]:
         gov_ops = dispatched_ops(gov.steps, k)
         plain_ops = dispatched_ops(plain.steps, k)
         plain_us = statistics.median(per_step(plain.steps, k) for _ in range(5))
-        gov.engine._writer.drain()  # type: ignore[union-attr]
-        gov.close()
+        gov.close()  # drains the recorder: every record is timed
     extra = {n: round(gov_ops.get(n, 0.0) - plain_ops.get(n, 0.0), 2) for n in set(gov_ops) | set(plain_ops)}
     op_us = tiny_op_us()
     n_extra = sum(gov_ops.values()) - sum(plain_ops.values())
@@ -145,62 +144,60 @@ def mlp_floor(k: int, root: Path) -> dict[str, Any]:
     }
 
 
+def floor_figures(name: str, record: RecordClock, block: Callable[[bool], float], rounds: int,
+                  warm_up: bool = False) -> dict[str, Any]:
+    """``name``'s record CPU and deterministic algorithms' cost: ``block(det)`` runs the plain loop with them
+    on or off and gives its microseconds a step; rounds alternate which goes first (``warm_up``: one more
+    round first, not counted)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    ratios, plain_us = [], []
+    try:
+        for r in range(rounds + warm_up):
+            times = {det: block(det) for det in ((False, True) if r % 2 == 0 else (True, False))}
+            if r >= warm_up:
+                ratios.append(times[True] / times[False])
+                plain_us.append(times[False])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    budget = 0.05 * statistics.median(plain_us)
+    log(f"{name}: record {record.median_us():.0f} us CPU, deterministic {statistics.median(ratios):.3f}, "
+        f"budget {budget:.0f} us")
+    return {f"{name}_record_cpu_us": round(record.median_us(), 1),
+            f"{name}_deterministic_ratio": round(statistics.median(ratios), 4),
+            f"{name}_deterministic_round_ratios": [round(v, 4) for v in ratios],
+            f"{name}_plain_step_us": round(statistics.median(plain_us), 1), f"{name}_budget_us": round(budget, 1)}
+
+
 def model_floor(name: str, k: int, rounds: int, root: Path) -> dict[str, Any]:
     x, y = MB.MODELS[name]["data"](MB.MODELS[name]["n"])
     with RecordClock() as clock:
         gov = MB.Governed(name, x, y, root)
         gov.steps(k)
-        gov.model.run._writer.drain()
-        gov.close()
+        gov.close()  # drains the recorder: every record is timed
     plain = MB.Plain(name, x, y)
     plain.prefetch_order(2 * rounds * k + 10)
     plain.steps(5)
-    before = torch.are_deterministic_algorithms_enabled()
-    ratios, plain_us = [], []
-    try:
-        for r in range(rounds):
-            times = {}
-            for det in ((False, True) if r % 2 == 0 else (True, False)):
-                torch.use_deterministic_algorithms(det)
-                times[det] = per_step(plain.steps, k)
-            ratios.append(times[True] / times[False])
-            plain_us.append(times[False])
-    finally:
-        torch.use_deterministic_algorithms(before)
-    budget = 0.05 * statistics.median(plain_us)
-    log(f"{name}: record {clock.median_us():.0f} us CPU, deterministic {statistics.median(ratios):.3f}, "
-        f"budget {budget:.0f} us")
-    return {f"{name}_record_cpu_us": round(clock.median_us(), 1),
-            f"{name}_deterministic_ratio": round(statistics.median(ratios), 4),
-            f"{name}_deterministic_round_ratios": [round(v, 4) for v in ratios],
-            f"{name}_plain_step_us": round(statistics.median(plain_us), 1), f"{name}_budget_us": round(budget, 1)}
+
+    def block(det: bool) -> float:
+        torch.use_deterministic_algorithms(det)
+        return per_step(plain.steps, k)
+
+    return floor_figures(name, clock, block, rounds)
 
 
 def lora_floor(k: int, rounds: int, root: Path) -> dict[str, Any]:
     """bench/models.py's LoRA workload (issue 13): transformers' Trainer (plain) and GovernedTrainer, K steps a run."""
     with RecordClock() as clock:
         MB.lora_trainer(True, root, k, "floor-lora", MB.StepClock()).train()
-    before = torch.are_deterministic_algorithms_enabled()
-    ratios, plain_us = [], []
-    try:
-        for r in range(rounds + 1):  # round 0 warms up and is not counted
-            times = {}
-            for det in ((False, True) if r % 2 == 0 else (True, False)):
-                clock_r = MB.StepClock()
-                trainer = MB.lora_trainer(False, root, k, "floor-lora-plain", clock_r)
-                torch.use_deterministic_algorithms(det)  # after lora_trainer, which sets torch's default
-                trainer.train()
-                times[det] = 1e3 * clock_r.ms_per_step()
-            if r:
-                ratios.append(times[True] / times[False])
-                plain_us.append(times[False])
-    finally:
-        torch.use_deterministic_algorithms(before)
-    budget = 0.05 * statistics.median(plain_us)
-    log(f"lora: record {clock.median_us():.0f} us CPU, deterministic {statistics.median(ratios):.3f}, budget {budget:.0f} us")
-    return {"lora_record_cpu_us": round(clock.median_us(), 1), "lora_deterministic_ratio": round(statistics.median(ratios), 4),
-            "lora_deterministic_round_ratios": [round(v, 4) for v in ratios],
-            "lora_plain_step_us": round(statistics.median(plain_us), 1), "lora_budget_us": round(budget, 1)}
+
+    def block(det: bool) -> float:
+        steps = MB.StepClock()
+        trainer = MB.lora_trainer(False, root, k, "floor-lora-plain", steps)
+        torch.use_deterministic_algorithms(det)  # after lora_trainer, which sets torch's default
+        trainer.train()
+        return 1e3 * steps.ms_per_step()
+
+    return floor_figures("lora", clock, block, rounds, warm_up=True)
 
 
 def main() -> None:
